@@ -1,0 +1,117 @@
+"""The observation/action contract shared by the policy, the datasets, checkpoints and ROS adapters.
+
+One spec drives everything that must agree between training and deployment: which cameras are
+read and at what resolution, which joints form the proprioceptive state, the action space and
+its dimension names, how many observations the policy sees (T) and how many actions it
+predicts (A), and the control period. Letters used for shapes across the project:
+B batch, T observation steps, A action steps, C cameras, H/W image size, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+FR3_ARM_JOINTS: tuple[str, ...] = tuple(f"fr3_joint{i}" for i in range(1, 8))
+FR3_FINGER_JOINTS: tuple[str, ...] = ("fr3_finger_joint1", "fr3_finger_joint2")
+# The gripper action dimension is the commanded opening width between the fingers in metres.
+GRIPPER_ACTION_NAME = "fr3_gripper_width"
+FR3_GRIPPER_MAX_WIDTH = 0.08
+
+ACTION_SPACES = ("joint_position",)
+
+
+class SpecError(ValueError):
+    """An observation/action spec, or data checked against it, is inconsistent."""
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """What the policy observes at each step."""
+
+    cameras: tuple[str, ...] = ("agentview", "wrist")
+    image_size: tuple[int, int] = (128, 128)  # (H, W) at model resolution
+    joint_names: tuple[str, ...] = FR3_ARM_JOINTS + FR3_FINGER_JOINTS
+    obs_horizon: int = 1  # T: observations in the history the policy conditions on
+    rate_hz: float = 10.0  # policy rate: one observation every 1 / rate_hz seconds
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cameras", tuple(self.cameras))
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "joint_names", tuple(self.joint_names))
+        if not self.cameras:
+            raise SpecError("observation spec needs at least one camera")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise SpecError(f"camera names must be unique, got {list(self.cameras)}")
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise SpecError(f"image_size must be [height, width] >= 8, got {list(self.image_size)}")
+        if len(set(self.joint_names)) != len(self.joint_names):
+            raise SpecError(f"joint names must be unique, got {list(self.joint_names)}")
+        if self.obs_horizon < 1:
+            raise SpecError(f"obs_horizon must be >= 1, got {self.obs_horizon}")
+        if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
+            raise SpecError(f"rate_hz must be positive, got {self.rate_hz}")
+
+    @property
+    def period(self) -> float:
+        return 1.0 / self.rate_hz
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """What the policy commands: a chunk of A actions, one every ``dt`` seconds."""
+
+    action_space: str = "joint_position"
+    names: tuple[str, ...] = FR3_ARM_JOINTS + (GRIPPER_ACTION_NAME,)
+    horizon: int = 8  # A
+    dt: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))
+        if self.action_space not in ACTION_SPACES:
+            raise SpecError(f"unknown action_space {self.action_space!r}; known: {list(ACTION_SPACES)}")
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise SpecError(f"action names must be non-empty and unique, got {list(self.names)}")
+        if self.horizon < 1:
+            raise SpecError(f"action horizon must be >= 1, got {self.horizon}")
+        if not (math.isfinite(self.dt) and self.dt > 0):
+            raise SpecError(f"dt must be positive, got {self.dt}")
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Observation and action contract of one policy, saved in every checkpoint."""
+
+    observation: ObservationSpec = field(default_factory=ObservationSpec)
+    action: ActionSpec = field(default_factory=ActionSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PolicySpec":
+        try:
+            return cls(ObservationSpec(**data["observation"]), ActionSpec(**data["action"]))
+        except (KeyError, TypeError) as exc:
+            raise SpecError(f"malformed policy spec: {exc}") from exc
+
+
+@dataclass
+class Observation:
+    """One time-aligned observation as the policy consumes it (the core type behind Observation.msg).
+
+    ``images`` holds one (H, W, 3) uint8 RGB array per camera at model resolution; the joint
+    positions are ordered as ``ObservationSpec.joint_names``. ``stamp`` is the set's reference
+    time in seconds (ROS time in the nodes, bag time offline).
+    """
+
+    stamp: float
+    images: dict[str, np.ndarray]
+    joint_positions: np.ndarray
