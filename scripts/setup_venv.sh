@@ -52,6 +52,7 @@ echo "setup: installing pinned dependencies"
 
 echo "setup: building msg/ into the venv"
 BUILD="$ROOT/build/venv-msgs"
+mkdir -p "$ROOT/build"
 export AMENT_PREFIX_PATH="$VENV" PATH="$VENV/bin:$PATH"
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -Wno-dev \
   -DCMAKE_PREFIX_PATH="$VENV" -DCMAKE_INSTALL_PREFIX="$VENV" \
