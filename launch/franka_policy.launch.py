@@ -1,0 +1,75 @@
+"""The MaIL pipeline on a Franka FR3 (franka_ros2).
+
+    ros2 launch mail_ros franka_policy.launch.py robot_ip:=172.16.0.2 checkpoint:=/path/to/ckpt
+    ros2 topic pub --once /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+
+Starts camera_sync_node, language_node, policy_node and executor_node with config/pipeline.yaml;
+with bringup:=true it also includes franka_bringup's franka.launch.py with a controllers file that
+declares the joint trajectory controller the executor commands (position interface under
+use_fake_hardware, effort with PD gains on the real robot).
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+from launch.conditions import IfCondition
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+ARGUMENTS = [
+    ("robot_ip", "", "IP address of the FR3 (passed to franka_bringup)"),
+    ("use_fake_hardware", "false", "Use franka_ros2's mock hardware (position-interface trajectory controller)"),
+    ("load_gripper", "true", "Load the Franka Hand (passed to franka_bringup)"),
+    ("bringup", "false", "Also include franka_bringup/franka.launch.py with mail_ros's controllers"),
+    ("checkpoint", "", "MaIL checkpoint directory (config.json + model.safetensors)"),
+    ("cameras", "", "Comma-separated camera names overriding the checkpoint's (empty = the checkpoint's)"),
+    ("device", "auto", "Torch device of the policy: auto, cpu, cuda, cuda:N"),
+    ("encoder", "minilm", "Text encoder of language_node; must match the checkpoint's language_encoder"),
+    ("namespace", "", "Namespace of the mail_ros nodes (robot topics stay absolute)"),
+    ("executor_mode", "receding_horizon", "receding_horizon | temporal_ensemble | latency_compensation"),
+    ("executor_enabled", "true", "Let the executor command the robot"),
+    ("use_sim_time", "false", "Use /clock (bag replay, simulation)"),
+    ("params_file", "", "Parameter file of the pipeline nodes (empty = mail_ros/config/pipeline.yaml)"),
+]
+
+
+def generate_launch_description():
+    share = FindPackageShare("mail_ros")
+    default_params = PathJoinSubstitution([share, "config", "pipeline.yaml"])
+    params_file = PythonExpression(["'", LaunchConfiguration("params_file"), "' or '", default_params, "'"])
+    common = {"use_sim_time": LaunchConfiguration("use_sim_time")}
+    checkpoint = {"checkpoint": LaunchConfiguration("checkpoint")}
+    # Always a non-empty string list (an empty one would not be typed as strings); blanks are ignored.
+    cameras = PythonExpression(["[c for c in '", LaunchConfiguration("cameras"), "'.split(',') if c] or ['']"])
+    controllers = PathJoinSubstitution([share, "config", PythonExpression([
+        "'fr3_controllers_fake.yaml' if '", LaunchConfiguration("use_fake_hardware"),
+        "'.lower() == 'true' else 'fr3_controllers.yaml'"])])
+
+    def node(executable, *overrides):
+        return Node(package="mail_ros", executable=executable, name=executable,
+                    namespace=LaunchConfiguration("namespace"), output="screen",
+                    parameters=[params_file, common, *overrides])
+
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=description)
+         for name, default, description in ARGUMENTS]
+        + [
+            IncludeLaunchDescription(
+                PythonLaunchDescriptionSource(
+                    PathJoinSubstitution([FindPackageShare("franka_bringup"), "launch", "franka.launch.py"])),
+                launch_arguments={
+                    "robot_ip": LaunchConfiguration("robot_ip"),
+                    "use_fake_hardware": LaunchConfiguration("use_fake_hardware"),
+                    "load_gripper": LaunchConfiguration("load_gripper"),
+                    "controllers_yaml": controllers,
+                }.items(),
+                condition=IfCondition(LaunchConfiguration("bringup")),
+            ),
+            node("camera_sync_node", checkpoint, {"cameras": cameras}),
+            node("language_node", {"encoder": LaunchConfiguration("encoder")}),
+            node("policy_node", checkpoint, {"device": LaunchConfiguration("device")}),
+            node("executor_node", {"mode": LaunchConfiguration("executor_mode"),
+                                   "enabled": LaunchConfiguration("executor_enabled")}),
+        ]
+    )

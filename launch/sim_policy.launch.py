@@ -1,0 +1,48 @@
+"""The pipeline closed-loop on the simulated FR3 (franka_sim_node stands in for franka_ros2).
+
+    ros2 launch mail_ros sim_policy.launch.py checkpoint:=$(ros2 pkg prefix mail_ros)/share/mail_ros/checkpoints/demo
+    ros2 topic pub --once /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+from launch.conditions import IfCondition
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+ARGUMENTS = [
+    ("checkpoint", "", "MaIL checkpoint directory"),
+    ("device", "auto", "Torch device of the policy"),
+    ("encoder", "minilm", "Text encoder of language_node"),
+    ("executor_mode", "receding_horizon", "receding_horizon | temporal_ensemble | latency_compensation"),
+    ("seed", "0", "Seed of the simulator's cube layout"),
+    ("rviz", "false", "Start RViz with rviz/mail.rviz"),
+]
+
+
+def generate_launch_description():
+    share = FindPackageShare("mail_ros")
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=description)
+         for name, default, description in ARGUMENTS]
+        + [
+            Node(package="mail_ros", executable="franka_sim_node", name="franka_sim_node", output="screen",
+                 parameters=[PathJoinSubstitution([share, "config", "franka_sim.yaml"]),
+                             {"seed": LaunchConfiguration("seed")}]),
+            IncludeLaunchDescription(
+                PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", "franka_policy.launch.py"])),
+                launch_arguments={
+                    "checkpoint": LaunchConfiguration("checkpoint"),
+                    "device": LaunchConfiguration("device"),
+                    "encoder": LaunchConfiguration("encoder"),
+                    "executor_mode": LaunchConfiguration("executor_mode"),
+                    "bringup": "false",
+                }.items(),
+            ),
+            Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",
+                 arguments=["-d", PathJoinSubstitution([share, "rviz", "mail.rviz"])],
+                 condition=IfCondition(LaunchConfiguration("rviz"))),
+        ]
+    )

@@ -1,0 +1,163 @@
+"""camera_sync_node: N cameras + /joint_states -> time-aligned /mail/observation at the policy rate.
+
+Each incoming message is converted on arrival (decode, rgb8, resize to the model resolution;
+joints selected by name) by the core ObservationBuilder, then aligned by header stamp by the
+core StreamAligner: the same two pieces the bag converter and offline replay use, so training,
+replay and deployment see identical observations. Every message is accounted for: used, or
+dropped with a reason (invalid, no match within max_skew, decimated to the policy rate, late,
+unused), reported on /diagnostics.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import time
+from collections import Counter
+
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Header
+
+from mail_ros.msg import Observation as ObservationMsg
+from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, Parameter, declare,
+                                   now_seconds, run_node, seconds_to_stamp, stamp_to_seconds)
+from mail_ros.policy.checkpoint import CheckpointError, read_checkpoint_config
+from mail_ros.spec import ObservationSpec
+from mail_ros.sync.alignment import AlignedSet, AlignerConfig, StreamAligner
+from mail_ros.sync.image import rgb_to_image_fields
+from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
+
+
+class CameraSyncNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("camera_sync_node", **kwargs)
+        checkpoint = declare(self, "checkpoint", "", "Checkpoint directory; cameras, image size, joints and "
+                             "policy rate are read from its config.json")
+        cameras = declare(self, "cameras", Parameter.Type.STRING_ARRAY,
+                          "Camera names, overriding the checkpoint's list (the first is the time reference)")
+        height = declare(self, "image_height", 0, "Model image height when no checkpoint is given (0 = 128)")
+        width = declare(self, "image_width", 0, "Model image width when no checkpoint is given (0 = 128)")
+        rate = declare(self, "rate_hz", 0.0, "Observation rate; 0 = the checkpoint's policy rate")
+        self.max_skew = declare(self, "max_skew", 0.025, "Largest allowed |stamp difference| (s) between a "
+                                "member of a set and the reference camera")
+        latency = declare(self, "latency_allowance", 0.05, "How long (s) past ref stamp + max_skew to wait for "
+                          "late messages before deciding a set")
+        compressed = declare(self, "compressed", False, "Subscribe to <camera>/image_raw/compressed "
+                             "(sensor_msgs/CompressedImage) instead of raw images")
+        image_topic = declare(self, "image_topic_format", "/cameras/{camera}/image_raw",
+                              "Image topic per camera; {camera} is replaced by the camera name")
+
+        spec = ObservationSpec()
+        try:
+            if checkpoint:
+                config = read_checkpoint_config(checkpoint)
+                spec = ObservationSpec(cameras=config["cameras"], image_size=config["image_size"],
+                                       joint_names=config["joint_names"], obs_horizon=config["obs_horizon"],
+                                       rate_hz=config["rate_hz"])
+            overrides = {}
+            cameras = [c for c in (cameras or []) if c]
+            if cameras:
+                overrides["cameras"] = tuple(cameras)
+            if height or width:
+                overrides["image_size"] = (height or spec.image_size[0], width or spec.image_size[1])
+            if rate > 0:
+                overrides["rate_hz"] = rate
+            spec = dataclasses.replace(spec, **overrides)
+        except (CheckpointError, ValueError) as exc:
+            raise SystemExit(f"camera_sync_node: cannot configure: {exc}") from exc
+        self.spec = spec
+        self.builder = ObservationBuilder(spec)
+        self.aligner = StreamAligner(AlignerConfig(streams=self.builder.streams, max_skew=self.max_skew,
+                                                   period=spec.period, latency_allowance=latency))
+        self.invalid: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.published = 0
+        self._started = time.monotonic()
+
+        self.publisher = self.create_publisher(ObservationMsg, "mail/observation", PIPELINE_QOS)
+        for camera in spec.cameras:
+            topic = image_topic.format(camera=camera) + ("/compressed" if compressed else "")
+            self.create_subscription(CompressedImage if compressed else Image, topic,
+                                     lambda msg, camera=camera: self._on_message(camera, msg),
+                                     qos_profile_sensor_data)
+        self.create_subscription(JointState, "/joint_states",
+                                 lambda msg: self._on_message(JOINT_STATES, msg), qos_profile_sensor_data)
+        # Decide pending sets even when a stream has stopped (its frames are then dropped as no_match).
+        self.create_timer(0.02, self._poll)
+        self.diagnostics = Diagnostics(self)
+        self.create_timer(1.0, self._report)
+        self.get_logger().info(
+            f"aligning cameras {list(spec.cameras)} + joint_states at {spec.rate_hz:g} Hz, "
+            f"max skew {self.max_skew * 1e3:.0f} ms, model resolution {spec.image_size[0]}x{spec.image_size[1]}")
+
+    def _on_message(self, stream: str, msg) -> None:
+        self.received[stream] += 1
+        stamp = stamp_to_seconds(msg.header.stamp)
+        if stamp <= 0.0:
+            self._reject(stream, "unstamped", "message has a zero header stamp")
+            return
+        try:
+            payload = self.builder.prepare(stream, msg)
+        except ObservationError as exc:
+            self._reject(stream, "invalid", str(exc))
+            return
+        self.aligner.push(stream, stamp, (payload, msg.header))
+        self._poll()
+
+    def _reject(self, stream: str, reason: str, detail: str) -> None:
+        self.invalid[f"{stream}:{reason}"] += 1
+        self.get_logger().warning(f"dropping {stream} message ({reason}): {detail}", throttle_duration_sec=2.0)
+        self.diagnostics.set(WARN, f"dropping {stream} messages: {reason}")
+
+    def _poll(self) -> None:
+        for aligned in self.aligner.poll(now_seconds(self)):
+            self.publisher.publish(self._to_msg(aligned))
+            self.published += 1
+
+    def _to_msg(self, aligned: AlignedSet) -> ObservationMsg:
+        msg = ObservationMsg(header=Header(stamp=seconds_to_stamp(aligned.stamp)))
+        msg.camera_names = list(self.spec.cameras)
+        skew = aligned.skew
+        for camera in self.spec.cameras:
+            rgb, header = aligned.members[camera][1]
+            fields = rgb_to_image_fields(rgb)
+            image = Image(header=Header(stamp=header.stamp, frame_id=header.frame_id), height=fields["height"],
+                          width=fields["width"], encoding=fields["encoding"], is_bigendian=0, step=fields["step"])
+            image.data = array.array("B", fields["data"])
+            msg.images.append(image)
+            msg.camera_skew.append(float(skew[camera]))
+        positions, header = aligned.members[JOINT_STATES][1]
+        msg.joint_state.header = header
+        msg.joint_state.name = list(self.spec.joint_names)
+        msg.joint_state.position = [float(v) for v in positions]
+        msg.joint_state_skew = float(skew[JOINT_STATES])
+        return msg
+
+    def _report(self) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        stats = self.aligner.stats.to_dict()
+        values = {"observations_published": self.published, "observation_rate_hz": f"{self.published / elapsed:.2f}"}
+        for stream in self.builder.streams:
+            values[f"{stream}.rate_hz"] = f"{self.received[stream] / elapsed:.2f}"
+        for key, count in self.invalid.items():
+            values[f"{key}.dropped"] = count
+        values["sync"] = stats
+        silent = [s for s in self.builder.streams if self.received[s] == 0]
+        if silent:
+            self.diagnostics.set(ERROR, f"no messages from {silent}", **values)
+        elif self.published == 0:
+            self.diagnostics.set(WARN, "receiving, but no aligned set yet", **values)
+        elif self.invalid:
+            self.diagnostics.set(WARN, f"publishing; invalid messages dropped: {dict(self.invalid)}", **values)
+        else:
+            self.diagnostics.set(OK, "publishing aligned observations", **values)
+
+
+def main(argv=None) -> int:
+    return run_node(CameraSyncNode, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""Shared plumbing of the mail_ros nodes: parameters, time, diagnostics and the ``main`` runner.
+
+Only the nodes import this module (it imports rclpy); the algorithms live in the core.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable
+
+import rclpy
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+# Goals (instructions and their embeddings) must reach late joiners: a goal published before the
+# policy node starts is not lost.
+GOAL_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# Pipeline data between mail_ros nodes: reliable, shallow (only the newest matters).
+PIPELINE_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.VOLATILE)
+# Commands to controllers: reliable and volatile, as ros2_controllers subscribe.
+COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
+OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR,
+                          DiagnosticStatus.STALE)
+
+
+def declare(node: Node, name: str, default: Any, description: str, *, read_only: bool = False) -> Any:
+    """Declare a typed parameter with a description and return its value.
+
+    ``default`` may be a ``Parameter.Type`` for a typed parameter without a default (used for
+    optional array parameters, whose empty default would otherwise be typed as a byte array);
+    its value is then None unless set.
+    """
+    descriptor = ParameterDescriptor(description=description, read_only=read_only)
+    return node.declare_parameter(name, default, descriptor).value
+
+
+def stamp_to_seconds(stamp: Time) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def seconds_to_stamp(seconds: float) -> Time:
+    if not math.isfinite(seconds):
+        raise ValueError(f"cannot convert non-finite time {seconds} to a ROS stamp")
+    nanoseconds = int(round(seconds * 1e9))
+    return Time(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+
+
+def now_seconds(node: Node) -> float:
+    """The node's clock in seconds: ROS time (sim time under use_sim_time), like message stamps."""
+    return node.get_clock().now().nanoseconds * 1e-9
+
+
+class Diagnostics:
+    """Publishes one DiagnosticStatus per node on /diagnostics at a fixed period.
+
+    The node updates level, message and key/values whenever something happens; the timer
+    publishes the latest state, so a node that stops updating is visible as unchanged output and
+    a node that dies disappears (the aggregator marks it stale).
+    """
+
+    def __init__(self, node: Node, period: float = 1.0):
+        self._node = node
+        self._publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.level = OK
+        self.message = "starting"
+        self.values: dict[str, str] = {}
+        self._timer = node.create_timer(period, self.publish)
+
+    def set(self, level: int, message: str, **values: Any) -> None:
+        self.level = level
+        self.message = message
+        self.values.update({key: str(value) for key, value in values.items()})
+
+    def publish(self) -> None:
+        status = DiagnosticStatus(
+            level=self.level,
+            name=f"mail_ros: {self._node.get_fully_qualified_name()}",
+            message=self.message,
+            hardware_id="mail_ros",
+            values=[KeyValue(key=k, value=v) for k, v in sorted(self.values.items())],
+        )
+        self._publisher.publish(DiagnosticArray(header=self._header(), status=[status]))
+
+    def _header(self):
+        from std_msgs.msg import Header
+
+        return Header(stamp=self._node.get_clock().now().to_msg())
+
+
+def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads: int = 2) -> int:
+    """Standard ``main``: init, spin a multi-threaded executor, shut down cleanly.
+
+    Uses try/finally with ``try_shutdown`` rather than ``with rclpy.init()`` so it works on
+    Humble, Jazzy and Kilted.
+    """
+    rclpy.init(args=sys.argv if argv is None else argv)
+    node = None
+    try:
+        node = factory()
+        executor = MultiThreadedExecutor(num_threads=threads)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+__all__ = [
+    "COMMAND_QOS", "GOAL_QOS", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
+    "now_seconds", "run_node", "seconds_to_stamp", "stamp_to_seconds",
+]

@@ -1,0 +1,303 @@
+"""executor_node: /mail/action_chunk -> FR3 joint trajectory controller (and the gripper).
+
+Once per control tick: the watchdog decides whether commanding is allowed (fresh joint states,
+fresh chunks, nobody else on the command topic); the core ChunkScheduler picks the action due
+now (receding horizon, ACT temporal ensembling or latency compensation); the core SafetyFilter
+clips it to the FR3 limits with margins and bounds velocity, acceleration and the per-tick
+step; the result goes out as a one-point JointTrajectory. The first chunk and every goal change
+start with a min-jerk ramp from the measured joint state. When in doubt, it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+
+import numpy as np
+from builtin_interfaces.msg import Duration
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import JointState
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from mail_ros.control.limits import fr3_limits
+from mail_ros.control.safety import SafetyConfig, SafetyError, SafetyFilter, Verdict, Watchdog
+from mail_ros.control.scheduler import Chunk, ChunkScheduler
+from mail_ros.msg import ActionChunk, InstructionEmbedding
+from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare,
+                                   now_seconds, run_node, stamp_to_seconds)
+from mail_ros.nodes.gripper import GripperBridge
+from mail_ros.spec import GRIPPER_ACTION_NAME
+
+FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
+
+
+def _duration(seconds: float) -> Duration:
+    nanoseconds = int(round(seconds * 1e9))
+    return Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+
+
+class ExecutorNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("executor_node", **kwargs)
+        self.enabled = declare(self, "enabled", True, "Send commands to the robot at all (false for replays); "
+                               "can be changed at run time")
+        mode = declare(self, "mode", "receding_horizon", "Chunk execution: receding_horizon, temporal_ensemble "
+                       "or latency_compensation")
+        execute_steps = declare(self, "execute_steps", 0, "Receding horizon: actions executed per chunk before "
+                                "switching to the next (0 = the whole chunk, MaIL's default)")
+        ensemble_decay = declare(self, "ensemble_decay", 0.01, "Temporal ensembling weight decay m in exp(-m*i)")
+        self.max_chunk_age = declare(self, "max_chunk_age", 0.5, "Chunks whose newest observation is older "
+                                     "than this (s) are discarded")
+        rate = declare(self, "control_rate_hz", 20.0, "Control tick rate (JointTrajectory messages per second)")
+        self.command_topic = declare(self, "command_topic", "/fr3_arm_controller/joint_trajectory",
+                                     "JointTrajectory topic of the arm's joint trajectory controller")
+        gripper_mode = declare(self, "gripper_mode", "auto", "Gripper output: franka (franka_gripper Move/Grasp "
+                               "actions), trajectory (JointTrajectory on gripper_topic), none, or auto (franka "
+                               "when franka_msgs imports, else trajectory)")
+        gripper_topic = declare(self, "gripper_topic", "/fr3_gripper/joint_trajectory",
+                                "Gripper JointTrajectory topic (gripper_mode trajectory)")
+        gripper_action_ns = declare(self, "gripper_action_namespace", "/franka_gripper",
+                                    "Namespace of franka_gripper's move/grasp actions")
+        close_below = declare(self, "gripper_close_below", 0.03, "Close (grasp) when the commanded width drops "
+                              "below this (m)")
+        open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)")
+        self.home = declare(self, "home_position", FR3_HOME, "Joint positions (rad) of the homing pose")
+        self.moveit_group = declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing "
+                                    "when moveit_py is installed")
+        safety = SafetyConfig(
+            position_margin=declare(self, "position_margin", 0.05, "Clearance (rad) kept from each joint limit"),
+            velocity_scale=declare(self, "velocity_scale", 0.5, "Fraction of the FR3 velocity limits used"),
+            acceleration_scale=declare(self, "acceleration_scale", 0.5, "Fraction of the FR3 acceleration limits used"),
+            max_step_delta=declare(self, "max_step_delta", 0.05, "Largest joint motion (rad) per control tick"),
+            chunk_timeout=declare(self, "chunk_timeout", 0.5, "Hold when no fresh chunk arrived for this long (s)"),
+            joint_state_timeout=declare(self, "joint_state_timeout", 0.2, "Stop commanding when /joint_states is "
+                                        "older than this (s)"),
+            ramp_speed=declare(self, "ramp_speed", 0.3, "Ramp speed as a fraction of the margined limits"),
+            ramp_distance=declare(self, "ramp_distance", 0.05, "Ramp first when the target is farther than this "
+                                  "(rad) from the measured position"),
+        )
+        self.period = 1.0 / rate
+        self.limits = fr3_limits()
+        self.arm_joints = list(self.limits.names)
+        self.safety = SafetyFilter(safety, self.limits)
+        self.watchdog = Watchdog(safety)
+        self.scheduler = ChunkScheduler(mode=mode, action_dim=len(self.arm_joints) + 1,
+                                        execute_steps=execute_steps or None, ensemble_decay=ensemble_decay,
+                                        max_chunk_age=self.max_chunk_age)
+        self.diagnostics = Diagnostics(self)
+        self.gripper = GripperBridge(self, gripper_mode, gripper_topic, gripper_action_ns, close_below, open_above)
+
+        self.measured: np.ndarray | None = None  # (7,) latest valid measured arm position
+        self.q_cmd: np.ndarray | None = None  # (7,) last commanded position (None: not commanding)
+        self.v_cmd = np.zeros(len(self.arm_joints))
+        self.ramp: deque[np.ndarray] = deque()
+        self.needs_ramp = True
+        self.goal_id: str | None = None
+        self.last_verdict: Verdict | None = None
+        self.counters = {"chunks_accepted": 0, "chunks_rejected": 0, "commands": 0, "clipped_ticks": 0,
+                         "holds": 0}
+        self.tick_times: deque[float] = deque(maxlen=500)
+
+        self.publisher = self.create_publisher(JointTrajectory, self.command_topic, COMMAND_QOS)
+        self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos_profile_sensor_data)
+        self.create_subscription(ActionChunk, "mail/action_chunk", self._on_chunk, PIPELINE_QOS)
+        self.create_subscription(InstructionEmbedding, "mail/instruction_embedding", self._on_goal, GOAL_QOS)
+        self.create_service(Trigger, "~/home", self._on_home)
+        self.add_on_set_parameters_callback(self._on_parameters)
+        self.create_timer(self.period, self._tick)
+        self.create_timer(1.0, self._report)
+        self.get_logger().info(f"executing chunks in {mode} mode at {rate:g} Hz on {self.command_topic}; "
+                               f"gripper: {self.gripper.describe()}; enabled={self.enabled}")
+
+    # --- inputs ---------------------------------------------------------------------------------
+    def _on_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            if param.name == "enabled":
+                self.enabled = bool(param.value)
+                self._stop_commanding("disabled" if not self.enabled else "enabled: waiting to ramp in")
+            elif param.name not in ("use_sim_time",):
+                return SetParametersResult(successful=False, reason=f"{param.name} cannot change at run time")
+        return SetParametersResult(successful=True)
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        index = {name: i for i, name in enumerate(msg.name)}
+        if len(msg.position) != len(msg.name) or any(name not in index for name in self.arm_joints):
+            self.get_logger().error(f"ignoring joint state without all arm joints {self.arm_joints}: has "
+                                    f"{list(msg.name)}", throttle_duration_sec=2.0)
+            return
+        q = np.array([msg.position[index[name]] for name in self.arm_joints])
+        if not np.all(np.isfinite(q)):
+            # Not fresh: the watchdog sees the joint states go stale and stops commanding.
+            self.get_logger().error("ignoring joint state with non-finite positions", throttle_duration_sec=2.0)
+            return
+        self.measured = q
+        self.watchdog.joint_state_received(now_seconds(self))
+
+    def _on_goal(self, msg: InstructionEmbedding) -> None:
+        goal_id = self._goal_id(msg.text, msg.header.stamp)
+        if goal_id == self.goal_id:
+            return
+        self.goal_id = goal_id
+        # Chunks of the old goal, queued or in flight, must never move the arm again.
+        self.scheduler.reset()
+        self.needs_ramp = True
+        self.ramp.clear()
+        self.gripper.stop()
+        self.get_logger().info(f"new goal {msg.text!r}: old chunks discarded")
+
+    @staticmethod
+    def _goal_id(text: str, stamp) -> str:
+        return f"{stamp.sec}.{stamp.nanosec:09d}:{text}"
+
+    def _reject_chunk(self, reason: str) -> None:
+        self.counters["chunks_rejected"] += 1
+        self.get_logger().warning(f"rejected chunk: {reason}", throttle_duration_sec=2.0)
+
+    def _on_chunk(self, msg: ActionChunk) -> None:
+        goal_id = self._goal_id(msg.instruction, msg.instruction_stamp)
+        if goal_id != self.goal_id:
+            self._reject_chunk("it belongs to another goal than the current one")
+            return
+        if msg.action_space != "joint_position":
+            self._reject_chunk(f"unsupported action space {msg.action_space!r}")
+            return
+        names = list(msg.names)
+        missing = [name for name in self.arm_joints if name not in names]
+        if missing or msg.horizon == 0 or len(msg.actions) != msg.horizon * len(names):
+            self._reject_chunk(f"malformed: names {names}, horizon {msg.horizon}, {len(msg.actions)} values")
+            return
+        if not (math.isfinite(msg.dt) and msg.dt > 0):
+            self._reject_chunk(f"dt {msg.dt} is not positive")
+            return
+        actions = np.asarray(msg.actions, dtype=np.float64).reshape(msg.horizon, len(names))
+        if not np.all(np.isfinite(actions)):
+            self._reject_chunk("non-finite actions")
+            return
+        columns = [names.index(name) for name in self.arm_joints]
+        gripper = actions[:, names.index(GRIPPER_ACTION_NAME)] if GRIPPER_ACTION_NAME in names \
+            else np.full(msg.horizon, np.nan)
+        chunk = Chunk(chunk_id=msg.chunk_id, stamp=stamp_to_seconds(msg.header.stamp), dt=float(msg.dt),
+                      actions=np.column_stack([actions[:, columns], gripper]), instruction_id=goal_id)
+        now = now_seconds(self)
+        if not self.scheduler.add_chunk(chunk, now):
+            self._reject_chunk(f"chunk {msg.chunk_id} is stale (observation {now - chunk.stamp:.3f} s old)")
+            return
+        self.counters["chunks_accepted"] += 1
+        self.watchdog.chunk_received(now)
+
+    def _on_home(self, request, response):
+        if self.measured is None:
+            response.success, response.message = False, "no joint state received: cannot home"
+            return response
+        self.enabled = False
+        self._stop_commanding("homing")
+        target = np.asarray(self.home, dtype=np.float64)
+        try:
+            from moveit.core.robot_state import RobotState
+            from moveit.planning import MoveItPy
+        except ImportError:
+            points = self.safety.ramp(self.measured, target, self.period)
+            self._publish_points(points, self.period)
+            response.success = True
+            response.message = (f"moveit_py not installed: homing with a {len(points) * self.period:.1f} s "
+                                "min-jerk trajectory; executor disabled until 'enabled' is set again")
+            return response
+        robot = MoveItPy(node_name="mail_ros_homing")
+        arm = robot.get_planning_component(self.moveit_group)
+        arm.set_start_state_to_current_state()
+        goal = RobotState(robot.get_robot_model())
+        goal.set_joint_group_positions(self.moveit_group, target)
+        arm.set_goal_state(robot_state=goal)
+        plan = arm.plan()
+        if not plan:
+            response.success, response.message = False, "moveit_py found no plan to the home pose"
+            return response
+        robot.execute(plan.trajectory, controllers=[])
+        response.success, response.message = True, "homed with moveit_py; executor disabled until re-enabled"
+        return response
+
+    # --- control tick ---------------------------------------------------------------------------
+    def _stop_commanding(self, reason: str) -> None:
+        self.q_cmd = None
+        self.v_cmd[:] = 0.0
+        self.ramp.clear()
+        self.needs_ramp = True
+        self.diagnostics.set(WARN, reason)
+
+    def _tick(self) -> None:
+        self.tick_times.append(time.monotonic())
+        if not self.enabled:
+            return
+        now = now_seconds(self)
+        decision = self.watchdog.decide(now, self.count_publishers(self.command_topic))
+        if decision.verdict is not self.last_verdict:
+            log = self.get_logger().info if decision.command else self.get_logger().warning
+            log(f"{decision.verdict.value}{': ' + decision.reason if decision.reason else ''}")
+            self.last_verdict = decision.verdict
+        if decision.verdict is Verdict.STOP:
+            if self.q_cmd is not None:
+                self._stop_commanding(f"stopped: {decision.reason}")
+            self.diagnostics.set(ERROR, f"stopped: {decision.reason}")
+            return
+        if self.q_cmd is None:
+            self.q_cmd = self.measured.copy()
+            self.v_cmd[:] = 0.0
+        action = self.scheduler.next_action(now) if decision.command else None
+        if action is None:
+            self._hold(decision.reason or "no action due now")
+            return
+        target, width = action[:-1], action[-1]
+        if self.needs_ramp and self.safety.needs_ramp(self.measured, target) and not self.ramp:
+            self.ramp.extend(self.safety.ramp(self.measured, target, self.period))
+            self.get_logger().info(f"ramping to the first action over {len(self.ramp) * self.period:.2f} s")
+        if self.ramp:
+            target = self.ramp.popleft()
+        else:
+            self.needs_ramp = False
+            self.gripper.command(width)
+        try:
+            safe = self.safety.filter(target, self.q_cmd, self.v_cmd, self.period)
+        except SafetyError as exc:
+            self._stop_commanding(f"safety error: {exc}")
+            return
+        if safe.clipped:
+            self.counters["clipped_ticks"] += 1
+        self._command(safe)
+        self.diagnostics.set(OK, "ramping" if self.ramp else "commanding")
+
+    def _hold(self, reason: str) -> None:
+        safe = self.safety.hold(self.q_cmd, self.v_cmd, self.period, reason=reason)
+        self.counters["holds"] += 1
+        self._command(safe)
+        self.diagnostics.set(WARN, f"holding: {reason}")
+
+    def _command(self, safe) -> None:
+        self.q_cmd, self.v_cmd = safe.position, safe.velocity
+        self._publish_points([safe.position], self.period)
+        self.counters["commands"] += 1
+
+    def _publish_points(self, points, spacing: float) -> None:
+        msg = JointTrajectory(joint_names=self.arm_joints)
+        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in q], time_from_start=_duration((i + 1) * spacing))
+                      for i, q in enumerate(points)]
+        self.publisher.publish(msg)
+
+    def _report(self) -> None:
+        values = dict(self.counters, mode=self.scheduler.mode, enabled=self.enabled)
+        if len(self.tick_times) > 2:
+            intervals = np.diff(np.asarray(self.tick_times)) * 1e3
+            values.update(tick_p50_ms=f"{np.percentile(intervals, 50):.2f}",
+                          tick_p99_ms=f"{np.percentile(intervals, 99):.2f}")
+        self.diagnostics.set(self.diagnostics.level, self.diagnostics.message, **values)
+
+
+def main(argv=None) -> int:
+    return run_node(ExecutorNode, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

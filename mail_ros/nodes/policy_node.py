@@ -1,0 +1,259 @@
+"""policy_node: /mail/observation + /mail/instruction_embedding -> /mail/action_chunk.
+
+Subscriptions only validate and store; inference runs on a worker thread, so a slow chunk
+never blocks message handling. Every refusal (wrong cameras or resolution, wrong embedding
+dimension or encoder, stale or non-finite observations) is logged, counted on /diagnostics, and
+results in no chunk: downstream, the executor holds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+from rclpy.node import Node
+from std_msgs.msg import Header
+
+from mail_ros.msg import ActionChunk, InstructionEmbedding
+from mail_ros.msg import Observation as ObservationMsg
+from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_seconds,
+                                   run_node, seconds_to_stamp, stamp_to_seconds)
+from mail_ros.spec import Observation
+from mail_ros.sync.observation import ObservationError, decode_image, select_joints
+
+
+class PolicyNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("policy_node", **kwargs)
+        self.checkpoint_dir = declare(self, "checkpoint", "", "Checkpoint directory (config.json + model.safetensors)")
+        device = declare(self, "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda, cuda:N")
+        self.max_age = declare(self, "max_observation_age", 0.3, "Observations older than this (s, by the node "
+                               "clock) are refused")
+        self.max_gap_periods = declare(self, "max_gap_periods", 3.0, "A gap between consecutive observations "
+                                       "longer than this many policy periods restarts the history")
+        self.seed = declare(self, "seed", 0, "Seed of the policy's sampler (DDPM); reset with every new goal")
+        self.diagnostics = Diagnostics(self)
+        self.counters = {"chunks": 0, "refused_observations": 0, "refused_embeddings": 0}
+        self.latencies: deque[float] = deque(maxlen=200)
+
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._history: deque[Observation] = deque()
+        self._goal: InstructionEmbedding | None = None
+        self._goal_vector: np.ndarray | None = None
+        self._fresh = False
+        self._chunk_id = 0
+        self._stopping = False
+
+        self.policy = None
+        self.config = None
+        self._load(device)
+
+        self.publisher = self.create_publisher(ActionChunk, "mail/action_chunk", PIPELINE_QOS)
+        self.create_subscription(ObservationMsg, "mail/observation", self._on_observation, PIPELINE_QOS)
+        self.create_subscription(InstructionEmbedding, "mail/instruction_embedding", self._on_embedding, GOAL_QOS)
+        self._worker = threading.Thread(target=self._inference_loop, name="mail_policy_inference", daemon=True)
+        self._worker.start()
+        self.create_timer(1.0, self._report)
+
+    # --- start-up -------------------------------------------------------------------------------
+    def _load(self, device: str) -> None:
+        import torch
+
+        from mail_ros.model.mamba import mamba_backend
+        from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            if not self.checkpoint_dir:
+                raise CheckpointError("no checkpoint given (parameter 'checkpoint')")
+            self.config = read_checkpoint_config(self.checkpoint_dir)
+            self.policy = load_checkpoint(self.checkpoint_dir, device=device)
+        except (CheckpointError, RuntimeError, ValueError) as exc:
+            # Stay up in a safe state: no chunk is ever published, and the reason is visible.
+            self.policy = None
+            self.get_logger().error(f"cannot load policy: {exc}")
+            self.diagnostics.set(ERROR, f"no policy loaded: {exc}")
+            return
+        self.device = device
+        latency = self._warm_up()
+        memory = ""
+        if device.startswith("cuda"):
+            memory = f", GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+        self.get_logger().info(
+            f"loaded {self.checkpoint_dir} on {device} ({mamba_backend(torch.device(device))}); cameras "
+            f"{self.config['cameras']}, T={self.config['obs_horizon']}, A={self.config['action_horizon']}, "
+            f"warm-up chunk {latency * 1e3:.1f} ms{memory}")
+        self.diagnostics.set(OK, "policy loaded; waiting for a goal", device=device,
+                             warmup_ms=f"{latency * 1e3:.1f}")
+
+    def _warm_up(self) -> float:
+        """Run a few chunks on synthetic input (allocations, kernels) and return the last latency."""
+        height, width = self.config["image_size"]
+        observation = Observation(
+            stamp=0.0,
+            images={c: np.zeros((height, width, 3), np.uint8) for c in self.config["cameras"]},
+            joint_positions=np.zeros(len(self.config["joint_names"])),
+        )
+        history = [observation] * self.config["obs_horizon"]
+        embedding = np.zeros(self.config["language_dim"], np.float32)
+        latency = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            self.policy.predict_chunk(history, embedding)
+            latency = time.perf_counter() - start
+        self.policy.reset(seed=self.seed)
+        return latency
+
+    # --- subscriptions: validate and store ------------------------------------------------------
+    def _refuse(self, kind: str, reason: str) -> None:
+        self.counters[f"refused_{kind}"] += 1
+        self.get_logger().error(f"refused {kind[:-1]}: {reason}", throttle_duration_sec=2.0)
+        self.diagnostics.set(WARN, f"refusing {kind}: {reason}")
+
+    def _on_embedding(self, msg: InstructionEmbedding) -> None:
+        if self.policy is None:
+            return
+        expected_encoder = self.config["language_encoder"]
+        if msg.encoder != expected_encoder:
+            self._refuse("embeddings", f"encoder {msg.encoder!r}, checkpoint expects {expected_encoder!r}")
+            return
+        vector = np.asarray(msg.embedding, dtype=np.float32)
+        if vector.shape != (self.config["language_dim"],):
+            self._refuse("embeddings", f"dimension {vector.size}, checkpoint expects {self.config['language_dim']}")
+            return
+        if not np.all(np.isfinite(vector)):
+            self._refuse("embeddings", "non-finite values")
+            return
+        with self._lock:
+            self._goal, self._goal_vector = msg, vector
+            # A new goal starts a new episode: no observation of the old one conditions the new one.
+            self._history.clear()
+            self._fresh = False
+            self.policy.reset(seed=self.seed)
+        self.get_logger().info(f"new goal: {msg.text!r}")
+
+    def _on_observation(self, msg: ObservationMsg) -> None:
+        if self.policy is None:
+            return
+        try:
+            observation = self._to_observation(msg)
+        except ObservationError as exc:
+            self._refuse("observations", str(exc))
+            return
+        age = now_seconds(self) - observation.stamp
+        if age > self.max_age:
+            self._refuse("observations", f"observation is {age * 1e3:.0f} ms old (max_observation_age "
+                                         f"{self.max_age * 1e3:.0f} ms)")
+            return
+        period = 1.0 / self.config["rate_hz"]
+        with self._lock:
+            if self._history and observation.stamp <= self._history[-1].stamp:
+                return  # duplicate or out of order: the history only moves forward
+            if self._history and observation.stamp - self._history[-1].stamp > self.max_gap_periods * period:
+                self.get_logger().warning("observation gap; restarting the history")
+                self._history.clear()
+            self._history.append(observation)
+            while len(self._history) > self.config["obs_horizon"]:
+                self._history.popleft()
+            self._fresh = True
+            self._wake.notify()
+
+    def _to_observation(self, msg: ObservationMsg) -> Observation:
+        cameras = list(self.config["cameras"])
+        if list(msg.camera_names) != cameras:
+            raise ObservationError(f"cameras {list(msg.camera_names)}, checkpoint expects {cameras}")
+        if len(msg.images) != len(cameras):
+            raise ObservationError(f"{len(msg.images)} images for {len(cameras)} cameras")
+        size = tuple(self.config["image_size"])
+        images = {}
+        for camera, image in zip(cameras, msg.images):
+            if (image.height, image.width) != size:
+                raise ObservationError(f"camera {camera!r} image is {image.height}x{image.width}, checkpoint "
+                                       f"expects {size[0]}x{size[1]}")
+            try:
+                images[camera] = decode_image(image)
+            except ValueError as exc:
+                raise ObservationError(f"camera {camera!r}: {exc}") from exc
+        joints = select_joints(list(msg.joint_state.name), list(msg.joint_state.position),
+                               self.config["joint_names"])
+        return Observation(stamp=stamp_to_seconds(msg.header.stamp), images=images, joint_positions=joints)
+
+    # --- inference, off the subscription path ---------------------------------------------------
+    def _inference_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or (self._fresh and self._goal is not None)):
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return
+                history = list(self._history)
+                goal, vector = self._goal, self._goal_vector
+                self._fresh = False
+            start = time.perf_counter()
+            try:
+                actions = self.policy.predict_chunk(history, vector)
+            except (ValueError, RuntimeError) as exc:
+                self.get_logger().error(f"inference failed: {exc}", throttle_duration_sec=2.0)
+                self.diagnostics.set(ERROR, f"inference failed: {exc}")
+                continue
+            latency = time.perf_counter() - start
+            with self._lock:
+                if goal is not self._goal:
+                    continue  # the goal changed during inference: this chunk belongs to the old one
+                self._chunk_id += 1
+                chunk_id = self._chunk_id
+            if not np.all(np.isfinite(actions)):
+                self.get_logger().error("policy produced non-finite actions; chunk dropped")
+                continue
+            self.latencies.append(latency)
+            self.publisher.publish(self._chunk_msg(chunk_id, goal, history, actions, latency))
+            self.counters["chunks"] += 1
+
+    def _chunk_msg(self, chunk_id, goal, history, actions, latency) -> ActionChunk:
+        return ActionChunk(
+            header=Header(stamp=seconds_to_stamp(history[-1].stamp)),
+            chunk_id=chunk_id,
+            instruction=goal.text,
+            instruction_stamp=goal.header.stamp,
+            action_space=self.config["action_space"],
+            names=list(self.config["action_names"]),
+            dt=float(self.config["dt"]),
+            horizon=int(actions.shape[0]),
+            actions=[float(v) for v in np.asarray(actions, np.float32).reshape(-1)],
+            history_length=len(history),
+            inference_time=float(latency),
+            checkpoint=str(self.checkpoint_dir),
+        )
+
+    def _report(self) -> None:
+        if self.policy is None:
+            return
+        values = dict(self.counters)
+        if self.latencies:
+            ms = np.asarray(self.latencies) * 1e3
+            values.update(latency_p50_ms=f"{np.percentile(ms, 50):.1f}", latency_p99_ms=f"{np.percentile(ms, 99):.1f}")
+        level, message = OK, "running"
+        if self._goal is None:
+            message = "waiting for a goal"
+        elif self.diagnostics.level != OK:
+            level, message = self.diagnostics.level, self.diagnostics.message
+        self.diagnostics.set(level, message, **values)
+
+    def destroy_node(self):
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        self._worker.join(timeout=2.0)
+        return super().destroy_node()
+
+
+def main(argv=None) -> int:
+    return run_node(PolicyNode, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
