@@ -61,10 +61,18 @@ cmake -S "$ROOT" -B "$BUILD" -G Ninja -Wno-dev \
 cmake --build "$BUILD" >>"$BUILD.log" 2>&1 || { tail -30 "$BUILD.log" >&2; die "building the messages failed (full log: $BUILD.log)"; }
 cmake --install "$BUILD" >>"$BUILD.log" 2>&1 || { tail -30 "$BUILD.log" >&2; die "installing the messages failed (full log: $BUILD.log)"; }
 
-echo "setup: installing mail_ros (editable)"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+# rosidl installs the generated message code as site-packages/mail_ros/{msg,*.so} with an empty
+# __init__.py. That empty file would shadow this source tree's mail_ros package; without it the
+# folder is a plain portion that mail_ros/__init__.py adds to its __path__ (pkgutil.extend_path).
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -f "$SITE/mail_ros/__init__.py"
 
-"$VENV/bin/python" -c "import rclpy, torch, mail_ros.spec; from mail_ros.msg import ActionChunk" \
+echo "setup: installing mail_ros (editable)"
+# "compat" puts the source tree on sys.path (a .pth entry) so the regular package there is found
+# alongside the message portion; the default finder-based editable install would lose to it.
+"${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT" --config-settings editable_mode=compat
+
+(cd / && "$VENV/bin/python" -c "import rclpy, torch, mail_ros.spec; from mail_ros.msg import ActionChunk") \
   || die "the environment was built but does not import; see the errors above"
 inputs_hash >"$STAMP"
 echo "setup: done ($VENV)"
