@@ -1,0 +1,390 @@
+"""Approximate-time alignment of sensor streams at the policy rate.
+
+The same ``StreamAligner`` runs inside camera_sync_node (online: ``push`` on every message,
+``poll`` on a timer) and in the bag converter (offline: ``push`` in bag order, then ``flush``),
+so training and deployment see identical observation sets.
+
+Semantics
+---------
+* The first configured stream is the *reference* (a camera). Reference frames are decided one at
+  a time, in stamp order.
+* For every other stream the member is the message whose stamp is closest to the reference
+  stamp (ties go to the earlier message). The choice for a stream is *final* once that stream
+  holds a message with stamp >= the reference stamp (for a stream delivered in order, later
+  messages can only be farther), or once the receiver time ``now`` passed to ``poll`` exceeds
+  ``ref + max_skew + latency_allowance`` (whatever was late by more than the allowance is ignored).
+* If some stream has no message within ``max_skew`` of the reference, the frame is dropped with
+  reason ``"no_match:<stream>"`` (the first such stream in configuration order).
+* Decimation to the policy rate keeps a stable time grid: the first emitted set anchors a target
+  ``T = stamp + period``; a later reference frame is considered only if its stamp is
+  ``>= T - tolerance / 2``; emitting at stamp ``r`` moves the target to ``T + period``, or
+  re-anchors it to ``r + period`` when ``r >= T + tolerance / 2`` (a gap in the stream, e.g. after
+  dropped frames). Consecutive emitted sets are therefore at least ``period - tolerance`` apart
+  and the long-run rate is exactly ``1 / period`` while frames keep coming. ``tolerance`` defaults
+  to one reference-camera interval (the median of the last 15 intervals between reference
+  frames, at most ``period``), so the frame taken for a grid point is the one nearest to it even
+  with a jittery camera. Frames skipped this way count as ``"decimated"`` (not an error).
+* A reference frame not newer than the last decided one is dropped as ``"late"``; so is any
+  other message that arrives when it can no longer be the closest match of any future reference
+  frame. Non-monotonic stamps within a stream are otherwise fine (sorted insert).
+* A non-reference message that leaves the buffer without having been a member of an emitted set
+  counts as dropped ``"unused"``; a message may be a member of several sets and counts as used
+  once. Every received message ends up counted exactly once: after ``flush``,
+  ``received == used + sum(dropped)`` per stream.
+* Buffers: a message that can never be chosen again is removed as soon as the reference cursor
+  passes it; ``poll(now)`` also evicts messages older than ``now - buffer_seconds`` (which must
+  exceed the worst reference latency plus ``max_skew``). ``push`` alone never evicts by time, so
+  offline input pushed in bag order and flushed at the end yields the same sets as the online
+  path whenever each stream arrives in stamp order within ``latency_allowance``.
+
+Stamps are float seconds (ROS stamps converted with ``stamp_to_seconds``). Not thread-safe:
+callers serialise ``push``/``poll`` (one callback group in the node).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "AlignedSet",
+    "AlignerConfig",
+    "StreamAligner",
+    "StreamStats",
+    "SyncError",
+    "SyncStats",
+    "seconds_to_stamp",
+    "stamp_to_seconds",
+]
+
+NS_PER_SECOND = 1_000_000_000
+# Bounds memory of the skew statistics on a long-running node; percentiles use the newest samples.
+SKEW_SAMPLES_KEPT = 10_000
+# Number of reference intervals whose median estimates the camera interval (the default tolerance).
+INTERVAL_WINDOW = 15
+
+
+class SyncError(ValueError):
+    """Bad input to the aligner: unknown stream, non-finite stamp or an invalid configuration."""
+
+
+def stamp_to_seconds(sec: int, nanosec: int) -> float:
+    """ROS ``builtin_interfaces/Time`` fields to float seconds (one rounding, < 0.25 us at 2**31 s)."""
+    if not 0 <= nanosec < NS_PER_SECOND:
+        raise SyncError(f"nanosec must be in [0, 1e9), got {nanosec}")
+    return sec + nanosec / NS_PER_SECOND
+
+
+def seconds_to_stamp(seconds: float) -> tuple[int, int]:
+    """Float seconds to ``(sec, nanosec)`` with ``0 <= nanosec < 1e9``, rounded to the nearest ns."""
+    if not math.isfinite(seconds):
+        raise SyncError(f"cannot convert non-finite time {seconds} to a stamp")
+    sec = math.floor(seconds)
+    # seconds - floor(seconds) is exact in binary floating point, so only the scaling rounds.
+    nanosec = round((seconds - sec) * NS_PER_SECOND)
+    if nanosec == NS_PER_SECOND:
+        sec, nanosec = sec + 1, 0
+    return int(sec), int(nanosec)
+
+
+@dataclass(frozen=True)
+class AlignerConfig:
+    """Which streams to align and how strictly; all times in seconds."""
+
+    streams: tuple[str, ...]  # the first is the reference stream (a camera)
+    max_skew: float  # every member stamp within this of the reference stamp
+    period: float = 0.0  # emitted sets about this far apart (policy period); 0 = every reference frame
+    latency_allowance: float = 0.05  # how long after ref + max_skew to wait (by `now`) for late arrivals
+    buffer_seconds: float = 2.0  # history kept per stream by `poll`
+    decimation_tolerance: float | None = None  # grid window; None = one measured reference interval
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "streams", tuple(self.streams))
+        if not self.streams or not all(isinstance(s, str) and s for s in self.streams):
+            raise SyncError(f"streams must be a non-empty list of names, got {list(self.streams)}")
+        if len(set(self.streams)) != len(self.streams):
+            raise SyncError(f"stream names must be unique, got {list(self.streams)}")
+        for name in ("max_skew", "period", "latency_allowance"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise SyncError(f"{name} must be a finite number >= 0, got {value}")
+        minimum = 2 * self.max_skew + self.latency_allowance
+        if not (math.isfinite(self.buffer_seconds) and self.buffer_seconds > minimum):
+            raise SyncError(
+                f"buffer_seconds must exceed 2 * max_skew + latency_allowance = {minimum:.3f} s, "
+                f"got {self.buffer_seconds}"
+            )
+        tol = self.decimation_tolerance
+        if tol is not None and not (math.isfinite(tol) and 0 <= tol <= self.period):
+            raise SyncError(f"decimation_tolerance must be in [0, period={self.period}], got {tol}")
+
+    @property
+    def reference(self) -> str:
+        return self.streams[0]
+
+
+@dataclass(frozen=True)
+class AlignedSet:
+    """One decided observation set: the reference frame and its closest partner in every stream."""
+
+    stamp: float  # the reference message's stamp
+    members: dict[str, tuple[float, Any]]  # stream -> (stamp, payload); includes the reference
+
+    @property
+    def skew(self) -> dict[str, float]:
+        """Member stamp minus reference stamp, per stream (seconds)."""
+        return {name: stamp - self.stamp for name, (stamp, _) in self.members.items()}
+
+
+@dataclass
+class StreamStats:
+    """Accounting of one stream: every received message is used once or dropped once."""
+
+    received: int = 0
+    used: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    skews: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES_KEPT))
+
+    @property
+    def pending(self) -> int:
+        """Messages still buffered (neither used nor dropped yet); 0 after ``flush``."""
+        return self.received - self.used - sum(self.dropped.values())
+
+
+class SyncStats:
+    """Per-stream counters and skew samples (member stamp - reference stamp) of emitted sets."""
+
+    def __init__(self, streams: tuple[str, ...]) -> None:
+        self.streams: dict[str, StreamStats] = {name: StreamStats() for name in streams}
+        self.emitted = 0
+
+    def __getitem__(self, stream: str) -> StreamStats:
+        return self.streams[stream]
+
+    def skew_percentiles_ms(self, stream: str, percentiles: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:
+        """Percentiles of |skew| in milliseconds, keyed ``"p50"`` etc.; empty without samples."""
+        samples = self.streams[stream].skews
+        if not samples:
+            return {}
+        values = np.percentile(np.abs(np.fromiter(samples, float)) * 1e3, percentiles)
+        return {f"p{q:g}": float(v) for q, v in zip(percentiles, values)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (counts, drop reasons, skew percentiles and mean signed skew in ms)."""
+        streams = {}
+        for name, s in self.streams.items():
+            entry: dict[str, Any] = {
+                "received": s.received,
+                "used": s.used,
+                "dropped": dict(sorted(s.dropped.items())),
+                "pending": s.pending,
+                "skew_ms": self.skew_percentiles_ms(name),
+            }
+            if s.skews:
+                entry["skew_ms"]["mean_signed"] = float(np.mean(np.fromiter(s.skews, float)) * 1e3)
+            streams[name] = entry
+        return {"emitted": self.emitted, "streams": streams}
+
+
+@dataclass
+class _Message:
+    stamp: float
+    payload: Any
+    used: bool = False
+
+
+class _SortedBuffer:
+    """Messages of one stream sorted by stamp; equal stamps keep arrival order."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.messages: list[_Message] = []
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+    def insert(self, stamp: float, payload: Any) -> None:
+        i = bisect.bisect_right(self.stamps, stamp)
+        self.stamps.insert(i, stamp)
+        self.messages.insert(i, _Message(stamp, payload))
+
+    def pop_front(self, count: int) -> list[_Message]:
+        removed = self.messages[:count]
+        del self.stamps[:count], self.messages[:count]
+        return removed
+
+
+class StreamAligner:
+    """Approximate-time aligner; see the module docstring for the exact semantics."""
+
+    def __init__(self, config: AlignerConfig) -> None:
+        self.config = config
+        self._stats = SyncStats(config.streams)
+        self._clear()
+
+    @property
+    def stats(self) -> SyncStats:
+        return self._stats
+
+    def push(self, stream: str, stamp: float, payload: Any) -> None:
+        """Add one message; sets decided by stamps alone are queued for the next ``poll``/``flush``."""
+        if stream not in self._stats.streams:
+            raise SyncError(f"unknown stream {stream!r}; configured streams: {list(self.config.streams)}")
+        stamp = float(stamp)
+        if not math.isfinite(stamp):
+            raise SyncError(f"non-finite stamp {stamp} on stream {stream!r}")
+        stats = self._stats[stream]
+        stats.received += 1
+        if stream == self.config.reference:
+            if stamp <= self._cursor:
+                stats.dropped["late"] += 1
+                return
+            self._pending.insert(stamp, payload)
+        else:
+            buffer = self._buffers[stream]
+            if self._is_dead(buffer, stamp):
+                stats.dropped["late"] += 1
+                return
+            buffer.insert(stamp, payload)
+        self._decide(now=None, final=False)
+
+    def poll(self, now: float) -> list[AlignedSet]:
+        """Decide what receiver time ``now`` allows, evict old history, return the newly decided sets."""
+        now = float(now)
+        if not math.isfinite(now):
+            raise SyncError(f"non-finite receiver time {now}")
+        self._decide(now=now, final=False)
+        horizon = now - self.config.buffer_seconds
+        for name, buffer in self._buffers.items():
+            self._discard(name, buffer.pop_front(bisect.bisect_left(buffer.stamps, horizon)))
+        return self._take_ready()
+
+    def flush(self) -> list[AlignedSet]:
+        """End of input: decide every pending reference frame and release all buffered messages."""
+        self._decide(now=None, final=True)
+        for name, buffer in self._buffers.items():
+            self._discard(name, buffer.pop_front(len(buffer)))
+        return self._take_ready()
+
+    def reset(self) -> None:
+        """Forget all buffered messages and the decimation grid (e.g. after a clock jump).
+
+        Buffered messages are counted as dropped ``"reset"``; sets decided but not yet returned
+        are discarded too (their messages stay counted as used). Statistics are cumulative.
+        """
+        ref = self.config.reference
+        self._stats[ref].dropped["reset"] += len(self._pending)
+        for name, buffer in self._buffers.items():
+            self._stats[name].dropped["reset"] += sum(not m.used for m in buffer.messages)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._pending = _SortedBuffer()
+        self._buffers = {name: _SortedBuffer() for name in self.config.streams[1:]}
+        self._ready: list[AlignedSet] = []
+        self._cursor = -math.inf  # stamp of the last decided reference frame
+        self._target: float | None = None  # next grid time for decimation
+        self._intervals: deque[float] = deque(maxlen=INTERVAL_WINDOW)
+
+    def _take_ready(self) -> list[AlignedSet]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _is_dead(self, buffer: _SortedBuffer, stamp: float) -> bool:
+        # Every future reference frame is newer than the cursor, so a message is useless if it is
+        # too far before the cursor or if a newer message at or before the cursor exists.
+        if stamp < self._cursor - self.config.max_skew:
+            return True
+        after = bisect.bisect_right(buffer.stamps, stamp)
+        return stamp <= self._cursor and after < len(buffer) and buffer.stamps[after] <= self._cursor
+
+    def _discard(self, stream: str, messages: list[_Message]) -> None:
+        self._stats[stream].dropped["unused"] += sum(not m.used for m in messages)
+
+    def _tolerance(self, gap: float | None) -> float:
+        """Grid window for judging a reference frame that follows the last decided one by ``gap``."""
+        if self.config.decimation_tolerance is not None:
+            return self.config.decimation_tolerance
+        samples = [*self._intervals, gap] if gap is not None else list(self._intervals)
+        if not samples:
+            return 0.0
+        return min(statistics.median(samples[-INTERVAL_WINDOW:]), self.config.period)
+
+    def _decide(self, now: float | None, final: bool) -> None:
+        cfg = self.config
+        while self._pending:
+            ref = self._pending.stamps[0]
+            gap = ref - self._cursor if self._cursor > -math.inf else None
+            tolerance = self._tolerance(gap)
+            decimated = self._target is not None and ref < self._target - tolerance / 2
+            timed_out = now is not None and now > ref + cfg.max_skew + cfg.latency_allowance
+            if not (final or timed_out or decimated):
+                if any(bisect.bisect_left(b.stamps, ref) == len(b) for b in self._buffers.values()):
+                    return
+            (ref_message,) = self._pending.pop_front(1)
+            if gap is not None:
+                self._intervals.append(gap)
+            self._cursor = ref
+            if decimated:
+                self._stats[cfg.reference].dropped["decimated"] += 1
+            else:
+                self._match(ref_message, tolerance)
+            for name, buffer in self._buffers.items():
+                self._prune(name, buffer)
+
+    def _match(self, ref_message: _Message, tolerance: float) -> None:
+        cfg = self.config
+        ref = ref_message.stamp
+        chosen: dict[str, _Message] = {}
+        for name, buffer in self._buffers.items():
+            best = _closest(buffer, ref)
+            if best is None or abs(best.stamp - ref) > cfg.max_skew:
+                self._stats[cfg.reference].dropped[f"no_match:{name}"] += 1
+                return
+            chosen[name] = best
+        self._stats[cfg.reference].used += 1
+        members = {cfg.reference: (ref, ref_message.payload)}
+        for name, message in chosen.items():
+            stats = self._stats[name]
+            if not message.used:
+                message.used = True
+                stats.used += 1
+            stats.skews.append(message.stamp - ref)
+            members[name] = (message.stamp, message.payload)
+        self._stats.emitted += 1
+        self._ready.append(AlignedSet(ref, members))
+        self._advance_grid(ref, tolerance)
+
+    def _advance_grid(self, ref: float, tolerance: float) -> None:
+        period = self.config.period
+        if period == 0:
+            return
+        if self._target is None or ref >= self._target + tolerance / 2:
+            self._target = ref + period
+        else:
+            self._target += period
+
+    def _prune(self, name: str, buffer: _SortedBuffer) -> None:
+        # Keep the newest message at or before the cursor (it may still be closest to the next
+        # reference frame) unless it is already more than max_skew behind.
+        keep_from = max(
+            bisect.bisect_right(buffer.stamps, self._cursor) - 1,
+            bisect.bisect_left(buffer.stamps, self._cursor - self.config.max_skew),
+        )
+        if keep_from > 0:
+            self._discard(name, buffer.pop_front(keep_from))
+
+
+def _closest(buffer: _SortedBuffer, stamp: float) -> _Message | None:
+    i = bisect.bisect_left(buffer.stamps, stamp)
+    before = buffer.messages[i - 1] if i > 0 else None
+    after = buffer.messages[i] if i < len(buffer) else None
+    if before is None or (after is not None and after.stamp - stamp < stamp - before.stamp):
+        return after
+    return before
