@@ -50,6 +50,8 @@ class ExecutorNode(Node):
         execute_steps = declare(self, "execute_steps", 0, "Receding horizon: actions executed per chunk before "
                                 "switching to the next (0 = the whole chunk, MaIL's default)")
         ensemble_decay = declare(self, "ensemble_decay", 0.01, "Temporal ensembling weight decay m in exp(-m*i)")
+        interpolation = declare(self, "interpolation", "linear", "Between action due times: linear (blend "
+                                "towards the next action, for ticks faster than the chunk dt) or hold")
         self.max_chunk_age = declare(self, "max_chunk_age", 0.5, "Chunks whose newest observation is older "
                                      "than this (s) are discarded")
         rate = declare(self, "control_rate_hz", 20.0, "Control tick rate (JointTrajectory messages per second)")
@@ -73,7 +75,7 @@ class ExecutorNode(Node):
             velocity_scale=declare(self, "velocity_scale", 0.5, "Fraction of the FR3 velocity limits used"),
             acceleration_scale=declare(self, "acceleration_scale", 0.5, "Fraction of the FR3 acceleration limits used"),
             max_step_delta=declare(self, "max_step_delta", 0.05, "Largest joint motion (rad) per control tick"),
-            chunk_timeout=declare(self, "chunk_timeout", 0.5, "Hold when no fresh chunk arrived for this long (s)"),
+            chunk_timeout=declare(self, "chunk_timeout", 0.3, "Hold when no fresh chunk arrived for this long (s)"),
             joint_state_timeout=declare(self, "joint_state_timeout", 0.2, "Stop commanding when /joint_states is "
                                         "older than this (s)"),
             ramp_speed=declare(self, "ramp_speed", 0.3, "Ramp speed as a fraction of the margined limits"),
@@ -85,11 +87,14 @@ class ExecutorNode(Node):
         self.arm_joints = list(self.limits.names)
         self.safety = SafetyFilter(safety, self.limits)
         self.watchdog = Watchdog(safety)
-        self.scheduler = ChunkScheduler(mode=mode, action_dim=len(self.arm_joints) + 1,
-                                        execute_steps=execute_steps or None, ensemble_decay=ensemble_decay,
-                                        max_chunk_age=self.max_chunk_age)
         self.diagnostics = Diagnostics(self)
         self.gripper = GripperBridge(self, gripper_mode, gripper_topic, gripper_action_ns, close_below, open_above)
+        # The gripper width is the last action column, unless the gripper is not driven at all.
+        self.action_names = self.arm_joints + ([] if self.gripper.mode == "none" else [GRIPPER_ACTION_NAME])
+        self.scheduler = ChunkScheduler(mode=mode, action_dim=len(self.action_names),
+                                        execute_steps=execute_steps or None, ensemble_decay=ensemble_decay,
+                                        max_chunk_age=self.max_chunk_age, interpolation=interpolation,
+                                        instruction_id="")  # accept nothing before the first goal
 
         self.measured: np.ndarray | None = None  # (7,) latest valid measured arm position
         self.q_cmd: np.ndarray | None = None  # (7,) last commanded position (None: not commanding)
@@ -143,7 +148,7 @@ class ExecutorNode(Node):
             return
         self.goal_id = goal_id
         # Chunks of the old goal, queued or in flight, must never move the arm again.
-        self.scheduler.reset()
+        self.scheduler.reset(instruction_id=goal_id, now=now_seconds(self))
         self.needs_ramp = True
         self.ramp.clear()
         self.gripper.stop()
@@ -158,15 +163,11 @@ class ExecutorNode(Node):
         self.get_logger().warning(f"rejected chunk: {reason}", throttle_duration_sec=2.0)
 
     def _on_chunk(self, msg: ActionChunk) -> None:
-        goal_id = self._goal_id(msg.instruction, msg.instruction_stamp)
-        if goal_id != self.goal_id:
-            self._reject_chunk("it belongs to another goal than the current one")
-            return
         if msg.action_space != "joint_position":
             self._reject_chunk(f"unsupported action space {msg.action_space!r}")
             return
         names = list(msg.names)
-        missing = [name for name in self.arm_joints if name not in names]
+        missing = [name for name in self.action_names if name not in names]
         if missing or msg.horizon == 0 or len(msg.actions) != msg.horizon * len(names):
             self._reject_chunk(f"malformed: names {names}, horizon {msg.horizon}, {len(msg.actions)} values")
             return
@@ -177,14 +178,15 @@ class ExecutorNode(Node):
         if not np.all(np.isfinite(actions)):
             self._reject_chunk("non-finite actions")
             return
-        columns = [names.index(name) for name in self.arm_joints]
-        gripper = actions[:, names.index(GRIPPER_ACTION_NAME)] if GRIPPER_ACTION_NAME in names \
-            else np.full(msg.horizon, np.nan)
         chunk = Chunk(chunk_id=msg.chunk_id, stamp=stamp_to_seconds(msg.header.stamp), dt=float(msg.dt),
-                      actions=np.column_stack([actions[:, columns], gripper]), instruction_id=goal_id)
+                      actions=actions[:, [names.index(name) for name in self.action_names]],
+                      instruction_id=self._goal_id(msg.instruction, msg.instruction_stamp))
         now = now_seconds(self)
+        rejected_before = self.scheduler.counters.copy()
         if not self.scheduler.add_chunk(chunk, now):
-            self._reject_chunk(f"chunk {msg.chunk_id} is stale (observation {now - chunk.stamp:.3f} s old)")
+            reason = next(iter(self.scheduler.counters - rejected_before), "rejected")
+            self._reject_chunk(f"chunk {msg.chunk_id} {reason.removeprefix('rejected:')} "
+                               f"(goal {msg.instruction!r}, observation {now - chunk.stamp:.3f} s old)")
             return
         self.counters["chunks_accepted"] += 1
         self.watchdog.chunk_received(now)
@@ -235,22 +237,31 @@ class ExecutorNode(Node):
         now = now_seconds(self)
         decision = self.watchdog.decide(now, self.count_publishers(self.command_topic))
         if decision.verdict is not self.last_verdict:
-            log = self.get_logger().info if decision.command else self.get_logger().warning
-            log(f"{decision.verdict.value}{': ' + decision.reason if decision.reason else ''}")
+            # (rclpy forbids one call site logging at two severities, hence two calls)
+            if decision.command:
+                self.get_logger().info("commanding")
+            else:
+                self.get_logger().warning(f"{decision.verdict.value}: {decision.reason}")
             self.last_verdict = decision.verdict
         if decision.verdict is Verdict.STOP:
             if self.q_cmd is not None:
                 self._stop_commanding(f"stopped: {decision.reason}")
             self.diagnostics.set(ERROR, f"stopped: {decision.reason}")
             return
+        action = self.scheduler.next_action(now) if decision.command else None
+        if action is None:
+            if self.q_cmd is None:
+                # Not commanding yet: leave the controller holding on its own rather than sending
+                # "stay here" targets at a robot someone else may be moving.
+                self.diagnostics.set(WARN, f"idle: {decision.reason or 'no action due now'}")
+            else:
+                self._hold(decision.reason or "no action due now")
+            return
         if self.q_cmd is None:
             self.q_cmd = self.measured.copy()
             self.v_cmd[:] = 0.0
-        action = self.scheduler.next_action(now) if decision.command else None
-        if action is None:
-            self._hold(decision.reason or "no action due now")
-            return
-        target, width = action[:-1], action[-1]
+        target = action[: len(self.arm_joints)]
+        width = action[-1] if len(action) > len(self.arm_joints) else math.nan
         if self.needs_ramp and self.safety.needs_ramp(self.measured, target) and not self.ramp:
             self.ramp.extend(self.safety.ramp(self.measured, target, self.period))
             self.get_logger().info(f"ramping to the first action over {len(self.ramp) * self.period:.2f} s")
@@ -288,6 +299,7 @@ class ExecutorNode(Node):
 
     def _report(self) -> None:
         values = dict(self.counters, mode=self.scheduler.mode, enabled=self.enabled)
+        values.update({f"scheduler.{key}": count for key, count in self.scheduler.counters.items()})
         if len(self.tick_times) > 2:
             intervals = np.diff(np.asarray(self.tick_times)) * 1e3
             values.update(tick_p50_ms=f"{np.percentile(intervals, 50):.2f}",

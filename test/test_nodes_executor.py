@@ -1,0 +1,276 @@
+"""executor_node over real DDS: ramps, limits, goal changes and every watchdog.
+
+A test node plays the robot (it publishes /joint_states that follow the last command, closing the
+loop), the goal (InstructionEmbedding) and the policy (ActionChunk), and records every
+JointTrajectory the executor sends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Header
+from trajectory_msgs.msg import JointTrajectory
+
+from mail_ros.control.limits import fr3_limits
+from mail_ros.msg import ActionChunk, InstructionEmbedding
+from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS
+from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
+from mail_ros.spec import FR3_ARM_JOINTS, GRIPPER_ACTION_NAME
+from ros_harness import RosGraph, overrides, wait_for
+
+pytestmark = pytest.mark.ros
+
+RATE = 20.0
+PERIOD = 1.0 / RATE
+MAX_STEP = 0.05
+CHUNK_TIMEOUT = 0.3
+JOINT_STATE_TIMEOUT = 0.5  # generous: the 2-core test machine is busy
+LIMITS = fr3_limits().with_margins(position_margin=0.05, velocity_scale=0.5, acceleration_scale=0.5)
+
+
+class FakeRobotAndPolicy:
+    """Joint states that track the executor's commands; goals and chunks on demand."""
+
+    def __init__(self, graph: RosGraph):
+        self.node = graph.node("fake_robot_and_policy")
+        self.q = np.asarray(FR3_HOME, dtype=float)
+        self.commands: list[tuple[float, np.ndarray]] = []
+        self.gripper_commands: list[float] = []
+        self.lock = threading.Lock()
+        self.publish_states = True
+        self.state_value = None  # override published positions (e.g. NaN)
+        self.joint_pub = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
+        self.goal_pub = self.node.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
+        self.chunk_pub = self.node.create_publisher(ActionChunk, "/mail/action_chunk", PIPELINE_QOS)
+        self.node.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_command,
+                                      COMMAND_QOS)
+        self.node.create_subscription(JointTrajectory, "/fr3_gripper/joint_trajectory",
+                                      lambda m: self.gripper_commands.append(2 * m.points[-1].positions[0]),
+                                      COMMAND_QOS)
+        self.node.create_timer(0.01, self._publish_state)
+        self.chunk_id = 0
+        self.goal = None
+
+    def _on_command(self, msg: JointTrajectory) -> None:
+        assert list(msg.joint_names) == list(FR3_ARM_JOINTS)
+        q = np.array(msg.points[0].positions)
+        with self.lock:
+            self.commands.append((time.monotonic(), q))
+            if len(msg.points) == 1:
+                self.q = q  # a perfectly tracking robot
+
+    def _publish_state(self) -> None:
+        if not self.publish_states:
+            return
+        with self.lock:
+            q = self.q if self.state_value is None else np.full(7, self.state_value)
+        self.joint_pub.publish(JointState(header=Header(stamp=self.node.get_clock().now().to_msg()),
+                                          name=list(FR3_ARM_JOINTS), position=q.tolist(),
+                                          velocity=[0.0] * 7, effort=[0.0] * 7))
+
+    def set_goal(self, text: str) -> InstructionEmbedding:
+        self.goal = InstructionEmbedding(header=Header(stamp=self.node.get_clock().now().to_msg()), text=text,
+                                         encoder="minilm:all-MiniLM-L6-v2", embedding=[0.0] * 4)
+        self.goal_pub.publish(self.goal)
+        return self.goal
+
+    def send_chunk(self, target: np.ndarray, goal=None, horizon: int = 8, width: float = 0.08,
+                   values: np.ndarray | None = None) -> None:
+        goal = goal or self.goal
+        self.chunk_id += 1
+        actions = np.tile(np.append(target, width), (horizon, 1)) if values is None else values
+        self.chunk_pub.publish(ActionChunk(
+            header=Header(stamp=self.node.get_clock().now().to_msg()), chunk_id=self.chunk_id,
+            instruction=goal.text, instruction_stamp=goal.header.stamp, action_space="joint_position",
+            names=list(FR3_ARM_JOINTS) + [GRIPPER_ACTION_NAME], dt=0.1, horizon=horizon,
+            actions=[float(v) for v in np.asarray(actions, np.float32).reshape(-1)]))
+
+    def stream_chunks(self, target, seconds: float, **kwargs) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.send_chunk(np.asarray(target), **kwargs)
+            time.sleep(0.1)
+
+    def stream_until(self, target, expected, timeout: float, **kwargs) -> None:
+        """Stream chunks towards ``target`` until the last command is ``expected`` (or time runs out)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.send_chunk(np.asarray(target), **kwargs)
+            time.sleep(0.1)
+            with self.lock:
+                if self.commands and np.allclose(self.commands[-1][1], expected, atol=1e-3):
+                    return
+        raise AssertionError(f"commands did not reach {np.round(expected, 4).tolist()} within {timeout} s")
+
+    def commands_since(self, t0: float) -> np.ndarray:
+        with self.lock:
+            return np.array([q for t, q in self.commands if t >= t0]).reshape(-1, 7)
+
+    def last_command_time(self) -> float:
+        with self.lock:
+            return self.commands[-1][0] if self.commands else -1.0
+
+
+@pytest.fixture
+def rig():
+    graph = RosGraph()
+    robot = FakeRobotAndPolicy(graph)
+    executor = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(
+        control_rate_hz=RATE, max_step_delta=MAX_STEP, chunk_timeout=CHUNK_TIMEOUT,
+        joint_state_timeout=JOINT_STATE_TIMEOUT, gripper_mode="trajectory", mode="receding_horizon")))
+    wait_for(lambda: executor.count_subscribers("/mail/action_chunk") and robot.node.count_subscribers(
+        "/fr3_arm_controller/joint_trajectory") == 0 or True, 5, "discovery")
+    wait_for(lambda: robot.chunk_pub.get_subscription_count() > 0
+             and robot.joint_pub.get_subscription_count() > 0, 10, "executor subscriptions")
+    yield robot, executor
+    graph.shutdown()
+
+
+def assert_within_limits(commands: np.ndarray) -> None:
+    """Every command inside the margined limits; per-tick steps, velocities and accelerations bounded."""
+    assert commands.size, "no commands"
+    tol = 1e-6
+    assert np.all(commands >= LIMITS.position_min - tol), commands.min(axis=0)
+    assert np.all(commands <= LIMITS.position_max + tol), commands.max(axis=0)
+    steps = np.diff(commands, axis=0)
+    assert np.all(np.abs(steps) <= MAX_STEP + tol)
+    velocity = steps / PERIOD
+    assert np.all(np.abs(velocity) <= LIMITS.velocity_max + tol)
+    acceleration = np.diff(velocity, axis=0) / PERIOD
+    assert np.all(np.abs(acceleration) <= LIMITS.acceleration_max + 1e-3)
+
+
+def test_ramps_in_then_follows_chunks_within_limits(rig):
+    robot, _ = rig
+    target = np.asarray(FR3_HOME) + np.array([0.4, 0.2, 0.0, 0.3, 0.0, -0.2, 0.1])
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    robot.stream_until(target, target, 10.0, width=0.0)
+    commands = robot.commands_since(t0)
+    assert_within_limits(commands)
+    # The ramp starts at the measured position: no jump on the first command.
+    assert np.max(np.abs(commands[0] - np.asarray(FR3_HOME))) <= MAX_STEP + 1e-6
+    # After the ramp, the gripper dimension (0 = close) becomes one close command (hysteresis).
+    robot.stream_chunks(target, 0.5, width=0.0)
+    assert robot.gripper_commands == [0.0]
+
+
+def test_out_of_limit_actions_are_clipped(rig):
+    robot, executor = rig
+    with robot.lock:  # start near the limits so the ramp in is short
+        robot.q = np.asarray(FR3_HOME).copy()
+        robot.q[[0, 3]] = [2.5, -0.4]
+    beyond = robot.q.copy()
+    beyond[3] = 0.5  # joint 4's upper limit is -0.1518
+    beyond[0] = 3.5  # joint 1's is 2.7437
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    clipped = beyond.copy()
+    clipped[[0, 3]] = LIMITS.position_max[[0, 3]]
+    robot.stream_until(beyond, clipped, 10.0)
+    assert_within_limits(robot.commands_since(t0))
+
+
+def test_goal_change_discards_old_chunks(rig):
+    robot, _ = rig
+    up = np.asarray(FR3_HOME) + np.array([0.6, 0, 0, 0, 0, 0, 0])
+    down = np.asarray(FR3_HOME) - np.array([0.6, 0, 0, 0, 0, 0, 0])
+    old_goal = robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    robot.stream_chunks(up, 1.5)
+    robot.set_goal("pick up the blue cube")
+    t_change = time.monotonic()
+    # The old policy keeps sending chunks of the old goal (in flight, or a stale node).
+    robot.stream_chunks(up, 0.5, goal=old_goal)
+    at_change = robot.commands_since(t_change - 0.05)[0]
+    after = robot.commands_since(t_change + 2 * PERIOD)
+    # Nothing moves joint 1 further towards the old goal than braking from the current speed allows.
+    assert after[:, 0].max() <= at_change[0] + 0.05
+    robot.stream_until(down, down, 10.0)
+    assert_within_limits(robot.commands_since(t_change))
+
+
+def test_no_fresh_chunk_holds(rig):
+    robot, _ = rig
+    target = np.asarray(FR3_HOME) + 0.3
+    target[3] = FR3_HOME[3]
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    robot.stream_chunks(target, 2.5)
+    t_stop = time.monotonic()
+    time.sleep(CHUNK_TIMEOUT + 1.0)
+    held = robot.commands_since(t_stop + CHUNK_TIMEOUT + 2 * PERIOD)
+    # Holding: the executor keeps the last commanded position (at rest).
+    assert len(held) > 5
+    assert np.ptp(held, axis=0).max() < 1e-9
+
+
+def test_stale_joint_states_stop_commanding(rig):
+    robot, _ = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
+    assert robot.last_command_time() > 0
+    robot.publish_states = False
+    t_stop = time.monotonic()
+    robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
+    assert robot.last_command_time() <= t_stop + JOINT_STATE_TIMEOUT + 2 * PERIOD + 0.05
+
+
+def test_non_finite_joint_states_stop_commanding(rig):
+    robot, _ = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
+    robot.state_value = float("nan")
+    t_bad = time.monotonic()
+    robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
+    assert robot.last_command_time() <= t_bad + JOINT_STATE_TIMEOUT + 2 * PERIOD + 0.05
+
+
+def test_second_publisher_on_the_command_topic_stops_commanding(rig):
+    robot, _ = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
+    intruder = robot.node.create_publisher(JointTrajectory, "/fr3_arm_controller/joint_trajectory", COMMAND_QOS)
+    t_intrude = time.monotonic()
+    robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.5)
+    assert robot.last_command_time() <= t_intrude + 0.5
+    robot.node.destroy_publisher(intruder)
+
+
+@pytest.mark.parametrize("bad", ["nan", "short", "wrong_names", "other_goal"])
+def test_bad_chunks_never_command(rig, bad):
+    robot, executor = rig
+    goal = robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    values = np.tile(np.append(np.asarray(FR3_HOME) + 0.2, 0.08), (8, 1))
+    if bad == "nan":
+        values[3, 2] = np.nan
+    elif bad == "short":
+        values = values[:, :5]
+    for _ in range(10):
+        if bad == "wrong_names":
+            robot.chunk_id += 1
+            robot.chunk_pub.publish(ActionChunk(
+                header=Header(stamp=robot.node.get_clock().now().to_msg()), chunk_id=robot.chunk_id,
+                instruction=goal.text, instruction_stamp=goal.header.stamp, action_space="joint_position",
+                names=["a"] * 8, dt=0.1, horizon=8, actions=[0.0] * 64))
+        elif bad == "other_goal":
+            other = InstructionEmbedding(header=Header(stamp=robot.node.get_clock().now().to_msg()),
+                                         text="another goal")
+            robot.send_chunk(np.asarray(FR3_HOME) + 0.2, goal=other)
+        else:
+            robot.send_chunk(None, values=values, horizon=8)
+        time.sleep(0.1)
+    assert robot.commands_since(0.0).size == 0
+    assert executor.counters["chunks_rejected"] >= 5
