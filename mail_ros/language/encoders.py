@@ -226,6 +226,25 @@ def load_text_encoder(spec: str, device: str = "cpu", cache_size: int = DEFAULT_
     return encoder
 
 
+def same_encoder(a: str, b: str) -> bool:
+    """Whether two encoder specs/names denote the same text encoder (for checkpoint/topic checks).
+
+    ``"minilm"`` and its full name are the same; two CLIP model ids must be equal. A CLIP given
+    as a folder is recorded by its path, which differs between machines: it matches any CLIP,
+    and the embedding dimension check is what remains.
+    """
+    kind_a, _, ref_a = a.partition(":")
+    kind_b, _, ref_b = b.partition(":")
+    if kind_a != kind_b:
+        return False
+    if kind_a == "minilm":
+        return True
+    ref_a, ref_b = ref_a or DEFAULT_CLIP_MODEL, ref_b or DEFAULT_CLIP_MODEL
+    if _MODEL_ID.match(ref_a) and _MODEL_ID.match(ref_b) and not (Path(ref_a).is_dir() or Path(ref_b).is_dir()):
+        return ref_a == ref_b
+    return True
+
+
 def embed_instructions(encoder: TextEncoder, texts: Iterable[str]) -> dict[str, np.ndarray]:
     """Embed each distinct instruction once: ``{text: embedding (dim,) float32}``.
 

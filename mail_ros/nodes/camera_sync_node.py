@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import math
 import time
 from collections import Counter
 
@@ -132,6 +133,10 @@ class CameraSyncNode(Node):
         msg.joint_state.header = header
         msg.joint_state.name = list(self.spec.joint_names)
         msg.joint_state.position = [float(v) for v in positions]
+        # Not carried, but never empty: Fast CDR pads an empty float64[] in a way rosbags cannot
+        # read back, and observations get recorded.
+        msg.joint_state.velocity = [math.nan] * len(positions)
+        msg.joint_state.effort = [math.nan] * len(positions)
         msg.joint_state_skew = float(skew[JOINT_STATES])
         return msg
 

@@ -16,6 +16,7 @@ import numpy as np
 from rclpy.node import Node
 from std_msgs.msg import Header
 
+from mail_ros.language.encoders import same_encoder
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_seconds,
@@ -93,12 +94,12 @@ class PolicyNode(Node):
     def _warm_up(self) -> float:
         """Run a few chunks on synthetic input (allocations, kernels) and return the last latency."""
         height, width = self.config["image_size"]
-        observation = Observation(
-            stamp=0.0,
-            images={c: np.zeros((height, width, 3), np.uint8) for c in self.config["cameras"]},
-            joint_positions=np.zeros(len(self.config["joint_names"])),
-        )
-        history = [observation] * self.config["obs_horizon"]
+        history = [
+            Observation(stamp=(k + 1) / self.config["rate_hz"],
+                        images={c: np.zeros((height, width, 3), np.uint8) for c in self.config["cameras"]},
+                        joint_positions=np.zeros(len(self.config["joint_names"])))
+            for k in range(self.config["obs_horizon"])
+        ]
         embedding = np.zeros(self.config["language_dim"], np.float32)
         latency = 0.0
         for _ in range(3):
@@ -117,15 +118,18 @@ class PolicyNode(Node):
     def _on_embedding(self, msg: InstructionEmbedding) -> None:
         if self.policy is None:
             return
+        vector = np.asarray(msg.embedding, dtype=np.float32)
         expected_encoder = self.config["language_encoder"]
-        if msg.encoder != expected_encoder:
+        if expected_encoder is None:
+            # A policy without language: the goal only starts an episode; its vector is unused.
+            vector = np.zeros(0, np.float32)
+        elif not same_encoder(msg.encoder, expected_encoder):
             self._refuse("embeddings", f"encoder {msg.encoder!r}, checkpoint expects {expected_encoder!r}")
             return
-        vector = np.asarray(msg.embedding, dtype=np.float32)
-        if vector.shape != (self.config["language_dim"],):
+        elif vector.shape != (self.config["language_dim"],):
             self._refuse("embeddings", f"dimension {vector.size}, checkpoint expects {self.config['language_dim']}")
             return
-        if not np.all(np.isfinite(vector)):
+        elif not np.all(np.isfinite(vector)):
             self._refuse("embeddings", "non-finite values")
             return
         with self._lock:

@@ -1,0 +1,237 @@
+"""The whole pipeline over real DDS: cameras + joint states + an instruction in, limit-respecting
+JointTrajectory commands out; bad input on every topic; faults (camera stops, policy dies).
+
+camera_sync_node, language_node (packaged MiniLM), policy_node (an untrained tiny MaIL
+checkpoint from `mail-ros checkpoint init`) and executor_node run in one executor; a test node
+plays the cameras and a robot whose joint states follow the commands.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Header, String
+from trajectory_msgs.msg import JointTrajectory
+
+from mail_ros.msg import ActionChunk, InstructionEmbedding, Observation
+from mail_ros.nodes.camera_sync_node import CameraSyncNode
+from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS
+from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
+from mail_ros.nodes.language_node import LanguageNode
+from mail_ros.nodes.policy_node import PolicyNode
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS
+from ros_harness import RosGraph, overrides, wait_for
+from test_nodes_executor import assert_within_limits
+
+pytestmark = pytest.mark.ros
+
+CAMERAS = ("agentview", "wrist")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    subprocess.run([sys.executable, "-m", "mail_ros.cli", "checkpoint", "init", "--preset", "tiny-d_ma-bc",
+                    "--out", str(out), "--set", 'language.encoder="minilm:all-MiniLM-L6-v2"',
+                    "--set", "language.dim=384"], check=True)
+    return out
+
+
+class World:
+    """Cameras (bgr8, 96x128: converted and resized by camera_sync_node), a robot, an operator."""
+
+    def __init__(self, graph: RosGraph):
+        self.node = graph.node("world")
+        self.q = np.asarray(FR3_HOME, dtype=float)
+        self.lock = threading.Lock()
+        # Nothing is published until a test has put its fault in place and calls start().
+        self.cameras_on = False
+        self.joints_on = False
+        self.encoding = "bgr8"
+        self.truncate = False
+        self.joint_value = None  # e.g. NaN
+        self.joint_names = list(FR3_ARM_JOINTS + FR3_FINGER_JOINTS)
+        self.camera_stamps: list[float] = []
+        self.commands: list[tuple[float, np.ndarray]] = []
+        self.chunks: list[ActionChunk] = []
+        self.observations: list[Observation] = []
+        self.diagnostics: list = []
+        self.image_pubs = {c: self.node.create_publisher(Image, f"/cameras/{c}/image_raw", qos_profile_sensor_data)
+                           for c in CAMERAS}
+        self.joint_pub = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
+        self.instruction_pub = self.node.create_publisher(String, "/mail/instruction", GOAL_QOS)
+        self.embedding_pub = self.node.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
+        self.node.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_command,
+                                      COMMAND_QOS)
+        self.node.create_subscription(ActionChunk, "/mail/action_chunk", self.chunks.append, PIPELINE_QOS)
+        self.node.create_subscription(Observation, "/mail/observation", self.observations.append, PIPELINE_QOS)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics",
+                                      lambda m: self.diagnostics.extend(m.status), 50)
+        self.node.create_timer(0.05, self._publish_images)  # 20 Hz cameras
+        self.node.create_timer(0.01, self._publish_joints)  # 100 Hz joint states
+        self.rng = np.random.default_rng(0)
+
+    def _on_command(self, msg: JointTrajectory) -> None:
+        with self.lock:
+            q = np.array(msg.points[0].positions)
+            self.commands.append((time.monotonic(), q))
+            if len(msg.points) == 1:
+                self.q = q
+
+    def _publish_images(self) -> None:
+        if not self.cameras_on:
+            return
+        stamp = self.node.get_clock().now().to_msg()
+        self.camera_stamps.append(stamp.sec + stamp.nanosec * 1e-9)
+        for camera, publisher in self.image_pubs.items():
+            pixels = self.rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8).tobytes()
+            if self.truncate:
+                pixels = pixels[: len(pixels) // 2]
+            publisher.publish(Image(header=Header(stamp=stamp, frame_id=camera), height=96, width=128,
+                                    encoding=self.encoding, step=128 * 3, data=pixels))
+
+    def start(self) -> None:
+        self.cameras_on = self.joints_on = True
+
+    def _publish_joints(self) -> None:
+        if not self.joints_on:
+            return
+        with self.lock:
+            q = self.q.copy()
+        positions = np.concatenate([q, [0.04, 0.04]])
+        if self.joint_value is not None:
+            positions[:] = self.joint_value
+        names = self.joint_names
+        self.joint_pub.publish(JointState(header=Header(stamp=self.node.get_clock().now().to_msg()), name=names,
+                                          position=positions[: len(names)].tolist(),
+                                          velocity=[0.0] * len(names), effort=[0.0] * len(names)))
+
+    def instruct(self, text: str) -> None:
+        self.instruction_pub.publish(String(data=text))
+
+    def commands_since(self, t0: float) -> np.ndarray:
+        with self.lock:
+            return np.array([q for t, q in self.commands if t >= t0]).reshape(-1, 7)
+
+    def diagnostic(self, node: str, levels=(b"\x01", b"\x02")) -> list[str]:
+        return [s.message for s in list(self.diagnostics) if node in s.name and s.level in levels]
+
+
+@pytest.fixture
+def pipeline(checkpoint):
+    graph = RosGraph(threads=6)
+    world = World(graph)
+    nodes = {
+        "camera_sync": CameraSyncNode(context=graph.context, parameter_overrides=overrides(
+            checkpoint=str(checkpoint), max_skew=0.02)),
+        "language": LanguageNode(context=graph.context),
+        "policy": PolicyNode(context=graph.context, parameter_overrides=overrides(
+            checkpoint=str(checkpoint), device="cpu", max_observation_age=1.0)),
+        "executor": ExecutorNode(context=graph.context, parameter_overrides=overrides(
+            gripper_mode="trajectory", joint_state_timeout=0.5, chunk_timeout=0.5)),
+    }
+    for node in nodes.values():
+        graph.add(node)
+    yield graph, world, nodes
+    graph.shutdown()
+
+
+def test_images_and_instruction_become_limit_respecting_commands(pipeline):
+    graph, world, nodes = pipeline
+    world.start()
+    world.instruct("pick up the red cube")
+    wait_for(lambda: len(world.chunks) >= 5, 30, "action chunks", graph=graph)
+    wait_for(lambda: len(world.commands) >= 20, 30, "joint trajectory commands", graph=graph)
+
+    observation = world.observations[-1]
+    assert list(observation.camera_names) == list(CAMERAS)
+    assert all((im.height, im.width, im.encoding) == (64, 64, "rgb8") for im in observation.images)
+    assert list(observation.joint_state.name) == list(FR3_ARM_JOINTS + FR3_FINGER_JOINTS)
+
+    chunk = world.chunks[-1]
+    assert chunk.instruction == "pick up the red cube"
+    assert chunk.horizon == 4 and len(chunk.actions) == 4 * 8 and np.all(np.isfinite(chunk.actions))
+    # The chunk is stamped with the newest observation it used: a reference-camera stamp.
+    stamp = chunk.header.stamp.sec + chunk.header.stamp.nanosec * 1e-9
+    assert min(abs(stamp - s) for s in world.camera_stamps) < 1e-6
+    assert 1 <= chunk.history_length <= 2
+
+    assert_within_limits(world.commands_since(0.0))
+    wait_for(lambda: all(world.diagnostic(n, levels=(b"\x00", b"\x01", b"\x02")) for n in
+                         ("camera_sync_node", "language_node", "policy_node", "executor_node")), 10,
+             "diagnostics from every node", graph=graph)
+
+
+def _assert_no_command(graph, world, seconds: float = 2.5) -> None:
+    time.sleep(seconds)
+    graph.check()
+    assert world.commands_since(0.0).size == 0
+
+
+@pytest.mark.parametrize("fault", ["encoding", "truncated", "nan_joints", "inf_joints", "missing_joints"])
+def test_bad_camera_or_joint_input_never_commands(pipeline, fault):
+    graph, world, nodes = pipeline
+    if fault == "encoding":
+        world.encoding = "yuv422_yuy2_weird"
+    elif fault == "truncated":
+        world.truncate = True
+    elif fault == "nan_joints":
+        world.joint_value = float("nan")
+    elif fault == "inf_joints":
+        world.joint_value = float("inf")
+    else:
+        world.joint_names = list(FR3_ARM_JOINTS[:5])
+    world.start()
+    world.instruct("pick up the red cube")
+    _assert_no_command(graph, world)
+    assert not world.observations
+    wait_for(lambda: world.diagnostic("camera_sync_node"), 5, "a camera_sync_node diagnostics warning", graph=graph)
+    dropped = nodes["camera_sync"].invalid
+    assert sum(dropped.values()) > 0, dropped
+
+
+def test_wrong_embedding_and_huge_instruction_never_command(pipeline):
+    graph, world, nodes = pipeline
+    world.start()
+    world.embedding_pub.publish(InstructionEmbedding(
+        header=Header(stamp=world.node.get_clock().now().to_msg()), text="pick up the red cube",
+        encoder="minilm:all-MiniLM-L6-v2", embedding=[0.1] * 10))
+    world.instruct("pick up the red cube " * 200)
+    _assert_no_command(graph, world)
+    assert not world.chunks
+    assert nodes["policy"].counters["refused_embeddings"] >= 1
+    wait_for(lambda: world.diagnostic("policy_node") and world.diagnostic("language_node"), 5,
+             "policy and language diagnostics warnings", graph=graph)
+
+
+def test_camera_stop_and_policy_death_make_the_executor_hold(pipeline):
+    graph, world, nodes = pipeline
+    world.start()
+    world.instruct("pick up the red cube")
+    wait_for(lambda: len(world.commands) >= 20, 30, "commands", graph=graph)
+
+    world.cameras_on = False
+    t_stop = time.monotonic()
+    time.sleep(2.0)
+    # Chunks stop within the policy's history; then the executor holds (no motion) within its
+    # chunk timeout plus two control ticks.
+    last_chunk_wall = t_stop + 0.6
+    held = world.commands_since(last_chunk_wall + 0.5 + 2 / 20.0)
+    assert len(held) > 5 and np.ptp(held, axis=0).max() < 1e-6
+
+    world.start()
+    wait_for(lambda: len(world.chunks) and world.commands_since(time.monotonic() - 0.2).size, 20,
+             "commanding again", graph=graph)
+    graph.remove(nodes["policy"])
+    t_kill = time.monotonic()
+    time.sleep(2.0)
+    held = world.commands_since(t_kill + 0.5 + 0.2 + 2 / 20.0)
+    assert len(held) > 5 and np.ptp(held, axis=0).max() < 1e-6
