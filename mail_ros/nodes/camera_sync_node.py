@@ -104,7 +104,7 @@ class CameraSyncNode(Node):
         except ObservationError as exc:
             self._reject(stream, "invalid", str(exc))
             return
-        self.aligner.push(stream, stamp, (payload, msg.header))
+        self.aligner.push(stream, stamp, payload)
         self._poll()
 
     def _reject(self, stream: str, reason: str, detail: str) -> None:
@@ -118,19 +118,20 @@ class CameraSyncNode(Node):
             self.published += 1
 
     def _to_msg(self, aligned: AlignedSet) -> ObservationMsg:
-        msg = ObservationMsg(header=Header(stamp=seconds_to_stamp(aligned.stamp)))
+        observation = self.builder.build(aligned)
+        msg = ObservationMsg(header=Header(stamp=seconds_to_stamp(observation.stamp)))
         msg.camera_names = list(self.spec.cameras)
         skew = aligned.skew
         for camera in self.spec.cameras:
-            rgb, header = aligned.members[camera][1]
-            fields = rgb_to_image_fields(rgb)
-            image = Image(header=Header(stamp=header.stamp, frame_id=header.frame_id), height=fields["height"],
-                          width=fields["width"], encoding=fields["encoding"], is_bigendian=0, step=fields["step"])
+            fields = rgb_to_image_fields(observation.images[camera])
+            image = Image(header=Header(stamp=seconds_to_stamp(aligned.members[camera][0]), frame_id=camera),
+                          height=fields["height"], width=fields["width"], encoding=fields["encoding"],
+                          is_bigendian=0, step=fields["step"])
             image.data = array.array("B", fields["data"])
             msg.images.append(image)
             msg.camera_skew.append(float(skew[camera]))
-        positions, header = aligned.members[JOINT_STATES][1]
-        msg.joint_state.header = header
+        positions = observation.joint_positions
+        msg.joint_state.header.stamp = seconds_to_stamp(aligned.members[JOINT_STATES][0])
         msg.joint_state.name = list(self.spec.joint_names)
         msg.joint_state.position = [float(v) for v in positions]
         # Not carried, but never empty: Fast CDR pads an empty float64[] in a way rosbags cannot
