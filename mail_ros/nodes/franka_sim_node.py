@@ -106,6 +106,8 @@ class FrankaSimNode(Node):
                 ahead = (sim_time - sim_start) / factor - (time.monotonic() - wall_start)
                 if ahead > 0:
                     time.sleep(ahead)
+        # The OpenGL context is current on this thread: release it here, not from another thread.
+        self.sim.close()
 
     def _header(self, frame_id: str = "") -> Header:
         return Header(stamp=seconds_to_stamp(self.now()), frame_id=frame_id)
@@ -184,8 +186,7 @@ class FrankaSimNode(Node):
 
     def destroy_node(self):
         self._running = False
-        self._thread.join(timeout=2.0)
-        self.sim.close()
+        self._thread.join(timeout=5.0)
         return super().destroy_node()
 
 
