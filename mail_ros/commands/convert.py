@@ -1,0 +1,163 @@
+"""``mail-ros convert``: rosbag2 demos (and robomimic/LIBERO HDF5 files) -> one robomimic-layout HDF5.
+
+Bags are aligned with the policy node's aligner at ``--rate``; see :mod:`mail_ros.data.bags` for
+the topics and the exact action rule. The output is written to a temp file and renamed at the
+end. Bad episodes are skipped with a warning; the exit status is non-zero only when nothing
+usable was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, ObservationSpec
+
+HDF5_SUFFIXES = (".hdf5", ".h5")
+log = logging.getLogger("mail_ros.convert")
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        key, sep, target = value.partition("=")
+        if not sep or not key or not target:
+            raise SystemExit(f"{flag} expects NAME=VALUE, got {value!r}")
+        out[key] = target
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert demo bags (MCAP/SQLite3) or robomimic/LIBERO HDF5 files to one HDF5 demo file",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="BAG", help="rosbag2 folders, or .hdf5 files to merge")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .hdf5 (replaced atomically)")
+    p.add_argument("--cameras", nargs="+", default=list(ObservationSpec().cameras), help="policy camera names, reference first")
+    p.add_argument("--camera-topic", action="append", default=[], metavar="NAME=TOPIC",
+                   help="topic of a camera (default /cameras/NAME/image_raw)")
+    p.add_argument("--camera-map", action="append", default=[], metavar="FILE=POLICY",
+                   help="rename cameras of HDF5 inputs, e.g. eye_in_hand=wrist")
+    p.add_argument("--rate", type=float, default=ObservationSpec().rate_hz, help="policy rate in Hz (frames and action dt)")
+    p.add_argument("--image-size", nargs=2, type=int, default=list(ObservationSpec().image_size), metavar=("H", "W"))
+    p.add_argument("--max-skew", type=float, default=0.02, help="max |member stamp - reference stamp| in s")
+    p.add_argument("--joints", nargs="+", default=list(FR3_ARM_JOINTS + FR3_FINGER_JOINTS), help="observed joints, in order")
+    p.add_argument("--actions", nargs="+", default=list(FR3_ARM_JOINTS + (GRIPPER_ACTION_NAME,)),
+                   help=f"action names: arm joints of the trajectory topic, and {GRIPPER_ACTION_NAME} for the gripper")
+    p.add_argument("--joint-states-topic", default="/joint_states")
+    p.add_argument("--arm-command-topic", default="/fr3_arm_controller/joint_trajectory")
+    p.add_argument("--gripper-command-topic", default="/fr3_gripper/joint_trajectory")
+    p.add_argument("--gripper-source", choices=("auto", "command", "measured"), default="auto",
+                   help="gripper width from the command topic, or measured (finger sum); auto: command if recorded")
+    p.add_argument("--instruction-topic", default="/mail/instruction")
+    p.add_argument("--episode-topic", default="/mail/episode", help="std_msgs/String start/stop markers (optional)")
+    p.add_argument("--default-instruction", default=None, help="instruction for episodes whose bag has none")
+    p.add_argument("--min-frames", type=int, default=1, help="skip episodes with fewer aligned frames")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mail_ros.data.bags import BagConfig, read_bag
+    from mail_ros.data.hdf5 import DataError, DemoWriter, Episode, read_hdf5
+    from mail_ros.sync.image import resize_rgb
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        observation = ObservationSpec(cameras=tuple(args.cameras), image_size=tuple(args.image_size),
+                                      joint_names=tuple(args.joints), rate_hz=args.rate)
+        config = BagConfig(
+            observation=observation,
+            camera_topics=tuple(_pairs(args.camera_topic, "--camera-topic").items()),
+            joint_states_topic=args.joint_states_topic,
+            action_names=tuple(args.actions),
+            arm_command_topic=args.arm_command_topic,
+            gripper_command_topic=args.gripper_command_topic,
+            gripper_source=args.gripper_source,
+            instruction_topic=args.instruction_topic,
+            episode_topic=args.episode_topic,
+            default_instruction=args.default_instruction,
+            max_skew=args.max_skew,
+            min_frames=args.min_frames,
+        )
+    except ValueError as exc:
+        print(f"mail-ros convert: {exc}", file=sys.stderr)
+        return 2
+    camera_map = _pairs(args.camera_map, "--camera-map")
+
+    skipped: list[str] = []
+    dropped: Counter[str] = Counter()
+    decimated = 0
+    skews: dict[str, list[float]] = {}
+    gripper_sources: Counter[str] = Counter()
+    writer = DemoWriter(args.output, observation.cameras, observation.joint_names, config.action_names, args.rate)
+    try:
+        for source in args.inputs:
+            path = Path(source)
+            if path.suffix in HDF5_SUFFIXES:
+                try:
+                    demos = read_hdf5(path, camera_map, cameras=observation.cameras)
+                    if (demos.joint_names, demos.action_names) != (observation.joint_names, config.action_names):
+                        raise DataError(f"{path}: joints {list(demos.joint_names)} / actions {list(demos.action_names)} "
+                                        f"differ from --joints / --actions")
+                    if abs(demos.rate_hz - args.rate) > 1e-9:
+                        raise DataError(f"{path}: recorded at {demos.rate_hz} Hz, --rate is {args.rate} Hz")
+                except DataError as exc:
+                    log.warning("skipping %s", exc)
+                    skipped.append(str(exc))
+                    continue
+                for ep in demos.episodes:
+                    if ep.image_size != observation.image_size:
+                        images = {c: np.stack([resize_rgb(f, observation.image_size) for f in v]) for c, v in ep.images.items()}
+                        ep = Episode(images, ep.joint_positions, ep.actions, ep.instruction, ep.timestamps, ep.source, ep.sync_stats)
+                    writer.add(ep)
+                continue
+            try:
+                readout = read_bag(path, config)
+            except DataError as exc:
+                log.warning("skipping bag %s", exc)
+                skipped.append(str(exc))
+                continue
+            skipped.extend(readout.failures)
+            gripper_sources[readout.gripper_source] += len(readout.episodes)
+            for stream, values in readout.skews.items():
+                skews.setdefault(stream, []).extend(values)
+            for ep in readout.episodes:
+                reference = ep.sync_stats["streams"][observation.cameras[0]]["dropped"]
+                decimated += reference.get("decimated", 0)
+                dropped.update({k: v for k, v in reference.items() if k != "decimated"})
+                dropped.update(ep.sync_stats["frames_dropped"])
+                writer.add(ep)
+        if writer.episodes == 0:
+            writer.abort()
+            print(f"mail-ros convert: no usable episode in {len(args.inputs)} input(s); {args.output} not written",
+                  file=sys.stderr)
+            for reason in skipped:
+                print(f"  skipped: {reason}", file=sys.stderr)
+            return 1
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+    print(f"wrote {args.output}: {writer.episodes} episodes, {writer.frames} frames at {args.rate:g} Hz, "
+          f"images {observation.image_size[0]}x{observation.image_size[1]}")
+    if gripper_sources:
+        print("gripper width from: " + ", ".join(f"{k} ({v} episodes)" for k, v in sorted(gripper_sources.items())))
+    print(f"skipped episodes/inputs: {len(skipped)}")
+    for reason in skipped:
+        print(f"  {reason}")
+    print(f"reference frames decimated to the policy rate: {decimated}")
+    print("dropped frames: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"))
+    for stream, values in skews.items():
+        if values:
+            p50, p99 = np.percentile(np.abs(values) * 1e3, [50, 99])
+            print(f"skew {stream}: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(values)} frames)")
+    return 0

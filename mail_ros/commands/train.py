@@ -1,0 +1,87 @@
+"""``mail-ros train``: train a MaIL policy on demo files; checkpoints in OUT/best and OUT/last.
+
+The YAML config names a preset and overrides (see config/train_*.yaml and
+:func:`mail_ros.train.trainer.load_run_config`). ``--resume DIR`` continues the run in DIR with
+its saved config, data files, step counter and optimizer state (``--out`` defaults to DIR;
+``--steps`` may extend it). Ctrl-C saves last/ and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a policy on HDF5 demos", description=__doc__,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data", nargs="*", metavar="DATA", help="demo .hdf5 files (mail-ros convert, robomimic, LIBERO)")
+    p.add_argument("--config", type=Path, help="training YAML (required unless --resume)")
+    p.add_argument("--out", type=Path, help="run folder (required unless --resume)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the config's, else auto)")
+    p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
+    p.add_argument("--steps", type=int, default=None, help="overrides the step budget (train.steps)")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override, e.g. train.batch_size=64 or policy.head.kind=bc (value parsed as JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mail_ros.data.hdf5 import DataError
+    from mail_ros.policy.presets import parse_override
+    from mail_ros.train.trainer import TRAINER_JSON, RunConfig, Trainer, TrainError, build_datasets, load_demos, load_run_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = dict(parse_override(text) for text in args.set)
+        if args.seed is not None:
+            overrides["train.seed"] = args.seed
+        if args.device is not None:
+            overrides["train.device"] = args.device
+        if args.steps is not None:
+            overrides["train.steps"] = args.steps
+            overrides["train.epochs"] = None
+        if args.resume is not None:
+            info_path = args.resume / "last" / TRAINER_JSON
+            if not info_path.is_file():
+                raise TrainError(f"--resume {args.resume}: {info_path} not found")
+            info = json.loads(info_path.read_text())
+            saved = info["run"]
+            for key, value in overrides.items():
+                group, _, name = key.partition(".")
+                if group != "train" or name not in saved["train"]:
+                    raise TrainError(f"--resume accepts train.* overrides only, got {key!r}")
+                saved["train"][name] = value
+            run_config = RunConfig.from_dict(saved)
+            data_files = args.data or info["data_files"]
+            out = args.out or args.resume
+        else:
+            if args.config is None or args.out is None or not args.data:
+                raise TrainError("give --config CONFIG.yaml, --out DIR and at least one DATA file (or --resume DIR)")
+            run_config = load_run_config(args.config, overrides)
+            data_files, out = args.data, args.out
+        episodes = load_demos(data_files, run_config.policy, run_config.data.camera_map)
+        datasets = build_datasets(episodes, run_config)
+        trainer = Trainer(run_config, datasets, out, data_files=data_files, progress=not args.no_progress)
+        if args.resume is not None:
+            trainer.load_state(args.resume)
+    except (TrainError, DataError, ValueError) as exc:
+        print(f"mail-ros train: {exc}", file=sys.stderr)
+        return 2
+    summary = trainer.fit()
+    lines = [
+        f"{'interrupted' if summary.interrupted else 'finished'} at step {summary.step} (epoch {summary.epoch}) "
+        f"in {summary.seconds:.1f} s, {summary.samples_per_second:.1f} samples/s",
+        f"train loss {summary.last_train_loss}, val loss {summary.last_val_loss} (best {summary.best_val_loss})",
+        f"windows: {summary.train_samples} train, {summary.val_samples} val",
+        f"checkpoints: {Path(summary.out) / 'best'} (lowest val loss), {Path(summary.out) / 'last'}",
+    ]
+    if summary.mean_predictor_val_loss is not None:
+        lines.insert(2, f"val loss of predicting the mean action: {summary.mean_predictor_val_loss:.4f}")
+    print("\n".join(lines))
+    return 130 if summary.interrupted else 0

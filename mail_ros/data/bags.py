@@ -1,0 +1,448 @@
+"""Demonstrations from rosbag2 recordings (MCAP or SQLite3), aligned exactly as the policy node aligns.
+
+What a demo bag holds (topics are configurable, see :class:`BagConfig`):
+
+- cameras: ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage``, one topic per camera;
+- ``/joint_states`` (``sensor_msgs/JointState``): joints selected and ordered by name;
+- ``/fr3_arm_controller/joint_trajectory`` (``trajectory_msgs/JointTrajectory``): arm commands;
+- gripper width: ``/fr3_gripper/joint_trajectory`` (``JointTrajectory`` over the single joint
+  ``fr3_gripper_width``, metres) when the bag has it, else the MEASURED width: the sum of the two
+  finger joints of ``/joint_states`` (each finger moves half the opening), see :class:`BagConfig`;
+- ``/mail/instruction`` (``std_msgs/String``): the task instruction;
+- ``/mail/episode`` (``std_msgs/String``, optional): "start"/"stop" markers. Without markers one
+  bag is one episode; with them, each start..stop span (by receive time) is one episode (a start
+  while an episode is open ends it and opens the next; an open episode ends with the bag).
+
+Observations. Camera and joint-state messages of an episode are fed to the same
+:class:`~mail_ros.sync.alignment.StreamAligner` the policy node runs, at the policy rate
+(``period = 1 / rate_hz``), keyed by HEADER stamps, polled with the bag RECEIVE time as ``now``,
+and prepared by the same :class:`~mail_ros.sync.observation.ObservationBuilder` (decode, resize,
+joint selection). A training frame is therefore exactly an observation the node would publish.
+
+Actions (the rule offline evaluation compares against). For an aligned frame with reference
+stamp ``t`` and ``dt = 1 / rate_hz``, the action is the commanded target for time ``t + dt``:
+
+1. take the latest command message RECEIVED (bag time) at or before ``t``; frames before the
+   first command are dropped (reason ``"no_command"``);
+2. its trajectory starts at its header stamp, or at its receive time if the stamp is zero
+   (what JointTrajectoryController does with a zero stamp);
+3. with point ``k`` at ``start + time_from_start[k]``, the target at ``t + dt`` is the linear
+   interpolation between the two points around it; before the first point it is the first
+   point, after the last point it is the last point (the controller holds it).
+
+The arm and the commanded gripper width follow this rule on their own topics. The measured
+gripper width (no gripper command topic) is the finger-width sum at ``t + dt``, linearly
+interpolated between the joint states of the episode around it; frames whose ``t + dt`` is past
+the episode's last joint state are dropped (reason ``"no_future_state"``).
+
+The instruction of an episode is the last one received at or before its first frame; if none,
+the first received during the episode; if none at all, ``BagConfig.default_instruction``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rosbags.highlevel import AnyReader, AnyReaderError
+
+from mail_ros.data.hdf5 import DataError, Episode
+from mail_ros.data.ros_types import typestore
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, ObservationSpec
+from mail_ros.sync.alignment import AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
+
+__all__ = ["BagConfig", "BagReadout", "Trajectory", "read_bag", "command_target", "GRIPPER_SOURCES"]
+
+log = logging.getLogger(__name__)
+
+IMAGE = "sensor_msgs/msg/Image"
+COMPRESSED = "sensor_msgs/msg/CompressedImage"
+JOINT_STATE = "sensor_msgs/msg/JointState"
+TRAJECTORY = "trajectory_msgs/msg/JointTrajectory"
+STRING = "std_msgs/msg/String"
+GRIPPER_SOURCES = ("auto", "command", "measured")
+
+
+@dataclass(frozen=True)
+class BagConfig:
+    """Which topics make a demo, and how to align them (defaults: the FR3 set-up of FRANKA_ROS2.md)."""
+
+    observation: ObservationSpec = field(default_factory=ObservationSpec)
+    # camera name -> topic; cameras not listed use /cameras/<name>/image_raw, or its
+    # image_transport sub-topic .../image_raw/compressed when the bag has only that
+    camera_topics: tuple[tuple[str, str], ...] = ()
+    joint_states_topic: str = "/joint_states"
+    action_names: tuple[str, ...] = FR3_ARM_JOINTS + (GRIPPER_ACTION_NAME,)
+    arm_command_topic: str = "/fr3_arm_controller/joint_trajectory"
+    gripper_action: str = GRIPPER_ACTION_NAME  # the action name that is the gripper width
+    gripper_command_topic: str = "/fr3_gripper/joint_trajectory"
+    # "auto": the command topic when the bag has it, else measured; or force one of them
+    gripper_source: str = "auto"
+    finger_joints: tuple[str, ...] = FR3_FINGER_JOINTS
+    instruction_topic: str = "/mail/instruction"
+    episode_topic: str = "/mail/episode"
+    default_instruction: str | None = None
+    max_skew: float = 0.02
+    latency_allowance: float = 0.05
+    buffer_seconds: float = 2.0
+    min_frames: int = 1  # episodes with fewer aligned frames are reported bad
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "camera_topics", tuple(tuple(p) for p in dict(self.camera_topics).items()))
+        object.__setattr__(self, "action_names", tuple(self.action_names))
+        unknown = sorted(set(dict(self.camera_topics)) - set(self.observation.cameras))
+        if unknown:
+            raise ValueError(f"camera_topics names {unknown} are not cameras of the spec {list(self.observation.cameras)}")
+        if self.gripper_source not in GRIPPER_SOURCES:
+            raise ValueError(f"gripper_source must be one of {list(GRIPPER_SOURCES)}, got {self.gripper_source!r}")
+        if not self.arm_joints:
+            raise ValueError(f"action_names {list(self.action_names)} hold no arm joint")
+        if not (math.isfinite(self.max_skew) and self.max_skew > 0):
+            raise ValueError(f"max_skew must be positive seconds, got {self.max_skew}")
+        if self.min_frames < 1:
+            raise ValueError(f"min_frames must be >= 1, got {self.min_frames}")
+
+    @property
+    def arm_joints(self) -> tuple[str, ...]:
+        return tuple(n for n in self.action_names if n != self.gripper_action)
+
+    @property
+    def has_gripper(self) -> bool:
+        return self.gripper_action in self.action_names
+
+    def camera_topic(self, camera: str) -> str:
+        return dict(self.camera_topics).get(camera, f"/cameras/{camera}/image_raw")
+
+    @property
+    def dt(self) -> float:
+        return self.observation.period
+
+
+@dataclass
+class Trajectory:
+    """The commands of one JointTrajectory topic, for :func:`command_target`."""
+
+    topic: str
+    receive: list[float] = field(default_factory=list)  # bag receive time of each message
+    start: list[float] = field(default_factory=list)  # trajectory start (header stamp, or receive)
+    offsets: list[np.ndarray] = field(default_factory=list)  # (P,) time_from_start, increasing
+    positions: list[np.ndarray] = field(default_factory=list)  # (P, D) in the order of `joints`
+    joints: tuple[str, ...] = ()
+
+    def add(self, msg: Any, receive: float, where: str) -> None:
+        names = list(msg.joint_names)
+        missing = [j for j in self.joints if j not in names]
+        if missing:
+            raise DataError(f"{where}: trajectory lacks joints {missing} (has {names})")
+        if not msg.points:
+            raise DataError(f"{where}: trajectory has no points")
+        cols = [names.index(j) for j in self.joints]
+        offsets = np.array([stamp_to_seconds(p.time_from_start.sec, p.time_from_start.nanosec) for p in msg.points])
+        if np.any(np.diff(offsets) <= 0):
+            raise DataError(f"{where}: time_from_start must increase, got {offsets.tolist()}")
+        if any(len(p.positions) != len(names) for p in msg.points):
+            raise DataError(f"{where}: every point needs {len(names)} positions (one per joint name)")
+        positions = np.stack([np.asarray(p.positions, dtype=np.float64) for p in msg.points])[:, cols]
+        if not np.all(np.isfinite(positions)):
+            point, col = np.argwhere(~np.isfinite(positions))[0]
+            raise DataError(f"{where}: non-finite position of {self.joints[col]} in point {point}")
+        stamp = stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        self.receive.append(receive)
+        self.start.append(stamp if stamp != 0.0 else receive)
+        self.offsets.append(offsets)
+        self.positions.append(positions)
+
+
+def command_target(traj: Trajectory, t: float, dt: float) -> tuple[np.ndarray | None, int]:
+    """Target in effect at ``t + dt`` from the latest command received at or before ``t``.
+
+    Returns (positions (D,), message index), or (None, -1) when no command was received yet.
+    See the module docstring for the rule.
+    """
+    m = int(np.searchsorted(traj.receive, t, side="right")) - 1
+    if m < 0:
+        return None, -1
+    rel = t + dt - traj.start[m]
+    offsets, positions = traj.offsets[m], traj.positions[m]
+    # np.interp holds the end values outside [first, last] point: the controller's behaviour.
+    return np.array([np.interp(rel, offsets, positions[:, d]) for d in range(positions.shape[1])]), m
+
+
+@dataclass
+class BagReadout:
+    """Episodes read from one bag, and the episodes that had to be skipped (one message each)."""
+
+    path: Path
+    episodes: list[Episode]
+    failures: list[str]
+    gripper_source: str  # "command", "measured" or "none"
+    skews: dict[str, list[float]]  # stream -> member minus reference stamp (s), all kept episodes
+
+
+@dataclass
+class _EpisodeState:
+    aligner: StreamAligner
+    sets: list = field(default_factory=list)
+    failure: str | None = None
+    native_size: dict[str, tuple[int, int]] = field(default_factory=dict)
+    finger_stamps: list[float] = field(default_factory=list)
+    finger_widths: list[float] = field(default_factory=list)
+
+
+def _seconds(stamp: Any) -> float:
+    return stamp_to_seconds(stamp.sec, stamp.nanosec)
+
+
+def _check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[str, str]:
+    """Topic -> stream name of the observation topics; raise on missing topics or wrong types."""
+    wanted = {}
+    for camera in config.observation.cameras:
+        topic = config.camera_topic(camera)
+        # image_transport's compressed topic, when only that was recorded
+        if topic not in topics and f"{topic}/compressed" in topics:
+            topic = f"{topic}/compressed"
+        wanted[topic] = camera
+    wanted[config.joint_states_topic] = JOINT_STATES
+    required = list(wanted) + [config.arm_command_topic]
+    if config.has_gripper and config.gripper_source == "command":
+        required.append(config.gripper_command_topic)
+    missing = [t for t in required if t not in topics]
+    if missing:
+        raise DataError(f"{path}: missing topics {missing}; the bag has {sorted(topics)}")
+    # Observation topics last: they win if a topic is (mis)configured for two roles.
+    expected = {config.instruction_topic: (STRING,), config.episode_topic: (STRING,)}
+    expected[config.gripper_command_topic] = (TRAJECTORY,)
+    expected[config.arm_command_topic] = (TRAJECTORY,)
+    expected.update({t: (IMAGE, COMPRESSED) for t, s in wanted.items() if s != JOINT_STATES})
+    expected[config.joint_states_topic] = (JOINT_STATE,)
+    for topic, types in expected.items():
+        if topic in topics and topics[topic] not in types:
+            raise DataError(f"{path}: topic {topic} has message type {topics[topic]}, expected {' or '.join(types)}")
+    return wanted
+
+
+def _episode_spans(markers: list[tuple[float, str]], path: Path, topic: str) -> list[tuple[float, float]]:
+    spans, open_at = [], None
+    for t, word in markers:
+        word = word.strip().lower()
+        if word == "start":
+            if open_at is not None:
+                spans.append((open_at, t))
+            open_at = t
+        elif word == "stop":
+            if open_at is not None:
+                spans.append((open_at, t))
+            open_at = None
+        else:
+            raise DataError(f"{path}: {topic} at t={t:.3f} s says {word!r}; expected 'start' or 'stop'")
+    if open_at is not None:
+        spans.append((open_at, math.inf))
+    return spans
+
+
+def read_bag(path: str | Path, config: BagConfig = BagConfig()) -> BagReadout:
+    """Read the episodes of one demo bag (a rosbag2 folder, or a single .mcap/.db3 file's folder).
+
+    Raises :class:`DataError` when the bag as a whole is unusable (unreadable, missing topics,
+    wrong message types, a malformed or non-finite command); a bad episode is reported in ``failures`` instead, naming the topic and
+    time, and reading goes on with the next.
+    """
+    path = Path(path)
+    try:
+        reader = AnyReader([path], default_typestore=typestore())
+        reader.open()
+    except (AnyReaderError, FileNotFoundError, OSError) as exc:
+        raise DataError(f"{path}: cannot read as a rosbag2: {exc}") from exc
+    try:
+        return _read(reader, path, config)
+    finally:
+        reader.close()
+
+
+def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
+    topics = {c.topic: c.msgtype for c in reader.connections}
+    streams = _check_topics(path, topics, config)
+    gripper = "none"
+    if config.has_gripper:
+        use_command = config.gripper_source == "command" or (
+            config.gripper_source == "auto" and config.gripper_command_topic in topics
+        )
+        gripper = "command" if use_command else "measured"
+    arm = Trajectory(config.arm_command_topic, joints=config.arm_joints)
+    grip = Trajectory(config.gripper_command_topic, joints=(config.gripper_action,))
+
+    # Pass 1: the small topics (commands, instruction, episode markers).
+    small = [config.arm_command_topic, config.instruction_topic, config.episode_topic]
+    if gripper == "command":
+        small.append(config.gripper_command_topic)
+    instructions: list[tuple[float, str]] = []
+    markers: list[tuple[float, str]] = []
+    for conn, ns, msg in _messages(reader, path, small):
+        t = ns * 1e-9
+        where = f"{path}: {conn.topic} at t={t:.3f} s"
+        if conn.topic == config.arm_command_topic:
+            arm.add(msg, t, where)
+        elif conn.topic == config.gripper_command_topic:
+            grip.add(msg, t, where)
+        elif conn.topic == config.instruction_topic:
+            instructions.append((t, msg.data))
+        else:
+            markers.append((t, msg.data))
+    if not arm.receive:
+        raise DataError(f"{path}: no messages on {config.arm_command_topic}")
+    if markers:
+        spans = _episode_spans(markers, path, config.episode_topic)
+    else:
+        spans = [(-math.inf, math.inf)]
+
+    # Pass 2: observations, in receive order through one aligner per episode.
+    builder = ObservationBuilder(config.observation)
+    aligner_config = AlignerConfig(
+        streams=builder.streams,
+        max_skew=config.max_skew,
+        period=config.observation.period,
+        latency_allowance=config.latency_allowance,
+        buffer_seconds=config.buffer_seconds,
+    )
+    states = [_EpisodeState(StreamAligner(aligner_config)) for _ in spans]
+    ends = [stop for _, stop in spans]
+    for conn, ns, msg in _messages(reader, path, list(streams)):
+        t = ns * 1e-9
+        e = _span_of(spans, t)
+        if e is None or states[e].failure is not None:
+            continue
+        state, stream = states[e], streams[conn.topic]
+        stamp = _seconds(msg.header.stamp)
+        where = f"{path}: {conn.topic} at t={t:.3f} s (stamp {stamp:.3f})"
+        try:
+            if stream == JOINT_STATES and gripper == "measured":
+                state.finger_stamps.append(stamp)
+                state.finger_widths.append(float(np.sum(select_joints(list(msg.name), list(msg.position), config.finger_joints))))
+            if conn.msgtype == IMAGE:
+                size = (int(msg.height), int(msg.width))
+                first = state.native_size.setdefault(stream, size)
+                if size != first:
+                    raise DataError(f"mismatched image size {size} (H, W); this camera's earlier frames are {first}")
+            payload = builder.prepare(stream, msg)
+        except (ObservationError, DataError) as exc:
+            state.failure = f"{where}: {exc}"
+            continue
+        state.aligner.push(stream, stamp, payload)
+        state.sets.extend(state.aligner.poll(t))
+    for state in states:
+        state.sets.extend(state.aligner.flush())
+
+    episodes, failures = [], []
+    skews: dict[str, list[float]] = {stream: [] for stream in builder.streams[1:]}
+    for i, (state, end) in enumerate(zip(states, ends)):
+        label = f"{path} episode {i}" if len(states) > 1 else str(path)
+        if state.failure is not None:
+            failures.append(state.failure)
+            continue
+        try:
+            episodes.append(_finish(state, label, config, arm, grip, gripper, instructions, end))
+        except DataError as exc:
+            failures.append(str(exc))
+            continue
+        for stream in skews:
+            skews[stream].extend(state.aligner.stats[stream].skews)
+    for failure in failures:
+        log.warning("skipping episode: %s", failure)
+    return BagReadout(path, episodes, failures, gripper, skews)
+
+
+def _messages(reader: AnyReader, path: Path, topics: Iterable[str]):
+    wanted = set(topics)
+    connections = [c for c in reader.connections if c.topic in wanted]
+    if not connections:
+        return
+    for conn, ns, raw in reader.messages(connections=connections):
+        try:
+            msg = reader.deserialize(raw, conn.msgtype)
+        except (AnyReaderError, KeyError) as exc:
+            raise DataError(f"{path}: {conn.topic} at t={ns * 1e-9:.3f} s: cannot decode {conn.msgtype}: {exc}") from exc
+        yield conn, ns, msg
+
+
+def _span_of(spans: list[tuple[float, float]], t: float) -> int | None:
+    for i, (start, stop) in enumerate(spans):
+        if start <= t <= stop:
+            return i
+    return None
+
+
+def _finish(
+    state: _EpisodeState,
+    label: str,
+    config: BagConfig,
+    arm: Trajectory,
+    grip: Trajectory,
+    gripper: str,
+    instructions: list[tuple[float, str]],
+    end: float,
+) -> Episode:
+    builder = ObservationBuilder(config.observation)
+    dt = config.dt
+    dropped: Counter[str] = Counter()
+    frames, actions = [], []
+    finger_t = np.asarray(state.finger_stamps)
+    finger_w = np.asarray(state.finger_widths)
+    # parts are [arm joints..., gripper]; the gripper may sit anywhere in action_names
+    produced = config.arm_joints + ((config.gripper_action,) if config.has_gripper else ())
+    order = [produced.index(n) for n in config.action_names]
+    for aligned in state.sets:
+        t = aligned.stamp
+        target, _ = command_target(arm, t, dt)
+        if target is None:
+            dropped["no_command"] += 1
+            continue
+        parts = [target]
+        if gripper == "command":
+            width, _ = command_target(grip, t, dt)
+            if width is None:
+                dropped["no_command"] += 1
+                continue
+            parts.append(width)
+        elif gripper == "measured":
+            if len(finger_t) == 0 or not finger_t[0] <= t + dt <= finger_t[-1]:
+                dropped["no_future_state"] += 1
+                continue
+            parts.append(np.array([np.interp(t + dt, finger_t, finger_w)]))
+        actions.append(np.concatenate(parts)[order])
+        frames.append(builder.build(aligned))
+    stats = state.aligner.stats.to_dict()
+    stats["frames_dropped"] = dict(dropped)
+    stats["gripper_source"] = gripper
+    if len(frames) < config.min_frames:
+        raise DataError(
+            f"{label}: {len(frames)} aligned frames with actions, need at least {config.min_frames} "
+            f"(aligner dropped: {stats['streams'][config.observation.cameras[0]]['dropped']}, "
+            f"after alignment: {dict(dropped)})"
+        )
+    first = frames[0].stamp
+    before = [text for t, text in instructions if t <= first]
+    during = [text for t, text in instructions if first < t <= end]
+    if before:
+        instruction = before[-1]
+    elif during:
+        instruction = during[0]
+    elif config.default_instruction is not None:
+        instruction = config.default_instruction
+    else:
+        raise DataError(f"{label}: no instruction on {config.instruction_topic} and no default instruction given")
+    return Episode(
+        images={c: np.stack([f.images[c] for f in frames]) for c in config.observation.cameras},
+        joint_positions=np.stack([f.joint_positions for f in frames]),
+        actions=np.asarray(actions),
+        instruction=instruction,
+        timestamps=np.array([f.stamp for f in frames]),
+        source=label,
+        sync_stats=stats,
+    )

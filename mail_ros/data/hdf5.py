@@ -1,0 +1,293 @@
+"""Demonstrations in memory (:class:`Episode`, :class:`DemoSet`) and on disk (robomimic/LIBERO HDF5).
+
+File layout (robomimic; LIBERO files use the same tree)::
+
+    data/                       attrs: mail_ros_format, rate_hz, cameras, joint_names,
+                                       action_names, action_space (JSON lists as strings), total
+    data/demo_<i>/              attrs: num_samples, instruction, source, episode, sync_stats (JSON)
+        obs/<camera>_rgb        (N, H, W, 3) uint8
+        obs/joint_states        (N, J) float32
+        actions                 (N, action_dim) float32, robot units
+        timestamps              (N,) float64, the aligned set stamp of each frame (seconds)
+
+LIBERO files carry no ``mail_ros_format``: the instruction comes from ``data.attrs["problem_info"]``
+(JSON, ``language_instruction``), camera names from the ``obs/*_rgb`` keys (``agentview``,
+``eye_in_hand``), and rates/names take defaults (20 Hz, ``joint_<j>``, ``action_<k>``). Camera
+names are mapped to the policy's names with ``camera_map`` (file name -> policy name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "write_hdf5", "read_hdf5", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+LIBERO_RATE_HZ = 20.0  # LIBERO's OSC controller runs at 20 Hz
+_DEMO_KEY = re.compile(r"^demo_(\d+)$")
+
+
+class DataError(ValueError):
+    """Demonstration data is missing, malformed or inconsistent; the message names file/topic/time."""
+
+
+@dataclass
+class Episode:
+    """One demonstration: N aligned frames, the actions taken at them, and the instruction."""
+
+    images: dict[str, np.ndarray]  # camera -> (N, H, W, 3) uint8
+    joint_positions: np.ndarray  # (N, J) float32
+    actions: np.ndarray  # (N, action_dim) float32, robot units
+    instruction: str
+    timestamps: np.ndarray  # (N,) float64 seconds
+    source: str = ""
+    sync_stats: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.joint_positions = np.asarray(self.joint_positions, dtype=np.float32)
+        self.actions = np.asarray(self.actions, dtype=np.float32)
+        self.timestamps = np.asarray(self.timestamps, dtype=np.float64)
+        n = len(self.actions)
+        where = self.source or "episode"
+        if not self.images:
+            raise DataError(f"{where}: no camera images")
+        for cam, img in self.images.items():
+            if img.dtype != np.uint8 or img.ndim != 4 or img.shape[-1] != 3:
+                raise DataError(f"{where}: camera {cam!r} images must be (N, H, W, 3) uint8, got {img.dtype} {img.shape}")
+            if len(img) != n:
+                raise DataError(f"{where}: camera {cam!r} has {len(img)} frames but there are {n} actions")
+        if self.actions.ndim != 2 or self.joint_positions.ndim != 2:
+            raise DataError(f"{where}: actions and joint_states must be 2-D, got {self.actions.shape} and {self.joint_positions.shape}")
+        if len(self.joint_positions) != n or len(self.timestamps) != n:
+            raise DataError(
+                f"{where}: {n} actions but {len(self.joint_positions)} joint states and {len(self.timestamps)} timestamps"
+            )
+        for name, values in (("actions", self.actions), ("joint_states", self.joint_positions)):
+            bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+            if len(bad):
+                raise DataError(
+                    f"{where}: non-finite {name} at frame {bad[0]} (t={self.timestamps[bad[0]]:.3f} s), {len(bad)} frames in all"
+                )
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        first = next(iter(self.images.values()))
+        return int(first.shape[1]), int(first.shape[2])
+
+
+@dataclass
+class DemoSet:
+    """Episodes sharing one camera list, joint and action naming, and rate."""
+
+    episodes: list[Episode]
+    cameras: tuple[str, ...]
+    joint_names: tuple[str, ...]
+    action_names: tuple[str, ...]
+    rate_hz: float
+    action_space: str = "joint_position"
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.cameras = tuple(self.cameras)
+        self.joint_names = tuple(self.joint_names)
+        self.action_names = tuple(self.action_names)
+        for ep in self.episodes:
+            where = ep.source or self.source
+            if set(ep.images) != set(self.cameras):
+                raise DataError(f"{where}: cameras {sorted(ep.images)} differ from the set's {list(self.cameras)}")
+            if ep.joint_positions.shape[1] != len(self.joint_names):
+                raise DataError(f"{where}: {ep.joint_positions.shape[1]} joint values, expected {len(self.joint_names)} ({list(self.joint_names)})")
+            if ep.actions.shape[1] != len(self.action_names):
+                raise DataError(f"{where}: {ep.actions.shape[1]} action values, expected {len(self.action_names)} ({list(self.action_names)})")
+        sizes = {(ep.source, cam): img.shape[1:3] for ep in self.episodes for cam, img in ep.images.items()}
+        if len(set(sizes.values())) > 1:
+            first = next(iter(sizes.items()))
+            odd = next(item for item in sizes.items() if item[1] != first[1])
+            raise DataError(
+                f"mismatched image sizes: {odd[0][0]} camera {odd[0][1]!r} is {tuple(odd[1])}, "
+                f"but {first[0][0]} camera {first[0][1]!r} is {tuple(first[1])}; convert with one --image-size"
+            )
+
+    @property
+    def num_frames(self) -> int:
+        return sum(len(ep) for ep in self.episodes)
+
+
+class DemoWriter:
+    """Writes episodes one at a time into a temp file next to ``path``; renamed into place on close.
+
+    Use as a context manager: on an exception (or Ctrl-C) the temp file is deleted and an
+    existing file at ``path`` is left untouched, so there is never a half-written demo file.
+    """
+
+    def __init__(self, path: str | Path, cameras: Sequence[str], joint_names: Sequence[str],
+                 action_names: Sequence[str], rate_hz: float, action_space: str = "joint_position") -> None:
+        self.path = Path(path)
+        self.cameras = tuple(cameras)
+        self.joint_names = tuple(joint_names)
+        self.action_names = tuple(action_names)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.file = h5py.File(self.tmp, "w")
+        self.data = self.file.create_group("data")
+        self.data.attrs["mail_ros_format"] = FORMAT_VERSION
+        self.data.attrs["rate_hz"] = float(rate_hz)
+        self.data.attrs["cameras"] = json.dumps(list(self.cameras))
+        self.data.attrs["joint_names"] = json.dumps(list(self.joint_names))
+        self.data.attrs["action_names"] = json.dumps(list(self.action_names))
+        self.data.attrs["action_space"] = action_space
+        self.episodes = 0
+        self.frames = 0
+        self.image_size: tuple[int, int] | None = None
+
+    def add(self, ep: Episode) -> None:
+        """Append one episode as ``data/demo_<i>``; checks it against the file's names and image size."""
+        DemoSet([ep], self.cameras, self.joint_names, self.action_names, 1.0)
+        if self.image_size is None:
+            self.image_size = ep.image_size
+        elif ep.image_size != self.image_size:
+            raise DataError(f"{ep.source}: images are {ep.image_size}, earlier episodes in {self.path} are {self.image_size}")
+        g = self.data.create_group(f"demo_{self.episodes}")
+        g.attrs["num_samples"] = len(ep)
+        g.attrs["instruction"] = ep.instruction
+        g.attrs["source"] = ep.source
+        g.attrs["sync_stats"] = json.dumps(ep.sync_stats)
+        obs = g.create_group("obs")
+        for cam in self.cameras:
+            img = ep.images[cam]
+            # One image per chunk: windows read a few frames at a time.
+            obs.create_dataset(f"{cam}_rgb", data=img, chunks=(1, *img.shape[1:]))
+        obs.create_dataset("joint_states", data=ep.joint_positions)
+        g.create_dataset("actions", data=ep.actions)
+        g.create_dataset("timestamps", data=ep.timestamps)
+        self.episodes += 1
+        self.frames += len(ep)
+
+    def close(self) -> None:
+        """Finish the file and move it to ``path``."""
+        self.data.attrs["total"] = self.frames
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temp file; ``path`` keeps whatever it held before."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DemoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_hdf5(path: str | Path, demos: DemoSet) -> None:
+    """Write ``demos`` to ``path`` atomically (a temp file in the same folder, renamed at the end)."""
+    with DemoWriter(path, demos.cameras, demos.joint_names, demos.action_names, demos.rate_hz, demos.action_space) as writer:
+        for ep in demos.episodes:
+            writer.add(ep)
+
+
+def _json_attr(attrs: h5py.AttributeManager, key: str, default: Any) -> Any:
+    if key not in attrs:
+        return default
+    value = attrs[key]
+    return json.loads(value.decode() if isinstance(value, bytes) else value)
+
+
+def _str_attr(attrs: h5py.AttributeManager, key: str, default: str = "") -> str:
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
+              cameras: Sequence[str] | None = None) -> DemoSet:
+    """Load a mail_ros, robomimic or LIBERO demo file into memory.
+
+    ``camera_map`` renames file cameras (``obs/<name>_rgb``) to policy camera names; ``cameras``
+    (policy names) selects which to load, all by default. Raises :class:`DataError` naming the
+    file and key on anything missing or malformed.
+    """
+    path = Path(path)
+    camera_map = dict(camera_map or {})
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as exc:
+        raise DataError(f"{path}: cannot open as HDF5: {exc}") from exc
+    with f:
+        if "data" not in f:
+            raise DataError(f"{path}: no 'data' group; not a robomimic/LIBERO demo file")
+        data = f["data"]
+        demo_keys = sorted((k for k in data if _DEMO_KEY.match(k)), key=lambda k: int(_DEMO_KEY.match(k)[1]))
+        if not demo_keys:
+            raise DataError(f"{path}: 'data' holds no demo_<i> groups")
+        first_obs = data[demo_keys[0]].get("obs")
+        if first_obs is None:
+            raise DataError(f"{path}: data/{demo_keys[0]} has no 'obs' group")
+        file_cameras = _json_attr(data.attrs, "cameras", None) or sorted(
+            k[: -len("_rgb")] for k in first_obs if k.endswith("_rgb")
+        )
+        unknown_map = sorted(set(camera_map) - set(file_cameras))
+        if unknown_map:
+            raise DataError(f"{path}: camera_map names {unknown_map} not in the file's cameras {file_cameras}")
+        renamed = {camera_map.get(c, c): c for c in file_cameras}
+        wanted = list(cameras) if cameras is not None else list(renamed)
+        missing = [c for c in wanted if c not in renamed]
+        if missing:
+            raise DataError(
+                f"{path}: cameras {missing} not found; the file has {file_cameras} "
+                f"(as policy names: {list(renamed)}); map names with camera_map / --camera-map FILE=POLICY"
+            )
+        problem = _json_attr(data.attrs, "problem_info", {})
+        default_instruction = problem.get("language_instruction", "") if isinstance(problem, dict) else ""
+        rate = float(data.attrs.get("rate_hz", LIBERO_RATE_HZ))
+        episodes = []
+        for key in demo_keys:
+            g = data[key]
+            where = f"{path}:data/{key}"
+            for needed in ["actions", "obs/joint_states"] + [f"obs/{renamed[c]}_rgb" for c in wanted]:
+                if needed not in g:
+                    raise DataError(f"{where}: missing dataset {needed!r}")
+            actions = g["actions"][()]
+            stamps = g["timestamps"][()] if "timestamps" in g else np.arange(len(actions)) / rate
+            episodes.append(
+                Episode(
+                    images={c: g[f"obs/{renamed[c]}_rgb"][()] for c in wanted},
+                    joint_positions=g["obs/joint_states"][()],
+                    actions=actions,
+                    instruction=_str_attr(g.attrs, "instruction", default_instruction),
+                    timestamps=stamps,
+                    source=_str_attr(g.attrs, "source", where) or where,
+                    sync_stats=_json_attr(g.attrs, "sync_stats", {}),
+                )
+            )
+        j = episodes[0].joint_positions.shape[1]
+        a = episodes[0].actions.shape[1]
+        return DemoSet(
+            episodes=episodes,
+            cameras=tuple(wanted),
+            joint_names=tuple(_json_attr(data.attrs, "joint_names", None) or [f"joint_{i}" for i in range(j)]),
+            action_names=tuple(_json_attr(data.attrs, "action_names", None) or [f"action_{i}" for i in range(a)]),
+            rate_hz=rate,
+            # robomimic/LIBERO files do not say; LIBERO's are OSC end-effector deltas.
+            action_space=_str_attr(data.attrs, "action_space", "unknown"),
+            source=str(path),
+        )

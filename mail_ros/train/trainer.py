@@ -1,0 +1,597 @@
+"""Training loop: demos -> MaILPolicy checkpoints (best/ and last/), resumable, no pickle.
+
+A run folder holds::
+
+    best/             policy checkpoint with the lowest validation loss (save_checkpoint)
+    last/             latest policy checkpoint, plus what resuming needs:
+      trainer_state.safetensors   raw (non-EMA) weights and the Adam state (tensors)
+      trainer.json                step, epoch, seeds, best loss, all configs, data files
+    log.csv           one row per logged step
+    tensorboard/      the same scalars for TensorBoard
+
+With EMA (the DDPM default, as the reference) the checkpoints hold the EMA weights and
+validation runs on them; the raw weights live only in ``trainer_state.safetensors``.
+
+Determinism: batch order comes from ``default_rng([seed, epoch])`` permutations, augmentation
+from ``default_rng([seed, epoch, sample])``, and torch's RNG (DDPM noise and steps, dropout) is
+reseeded from (seed, step) before every step. A resumed run therefore continues exactly the
+run that was interrupted (on CPU; CUDA kernels may differ in the last bits).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Sampler
+
+from mail_ros.data.dataset import DemoWindows, EmbeddingCache, compute_stats, split_episodes
+from mail_ros.data.hdf5 import DataError, DemoSet, Episode, read_hdf5
+from mail_ros.policy.checkpoint import load_checkpoint, save_checkpoint
+from mail_ros.policy.config import PolicyConfig
+from mail_ros.policy.mail_policy import MaILPolicy
+from mail_ros.policy.normalizer import STD_FLOOR
+from mail_ros.policy.presets import get_preset
+
+__all__ = [
+    "TrainConfig",
+    "DataConfig",
+    "RunConfig",
+    "TrainError",
+    "Trainer",
+    "TrainSummary",
+    "load_run_config",
+    "load_demos",
+    "build_datasets",
+    "Datasets",
+    "EMA",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.safetensors"
+TRAINER_JSON = "trainer.json"
+DEFAULT_EMBEDDING_CACHE = Path("~/.cache/mail_ros/embeddings")
+
+
+class TrainError(ValueError):
+    """A training configuration or run folder is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults: the MaIL reference, except the step budget)."""
+
+    steps: int | None = None  # total optimizer steps; exactly one of steps / epochs
+    epochs: float | None = None
+    batch_size: int = 256
+    lr: float = 5e-4  # Adam, no weight decay, no schedule, no clipping (reference)
+    ema: bool | None = None  # None: on for DDPM, off for BC
+    ema_decay: float = 0.995
+    val_every: int = 500  # steps between validations (and best/ updates)
+    log_every: int = 50
+    checkpoint_every: int = 1000  # steps between last/ saves
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise TrainError(f"set exactly one of train.steps and train.epochs, got steps={self.steps} epochs={self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise TrainError(f"train.steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise TrainError(f"train.epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "val_every", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainError(f"train.lr must be positive, got {self.lr}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise TrainError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.num_workers < 0:
+            raise TrainError(f"train.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class DataConfig:
+    """How demo files become training samples."""
+
+    camera_map: dict[str, str] = field(default_factory=dict)  # file camera -> policy camera
+    val_fraction: float = 0.1  # of episodes, seeded by train.seed
+    augment_shift: int = 0  # random-shift augmentation in pixels (training split only)
+    embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # None: no on-disk cache
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TrainError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.augment_shift < 0:
+            raise TrainError(f"data.augment_shift must be >= 0, got {self.augment_shift}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run is made of: the policy, the data handling and the optimisation."""
+
+    policy: PolicyConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.to_dict(), "data": asdict(self.data), "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return cls(PolicyConfig.from_dict(data["policy"]), _dataclass(DataConfig, data["data"], "data"),
+                   _dataclass(TrainConfig, data["train"], "train"))
+
+
+def _dataclass(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise TrainError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainError(f"{where} has unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a training YAML: ``preset``, ``policy`` (dotted overrides), ``data``, ``train``.
+
+    ``overrides`` ({"train.steps": 100, "policy.head.kind": "bc", ...}) apply on top.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainError(f"{path}: cannot read training config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise TrainError(f"{path}: a training config is a mapping with preset/policy/data/train")
+    unknown = sorted(set(raw) - {"preset", "policy", "data", "train"})
+    if unknown:
+        raise TrainError(f"{path}: unknown top-level keys {unknown}; known: preset, policy, data, train")
+    if "preset" not in raw:
+        raise TrainError(f"{path}: 'preset' is required (e.g. demo-d_ma-ddpm; see mail_ros.policy.presets)")
+    policy_overrides = dict(raw.get("policy") or {})
+    sections = {"data": dict(raw.get("data") or {}), "train": dict(raw.get("train") or {})}
+    for key, value in (overrides or {}).items():
+        group, _, name = key.partition(".")
+        if group == "policy":
+            policy_overrides[name] = value
+        elif group in sections and name:
+            sections[group][name] = value
+        else:
+            raise TrainError(f"override {key!r} must start with policy., data. or train.")
+    try:
+        policy = get_preset(raw["preset"], policy_overrides)
+        return RunConfig(policy, _dataclass(DataConfig, sections["data"], f"{path}: data"),
+                         _dataclass(TrainConfig, sections["train"], f"{path}: train"))
+    except (TypeError, ValueError) as exc:
+        raise TrainError(f"{path}: {exc}") from exc
+
+
+def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: dict[str, str]) -> list[Episode]:
+    """Read demo files and check them against the policy's spec (cameras, sizes, names, rate)."""
+    if not paths:
+        raise DataError("no demo files given")
+    spec = policy.spec
+    episodes = []
+    for path in paths:
+        demos = read_hdf5(path, camera_map, cameras=spec.observation.cameras)
+        _check_compatible(demos, policy)
+        episodes.extend(demos.episodes)
+    return episodes
+
+
+def _check_compatible(demos: DemoSet, policy: PolicyConfig) -> None:
+    obs, action = policy.spec.observation, policy.spec.action
+    where = demos.source
+    size = demos.episodes[0].image_size
+    if size != tuple(obs.image_size):
+        raise DataError(
+            f"{where}: images are {size[0]}x{size[1]} but the policy expects {obs.image_size[0]}x{obs.image_size[1]} "
+            "(reconvert with --image-size, or override spec.observation.image_size)"
+        )
+    for what, names, expected in (("joint", demos.joint_names, obs.joint_names), ("action", demos.action_names, action.names)):
+        if len(names) != len(expected):
+            raise DataError(f"{where}: {len(names)} {what} values {list(names)}, the policy expects {len(expected)} {list(expected)}")
+        generic = all(n == f"{what}_{i}" for i, n in enumerate(names))
+        if not generic and tuple(names) != tuple(expected):
+            raise DataError(f"{where}: {what} names {list(names)} differ from the policy's {list(expected)}")
+    if not math.isclose(demos.rate_hz, obs.rate_hz, rel_tol=1e-6):
+        raise DataError(
+            f"{where}: recorded at {demos.rate_hz} Hz but the policy runs at {obs.rate_hz} Hz "
+            "(override spec.observation.rate_hz and spec.action.dt, or reconvert with --rate)"
+        )
+
+
+@dataclass
+class Datasets:
+    """The training and validation windows of one run, the statistics and the episode split."""
+
+    train: DemoWindows
+    val: DemoWindows | None
+    stats: dict[str, dict[str, np.ndarray]]
+    train_episodes: list[int]
+    val_episodes: list[int]
+
+
+def build_datasets(episodes: list[Episode], run: RunConfig, language_loader: Callable[[str], object] | None = None) -> Datasets:
+    """Split by episode, compute statistics on the training split, embed instructions once."""
+    policy, data = run.policy, run.data
+    train_idx, val_idx = split_episodes(len(episodes), data.val_fraction, run.train.seed)
+    train_eps = [episodes[i] for i in train_idx]
+    val_eps = [episodes[i] for i in val_idx]
+    language = None
+    if policy.language.enabled:
+        from mail_ros.language.encoders import load_text_encoder
+
+        cache = EmbeddingCache(os.path.expanduser(data.embedding_cache) if data.embedding_cache else None)
+        texts = [ep.instruction for ep in episodes]
+        loader = language_loader or load_text_encoder
+        language = cache.embeddings(policy.language.encoder, texts, loader)
+        dim = len(next(iter(language.values())))
+        if dim != policy.language.dim:
+            raise TrainError(f"text encoder {policy.language.encoder!r} gives {dim}-d embeddings, policy language.dim is {policy.language.dim}")
+    T, A = policy.spec.observation.obs_horizon, policy.spec.action.horizon
+    cameras = policy.spec.observation.cameras
+    train = DemoWindows(train_eps, cameras, T, A, language, augment_shift=data.augment_shift, seed=run.train.seed)
+    val = DemoWindows(val_eps, cameras, T, A, language) if val_eps else None
+    return Datasets(train, val, compute_stats(train_eps), train_idx, val_idx)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of one epoch from a seeded permutation, starting at batch ``skip``; drops the last partial batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+
+    @staticmethod
+    def batches_per_epoch(n: int, batch_size: int) -> int:
+        return max(1, n // batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch(self.n, self.batch_size) - self.skip
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        size = min(self.batch_size, self.n)
+        for b in range(self.skip, self.batches_per_epoch(self.n, self.batch_size)):
+            yield order[b * size : (b + 1) * size].tolist()
+
+
+class EMA:
+    """Exponential moving average of a model's weights, decay min(decay, (1 + n) / (10 + n))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, n: int) -> None:
+        """Fold in ``model`` after its ``n``-th optimizer step (n counts from 0)."""
+        decay = min(self.decay, (1 + n) / (10 + n))
+        for avg, new in zip(self.model.parameters(), model.parameters()):
+            avg.lerp_(new, 1.0 - decay)
+        for avg, new in zip(self.model.buffers(), model.buffers()):
+            avg.copy_(new)
+
+
+@dataclass
+class TrainSummary:
+    """What a run did; also written to ``summary.json`` in the run folder."""
+
+    step: int
+    epoch: int
+    interrupted: bool
+    best_val_loss: float | None
+    last_val_loss: float | None
+    last_train_loss: float | None
+    mean_predictor_val_loss: float | None  # BC only: the loss of always predicting the mean action
+    train_samples: int
+    val_samples: int
+    seconds: float
+    samples_per_second: float
+    out: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    moved = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "images"}
+    moved["images"] = {cam: img.to(device, non_blocking=True) for cam, img in batch["images"].items()}
+    return moved
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int(np.random.default_rng([seed, step]).integers(2**62))
+
+
+class Trainer:
+    """Trains one policy on prepared datasets into a run folder.
+
+    ``callbacks`` are called as ``callback(trainer, step, metrics)`` after every optimizer step
+    (``step`` counts completed steps); raising KeyboardInterrupt from one stops the run the way
+    Ctrl-C does (last/ saved, summary returned with ``interrupted=True``).
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        datasets: Datasets,
+        out: str | Path,
+        data_files: Sequence[str] = (),
+        callbacks: Sequence[Callable[["Trainer", int, dict], None]] = (),
+        progress: bool = True,
+    ) -> None:
+        self.run = run
+        self.cfg = run.train
+        self.data = datasets
+        self.out = Path(out)
+        self.data_files = [str(p) for p in data_files]
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.device = resolve_device(self.cfg.device)
+        torch.manual_seed(self.cfg.seed)
+        self.policy = MaILPolicy(run.policy)
+        self.policy.set_normalization(datasets.stats["actions"], datasets.stats["joint_positions"])
+        self.policy.to(self.device).train()
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.cfg.lr)
+        use_ema = self.cfg.ema if self.cfg.ema is not None else run.policy.head.kind == "ddpm"
+        self.ema = EMA(self.policy, self.cfg.ema_decay) if use_ema else None
+        self.batches_per_epoch = EpochBatchSampler.batches_per_epoch(len(datasets.train), self.cfg.batch_size)
+        if self.cfg.steps is not None:
+            self.total_steps = self.cfg.steps
+        else:
+            self.total_steps = max(1, math.ceil(self.cfg.epochs * self.batches_per_epoch))
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_train_loss: float | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def eval_policy(self) -> MaILPolicy:
+        """The weights that are validated and saved: the EMA copy when EMA is on."""
+        return self.ema.model if self.ema is not None else self.policy
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.batches_per_epoch
+
+    def _save(self, name: str, with_state: bool) -> Path:
+        extra = {"val_loss": self.last_val_loss, "train_loss": self.last_train_loss, "ema": self.ema is not None,
+                 "data_files": self.data_files}
+        target = save_checkpoint(self.out / name, self.eval_policy, step=self.step, epoch=self.epoch, extra=extra)
+        if with_state:
+            tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
+            state = self.optimizer.state_dict()
+            for index, entries in state["state"].items():
+                for key, value in entries.items():
+                    tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+            groups = json.dumps(state["param_groups"])
+            _atomic(target / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"param_groups": groups}))
+            info = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "total_steps": self.total_steps,
+                "seed": self.cfg.seed,
+                "batches_per_epoch": self.batches_per_epoch,
+                "best_val_loss": self.best_val_loss,
+                "last_val_loss": self.last_val_loss,
+                "run": self.run.to_dict(),
+                "data_files": self.data_files,
+                "train_episodes": self.data.train_episodes,
+                "val_episodes": self.data.val_episodes,
+            }
+            _atomic(target / TRAINER_JSON, lambda p: p.write_text(json.dumps(info, indent=2)))
+        return target
+
+    def load_state(self, run_dir: str | Path) -> None:
+        """Continue the run saved in ``run_dir/last`` (same step counter, optimizer state, EMA)."""
+        last = Path(run_dir) / "last"
+        info_path, state_path = last / TRAINER_JSON, last / STATE_FILE
+        if not info_path.is_file() or not state_path.is_file():
+            raise TrainError(f"{last} holds no resumable state ({TRAINER_JSON} and {STATE_FILE} expected)")
+        info = json.loads(info_path.read_text())
+        saved = RunConfig.from_dict(info["run"])
+        if saved.policy.to_dict() != self.run.policy.to_dict():
+            raise TrainError(f"{last}: the policy config differs from this run's; resume with the same config")
+        if info["train_episodes"] != self.data.train_episodes:
+            raise TrainError(f"{last}: the training split differs (different data files or seed)")
+        tensors = load_file(str(state_path))
+        self.policy.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        groups = json.loads(_safetensors_metadata(state_path)["param_groups"])
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        if self.ema is not None:
+            self.ema.model.load_state_dict(load_checkpoint(last, device="cpu").state_dict())
+        self.step = int(info["step"])
+        self.best_val_loss = info["best_val_loss"]
+        self.last_val_loss = info["last_val_loss"]
+        log.info("resuming %s at step %d (epoch %d)", run_dir, self.step, self.epoch)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over the validation windows with fixed noise (comparable across calls)."""
+        if self.data.val is None:
+            return None
+        policy = self.eval_policy
+        was_training = policy.training
+        policy.eval()
+        total, count = 0.0, 0
+        loader = DataLoader(self.data.val, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed)
+            for batch in loader:
+                loss, _ = policy.compute_loss(_to_device(batch, self.device))
+                n = len(batch["actions"])
+                total += loss.item() * n
+                count += n
+        policy.train(was_training)
+        return total / count
+
+    def mean_predictor_loss(self) -> float | None:
+        """Validation loss of always predicting the training mean (BC: z-scored MSE); None for DDPM."""
+        if self.data.val is None or self.run.policy.head.kind != "bc":
+            return None
+        stats = self.data.stats["actions"]
+        std = np.maximum(stats["std"], STD_FLOOR)
+        return float(np.mean(((self.data.val.target_actions() - stats["mean"]) / std) ** 2))
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> TrainSummary:
+        """Train up to ``total_steps``; Ctrl-C saves last/ and returns with ``interrupted=True``."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        csv_path = self.out / "log.csv"
+        new_csv = not csv_path.exists()
+        csv_file = open(csv_path, "a", newline="")
+        writer = csv.writer(csv_file)
+        if new_csv:
+            writer.writerow(["step", "epoch", "train_loss", "val_loss", "lr", "samples_per_s", "data_s", "compute_s", "elapsed_s"])
+        tb = SummaryWriter(str(self.out / "tensorboard"))
+        log.info("training %s (%s) on %s: %d parameters, %d train / %d val windows, %d steps",
+                 self.run.policy.variant, self.run.policy.head.kind, self.device, self.policy.num_parameters()["total"],
+                 len(self.data.train), len(self.data.val) if self.data.val else 0, self.total_steps)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc="train")
+        start = time.perf_counter()
+        start_step = self.step
+        interrupted = False
+        window_loss, window_n, data_s, compute_s, window_start = 0.0, 0, 0.0, 0.0, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                epoch = self.epoch
+                self.data.train.epoch = epoch
+                sampler = EpochBatchSampler(len(self.data.train), self.cfg.batch_size, self.cfg.seed, epoch,
+                                            skip=self.step % self.batches_per_epoch)
+                loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.cfg.num_workers,
+                                    pin_memory=self.device.type == "cuda")
+                fetch = time.perf_counter()
+                for batch in loader:
+                    t0 = time.perf_counter()
+                    data_s += t0 - fetch
+                    torch.manual_seed(_step_seed(self.cfg.seed, self.step))
+                    loss, metrics = self.policy.compute_loss(_to_device(batch, self.device))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self.policy, self.step)
+                    self.step += 1
+                    value = loss.item()
+                    fetch = time.perf_counter()
+                    compute_s += fetch - t0
+                    window_loss += value
+                    window_n += 1
+                    bar.update(1)
+                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                        self.last_train_loss = window_loss / window_n
+                        elapsed = time.perf_counter() - window_start
+                        rate = window_n * self.cfg.batch_size / elapsed
+                        val = None
+                        if self.step % self.cfg.val_every == 0 or self.step == self.total_steps:
+                            val = self._validate_and_keep_best()
+                        writer.writerow([self.step, self.epoch, f"{self.last_train_loss:.6g}", "" if val is None else f"{val:.6g}",
+                                         self.cfg.lr, f"{rate:.1f}", f"{data_s:.3f}", f"{compute_s:.3f}",
+                                         f"{time.perf_counter() - start:.1f}"])
+                        csv_file.flush()
+                        tb.add_scalar("train/loss", self.last_train_loss, self.step)
+                        tb.add_scalar("train/samples_per_s", rate, self.step)
+                        if val is not None:
+                            tb.add_scalar("val/loss", val, self.step)
+                        bar.set_postfix(loss=f"{self.last_train_loss:.4f}",
+                                        val="-" if self.last_val_loss is None else f"{self.last_val_loss:.4f}")
+                        window_loss, window_n, data_s, compute_s, window_start = 0.0, 0, 0.0, 0.0, time.perf_counter()
+                    elif self.step % self.cfg.val_every == 0:
+                        self._validate_and_keep_best()
+                    if self.step % self.cfg.checkpoint_every == 0:
+                        self._save("last", with_state=True)
+                    for callback in self.callbacks:
+                        callback(self, self.step, metrics)
+                    if self.step >= self.total_steps:
+                        break
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted at step %d: saving %s", self.step, self.out / "last")
+        finally:
+            bar.close()
+            tb.close()
+            csv_file.close()
+        self._save("last", with_state=True)
+        seconds = time.perf_counter() - start
+        summary = TrainSummary(
+            step=self.step,
+            epoch=self.epoch,
+            interrupted=interrupted,
+            best_val_loss=self.best_val_loss,
+            last_val_loss=self.last_val_loss,
+            last_train_loss=self.last_train_loss,
+            mean_predictor_val_loss=self.mean_predictor_loss(),
+            train_samples=len(self.data.train),
+            val_samples=len(self.data.val) if self.data.val else 0,
+            seconds=seconds,
+            samples_per_second=(self.step - start_step) * self.cfg.batch_size / max(seconds, 1e-9),
+            out=str(self.out),
+        )
+        (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        return summary
+
+    def _validate_and_keep_best(self) -> float | None:
+        val = self.validate()
+        if val is None:
+            return None
+        self.last_val_loss = val
+        if self.best_val_loss is None or val < self.best_val_loss:
+            self.best_val_loss = val
+            self._save("best", with_state=False)
+        return val
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}

@@ -1,0 +1,186 @@
+"""Reading demo bags: alignment, actions and instructions checked exactly against the bag factory's truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+import bag_factory as bf
+from mail_ros.data.bags import BagConfig, Trajectory, command_target, read_bag
+from mail_ros.data.hdf5 import DataError
+from mail_ros.spec import ObservationSpec
+
+DT = 0.1
+SPEC = ObservationSpec(cameras=("agentview", "wrist"), image_size=(24, 32), rate_hz=1 / DT)
+
+
+def config(**kw) -> BagConfig:
+    kw.setdefault("max_skew", 0.03)
+    return BagConfig(observation=kw.pop("observation", SPEC), **kw)
+
+
+def nearest(stamps: np.ndarray, t: float) -> int:
+    """Index of the stamp closest to t, ties to the earlier one (the aligner's documented rule)."""
+    d = np.abs(stamps - t)
+    return int(np.flatnonzero(d == d.min())[0])
+
+
+def check_exact(ep, truth: bf.BagTruth) -> None:
+    ref = truth.camera_stamps["agentview"]
+    # Reference camera at the policy rate: every recorded frame becomes one aligned frame.
+    np.testing.assert_allclose(ep.timestamps, ref[: len(ep)], atol=1e-8)
+    for i, t in enumerate(ep.timestamps):
+        assert bf.decode_frame(ep.images["agentview"][i]) == truth.camera_frames["agentview"][i]
+        w = nearest(truth.camera_stamps["wrist"], t)
+        assert bf.decode_frame(ep.images["wrist"][i]) == truth.camera_frames["wrist"][w]
+        j = nearest(truth.joint_stamps, t)
+        np.testing.assert_allclose(ep.joint_positions[i], bf.measured_joints(truth.joint_stamps[j]), atol=1e-6)
+        # Action rule: latest command received at or before t, evaluated at t + dt.
+        # The factory's targets are linear in time, so interpolating the points is exact.
+        assert np.searchsorted(truth.command_receive, t, side="right") > 0
+        expected = np.append(bf.arm_target(t + DT), bf.gripper_target(t + DT))
+        np.testing.assert_allclose(ep.actions[i], expected, atol=1e-6)
+    assert ep.images["agentview"].shape[1:] == (24, 32, 3)
+    assert ep.instruction == "put the cube in the bowl"
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_bag_aligned_exactly(tmp_path, storage):
+    cams = (
+        bf.Camera("agentview", 10.0, drop=(7,)),
+        bf.Camera("wrist", 30.0, size=(40, 40), encoding="bgr8" if storage == "mcap" else "png", jitter=0.003, offset=0.013),
+    )
+    truth = bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(storage=storage, cameras=cams))
+    readout = read_bag(tmp_path / "bag", config())
+    assert readout.failures == [] and readout.gripper_source == "command"
+    (ep,) = readout.episodes
+    assert len(ep) == len(truth.camera_stamps["agentview"]) == 30  # 31 frames, frame 7 dropped
+    assert 7 not in [bf.decode_frame(img) for img in ep.images["agentview"]]
+    check_exact(ep, truth)
+    stats = ep.sync_stats["streams"]
+    assert stats["agentview"]["used"] == 30 and stats["wrist"]["used"] == 30
+    assert stats["wrist"]["received"] == stats["wrist"]["used"] + sum(stats["wrist"]["dropped"].values())
+
+
+def test_zero_command_stamps_start_at_receive_time(tmp_path):
+    truth = bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(zero_command_stamps=True))
+    (ep,) = read_bag(tmp_path / "bag", config()).episodes
+    for t, action in zip(ep.timestamps, ep.actions):
+        m = int(np.searchsorted(truth.command_receive, t, side="right")) - 1
+        # The factory computed the points from the publish time; the converter starts the
+        # trajectory at the receive time, 1 ms later, so it reads the targets 1 ms earlier.
+        np.testing.assert_allclose(action[:7], bf.arm_target(t + DT - 0.001), atol=1e-6)
+        assert truth.command_start[m] == truth.command_receive[m]
+
+
+def test_measured_gripper_width_without_command_topic(tmp_path):
+    truth = bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(gripper_topic=None))
+    readout = read_bag(tmp_path / "bag", config())
+    assert readout.gripper_source == "measured"
+    (ep,) = readout.episodes
+    # Finger joints sum to the commanded width at the same stamp; linear, so interpolation is exact.
+    np.testing.assert_allclose(ep.actions[:, 7], bf.gripper_target(ep.timestamps + DT), atol=1e-6)
+    late = int(np.sum(truth.camera_stamps["agentview"] + DT > truth.joint_stamps[-1]))
+    assert late >= 1 and ep.sync_stats["frames_dropped"] == {"no_future_state": late}
+    assert len(ep) == len(truth.camera_stamps["agentview"]) - late
+
+
+def test_decimation_to_policy_rate(tmp_path):
+    cams = (bf.Camera("agentview", 30.0, jitter=0.003), bf.Camera("wrist", 30.0, offset=0.01))
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(cameras=cams))
+    (ep,) = read_bag(tmp_path / "bag", config()).episodes
+    gaps = np.diff(ep.timestamps)
+    assert np.all(gaps > DT - 1 / 30) and abs(np.mean(gaps) - DT) < 0.01
+    ref = ep.sync_stats["streams"]["agentview"]
+    assert ref["received"] == ref["used"] + sum(ref["dropped"].values())
+    assert ref["dropped"]["decimated"] > 0
+
+
+def test_episode_markers_split_one_bag(tmp_path):
+    truth = bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(episodes=((100.45, 101.5), (102.0, 102.85))))
+    readout = read_bag(tmp_path / "bag", config())
+    assert len(readout.episodes) == 2 and "episode 1" in readout.episodes[1].source
+    for ep, (start, stop) in zip(readout.episodes, ((100.45, 101.5), (102.0, 102.85))):
+        # Messages are assigned by receive time (stamp + 10 ms latency for the cameras).
+        assert start - 0.011 <= ep.timestamps[0] and ep.timestamps[-1] <= stop
+        for t, action in zip(ep.timestamps, ep.actions):
+            np.testing.assert_allclose(action, np.append(bf.arm_target(t + DT), bf.gripper_target(t + DT)), atol=1e-6)
+    assert len(truth.camera_stamps["agentview"]) > sum(len(ep) for ep in readout.episodes)
+
+
+def test_missing_topic_names_file_and_topic(tmp_path):
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag())
+    with pytest.raises(DataError, match=r"bag: missing topics \['/cameras/side/image_raw'\]"):
+        read_bag(tmp_path / "bag", config(camera_topics={"wrist": "/cameras/side/image_raw"}))
+    with pytest.raises(DataError, match="not a|cannot read"):
+        read_bag(tmp_path / "nothing", config())
+
+
+def test_wrong_or_unknown_message_type(tmp_path):
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag())
+    with pytest.raises(DataError, match="/mail/instruction has message type std_msgs/msg/String, expected sensor_msgs/msg/Image"):
+        read_bag(tmp_path / "bag", config(camera_topics={"wrist": "/mail/instruction"}))
+    store = get_typestore(Stores.ROS2_KILTED)
+    store.register(get_types_from_msg("int32 x", "my_pkg/msg/Foo"))
+    with Writer(tmp_path / "odd", version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        conn = writer.add_connection("/joint_states", "my_pkg/msg/Foo", typestore=store)
+        writer.write(conn, 1, store.serialize_cdr(store.types["my_pkg/msg/Foo"](x=1), "my_pkg/msg/Foo"))
+        writer.add_connection("/cameras/agentview/image_raw", "sensor_msgs/msg/Image", typestore=store)
+        writer.add_connection("/cameras/wrist/image_raw", "sensor_msgs/msg/Image", typestore=store)
+        writer.add_connection("/fr3_arm_controller/joint_trajectory", "trajectory_msgs/msg/JointTrajectory", typestore=store)
+    with pytest.raises(DataError, match="/joint_states has message type my_pkg/msg/Foo"):
+        read_bag(tmp_path / "odd", config())
+
+
+def test_nan_command_names_file_topic_and_time(tmp_path):
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(nan_command_at=101.0))
+    with pytest.raises(DataError, match=r"bag: /fr3_arm_controller/joint_trajectory at t=101\.021 s: non-finite position of fr3_joint3"):
+        read_bag(tmp_path / "bag", config())
+
+
+def test_image_size_change_is_an_error(tmp_path):
+    cams = (bf.Camera("agentview", 10.0), bf.Camera("wrist", 30.0, resize_at=20))
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(cameras=cams))
+    (failure,) = read_bag(tmp_path / "bag", config()).failures
+    assert "/cameras/wrist/image_raw at t=" in failure and "mismatched image size (96, 128)" in failure
+
+
+def test_short_episode_and_missing_instruction(tmp_path):
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(duration=0.5, instruction=None))
+    (failure,) = read_bag(tmp_path / "bag", config(min_frames=10)).failures
+    assert "6 aligned frames with actions, need at least 10" in failure
+    (failure,) = read_bag(tmp_path / "bag", config()).failures
+    assert "no instruction on /mail/instruction" in failure
+    (ep,) = read_bag(tmp_path / "bag", config(default_instruction="wave")).episodes
+    assert ep.instruction == "wave"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    offsets=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=6, unique=True).map(sorted),
+    t=st.floats(-1.0, 4.0),
+    start=st.floats(0.0, 1.0),
+)
+def test_command_target_interpolates_and_holds(offsets, t, start):
+    traj = Trajectory("/cmd", joints=("a",))
+    offsets = np.asarray(offsets)
+    values = np.sin(3 * offsets) + offsets  # arbitrary, distinct per point
+    traj.receive, traj.start = [start], [start]
+    traj.offsets, traj.positions = [offsets], [values[:, None]]
+    target, m = command_target(traj, t, 0.1)
+    if t < start:
+        assert target is None and m == -1
+        return
+    rel = t + 0.1 - start
+    if rel <= offsets[0]:
+        assert target[0] == pytest.approx(values[0])
+    elif rel >= offsets[-1]:
+        assert target[0] == pytest.approx(values[-1])
+    else:
+        k = int(np.searchsorted(offsets, rel)) - 1
+        lo, hi = sorted((values[k], values[k + 1]))
+        assert lo - 1e-12 <= target[0] <= hi + 1e-12

@@ -1,0 +1,93 @@
+"""HDF5 demo files: round trip, atomic replacement, LIBERO layout, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from mail_ros.data.hdf5 import DataError, DemoSet, DemoWriter, Episode, read_hdf5, write_hdf5
+
+
+def episode(n: int, seed: int, size=(16, 20), cams=("agentview", "wrist"), instruction="stack", source=None) -> Episode:
+    rng = np.random.default_rng(seed)
+    return Episode(
+        images={c: rng.integers(0, 256, (n, *size, 3), dtype=np.uint8) for c in cams},
+        joint_positions=rng.normal(size=(n, 9)),
+        actions=rng.normal(size=(n, 8)),
+        instruction=instruction,
+        timestamps=100.0 + 0.1 * np.arange(n),
+        source=source or f"bag{seed}",
+        sync_stats={"streams": {"wrist": {"skew_ms": {"p50": 1.5}}}},
+    )
+
+
+def demo_set(episodes) -> DemoSet:
+    return DemoSet(episodes, ("agentview", "wrist"), [f"j{i}" for i in range(9)], [f"a{i}" for i in range(8)], 10.0)
+
+
+def test_round_trip_is_exact(tmp_path):
+    demos = demo_set([episode(5, 0), episode(7, 1, instruction="open the drawer")])
+    write_hdf5(tmp_path / "d.hdf5", demos)
+    back = read_hdf5(tmp_path / "d.hdf5")
+    assert (back.cameras, back.joint_names, back.action_names, back.rate_hz) == (
+        demos.cameras, demos.joint_names, demos.action_names, 10.0)
+    for a, b in zip(demos.episodes, back.episodes):
+        for cam in demos.cameras:
+            np.testing.assert_array_equal(a.images[cam], b.images[cam])
+        np.testing.assert_array_equal(a.joint_positions, b.joint_positions)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.timestamps, b.timestamps)
+        assert (a.instruction, a.source, a.sync_stats) == (b.instruction, b.source, b.sync_stats)
+    with h5py.File(tmp_path / "d.hdf5") as f:  # the robomimic layout
+        assert f["data/demo_1/obs/wrist_rgb"].shape == (7, 16, 20, 3)
+        assert f["data/demo_1/obs/joint_states"].shape == (7, 9)
+        assert f["data/demo_0/actions"].dtype == np.float32
+        assert f["data"].attrs["total"] == 12 and f["data/demo_0"].attrs["num_samples"] == 5
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "d.hdf5"
+    write_hdf5(path, demo_set([episode(5, 0)]))
+    before = path.read_bytes()
+    with pytest.raises(DataError, match="images are"):
+        with DemoWriter(path, ("agentview", "wrist"), [f"j{i}" for i in range(9)], [f"a{i}" for i in range(8)], 10.0) as w:
+            w.add(episode(4, 1))
+            w.add(episode(4, 2, size=(8, 8)))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["d.hdf5"]
+
+
+def test_libero_layout_with_camera_map(tmp_path):
+    path = tmp_path / "libero.hdf5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["problem_info"] = json.dumps({"language_instruction": "open the top drawer"})
+        for i, n in enumerate((6, 4)):
+            g = data.create_group(f"demo_{i}")
+            g.create_dataset("obs/agentview_rgb", data=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+            g.create_dataset("obs/eye_in_hand_rgb", data=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+            g.create_dataset("obs/joint_states", data=rng.normal(size=(n, 7)))
+            g.create_dataset("actions", data=rng.normal(size=(n, 7)))
+    demos = read_hdf5(path, camera_map={"eye_in_hand": "wrist"}, cameras=("agentview", "wrist"))
+    assert demos.cameras == ("agentview", "wrist") and demos.rate_hz == 20.0
+    assert [len(ep) for ep in demos.episodes] == [6, 4]
+    assert demos.episodes[0].instruction == "open the top drawer"
+    assert demos.joint_names[0] == "joint_0" and demos.action_names[-1] == "action_6"
+    np.testing.assert_allclose(demos.episodes[1].timestamps, np.arange(4) / 20.0)
+    with pytest.raises(DataError, match=r"cameras \['wrist'\] not found; the file has \['agentview', 'eye_in_hand'\]"):
+        read_hdf5(path, cameras=("agentview", "wrist"))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="cannot open as HDF5"):
+        read_hdf5(tmp_path / "missing.hdf5")
+    ep = episode(5, 0)
+    ep.actions[2, 3] = np.nan
+    with pytest.raises(DataError, match=r"bag0: non-finite actions at frame 2 \(t=100\.200 s\)"):
+        Episode(ep.images, ep.joint_positions, ep.actions, "x", ep.timestamps, "bag0")
+    with pytest.raises(DataError, match="mismatched image sizes: bag1 camera 'agentview' is \\(8, 8\\)"):
+        demo_set([episode(5, 0), episode(5, 1, size=(8, 8))])
