@@ -1,0 +1,469 @@
+"""Offline evaluation: replay a demo bag in bag time through the deployment pipeline and a policy.
+
+What runs is what the robot runs, in the order the robot would see it:
+
+* every camera and joint-state message, in LOG order, goes through
+  :meth:`ObservationBuilder.prepare` (decode, resize, joint selection; a zero stamp or a bad
+  message is dropped as ``"unstamped"`` / ``"invalid"``, as camera_sync_node does) and is pushed
+  into a :class:`StreamAligner` at the checkpoint's policy rate, keyed by HEADER stamps, and
+  polled with the message's log (receive) time as ``now``. Sets still pending at the end of the
+  bag are decided by ``flush`` as if the node's poll timer fired at ``ref + max_skew +
+  latency_allowance``;
+* each aligned observation is handled as policy_node handles one: refused when older than
+  ``max_observation_age`` at the time it was decided, appended to an :class:`ObservationHistory`
+  of T observations (a gap longer than ``max_gap_periods`` periods restarts it), and a new
+  instruction on ``/mail/instruction`` starts a new episode: history cleared and
+  ``policy.reset(seed)``;
+* a chunk is predicted for every aligned observation that has a goal (or every k-th, ``every``).
+  Unlike the node, which skips observations while inference is busy, nothing is skipped for
+  latency: the replay is deterministic.
+
+Ground truth. Action ``i`` of the chunk predicted at stamp ``t`` is compared with the training
+label of a frame at ``t + i * dt``: :func:`mail_ros.data.bags.command_target` at that time, i.e.
+the commanded target for ``t + (i + 1) * dt`` from the latest command received by
+``t + i * dt`` (the measured finger-width sum for a bag without gripper commands). A step is
+not compared (NaN) when no command was received yet, when ``t + i * dt`` lies past the bag's
+last aligned frame (training windows never run past an episode's last frame; tolerance
+``dt / 2``), or at or after the next instruction (another episode).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rosbags.highlevel import AnyReader
+from tqdm import tqdm
+
+from mail_ros.data import bags
+from mail_ros.data.bags import BagConfig, Trajectory, command_target
+from mail_ros.data.hdf5 import DataError
+from mail_ros.data.ros_types import typestore
+from mail_ros.spec import Observation
+from mail_ros.sync.alignment import AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
+
+__all__ = [
+    "BagReplay",
+    "CameraMismatchError",
+    "ChunkRecord",
+    "ObservationHistory",
+    "ReplayConfig",
+    "ReplayError",
+    "bag_cameras",
+    "replay_bag",
+]
+
+# Camera topics as camera_sync_node subscribes to them: /cameras/<name>/image_raw[/compressed].
+CAMERA_TOPIC = re.compile(r"^/cameras/([^/]+)/image_raw(/compressed)?$")
+
+
+class ReplayError(ValueError):
+    """A bag cannot be replayed: unreadable, corrupt or truncated, or without the needed data."""
+
+
+class CameraMismatchError(ReplayError):
+    """The bag does not record the cameras the checkpoint was trained with."""
+
+
+class ObservationHistory:
+    """The last T observations the policy conditions on, kept exactly as policy_node keeps them.
+
+    An observation not newer than the last one is ignored (duplicate or out of order); one that
+    follows the last by more than ``max_gap_periods`` policy periods restarts the history (a
+    stream outage must not leave stale frames in the window).
+    """
+
+    def __init__(self, obs_horizon: int, period: float, max_gap_periods: float = 3.0) -> None:
+        if obs_horizon < 1:
+            raise ValueError(f"obs_horizon must be >= 1, got {obs_horizon}")
+        if not (period > 0 and max_gap_periods > 0):
+            raise ValueError(f"period and max_gap_periods must be positive, got {period}, {max_gap_periods}")
+        self.max_gap = max_gap_periods * period
+        self._window: deque[Observation] = deque(maxlen=obs_horizon)
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def clear(self) -> None:
+        self._window.clear()
+
+    def add(self, observation: Observation) -> str | None:
+        """Append ``observation``; returns ``"duplicate"`` (ignored), ``"restart"`` or None."""
+        outcome = None
+        if self._window:
+            last = self._window[-1].stamp
+            if observation.stamp <= last:
+                return "duplicate"
+            if observation.stamp - last > self.max_gap:
+                self._window.clear()
+                outcome = "restart"
+        self._window.append(observation)
+        return outcome
+
+    def window(self) -> list[Observation]:
+        """Oldest first, at most T observations."""
+        return list(self._window)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """How to replay: sync tolerances, the node's history rules, what to compare; times in seconds."""
+
+    max_skew: float = 0.02  # as `mail-ros convert`, so replayed frames are the training frames
+    latency_allowance: float = 0.05
+    buffer_seconds: float = 2.0
+    every: int = 1  # predict on every k-th observation that has a goal
+    seed: int = 0  # policy.reset(seed) at the start and at every new instruction, as policy_node
+    max_observation_age: float = 0.3  # policy_node's max_observation_age
+    max_gap_periods: float = 3.0  # policy_node's max_gap_periods
+    instruction: str | None = None  # overrides /mail/instruction: one goal from the start
+    camera_topics: tuple[tuple[str, str], ...] = ()  # camera -> topic; default: found by name
+    gripper_source: str = "auto"  # see mail_ros.data.bags.BagConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "camera_topics", tuple(tuple(p) for p in dict(self.camera_topics).items()))
+        if not (math.isfinite(self.max_skew) and self.max_skew > 0):
+            raise ValueError(f"max_skew must be positive seconds, got {self.max_skew}")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if not self.max_observation_age > 0:
+            raise ValueError(f"max_observation_age must be positive, got {self.max_observation_age}")
+        if self.instruction is not None and not self.instruction.strip():
+            raise ValueError("instruction override is empty")
+
+
+@dataclass
+class ChunkRecord:
+    """One predicted chunk and what the bag commanded over the same horizon."""
+
+    stamp: float  # stamp of the current (last) observation of the history
+    decided: float  # bag time at which its observation was decided (the node would publish then)
+    predicted: np.ndarray  # (A, action_dim) robot units
+    commanded: np.ndarray  # (A, action_dim); NaN where not compared (see module docstring)
+    inference_ms: float
+    history_length: int
+    instruction: str | None
+
+
+@dataclass
+class BagReplay:
+    """Everything one replay measured; :mod:`mail_ros.eval.report` turns it into the report."""
+
+    path: Path
+    camera_topics: dict[str, str]
+    action_names: tuple[str, ...]
+    dt: float
+    gripper_source: str
+    frames: int = 0  # aligned observations
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    sync: dict[str, Any] = field(default_factory=dict)  # SyncStats.to_dict() with invalid messages folded in
+    skews: dict[str, list[float]] = field(default_factory=dict)  # stream -> member minus reference (s)
+    observations: Counter[str] = field(default_factory=Counter)  # refused / no_goal / skipped / restarts
+    instructions: list[tuple[float, str]] = field(default_factory=list)  # (bag time, text) goals used
+
+
+def bag_cameras(topics: dict[str, str]) -> dict[str, str]:
+    """Camera name -> topic of the ``/cameras/<name>/image_raw[/compressed]`` topics of a bag (raw first)."""
+    found: dict[str, str] = {}
+    for topic in sorted(topics, key=lambda t: t.endswith("/compressed")):
+        match = CAMERA_TOPIC.match(topic)
+        if match:
+            found.setdefault(match.group(1), topic)
+    return found
+
+
+def _open(path: Path) -> AnyReader:
+    if not path.exists():
+        raise ReplayError(f"bag {path} does not exist")
+    try:
+        reader = AnyReader([path], default_typestore=typestore())
+        reader.open()
+    # Opening parses the metadata and the storage's index from untrusted bytes (see _messages).
+    except Exception as exc:
+        raise ReplayError(
+            f"{path}: cannot read as a rosbag2 (unreadable, corrupt or truncated): {type(exc).__name__}: {exc}"
+        ) from exc
+    return reader
+
+
+def _messages(reader: AnyReader, path: Path, topics: list[str]) -> Iterator[tuple[Any, int, Any]]:
+    """(connection, log time ns, message) of ``topics`` in log order, read by the converter's reader."""
+    source = bags._messages(reader, path, topics)
+    while True:
+        try:
+            item = next(source)
+        except StopIteration:
+            return
+        except DataError as exc:
+            raise ReplayError(str(exc)) from exc
+        # The storage readers parse untrusted bytes and fail in many ways on a damaged file
+        # (struct, unicode, sqlite, rosbags errors); whatever they raise means the same thing.
+        except Exception as exc:
+            raise ReplayError(f"{path}: corrupt or truncated bag: {type(exc).__name__}: {exc}") from exc
+        yield item
+
+
+def _resolve_cameras(
+    path: Path, topics: dict[str, str], cameras: tuple[str, ...], config: ReplayConfig
+) -> dict[str, str]:
+    given = dict(config.camera_topics)
+    unknown = sorted(set(given) - set(cameras))
+    if unknown:
+        raise ReplayError(f"camera topics given for {unknown}, which are not checkpoint cameras {list(cameras)}")
+    present = bag_cameras(topics)
+    resolved = {c: given.get(c, present.get(c)) for c in cameras}
+    missing = [c for c, topic in resolved.items() if topic is None or topic not in topics]
+    if missing:
+        raise CameraMismatchError(
+            f"{path}: checkpoint cameras {list(cameras)} but the bag records cameras {sorted(present)} "
+            f"(no topic for {missing}; expected /cameras/<name>/image_raw[/compressed], or pass a camera topic)"
+        )
+    return resolved
+
+
+def _gripper_source(bag_config: BagConfig, topics: dict[str, str]) -> str:
+    if not bag_config.has_gripper:
+        return "none"
+    if bag_config.gripper_source == "auto":
+        return "command" if bag_config.gripper_command_topic in topics else "measured"
+    return bag_config.gripper_source
+
+
+def replay_bag(
+    path: str | Path,
+    policy,
+    config: ReplayConfig = ReplayConfig(),
+    embed: Callable[[str], np.ndarray] | None = None,
+    progress: bool = False,
+) -> BagReplay:
+    """Replay one bag through alignment, the node's history rules and ``policy`` (a MaILPolicy).
+
+    ``embed`` maps an instruction to the policy's language embedding; required when the policy
+    is conditioned on language. Raises :class:`ReplayError` (or :class:`CameraMismatchError`)
+    naming the bag and what is wrong.
+    """
+    path = Path(path)
+    reader = _open(path)
+    try:
+        return _replay(reader, path, policy, config, embed, progress)
+    finally:
+        reader.close()
+
+
+def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, progress: bool) -> BagReplay:
+    spec = policy.config.spec
+    language = policy.config.language.enabled
+    if language and embed is None:
+        encoder = policy.config.language.encoder
+        raise ReplayError(f"the policy is conditioned on language ({encoder}): a text encoder is needed")
+    topics = {c.topic: c.msgtype for c in reader.connections}
+    cameras = _resolve_cameras(path, topics, spec.observation.cameras, config)
+    bag_config = BagConfig(
+        observation=spec.observation,
+        camera_topics=tuple(cameras.items()),
+        action_names=spec.action.names,
+        gripper_source=config.gripper_source,
+        max_skew=config.max_skew,
+        latency_allowance=config.latency_allowance,
+        buffer_seconds=config.buffer_seconds,
+    )
+    try:
+        bags._check_topics(path, topics, bag_config)
+    except DataError as exc:
+        raise ReplayError(str(exc)) from exc
+    gripper = _gripper_source(bag_config, topics)
+    if config.instruction is None and language and bag_config.instruction_topic not in topics:
+        raise ReplayError(
+            f"{path}: no {bag_config.instruction_topic} topic, and the policy needs an instruction "
+            "(give one with --instruction)"
+        )
+    dt = spec.action.dt
+    result = BagReplay(path, cameras, spec.action.names, dt, gripper)
+
+    # Pass 1: commands (and the measured finger widths), needed ahead of the replay position.
+    arm, grip, fingers = _read_commands(reader, path, bag_config, gripper)
+
+    # Pass 2: observations and instructions in log order, as the nodes would receive them.
+    builder = ObservationBuilder(spec.observation)
+    aligner = StreamAligner(AlignerConfig(
+        streams=builder.streams,
+        max_skew=config.max_skew,
+        period=spec.observation.period,
+        latency_allowance=config.latency_allowance,
+        buffer_seconds=config.buffer_seconds,
+    ))
+    history = ObservationHistory(spec.observation.obs_horizon, spec.observation.period, config.max_gap_periods)
+    invalid: dict[str, Counter[str]] = {s: Counter() for s in builder.streams}
+    goal_text: str | None = None
+    goal_embedding: np.ndarray | None = None
+    eligible = 0
+    last_frame = -math.inf
+    policy.reset(seed=config.seed)
+    if config.instruction is not None:
+        goal_text = " ".join(config.instruction.split())
+        goal_embedding = embed(goal_text) if language else None
+        result.instructions.append((-math.inf, goal_text))
+
+    def on_observation(aligned: AlignedSet, decided: float) -> None:
+        nonlocal eligible, last_frame
+        result.frames += 1
+        last_frame = max(last_frame, aligned.stamp)
+        observation = builder.build(aligned)
+        if decided - observation.stamp > config.max_observation_age:
+            result.observations["refused_stale"] += 1
+            return
+        outcome = history.add(observation)
+        if outcome == "duplicate":
+            result.observations["ignored_duplicate"] += 1
+            return
+        if outcome == "restart":
+            result.observations["history_restarts"] += 1
+        if language and goal_embedding is None:
+            result.observations["no_goal"] += 1
+            return
+        eligible += 1
+        if (eligible - 1) % config.every:
+            result.observations["skipped_every"] += 1
+            return
+        window = history.window()
+        start = time.perf_counter()
+        actions = policy.predict_chunk(window, goal_embedding)
+        elapsed = (time.perf_counter() - start) * 1e3
+        result.chunks.append(ChunkRecord(observation.stamp, decided, actions, np.full_like(actions, np.nan),
+                                         elapsed, len(window), goal_text))
+
+    stream_of = {topic: camera for camera, topic in cameras.items()}
+    stream_of[bag_config.joint_states_topic] = JOINT_STATES
+    wanted = list(stream_of)
+    if config.instruction is None and bag_config.instruction_topic in topics:
+        wanted.append(bag_config.instruction_topic)
+    total = sum(c.msgcount for c in reader.connections if c.topic in wanted)
+    goal_times: list[float] = []
+    with tqdm(total=total, unit="msg", desc=path.name, disable=not progress, leave=False) as bar:
+        for conn, ns, msg in _messages(reader, path, wanted):
+            bar.update()
+            now = ns * 1e-9
+            if conn.topic == bag_config.instruction_topic:
+                text = " ".join(str(msg.data).split())
+                if not text:
+                    result.observations["empty_instruction"] += 1
+                    continue
+                # A new goal starts a new episode: nothing of the old one conditions the new one.
+                goal_text, goal_embedding = text, embed(text) if language else None
+                history.clear()
+                policy.reset(seed=config.seed)
+                goal_times.append(now)
+                result.instructions.append((now, text))
+                continue
+            stream = stream_of[conn.topic]
+            stamp = stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
+            if stamp <= 0.0:
+                invalid[stream]["unstamped"] += 1
+                continue
+            try:
+                payload = builder.prepare(stream, msg)
+            except ObservationError:
+                invalid[stream]["invalid"] += 1
+                continue
+            aligner.push(stream, stamp, payload)
+            for aligned in aligner.poll(now):
+                on_observation(aligned, now)
+        for aligned in aligner.flush():
+            on_observation(aligned, aligned.stamp + config.max_skew + config.latency_allowance)
+
+    result.sync = _sync_summary(aligner, invalid)
+    result.skews = {name: list(aligner.stats[name].skews) for name in builder.streams[1:]}
+    if result.frames == 0:
+        dropped = result.sync["streams"][builder.streams[0]]["dropped"]
+        reference = builder.streams[0]
+        raise ReplayError(f"{path}: no aligned observation (reference camera {reference!r} dropped: {dropped})")
+    _fill_commanded(result, arm, grip, gripper, fingers, goal_times, last_frame, bag_config)
+    return result
+
+
+def _read_commands(
+    reader: AnyReader, path: Path, bag_config: BagConfig, gripper: str
+) -> tuple[Trajectory, Trajectory, tuple[np.ndarray, np.ndarray]]:
+    """Arm and gripper commands, and (stamps, widths) of the measured gripper sorted by stamp."""
+    arm = Trajectory(bag_config.arm_command_topic, joints=bag_config.arm_joints)
+    grip = Trajectory(bag_config.gripper_command_topic, joints=(bag_config.gripper_action,))
+    finger_t: list[float] = []
+    finger_w: list[float] = []
+    topics = [bag_config.arm_command_topic]
+    if gripper == "command":
+        topics.append(bag_config.gripper_command_topic)
+    elif gripper == "measured":
+        topics.append(bag_config.joint_states_topic)
+    try:
+        for conn, ns, msg in _messages(reader, path, topics):
+            where = f"{path}: {conn.topic} at t={ns * 1e-9:.3f} s"
+            if conn.topic == bag_config.arm_command_topic:
+                arm.add(msg, ns * 1e-9, where)
+            elif conn.topic == bag_config.gripper_command_topic:
+                grip.add(msg, ns * 1e-9, where)
+            else:
+                finger_t.append(stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec))
+                names, positions = list(msg.name), list(msg.position)
+                finger_w.append(float(np.sum(select_joints(names, positions, bag_config.finger_joints))))
+    except (DataError, ObservationError) as exc:
+        raise ReplayError(str(exc)) from exc
+    if not arm.receive:
+        raise ReplayError(f"{path}: no messages on {bag_config.arm_command_topic}; nothing to compare against")
+    order = np.argsort(finger_t, kind="stable")
+    return arm, grip, (np.asarray(finger_t)[order], np.asarray(finger_w)[order])
+
+
+def _sync_summary(aligner: StreamAligner, invalid: dict[str, Counter[str]]) -> dict[str, Any]:
+    """The aligner's statistics with the messages refused before alignment counted as dropped."""
+    summary = aligner.stats.to_dict()
+    for stream, counts in invalid.items():
+        entry = summary["streams"][stream]
+        entry["received"] += sum(counts.values())
+        dropped = Counter(entry["dropped"]) + counts
+        entry["dropped"] = dict(sorted(dropped.items()))
+    return summary
+
+
+def _fill_commanded(
+    result: BagReplay,
+    arm: Trajectory,
+    grip: Trajectory,
+    gripper: str,
+    fingers: tuple[np.ndarray, np.ndarray],
+    goal_times: list[float],
+    last_frame: float,
+    bag_config: BagConfig,
+) -> None:
+    dt = result.dt
+    finger_t, finger_w = fingers
+    produced = bag_config.arm_joints + ((bag_config.gripper_action,) if bag_config.has_gripper else ())
+    order = [produced.index(n) for n in result.action_names]
+    for chunk in result.chunks:
+        later = [g for g in goal_times if g > chunk.decided]
+        episode_end = min(later) if later else math.inf
+        for i in range(len(chunk.predicted)):
+            t = chunk.stamp + i * dt
+            if t > last_frame + dt / 2 or t >= episode_end:
+                continue
+            target, _ = command_target(arm, t, dt)
+            if target is None:
+                continue
+            parts = [target]
+            if gripper == "command":
+                width, _ = command_target(grip, t, dt)
+                if width is None:
+                    continue
+                parts.append(width)
+            elif gripper == "measured":
+                if len(finger_t) == 0 or not finger_t[0] <= t + dt <= finger_t[-1]:
+                    continue
+                parts.append(np.array([np.interp(t + dt, finger_t, finger_w)]))
+            chunk.commanded[i] = np.concatenate(parts)[order]
