@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
 from mail_ros.spec import Observation
 from mail_ros.sync.alignment import AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
 
 __all__ = [
@@ -71,46 +72,6 @@ class ReplayError(ValueError):
 
 class CameraMismatchError(ReplayError):
     """The bag does not record the cameras the checkpoint was trained with."""
-
-
-class ObservationHistory:
-    """The last T observations the policy conditions on, kept exactly as policy_node keeps them.
-
-    An observation not newer than the last one is ignored (duplicate or out of order); one that
-    follows the last by more than ``max_gap_periods`` policy periods restarts the history (a
-    stream outage must not leave stale frames in the window).
-    """
-
-    def __init__(self, obs_horizon: int, period: float, max_gap_periods: float = 3.0) -> None:
-        if obs_horizon < 1:
-            raise ValueError(f"obs_horizon must be >= 1, got {obs_horizon}")
-        if not (period > 0 and max_gap_periods > 0):
-            raise ValueError(f"period and max_gap_periods must be positive, got {period}, {max_gap_periods}")
-        self.max_gap = max_gap_periods * period
-        self._window: deque[Observation] = deque(maxlen=obs_horizon)
-
-    def __len__(self) -> int:
-        return len(self._window)
-
-    def clear(self) -> None:
-        self._window.clear()
-
-    def add(self, observation: Observation) -> str | None:
-        """Append ``observation``; returns ``"duplicate"`` (ignored), ``"restart"`` or None."""
-        outcome = None
-        if self._window:
-            last = self._window[-1].stamp
-            if observation.stamp <= last:
-                return "duplicate"
-            if observation.stamp - last > self.max_gap:
-                self._window.clear()
-                outcome = "restart"
-        self._window.append(observation)
-        return outcome
-
-    def window(self) -> list[Observation]:
-        """Oldest first, at most T observations."""
-        return list(self._window)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_seconds,
                                    run_node, seconds_to_stamp, stamp_to_seconds)
 from mail_ros.spec import Observation
+from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
 
 
@@ -41,7 +42,7 @@ class PolicyNode(Node):
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._history: deque[Observation] = deque()
+        self._history: ObservationHistory | None = None  # created once the checkpoint is known
         self._goal: InstructionEmbedding | None = None
         self._goal_vector: np.ndarray | None = None
         self._fresh = False
@@ -80,6 +81,8 @@ class PolicyNode(Node):
             self.diagnostics.set(ERROR, f"no policy loaded: {exc}")
             return
         self.device = device
+        self._history = ObservationHistory(self.config["obs_horizon"], 1.0 / self.config["rate_hz"],
+                                           self.max_gap_periods)
         latency = self._warm_up()
         memory = ""
         if device.startswith("cuda"):
@@ -153,16 +156,12 @@ class PolicyNode(Node):
             self._refuse("observations", f"observation is {age * 1e3:.0f} ms old (max_observation_age "
                                          f"{self.max_age * 1e3:.0f} ms)")
             return
-        period = 1.0 / self.config["rate_hz"]
         with self._lock:
-            if self._history and observation.stamp <= self._history[-1].stamp:
-                return  # duplicate or out of order: the history only moves forward
-            if self._history and observation.stamp - self._history[-1].stamp > self.max_gap_periods * period:
+            outcome = self._history.add(observation)
+            if outcome == "duplicate":
+                return  # not newer than the last one: the history only moves forward
+            if outcome == "restart":
                 self.get_logger().warning("observation gap; restarting the history")
-                self._history.clear()
-            self._history.append(observation)
-            while len(self._history) > self.config["obs_horizon"]:
-                self._history.popleft()
             self._fresh = True
             self._wake.notify()
 
@@ -194,7 +193,7 @@ class PolicyNode(Node):
                     self._wake.wait(timeout=0.5)
                 if self._stopping:
                     return
-                history = list(self._history)
+                history = self._history.window()
                 goal, vector = self._goal, self._goal_vector
                 self._fresh = False
             start = time.perf_counter()

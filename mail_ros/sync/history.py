@@ -1,0 +1,47 @@
+"""The observation history a policy conditions on: one set of rules for policy_node and replay."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from mail_ros.spec import Observation
+
+
+class ObservationHistory:
+    """The last T observations the policy conditions on, shared by policy_node and offline replay.
+
+    An observation not newer than the last one is ignored (duplicate or out of order); one that
+    follows the last by more than ``max_gap_periods`` policy periods restarts the history (a
+    stream outage must not leave stale frames in the window).
+    """
+
+    def __init__(self, obs_horizon: int, period: float, max_gap_periods: float = 3.0) -> None:
+        if obs_horizon < 1:
+            raise ValueError(f"obs_horizon must be >= 1, got {obs_horizon}")
+        if not (period > 0 and max_gap_periods > 0):
+            raise ValueError(f"period and max_gap_periods must be positive, got {period}, {max_gap_periods}")
+        self.max_gap = max_gap_periods * period
+        self._window: deque[Observation] = deque(maxlen=obs_horizon)
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def clear(self) -> None:
+        self._window.clear()
+
+    def add(self, observation: Observation) -> str | None:
+        """Append ``observation``; returns ``"duplicate"`` (ignored), ``"restart"`` or None."""
+        outcome = None
+        if self._window:
+            last = self._window[-1].stamp
+            if observation.stamp <= last:
+                return "duplicate"
+            if observation.stamp - last > self.max_gap:
+                self._window.clear()
+                outcome = "restart"
+        self._window.append(observation)
+        return outcome
+
+    def window(self) -> list[Observation]:
+        """Oldest first, at most T observations."""
+        return list(self._window)
