@@ -1,0 +1,180 @@
+"""Latency of MaILPolicy.predict_chunk: variant x head x history T x device.
+
+Each row runs in a fresh Python process (so its peak memory is its own) and simulates
+open-loop chunk execution: every call sees a history window moved forward by A frames, so
+min(A, T) new frames per camera are encoded per call and the rest come from the frame cache.
+
+Columns:
+  chunk p50/p99  whole predict_chunk per call, new frames included (default inference path)
+  seq p50        same call repeated with every frame cached: sequence model + head only,
+                 DDPM with the prefix reuse (all K step contexts prefilled in one batched pass)
+  plain p50      as seq, but every denoising step re-runs the whole sequence (reference path)
+  peak MB        CPU: peak RSS of the row's process (model included); CUDA: peak allocated
+  ratio          Mamba variant / its Transformer twin (d_ma/d_tr, ed_ma/ed_tr), same run,
+                 on chunk p50 and on the best of seq/plain p50
+
+Examples:
+  .venv/bin/python bench/policy_latency.py --quick
+  .venv/bin/python bench/policy_latency.py --variants d_ma,d_tr --heads ddpm --T 5,200 --repeats 5
+  .venv/bin/python bench/policy_latency.py --devices cpu,cuda --size paper-goal --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+TWINS = {"d_ma": "d_tr", "ed_ma": "ed_tr"}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def run_row(row: dict) -> dict:
+    """Measure one configuration in this process; returns a JSON-able dict."""
+    import numpy as np
+    import torch
+
+    from mail_ros.policy.mail_policy import MaILPolicy
+    from mail_ros.policy.presets import get_preset
+    from mail_ros.spec import Observation
+
+    torch.set_num_threads(row["threads"])
+    device = torch.device(row["device"])
+    T = row["T"]
+    torch.manual_seed(0)
+    policy = MaILPolicy(get_preset(row["preset"], {"spec.observation.obs_horizon": T})).to(device).eval()
+    A, calls = policy.A, row["warmup"] + row["repeats"]
+    rng = np.random.default_rng(0)
+    H, W = policy.image_size
+    n_frames = T + A * calls
+    # A small pool of images reused across stamps: the policy caches by stamp, not by content.
+    pool = [{c: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for c in policy.cameras} for _ in range(8)]
+    frames = [Observation(0.1 * i, pool[i % 8], np.zeros(policy.joint_dim)) for i in range(n_frames)]
+    language = np.zeros(policy.config.language.dim) if policy.config.language.enabled else None
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(history) -> float:
+        sync()
+        start = time.perf_counter()
+        policy.predict_chunk(history, language, seed=0)
+        sync()
+        return (time.perf_counter() - start) * 1e3
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    chunk = []
+    for call in range(calls):
+        end = T + call * A
+        elapsed = timed(frames[end - T : end])
+        if call >= row["warmup"]:
+            chunk.append(elapsed)
+    window = frames[n_frames - T : n_frames]
+    seq = [timed(window) for _ in range(row["repeats"])]
+    policy.use_prefix_cache = False
+    plain = [timed(window) for _ in range(row["repeats"])] if policy.is_ddpm else seq
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        **row,
+        "params": policy.num_parameters()["total"],
+        "backend": policy.backend,
+        "chunk_p50": statistics.median(chunk),
+        "chunk_p99": _percentile(chunk, 99),
+        "seq_p50": statistics.median(seq),
+        "plain_p50": statistics.median(plain),
+        "peak_mb": peak_mb,
+    }
+
+
+def _run_isolated(row: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"row {row} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratios(results: list[dict]) -> None:
+    index = {(r["variant"], r["head"], r["T"], r["device"]): r for r in results}
+    for r in results:
+        twin = index.get((TWINS.get(r["variant"]), r["head"], r["T"], r["device"]))
+        if twin is None:
+            r["ratio_chunk"] = r["ratio_seq"] = None
+            continue
+        r["ratio_chunk"] = r["chunk_p50"] / twin["chunk_p50"]
+        r["ratio_seq"] = min(r["seq_p50"], r["plain_p50"]) / min(twin["seq_p50"], twin["plain_p50"])
+
+
+def _print_table(results: list[dict]) -> None:
+    header = (
+        f"{'variant':7} {'head':4} {'T':>4} {'device':6} {'params':>11} {'chunk p50':>10} {'p99':>9} "
+        f"{'seq p50':>9} {'plain p50':>10} {'peak MB':>8} {'ratio chunk':>11} {'ratio seq':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ratio = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+        print(
+            f"{r['variant']:7} {r['head']:4} {r['T']:>4} {r['device']:6} {r['params']:>11,} "
+            f"{r['chunk_p50']:>10.1f} {r['chunk_p99']:>9.1f} {r['seq_p50']:>9.1f} {r['plain_p50']:>10.1f} "
+            f"{r['peak_mb']:>8.0f} {ratio(r['ratio_chunk']):>11} {ratio(r['ratio_seq']):>9}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="paper-spatial", help="preset size (tiny, demo, paper-SUITE)")
+    parser.add_argument("--variants", default="d_ma,ed_ma,d_tr,ed_tr")
+    parser.add_argument("--heads", default="bc,ddpm")
+    parser.add_argument("--T", default="1,5,10,50,200", help="history lengths")
+    parser.add_argument("--devices", default="cpu", help="cpu and/or cuda")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="d_ma + d_tr, DDPM, T in {5, 200}, 3 repeats")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.row:
+        print(json.dumps(run_row(json.loads(args.row))))
+        return 0
+    if args.quick:
+        args.variants, args.heads, args.T, args.repeats, args.warmup = "d_ma,d_tr", "ddpm", "5,200", 3, 1
+    results = []
+    for device in args.devices.split(","):
+        for head in args.heads.split(","):
+            for T in (int(v) for v in args.T.split(",")):
+                for variant in args.variants.split(","):
+                    row = {
+                        "preset": f"{args.size}-{variant}-{head}", "variant": variant, "head": head, "T": T,
+                        "device": device, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
+                    }
+                    results.append(_run_isolated(row))
+                    print(f"  {row['preset']} T={T} {device}: chunk p50 {results[-1]['chunk_p50']:.1f} ms", file=sys.stderr, flush=True)
+    _ratios(results)
+    print(f"size {args.size}, torch threads {args.threads}, backends: {sorted({r['backend'] for r in results})}")
+    _print_table(results)
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump(results, stream, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""``mail-ros checkpoint``: create untrained checkpoints, inspect them, list presets.
+
+* ``init --preset NAME --out DIR [--seed N] [--set group.field=value ...]``: untrained weights
+  with normalisation statistics derived from the FR3 joint limits (mean = middle of the range,
+  std = half the range, min/max = the limits), so a fresh checkpoint already commands
+  positions inside the limits; useful for wiring tests and latency checks before training.
+* ``info DIR``: the spec, variant, parameter counts and file sizes (reads no model code).
+* ``presets``: the preset names (``--params`` also builds each one to count its parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+# Joint position limits of the FR3 (Franka datasheet), radians; finger joints and the gripper
+# width in metres.
+FR3_POSITION_LIMITS: dict[str, tuple[float, float]] = {
+    "fr3_joint1": (-2.7437, 2.7437),
+    "fr3_joint2": (-1.7837, 1.7837),
+    "fr3_joint3": (-2.9007, 2.9007),
+    "fr3_joint4": (-3.0421, -0.1518),
+    "fr3_joint5": (-2.8065, 2.8065),
+    "fr3_joint6": (0.5445, 4.5169),
+    "fr3_joint7": (-3.0159, 3.0159),
+    "fr3_finger_joint1": (0.0, 0.04),
+    "fr3_finger_joint2": (0.0, 0.04),
+    "fr3_gripper_width": (0.0, 0.08),
+}
+
+
+def limit_stats(names: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
+    """Statistics from the FR3 limits of ``names``: mean = middle, std = half range, min/max = limits."""
+    unknown = [name for name in names if name not in FR3_POSITION_LIMITS]
+    if unknown:
+        raise ValueError(f"no FR3 position limits for {unknown}; known: {sorted(FR3_POSITION_LIMITS)}")
+    low = [FR3_POSITION_LIMITS[name][0] for name in names]
+    high = [FR3_POSITION_LIMITS[name][1] for name in names]
+    return {
+        "mean": [(lo + hi) / 2 for lo, hi in zip(low, high)],
+        "std": [(hi - lo) / 2 for lo, hi in zip(low, high)],
+        "min": low,
+        "max": high,
+    }
+
+
+def _init(args: argparse.Namespace) -> int:
+    import torch
+
+    from mail_ros.policy.checkpoint import save_checkpoint
+    from mail_ros.policy.mail_policy import MaILPolicy
+    from mail_ros.policy.presets import get_preset, parse_override
+
+    config = get_preset(args.preset, dict(parse_override(text) for text in args.set))
+    torch.manual_seed(args.seed)
+    policy = MaILPolicy(config)
+    policy.set_normalization(
+        limit_stats(config.spec.action.names), limit_stats(config.spec.observation.joint_names)
+    )
+    path = save_checkpoint(args.out, policy, step=0, epoch=0, extra={"preset": args.preset, "seed": args.seed})
+    print(f"wrote untrained {args.preset} ({policy.num_parameters()['total']:,} parameters) to {path}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from mail_ros.policy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint_config
+
+    root = Path(args.dir)
+    data = read_checkpoint_config(root)
+    counts: dict[str, int] = {}
+    with safe_open(str(root / WEIGHTS_FILE), framework="pt") as weights:
+        for key in weights.keys():
+            counts[key.split(".", 1)[0]] = counts.get(key.split(".", 1)[0], 0) + math.prod(
+                weights.get_slice(key).get_shape()
+            )
+    policy = data["policy"]
+    print(f"checkpoint     {root}")
+    print(f"format         v{data['format_version']} (mail_ros {data['mail_ros_version']})")
+    print(f"variant/head   {data['variant']} / {data['head']}  (init {policy['init']})")
+    print(f"backbone       {json.dumps(policy['backbone'])}")
+    print(f"cameras        {data['cameras']} at {data['image_size'][0]}x{data['image_size'][1]} (H x W)")
+    print(f"history T      {data['obs_horizon']} at {data['rate_hz']} Hz; joints {data['joint_names']}")
+    print(f"actions A      {data['action_horizon']} x {data['action_space']} {data['action_names']}, dt {data['dt']} s")
+    print(f"language       {data['language_encoder']} ({data['language_dim']}-d)")
+    print(f"proprio        {policy['proprio']}")
+    print(f"training       {data['training']}")
+    print("tensors        " + ", ".join(f"{part} {n:,}" for part, n in sorted(counts.items())) + f"; total {sum(counts.values()):,}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        print(f"file           {name} {(root / name).stat().st_size:,} bytes")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from mail_ros.policy.presets import list_presets
+
+    for name in list_presets():
+        if args.params:
+            import torch
+
+            from mail_ros.policy.mail_policy import MaILPolicy
+            from mail_ros.policy.presets import get_preset
+
+            with torch.device("meta"):
+                total = MaILPolicy(get_preset(name)).num_parameters()["total"]
+            print(f"{name:28s} {total:>12,}")
+        else:
+            print(name)
+    return 0
+
+
+def _reporting_errors(func):
+    """Run ``func``; bad presets, overrides and checkpoints print one clear line and exit 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ValueError as exc:  # CheckpointError, ConfigError, SpecError are ValueErrors
+            print(f"mail-ros checkpoint {args.checkpoint_command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mail-ros checkpoint`` and its sub-commands."""
+    parser = subparsers.add_parser("checkpoint", help="create, inspect and list policy checkpoints")
+    commands = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+
+    init = commands.add_parser("init", help="write an untrained checkpoint from a preset")
+    init.add_argument("--preset", required=True, help="preset name (see 'mail-ros checkpoint presets')")
+    init.add_argument("--out", required=True, help="checkpoint directory to write")
+    init.add_argument("--seed", type=int, default=0, help="torch seed for the initial weights")
+    init.add_argument(
+        "--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
+        help="override a config field, e.g. spec.observation.obs_horizon=1 (repeatable; JSON values)",
+    )
+    init.set_defaults(func=_reporting_errors(_init))
+
+    info = commands.add_parser("info", help="print a checkpoint's spec, sizes and parameter counts")
+    info.add_argument("dir", help="checkpoint directory")
+    info.set_defaults(func=_reporting_errors(_info))
+
+    presets = commands.add_parser("presets", help="list preset names")
+    presets.add_argument("--params", action="store_true", help="also count each preset's parameters")
+    presets.set_defaults(func=_reporting_errors(_presets))

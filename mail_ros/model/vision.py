@@ -1,0 +1,120 @@
+"""Image encoders: uint8 camera frames -> one observation token per time step.
+
+Per camera: pixels to [0, 1], ImageNet mean/std, ResNet-18 trunk, SpatialSoftmax keypoints,
+Linear(2K -> feature_dim). The camera features of one step are concatenated in sorted camera
+order and projected to the model width, giving one token per step (as the MaIL reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mail_ros.model.resnet import ResNet18Trunk
+
+__all__ = ["SpatialSoftmax", "CameraEncoder", "ObservationEncoder"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SpatialSoftmax(nn.Module):
+    """Feature map -> expected (x, y) image coordinates of K learned keypoints.
+
+    A 1x1 convolution makes K heat maps; a softmax over the pixels (divided by ``temperature``)
+    turns each into a distribution whose mean position in [-1, 1]^2 is the keypoint.
+    (N, C, H, W) -> (N, 2K), ordered x_1, y_1, x_2, y_2, ...
+    """
+
+    def __init__(self, in_channels: int, num_keypoints: int = 32, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"SpatialSoftmax temperature must be positive, got {temperature}")
+        self.keypoints = nn.Conv2d(in_channels, num_keypoints, 1)
+        self.num_keypoints = num_keypoints
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, _, H, W = x.shape
+        heat = self.keypoints(x).flatten(2) / self.temperature  # (N, K, H*W)
+        prob = heat.softmax(dim=-1)
+        ys = torch.linspace(-1.0, 1.0, H, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, W, device=x.device, dtype=x.dtype)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        grid = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # (H*W, 2)
+        return (prob @ grid).reshape(N, 2 * self.num_keypoints)
+
+
+class CameraEncoder(nn.Module):
+    """One camera: uint8 (N, H, W, 3) RGB -> (N, feature_dim)."""
+
+    def __init__(
+        self,
+        feature_dim: int = 128,
+        resnet_width: int = 64,
+        norm: str = "group",
+        num_keypoints: int = 32,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.trunk = ResNet18Trunk(width=resnet_width, norm=norm)
+        self.pool = SpatialSoftmax(self.trunk.out_channels, num_keypoints, temperature)
+        self.proj = nn.Linear(2 * num_keypoints, feature_dim)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Channels-last uint8 is what cameras and bags deliver; convert once here.
+        x = images.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (N, 3, H, W)
+        x = (x - self.mean) / self.std
+        return self.proj(self.pool(self.trunk(x)))
+
+
+class ObservationEncoder(nn.Module):
+    """All cameras of a time step -> one token of width ``d_model``.
+
+    ``shared=False`` (reference) gives each camera its own encoder; ``shared=True`` one encoder
+    for all cameras. Cameras are always concatenated in sorted name order.
+    """
+
+    def __init__(
+        self,
+        cameras: Sequence[str],
+        d_model: int,
+        feature_dim: int = 128,
+        resnet_width: int = 64,
+        norm: str = "group",
+        num_keypoints: int = 32,
+        temperature: float = 1.0,
+        shared: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cameras = tuple(sorted(cameras))
+        self.shared = shared
+
+        def make() -> CameraEncoder:
+            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature)
+
+        if shared:
+            self.encoder = make()
+        else:
+            self.encoders = nn.ModuleDict({name: make() for name in self.cameras})
+        self.proj = nn.Linear(len(self.cameras) * feature_dim, d_model)
+
+    def forward(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``images``: camera -> uint8 (N, H, W, 3); returns (N, D)."""
+        if self.shared:
+            N = images[self.cameras[0]].shape[0]
+            stacked = torch.cat([images[name] for name in self.cameras], dim=0)  # (C*N, H, W, 3)
+            features = self.encoder(stacked).split(N, dim=0)
+        else:
+            features = [self.encoders[name](images[name]) for name in self.cameras]
+        return self.proj(torch.cat(features, dim=-1))  # (N, D)
+
+    def encode_sequence(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``images``: camera -> uint8 (B, T, H, W, 3); returns (B, T, D)."""
+        B, T = images[self.cameras[0]].shape[:2]
+        flat = {name: images[name].reshape(B * T, *images[name].shape[2:]) for name in self.cameras}
+        return self.forward(flat).view(B, T, -1)

@@ -1,0 +1,216 @@
+"""Self-describing policy checkpoints: a directory with ``config.json`` and ``model.safetensors``.
+
+``config.json`` holds the format version, the code version, the full :class:`PolicyConfig`
+(``"policy"``), the normalisation statistics, training progress, and top-level copies of what
+other tools read without building the model (``cameras``, ``image_size`` [H, W],
+``obs_horizon``, ``action_horizon``, ``action_space``, ``action_names``, ``joint_names``,
+``rate_hz``, ``dt``, ``language_encoder``, ``language_dim``, ``variant``, ``head``).
+``model.safetensors`` holds every parameter and persistent buffer, the statistics included
+(they are the source of truth; the JSON copy must agree). No pickle is used anywhere.
+
+Every problem on loading raises :class:`CheckpointError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import mail_ros
+from mail_ros.policy.config import ConfigError, PolicyConfig
+from mail_ros.policy.mail_policy import MaILPolicy
+from mail_ros.policy.normalizer import FIELDS, NormalizerError
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "checkpoint_config",
+]
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+NORMALIZERS = {"action": "action_norm", "proprio": "proprio_norm"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, malformed or inconsistent."""
+
+
+def _top_level(config: PolicyConfig) -> dict[str, Any]:
+    observation, action = config.spec.observation, config.spec.action
+    return {
+        "cameras": list(observation.cameras),
+        "image_size": list(observation.image_size),
+        "obs_horizon": observation.obs_horizon,
+        "action_horizon": action.horizon,
+        "action_space": action.action_space,
+        "action_names": list(action.names),
+        "joint_names": list(observation.joint_names),
+        "rate_hz": observation.rate_hz,
+        "dt": action.dt,
+        "language_encoder": config.language.encoder,
+        "language_dim": config.language.dim,
+        "variant": config.variant,
+        "head": config.head.kind,
+    }
+
+
+def checkpoint_config(
+    policy: MaILPolicy, step: int | None = None, epoch: int | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``config.json`` content for ``policy``."""
+    data: dict[str, Any] = {"format_version": FORMAT_VERSION, "mail_ros_version": mail_ros.__version__}
+    data.update(_top_level(policy.config))
+    data["policy"] = policy.config.to_dict()
+    data["normalization"] = {key: getattr(policy, attr).stats() for key, attr in NORMALIZERS.items()}
+    data["training"] = {"step": step, "epoch": epoch}
+    data["extra"] = dict(extra or {})
+    return data
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    policy: MaILPolicy,
+    step: int | None = None,
+    epoch: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``policy`` to ``directory`` atomically (temporary sibling, then rename); returns the path.
+
+    ``extra`` is stored verbatim under ``"extra"`` and must be JSON-serialisable. An existing
+    checkpoint at ``directory`` is replaced.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config_text = json.dumps(checkpoint_config(policy, step, epoch, extra), indent=2, allow_nan=False)
+    # safetensors refuses tensors that share storage or are not contiguous; copy to be safe.
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in policy.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+        with open(tmp / CONFIG_FILE, "w") as stream:
+            stream.write(config_text + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "checkpoint")
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_stats(stats: Any, where: str, dim: int) -> None:
+    if not isinstance(stats, dict):
+        raise CheckpointError(f"{where} must be an object with {list(FIELDS)}")
+    for key in FIELDS:
+        values = stats.get(key)
+        if not isinstance(values, list) or len(values) != dim:
+            raise CheckpointError(f"{where}.{key} must be a list of {dim} numbers")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise CheckpointError(f"{where}.{key} contains non-finite or non-numeric values")
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and fully validate ``config.json`` without touching the weights (cheap, no model).
+
+    Returns the parsed JSON; ``PolicyConfig.from_dict(result["policy"])`` rebuilds the config.
+    """
+    root = Path(directory)
+    path = root / CONFIG_FILE
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+    try:
+        config = PolicyConfig.from_dict(data.get("policy"))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path} key 'policy': {exc}") from exc
+    for key, expected in _top_level(config).items():
+        if key not in data:
+            raise CheckpointError(f"{path} is missing the top-level key {key!r}")
+        if data[key] != expected:
+            raise CheckpointError(
+                f"{path} key {key!r} is {data[key]!r} but the policy config says {expected!r}"
+            )
+    normalization = data.get("normalization")
+    if not isinstance(normalization, dict):
+        raise CheckpointError(f"{path} is missing the 'normalization' object")
+    dims = {"action": config.spec.action.dim, "proprio": len(config.spec.observation.joint_names)}
+    for key, dim in dims.items():
+        _check_stats(normalization.get(key), f"{path} key 'normalization.{key}'", dim)
+    return data
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaILPolicy:
+    """Rebuild the policy saved in ``directory`` on ``device``, in eval mode, validated throughout."""
+    root = Path(directory)
+    data = read_checkpoint_config(root)
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from exc
+    # Building the model draws random initial weights; keep the caller's RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        policy = MaILPolicy(PolicyConfig.from_dict(data["policy"]))
+    expected = policy.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{weights} lacks tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{weights} has unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{weights} tensor {key!r} has shape {tuple(tensors[key].shape)}, the config needs {tuple(value.shape)}"
+            )
+        if tensors[key].dtype != value.dtype:
+            raise CheckpointError(f"{weights} tensor {key!r} has dtype {tensors[key].dtype}, expected {value.dtype}")
+        if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
+            raise CheckpointError(f"{weights} tensor {key!r} contains NaN or infinite values")
+    policy.load_state_dict(tensors, strict=True)
+    for key, attr in NORMALIZERS.items():
+        normalizer = getattr(policy, attr)
+        try:
+            normalizer.set_stats({field: getattr(normalizer, field) for field in FIELDS}, key)
+        except NormalizerError as exc:
+            raise CheckpointError(f"{weights}: normalisation statistics {exc}") from exc
+        stored = torch.tensor([data["normalization"][key][field] for field in FIELDS])
+        if not torch.allclose(torch.stack([getattr(normalizer, field) for field in FIELDS]), stored, rtol=1e-6, atol=1e-7):
+            raise CheckpointError(
+                f"{root / CONFIG_FILE} key 'normalization.{key}' disagrees with the statistics in {weights}"
+            )
+    return policy.to(device).eval()

@@ -1,0 +1,199 @@
+"""Typed, validated configuration of a MaIL policy (saved verbatim in every checkpoint).
+
+A :class:`PolicyConfig` groups the observation/action contract (:class:`mail_ros.spec.PolicySpec`)
+with the network: image encoders, sequence backbone, action head, language and proprioception.
+Every group validates itself in ``__post_init__`` and raises :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mail_ros.spec import PolicySpec, SpecError
+
+__all__ = [
+    "ConfigError",
+    "VisionConfig",
+    "BackboneConfig",
+    "HeadConfig",
+    "LanguageConfig",
+    "PolicyConfig",
+    "VARIANTS",
+]
+
+# variant name -> (backbone kind, layout)
+VARIANTS = {
+    "d_ma": ("mamba", "decoder"),
+    "ed_ma": ("mamba", "encoder_decoder"),
+    "d_tr": ("transformer", "decoder"),
+    "ed_tr": ("transformer", "encoder_decoder"),
+}
+INITS = ("mamba", "reference")
+
+
+class ConfigError(ValueError):
+    """A policy configuration value is invalid."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    _check(isinstance(data, dict), f"{where} must be a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    _check(not unknown, f"{where} has unknown keys {unknown}; known: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+@dataclass
+class VisionConfig:
+    """Per-camera ResNet-18 -> SpatialSoftmax -> Linear encoders."""
+
+    resnet_width: int = 64  # channels of conv1; 64 is ResNet-18, smaller for CPU presets
+    norm: str = "group"  # "group" (reference, groups = channels // 16) or "batch" (torchvision)
+    num_keypoints: int = 32
+    temperature: float = 1.0
+    feature_dim: int = 128  # per-camera feature after Linear(2 * num_keypoints -> feature_dim)
+    shared_encoder: bool = False  # reference: one encoder per camera
+
+    def __post_init__(self) -> None:
+        _check(self.resnet_width >= 1, f"vision.resnet_width must be >= 1, got {self.resnet_width}")
+        _check(self.norm in ("group", "batch"), f"vision.norm must be 'group' or 'batch', got {self.norm!r}")
+        _check(self.num_keypoints >= 1, f"vision.num_keypoints must be >= 1, got {self.num_keypoints}")
+        _check(self.temperature > 0, f"vision.temperature must be positive, got {self.temperature}")
+        _check(self.feature_dim >= 1, f"vision.feature_dim must be >= 1, got {self.feature_dim}")
+
+
+@dataclass
+class BackboneConfig:
+    """Sequence model: Mamba or Transformer, decoder-only or encoder-decoder."""
+
+    kind: str = "mamba"  # "mamba" | "transformer"
+    layout: str = "decoder"  # "decoder" | "encoder_decoder"
+    d_model: int = 128
+    n_layers: int = 16  # decoder layout
+    n_enc: int = 10  # encoder_decoder layout
+    n_dec: int = 6  # encoder_decoder layout
+    # Mamba mixer
+    d_state: int = 16
+    d_conv: int = 4
+    d_conv_dec: int = 2  # decoder of ED-Ma (reference: 2)
+    expand: int = 2
+    # Transformer
+    heads: int = 4
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("mamba", "transformer"), f"backbone.kind must be 'mamba' or 'transformer', got {self.kind!r}")
+        _check(
+            self.layout in ("decoder", "encoder_decoder"),
+            f"backbone.layout must be 'decoder' or 'encoder_decoder', got {self.layout!r}",
+        )
+        for name in ("d_model", "n_layers", "n_enc", "n_dec", "d_state", "d_conv", "d_conv_dec", "expand", "heads"):
+            _check(getattr(self, name) >= 1, f"backbone.{name} must be >= 1, got {getattr(self, name)}")
+        _check(0.0 <= self.dropout < 1.0, f"backbone.dropout must be in [0, 1), got {self.dropout}")
+        if self.kind == "transformer":
+            _check(
+                self.d_model % self.heads == 0,
+                f"backbone.d_model ({self.d_model}) must be divisible by backbone.heads ({self.heads})",
+            )
+
+    @property
+    def variant(self) -> str:
+        """Paper name of the variant: d_ma, ed_ma, d_tr or ed_tr."""
+        return {v: k for k, v in VARIANTS.items()}[(self.kind, self.layout)]
+
+
+@dataclass
+class HeadConfig:
+    """Action head: behaviour cloning (MSE) or DDPM (epsilon prediction)."""
+
+    kind: str = "ddpm"  # "bc" | "ddpm"
+    steps: int = 16  # DDPM steps, training and sampling
+    cosine_s: float = 0.008
+    max_beta: float = 0.999
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("bc", "ddpm"), f"head.kind must be 'bc' or 'ddpm', got {self.kind!r}")
+        _check(self.steps >= 2, f"head.steps must be >= 2, got {self.steps}")
+        _check(self.cosine_s > 0, f"head.cosine_s must be positive, got {self.cosine_s}")
+        _check(0 < self.max_beta < 1, f"head.max_beta must be in (0, 1), got {self.max_beta}")
+
+
+@dataclass
+class LanguageConfig:
+    """Instruction conditioning: a precomputed embedding -> Linear -> one prepended token."""
+
+    encoder: str | None = None  # e.g. "openai/clip-vit-base-patch32"; None = no language
+    dim: int = 0  # embedding size (512 for CLIP ViT-B/32); 0 = no language token
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 0, f"language.dim must be >= 0, got {self.dim}")
+        _check(
+            (self.encoder is None) == (self.dim == 0),
+            f"language.encoder and language.dim must be set together, got encoder={self.encoder!r} dim={self.dim}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.dim > 0
+
+
+@dataclass
+class PolicyConfig:
+    """Everything needed to rebuild a MaIL policy."""
+
+    spec: PolicySpec = field(default_factory=PolicySpec)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    proprio: bool = False  # joint positions fused into each observation token (off in the paper)
+    # "mamba": every module keeps its own init (Mamba's dt/A/D init intact). "reference": the MaIL
+    # code's N(0, 0.02) re-init of every nn.Linear with zero bias, which also overwrites the
+    # Mamba dt_proj bias init (so initial step sizes are softplus(0) ~ 0.69 instead of 1e-3..0.1).
+    init: str = "mamba"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
+        _check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
+        _check(isinstance(self.proprio, bool), f"proprio must be true or false, got {self.proprio!r}")
+
+    @property
+    def variant(self) -> str:
+        return self.backbone.variant
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "PolicyConfig":
+        """Inverse of :meth:`to_dict`; raises ConfigError on any missing, unknown or invalid field."""
+        _check(isinstance(data, dict), f"policy config must be a JSON object, got {type(data).__name__}")
+        required = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(required - set(data))
+        unknown = sorted(set(data) - required)
+        _check(not missing and not unknown, f"policy config: missing keys {missing}, unknown keys {unknown}")
+        try:
+            spec = PolicySpec.from_dict(data["spec"])
+        except (SpecError, TypeError) as exc:
+            raise ConfigError(f"policy config 'spec': {exc}") from exc
+        return cls(
+            spec=spec,
+            vision=_build(VisionConfig, data["vision"], "vision"),
+            backbone=_build(BackboneConfig, data["backbone"], "backbone"),
+            head=_build(HeadConfig, data["head"], "head"),
+            language=_build(LanguageConfig, data["language"], "language"),
+            proprio=data["proprio"],
+            init=data["init"],
+        )

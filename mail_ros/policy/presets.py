@@ -1,0 +1,118 @@
+"""Named policy configurations: ``{size}-{variant}-{head}``.
+
+Sizes: ``tiny`` (unit tests; milliseconds on CPU), ``demo`` (the CPU demo, ~1.5 M parameters),
+and ``paper-{spatial,object,goal,long,90}`` (the MaIL paper's sizes per LIBERO suite).
+Variants: ``d_ma``, ``ed_ma``, ``d_tr``, ``ed_tr``. Heads: ``bc``, ``ddpm``.
+Example: ``paper-goal-d_ma-ddpm``. :func:`list_presets` lists all of them.
+
+Every preset uses the FR3 contract of :mod:`mail_ros.spec` (cameras ``agentview`` + ``wrist``,
+joint-position actions over fr3_joint1..7 + fr3_gripper_width). The paper sizes take the
+reference's network sizes, image size (128x128), T = 5 (the history length at which the paper
+compares) and A (5, or 10 on LIBERO-Long); language (CLIP ViT-B/32, 512-d) is on for Goal and 90
+as in the reference. :func:`get_preset` accepts dotted overrides, e.g.
+``{"spec.observation.obs_horizon": 1, "language.dim": 384}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from mail_ros.policy.config import VARIANTS, BackboneConfig, ConfigError, PolicyConfig
+
+__all__ = ["list_presets", "get_preset", "apply_overrides", "parse_override", "PresetError", "SIZES", "HEADS"]
+
+HEADS = ("bc", "ddpm")
+SUITES = ("spatial", "object", "goal", "long", "90")
+SIZES = ("tiny", "demo") + tuple(f"paper-{suite}" for suite in SUITES)
+CLIP = {"encoder": "openai/clip-vit-base-patch32", "dim": 512}
+
+
+class PresetError(ConfigError):
+    """Unknown preset name or bad override."""
+
+
+def list_presets() -> list[str]:
+    """All preset names, grouped by size, then variant, then head."""
+    return [f"{size}-{variant}-{head}" for size in SIZES for variant in VARIANTS for head in HEADS]
+
+
+def _backbone(size: str, variant: str) -> dict[str, Any]:
+    kind, layout = VARIANTS[variant]
+    base = {"kind": kind, "layout": layout}
+    if size == "tiny":
+        return base | {"d_model": 32, "n_layers": 2, "n_enc": 1, "n_dec": 1, "d_state": 4, "heads": 2, "dropout": 0.0}
+    if size == "demo":
+        layers = {"d_ma": (4, 1, 1), "ed_ma": (1, 2, 2), "d_tr": (2, 1, 1), "ed_tr": (1, 1, 2)}[variant]
+        return base | {"d_model": 64, "n_layers": layers[0], "n_enc": layers[1], "n_dec": layers[2], "d_state": 8}
+    suite = size.removeprefix("paper-")
+    sizes = {
+        "d_ma": {"n_layers": 16},
+        "ed_ma": {"n_enc": 8, "n_dec": 10, "d_state": 8} if suite == "90" else {"n_enc": 10, "n_dec": 6},
+        "d_tr": {"n_layers": 8},
+        "ed_tr": {"n_enc": 4, "n_dec": 6},
+    }[variant]
+    return base | {"d_model": 128, "d_conv": 4, "d_conv_dec": 2, "expand": 2, "heads": 4, "dropout": 0.1} | sizes
+
+
+def _preset_dict(size: str, variant: str, head: str) -> dict[str, Any]:
+    data = PolicyConfig().to_dict()
+    data["backbone"] = asdict(BackboneConfig(**_backbone(size, variant)))
+    data["head"]["kind"] = head
+    observation, action = data["spec"]["observation"], data["spec"]["action"]
+    if size == "tiny":
+        observation.update(image_size=[64, 64], obs_horizon=2)
+        action.update(horizon=4)
+        data["vision"].update(resnet_width=4, num_keypoints=8, feature_dim=16)
+    elif size == "demo":
+        observation.update(image_size=[64, 64], obs_horizon=2)
+        action.update(horizon=8)
+        data["vision"].update(resnet_width=16, num_keypoints=32, feature_dim=64)
+    else:
+        suite = size.removeprefix("paper-")
+        observation.update(image_size=[128, 128], obs_horizon=5)
+        action.update(horizon=10 if suite == "long" else 5)
+        if suite in ("goal", "90"):
+            data["language"] = dict(CLIP)
+    return data
+
+
+def get_preset(name: str, overrides: dict[str, Any] | None = None) -> PolicyConfig:
+    """The configuration called ``name``, with optional dotted-path ``overrides`` applied."""
+    parts = name.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] not in SIZES or parts[1] not in VARIANTS or parts[2] not in HEADS:
+        raise PresetError(
+            f"unknown preset {name!r}; names are SIZE-VARIANT-HEAD with SIZE in {list(SIZES)}, "
+            f"VARIANT in {list(VARIANTS)}, HEAD in {list(HEADS)} (e.g. 'paper-goal-d_ma-ddpm')"
+        )
+    data = _preset_dict(*parts)
+    return apply_overrides(data, overrides or {})
+
+
+def apply_overrides(config: PolicyConfig | dict[str, Any], overrides: dict[str, Any]) -> PolicyConfig:
+    """A new config with ``overrides`` ({"group.field": value}) set, validated as a whole."""
+    data = config.to_dict() if isinstance(config, PolicyConfig) else json.loads(json.dumps(config))
+    for path, value in overrides.items():
+        node = data
+        keys = path.split(".")
+        for key in keys[:-1]:
+            if not isinstance(node, dict) or key not in node:
+                raise PresetError(f"override {path!r}: no config group {key!r}")
+            node = node[key]
+        if not isinstance(node, dict) or keys[-1] not in node:
+            raise PresetError(f"override {path!r}: no config field {keys[-1]!r}")
+        node[keys[-1]] = value
+    return PolicyConfig.from_dict(data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"group.field=value"`` -> (path, value); the value is JSON when it parses, else a string."""
+    path, sep, raw = text.partition("=")
+    if not sep or not path:
+        raise PresetError(f"override must look like group.field=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path.strip(), value

@@ -1,0 +1,52 @@
+"""Image encoders: SpatialSoftmax keypoints, pixel normalisation, per-camera and shared encoders."""
+
+import torch
+
+from mail_ros.model.vision import CameraEncoder, ObservationEncoder, SpatialSoftmax
+
+torch.set_num_threads(1)
+
+
+def test_spatial_softmax_finds_a_hot_pixel():
+    pool = SpatialSoftmax(in_channels=1, num_keypoints=1, temperature=0.01)
+    with torch.no_grad():
+        pool.keypoints.weight.fill_(1.0)
+        pool.keypoints.bias.zero_()
+    feature = torch.zeros(1, 1, 5, 9)
+    feature[0, 0, 4, 0] = 1.0  # bottom-left corner
+    x, y = pool(feature)[0].tolist()
+    assert abs(x + 1) < 1e-3 and abs(y - 1) < 1e-3
+
+
+def test_spatial_softmax_output_is_32_keypoints_times_two():
+    assert SpatialSoftmax(16, 32)(torch.randn(3, 16, 4, 4)).shape == (3, 64)
+
+
+def test_camera_encoder_normalises_uint8_imagenet_style():
+    encoder = CameraEncoder(feature_dim=8, resnet_width=4)
+    gray = torch.full((1, 32, 32, 3), 124, dtype=torch.uint8)
+    captured = {}
+
+    def keep_input(module, args, out):
+        captured["x"] = args[0]
+
+    encoder.trunk.conv1.register_forward_hook(keep_input)
+    encoder(gray)
+    expected = (124 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(captured["x"][0, :, 0, 0], expected, atol=1e-6)
+
+
+def test_observation_encoder_per_camera_and_shared():
+    images = {name: torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8) for name in ("wrist", "agentview")}
+    separate = ObservationEncoder(["wrist", "agentview"], d_model=16, feature_dim=8, resnet_width=4)
+    shared = ObservationEncoder(["wrist", "agentview"], d_model=16, feature_dim=8, resnet_width=4, shared=True)
+    assert separate.cameras == ("agentview", "wrist")
+    assert set(separate.encoders) == {"agentview", "wrist"}
+    assert separate.encode_sequence(images).shape == (2, 3, 16)
+    assert shared.encode_sequence(images).shape == (2, 3, 16)
+    n_sep = sum(p.numel() for p in separate.parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    assert n_sep > n_shared
+    # Per-step tokens do not depend on which other steps are in the batch.
+    flat = {k: v[:, 1] for k, v in images.items()}
+    assert torch.allclose(separate(flat), separate.encode_sequence(images)[:, 1], atol=1e-5)

@@ -1,0 +1,200 @@
+"""Checkpoints: round trip, cheap config reads, every malformed case, and the CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mail_ros.cli import main as cli_main
+from mail_ros.policy.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_config,
+    save_checkpoint,
+)
+from mail_ros.policy.mail_policy import MaILPolicy
+from mail_ros.policy.presets import get_preset
+from mail_ros.spec import Observation
+
+torch.set_num_threads(1)
+
+
+def _history(policy, n=2):
+    rng = np.random.default_rng(0)
+    return [
+        Observation(0.1 * i, {c: rng.integers(0, 256, (*policy.image_size, 3), dtype=np.uint8) for c in policy.cameras}, rng.normal(size=policy.joint_dim))
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    policy = MaILPolicy(get_preset("tiny-ed_ma-ddpm", {"language.encoder": "clip-test", "language.dim": 8, "proprio": True}))
+    policy.set_normalization(
+        {"mean": np.arange(8.0), "std": np.full(8, 0.5), "min": np.arange(8.0) - 1, "max": np.arange(8.0) + 1},
+        {"mean": np.zeros(9), "std": np.ones(9), "min": -np.ones(9), "max": np.ones(9)},
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "policy"
+    save_checkpoint(path, policy, step=42, epoch=3, extra={"note": "test"})
+    return policy, path
+
+
+def test_round_trip_gives_identical_predictions(saved):
+    policy, path = saved
+    loaded = load_checkpoint(path)
+    history, emb = _history(policy), np.linspace(0, 1, 8)
+    np.testing.assert_array_equal(policy.predict_chunk(history, emb, seed=4), loaded.predict_chunk(history, emb, seed=4))
+    assert not loaded.training
+    assert torch.equal(loaded.action_norm.mean, policy.action_norm.mean)
+
+
+def test_config_json_top_level_keys(saved):
+    _, path = saved
+    data = read_checkpoint_config(path)
+    assert data["cameras"] == ["agentview", "wrist"] and data["image_size"] == [64, 64]
+    assert data["obs_horizon"] == 2 and data["action_horizon"] == 4
+    assert data["action_space"] == "joint_position" and data["action_names"][-1] == "fr3_gripper_width"
+    assert data["language_encoder"] == "clip-test" and data["language_dim"] == 8
+    assert data["joint_names"][0] == "fr3_joint1" and data["rate_hz"] == 10.0 and data["dt"] == 0.1
+    assert data["training"] == {"step": 42, "epoch": 3} and data["extra"] == {"note": "test"}
+    assert data["normalization"]["action"]["mean"] == list(np.arange(8.0))
+    assert data["format_version"] == 1 and data["mail_ros_version"]
+
+
+def test_save_replaces_atomically_and_leaves_no_temporaries(saved, tmp_path):
+    policy, _ = saved
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, policy, step=1)
+    save_checkpoint(target, policy, step=2)
+    assert read_checkpoint_config(target)["training"]["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def _copy(saved, tmp_path):
+    target = tmp_path / "broken"
+    shutil.copytree(saved[1], target)
+    return target
+
+
+def _edit_json(path, edit):
+    data = json.loads((path / CONFIG_FILE).read_text())
+    edit(data)
+    (path / CONFIG_FILE).write_text(json.dumps(data))
+
+
+def _edit_tensors(path, edit):
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    edit(tensors)
+    save_file(tensors, str(path / WEIGHTS_FILE))
+
+
+def _set(keys, value):
+    def edit(data):
+        node = data
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return edit
+
+
+BAD_JSON = {
+    "unknown format": (_set(["format_version"], 99), r"config.json: format_version 99 is not supported"),
+    "invalid config": (_set(["policy", "backbone", "kind"], "lstm"), r"config.json key 'policy': backbone.kind"),
+    "unknown config key": (_set(["policy", "head", "foo"], 1), r"head has unknown keys \['foo'\]"),
+    "top-level mismatch": (_set(["obs_horizon"], 5), r"config.json key 'obs_horizon' is 5 but the policy config says 2"),
+    "missing top-level": (lambda d: d.pop("cameras"), r"missing the top-level key 'cameras'"),
+    "nan stats in json": (_set(["normalization", "action", "std", 0], float("nan")), r"normalization.action'.std contains non-finite"),
+    "short stats": (_set(["normalization", "proprio", "mean"], [0.0]), r"normalization.proprio'.mean must be a list of 9"),
+    "stats disagree": (_set(["normalization", "action", "mean", 0], 7.0), r"'normalization.action' disagrees"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JSON))
+def test_bad_config_json(saved, tmp_path, case):
+    edit, message = BAD_JSON[case]
+    path = _copy(saved, tmp_path)
+    _edit_json(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+BAD_TENSORS = {
+    "missing tensor": (lambda t: t.pop("action_out.weight"), r"model.safetensors lacks tensors \['action_out.weight'\]"),
+    "unexpected tensor": (lambda t: t.__setitem__("extra.weight", torch.zeros(1)), r"unexpected tensors \['extra.weight'\]"),
+    "wrong shape": (lambda t: t.__setitem__("pos_emb", torch.zeros(3, 32)), r"tensor 'pos_emb' has shape \(3, 32\)"),
+    "non-finite stats": (lambda t: t["action_norm.std"].__setitem__(0, float("inf")), r"tensor 'action_norm.std' contains NaN"),
+    "non-positive std": (lambda t: t["proprio_norm.std"].__setitem__(0, 0.0), r"normalisation statistics proprio.std must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TENSORS))
+def test_bad_weights(saved, tmp_path, case):
+    edit, message = BAD_TENSORS[case]
+    path = _copy(saved, tmp_path)
+    _edit_tensors(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_missing_and_corrupt_files(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    path = _copy(saved, tmp_path)
+    data = (path / WEIGHTS_FILE).read_bytes()
+    (path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt or truncated"):
+        load_checkpoint(path)
+    (path / WEIGHTS_FILE).write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    (path / WEIGHTS_FILE).unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_checkpoint(path)
+    (path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        read_checkpoint_config(path)
+    (path / CONFIG_FILE).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="must hold a JSON object"):
+        read_checkpoint_config(path)
+    (path / CONFIG_FILE).unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        read_checkpoint_config(path)
+
+
+def test_loading_does_not_disturb_the_global_rng(saved):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    load_checkpoint(saved[1])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_cli_init_info_presets(tmp_path, capsys):
+    out = tmp_path / "init"
+    assert cli_main(["checkpoint", "init", "--preset", "tiny-d_ma-bc", "--out", str(out), "--seed", "3",
+                     "--set", "spec.observation.obs_horizon=3"]) == 0
+    data = read_checkpoint_config(out)
+    assert data["obs_horizon"] == 3 and data["extra"] == {"preset": "tiny-d_ma-bc", "seed": 3}
+    # Untrained stats from the FR3 limits: joint 4 lies in [-3.0421, -0.1518].
+    stats = data["normalization"]["action"]
+    assert stats["min"][3] == pytest.approx(-3.0421) and stats["max"][3] == pytest.approx(-0.1518)
+    assert stats["mean"][3] == pytest.approx((-3.0421 - 0.1518) / 2)
+    policy = load_checkpoint(out)
+    assert policy.predict_chunk(_history(policy, 1)).shape == (4, 8)
+    assert cli_main(["checkpoint", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "d_ma / bc" in text and "agentview" in text and "model.safetensors" in text
+    assert cli_main(["checkpoint", "presets"]) == 0
+    names = capsys.readouterr().out.split()
+    assert len(names) == 56 and "paper-goal-d_ma-ddpm" in names and "tiny-ed_tr-bc" in names
+    assert cli_main(["checkpoint", "init", "--preset", "huge-d_ma-bc", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'huge-d_ma-bc'" in capsys.readouterr().err
+    assert cli_main(["checkpoint", "info", str(tmp_path / "missing")]) == 2

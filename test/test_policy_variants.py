@@ -1,0 +1,197 @@
+"""MaILPolicy per variant x head (tiny presets): shapes, determinism, prefix reuse, short
+history, frame cache, normalisation, input validation."""
+
+import numpy as np
+import pytest
+import torch
+
+from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
+from mail_ros.policy.presets import get_preset
+from mail_ros.spec import Observation
+
+torch.set_num_threads(1)
+
+VARIANTS = ["d_ma", "ed_ma", "d_tr", "ed_tr"]
+HEADS = ["bc", "ddpm"]
+
+
+def make_policy(name, overrides=None, seed=0):
+    torch.manual_seed(seed)
+    policy = MaILPolicy(get_preset(name, overrides))
+    rng = np.random.default_rng(seed)
+    # Non-trivial statistics so that de-normalisation is exercised.
+    mean, std = rng.normal(size=policy.action_dim), rng.uniform(0.5, 2.0, policy.action_dim)
+    policy.set_normalization({"mean": mean, "std": std, "min": mean - 2 * std, "max": mean + 2 * std})
+    # Learnable positional embeddings start at zero; make them matter.
+    with torch.no_grad():
+        policy.pos_emb.normal_()
+    return policy
+
+
+def make_history(policy, n, seed=0, start=0.0):
+    rng = np.random.default_rng(seed)
+    H, W = policy.image_size
+    return [
+        Observation(
+            stamp=start + 0.1 * i,
+            images={c: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for c in policy.cameras},
+            joint_positions=rng.normal(size=policy.joint_dim),
+        )
+        for i in range(n)
+    ]
+
+
+def make_batch(policy, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, W = policy.image_size
+    return {
+        "images": {c: torch.randint(0, 256, (B, policy.T, H, W, 3), dtype=torch.uint8, generator=g) for c in policy.cameras},
+        "joint_positions": torch.randn(B, policy.T, policy.joint_dim, generator=g),
+        "actions": torch.randn(B, policy.A, policy.action_dim, generator=g),
+    }
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loss_prediction_shapes_and_determinism(variant, head):
+    policy = make_policy(f"tiny-{variant}-{head}")
+    loss, metrics = policy.compute_loss(make_batch(policy))
+    assert loss.dim() == 0 and torch.isfinite(loss) and metrics["loss"] == pytest.approx(loss.item())
+    loss.backward()
+    assert policy.action_out.weight.grad is not None
+
+    history = make_history(policy, 3)
+    chunk = policy.predict_chunk(history, seed=5)
+    assert chunk.shape == (policy.A, policy.action_dim) and chunk.dtype == np.float64
+    assert np.isfinite(chunk).all()
+    assert np.array_equal(chunk, policy.predict_chunk(history, seed=5))
+    # reset(seed) restarts the policy's own generator: the episode replays exactly.
+    policy.reset(seed=11)
+    first = [policy.predict_chunk(history) for _ in range(2)]
+    policy.reset(seed=11)
+    second = [policy.predict_chunk(history) for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    if head == "ddpm":
+        assert not np.array_equal(first[0], first[1])
+        # Outputs stay inside the training range (x0 is clamped in normalised units).
+        lo, hi = policy.action_norm.min.numpy(), policy.action_norm.max.numpy()
+        assert (chunk >= lo - 1e-4).all() and (chunk <= hi + 1e-4).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefix_reuse_matches_the_plain_ddpm_path(variant):
+    policy = make_policy(f"tiny-{variant}-ddpm", {"language.encoder": "test", "language.dim": 6})
+    history = make_history(policy, 2)
+    language = np.linspace(-1, 1, 6)
+    policy.use_prefix_cache = True
+    fast = policy.predict_chunk(history, language, seed=3)
+    policy.use_prefix_cache = False
+    plain = policy.predict_chunk(history, language, seed=3)
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_short_history_is_right_aligned_and_not_padded(variant, head):
+    policy = make_policy(f"tiny-{variant}-{head}", {"spec.observation.obs_horizon": 3})
+    history = make_history(policy, 3)
+    contexts = []
+    policy.sequence.register_forward_pre_hook(lambda m, args: contexts.append(args[0].shape[1]))
+    policy.use_prefix_cache = False
+    short = policy.predict_chunk(history[-1:], seed=1)
+    full = policy.predict_chunk(history, seed=1)
+    assert short.shape == full.shape == (policy.A, policy.action_dim)
+    extra = int(head == "ddpm")
+    assert contexts[0] == 1 + extra and contexts[-1] == 3 + extra
+    # Right alignment: with T' = 1 the current frame gets the last observation slot.
+    tokens = policy._context(torch.zeros(1, 1, 32), None, None)
+    assert torch.allclose(tokens[0, 0], policy.pos_emb[policy.T - 1])
+    # Longer histories are cut to the most recent T.
+    assert np.array_equal(policy.predict_chunk(make_history(policy, 5)[-3:], seed=1), policy.predict_chunk(make_history(policy, 5), seed=1))
+
+
+def test_each_frame_is_encoded_once_across_calls():
+    policy = make_policy("tiny-d_ma-ddpm", {"spec.observation.obs_horizon": 3})
+    encoded = []
+    policy.encoder.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
+    history = make_history(policy, 6)
+    policy.predict_chunk(history[:3], seed=0)
+    policy.predict_chunk(history[:4], seed=0)
+    policy.predict_chunk(history[2:6], seed=0)
+    assert encoded == [3, 1, 2]
+    policy.reset()
+    policy.predict_chunk(history[:3], seed=0)
+    assert encoded[-1] == 3
+
+
+def test_cached_frames_give_the_same_answer_as_fresh_encoding():
+    policy = make_policy("tiny-ed_ma-ddpm", {"spec.observation.obs_horizon": 3})
+    history = make_history(policy, 4)
+    policy.predict_chunk(history[:3], seed=0)
+    warm = policy.predict_chunk(history[1:4], seed=2)
+    policy.reset()
+    cold = policy.predict_chunk(history[1:4], seed=2)
+    np.testing.assert_allclose(warm, cold, atol=1e-6)
+
+
+def test_bc_predicts_denormalised_actions():
+    policy = make_policy("tiny-d_tr-bc")
+    with torch.no_grad():
+        policy.action_out.weight.zero_()
+        policy.action_out.bias.zero_()
+    chunk = policy.predict_chunk(make_history(policy, 2))
+    np.testing.assert_allclose(chunk, np.broadcast_to(policy.action_norm.mean.numpy(), chunk.shape), atol=1e-6)
+
+
+def test_proprio_and_language_tokens_change_the_output():
+    policy = make_policy("tiny-d_ma-bc", {"proprio": True, "language.encoder": "test", "language.dim": 4})
+    history = make_history(policy, 2)
+    base = policy.predict_chunk(history, np.ones(4))
+    assert not np.allclose(base, policy.predict_chunk(history, -np.ones(4)))
+    policy.reset()
+    moved = [Observation(o.stamp, o.images, o.joint_positions + 1.0) for o in history]
+    assert not np.allclose(base, policy.predict_chunk(moved, np.ones(4)))
+    batch = make_batch(policy)
+    batch["language"] = torch.randn(3, 4)
+    assert torch.isfinite(policy.compute_loss(batch)[0])
+
+
+def test_reference_init_wipes_the_mamba_dt_bias():
+    default = make_policy("tiny-d_ma-bc")
+    reference = make_policy("tiny-d_ma-bc", {"init": "reference"})
+    dt_bias = lambda p: p.sequence.stack.layers[0].mixer.dt_proj.bias  # noqa: E731
+    assert dt_bias(default).abs().min() > 0
+    assert torch.count_nonzero(dt_bias(reference)) == 0
+    assert reference.action_out.weight.std().item() == pytest.approx(0.02, rel=0.5)
+
+
+def test_input_validation():
+    policy = make_policy("tiny-d_ma-ddpm", {"language.encoder": "test", "language.dim": 4})
+    history = make_history(policy, 2)
+    emb = np.zeros(4)
+    with pytest.raises(PolicyInputError, match="empty"):
+        policy.predict_chunk([], emb)
+    with pytest.raises(PolicyInputError, match="instruction_embedding is required"):
+        policy.predict_chunk(history)
+    with pytest.raises(PolicyInputError, match="must have 4 values"):
+        policy.predict_chunk(history, np.zeros(5))
+    with pytest.raises(PolicyInputError, match="NaN"):
+        policy.predict_chunk(history, np.full(4, np.nan))
+    bad = Observation(history[-1].stamp + 1, {"agentview": history[0].images["agentview"]}, history[0].joint_positions)
+    with pytest.raises(PolicyInputError, match="cameras"):
+        policy.predict_chunk(history + [bad], emb)
+    small = Observation(9.0, {c: np.zeros((32, 32, 3), np.uint8) for c in policy.cameras}, history[0].joint_positions)
+    with pytest.raises(PolicyInputError, match=r"uint8 \(64, 64, 3\)"):
+        policy.predict_chunk([small], emb)
+    nan_joints = Observation(9.0, history[0].images, np.full(policy.joint_dim, np.nan))
+    with pytest.raises(PolicyInputError, match="joint_positions"):
+        policy.predict_chunk([nan_joints], emb)
+    with pytest.raises(PolicyInputError, match="strictly increasing"):
+        policy.predict_chunk(history[::-1], emb)
+    batch = make_batch(policy)
+    with pytest.raises(PolicyInputError, match="missing 'language'"):
+        policy.compute_loss(batch)
+    batch["language"] = torch.zeros(3, 4)
+    batch["actions"] = batch["actions"][:, :2]
+    with pytest.raises(PolicyInputError, match="actions must be"):
+        policy.compute_loss(batch)
