@@ -132,7 +132,7 @@ class HeadConfig:
 class LanguageConfig:
     """Instruction conditioning: a precomputed embedding -> Linear -> one prepended token."""
 
-    encoder: str | None = None  # e.g. "openai/clip-vit-base-patch32"; None = no language
+    encoder: str | None = None  # a load_text_encoder spec, e.g. "clip:openai/clip-vit-base-patch32"; None = no language
     dim: int = 0  # embedding size (512 for CLIP ViT-B/32); 0 = no language token
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ __all__ = ["list_presets", "get_preset", "apply_overrides", "parse_override", "P
 HEADS = ("bc", "ddpm")
 SUITES = ("spatial", "object", "goal", "long", "90")
 SIZES = ("tiny", "demo") + tuple(f"paper-{suite}" for suite in SUITES)
-CLIP = {"encoder": "openai/clip-vit-base-patch32", "dim": 512}
+CLIP = {"encoder": "clip:openai/clip-vit-base-patch32", "dim": 512}  # a load_text_encoder spec
 
 
 class PresetError(ConfigError):
