@@ -64,8 +64,11 @@ cmake --install "$BUILD" >>"$BUILD.log" 2>&1 || { tail -30 "$BUILD.log" >&2; die
 # rosidl installs the generated message code as site-packages/mail_ros/{msg,*.so} with an empty
 # __init__.py. That empty file would shadow this source tree's mail_ros package; without it the
 # folder is a plain portion that mail_ros/__init__.py adds to its __path__ (pkgutil.extend_path).
+# It also registers an egg-info for a "mail_ros" distribution; pip would take that for an older
+# install of this package and uninstall it (deleting the message code) before the editable one.
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 rm -f "$SITE/mail_ros/__init__.py"
+rm -rf "$SITE"/mail_ros-*.egg-info
 
 echo "setup: installing mail_ros (editable)"
 # "compat" puts the source tree on sys.path (a .pth entry) so the regular package there is found
