@@ -18,6 +18,8 @@ COMMANDS = {
     "train": "train",
     "eval-bag": "eval_bag",
     "record": "record",
+    "collect": "collect",
+    "collect": "collect",
     "demo": "demo",
 }
 

@@ -16,20 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mail_ros.commands import parse_pairs
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, ObservationSpec
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
 log = logging.getLogger("mail_ros.convert")
-
-
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for value in values:
-        key, sep, target = value.partition("=")
-        if not sep or not key or not target:
-            raise SystemExit(f"{flag} expects NAME=VALUE, got {value!r}")
-        out[key] = target
-    return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                                       joint_names=tuple(args.joints), rate_hz=args.rate)
         config = BagConfig(
             observation=observation,
-            camera_topics=tuple(_pairs(args.camera_topic, "--camera-topic").items()),
+            camera_topics=tuple(parse_pairs(args.camera_topic, "--camera-topic").items()),
             joint_states_topic=args.joint_states_topic,
             action_names=tuple(args.actions),
             arm_command_topic=args.arm_command_topic,
@@ -87,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
             max_skew=args.max_skew,
             min_frames=args.min_frames,
         )
+        camera_map = parse_pairs(args.camera_map, "--camera-map")
     except ValueError as exc:
         print(f"mail-ros convert: {exc}", file=sys.stderr)
         return 2
-    camera_map = _pairs(args.camera_map, "--camera-map")
 
     skipped: list[str] = []
     dropped: Counter[str] = Counter()

@@ -14,17 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from mail_ros.commands import parse_pairs
+
 PROG = "mail-ros eval-bag"
-
-
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for value in values:
-        key, sep, target = value.partition("=")
-        if not sep or not key or not target:
-            raise ValueError(f"{flag} expects NAME=TOPIC, got {value!r}")
-        out[key] = target
-    return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +70,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         every=args.every,
         seed=args.seed,
         instruction=args.instruction,
-        camera_topics=tuple(_pairs(args.camera_topic, "--camera-topic").items()),
+        camera_topics=tuple(parse_pairs(args.camera_topic, "--camera-topic").items()),
         gripper_source=args.gripper_source,
     )
     checkpoint = read_checkpoint_config(args.checkpoint)
