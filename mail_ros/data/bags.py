@@ -200,7 +200,7 @@ def _seconds(stamp: Any) -> float:
     return stamp_to_seconds(stamp.sec, stamp.nanosec)
 
 
-def _check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[str, str]:
+def check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[str, str]:
     """Topic -> stream name of the observation topics; raise on missing topics or wrong types."""
     wanted = {}
     for camera in config.observation.cameras:
@@ -268,7 +268,7 @@ def read_bag(path: str | Path, config: BagConfig = BagConfig()) -> BagReadout:
 
 def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     topics = {c.topic: c.msgtype for c in reader.connections}
-    streams = _check_topics(path, topics, config)
+    streams = check_topics(path, topics, config)
     gripper = "none"
     if config.has_gripper:
         use_command = config.gripper_source == "command" or (
@@ -284,7 +284,7 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
         small.append(config.gripper_command_topic)
     instructions: list[tuple[float, str]] = []
     markers: list[tuple[float, str]] = []
-    for conn, ns, msg in _messages(reader, path, small):
+    for conn, ns, msg in read_messages(reader, path, small):
         t = ns * 1e-9
         where = f"{path}: {conn.topic} at t={t:.3f} s"
         if conn.topic == config.arm_command_topic:
@@ -313,7 +313,7 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     )
     states = [_EpisodeState(StreamAligner(aligner_config)) for _ in spans]
     ends = [stop for _, stop in spans]
-    for conn, ns, msg in _messages(reader, path, list(streams)):
+    for conn, ns, msg in read_messages(reader, path, list(streams)):
         t = ns * 1e-9
         e = _span_of(spans, t)
         if e is None or states[e].failure is not None:
@@ -358,7 +358,7 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     return BagReadout(path, episodes, failures, gripper, skews)
 
 
-def _messages(reader: AnyReader, path: Path, topics: Iterable[str]):
+def read_messages(reader: AnyReader, path: Path, topics: Iterable[str]):
     wanted = set(topics)
     connections = [c for c in reader.connections if c.topic in wanted]
     if not connections:

@@ -157,7 +157,7 @@ def _open(path: Path) -> AnyReader:
 
 def _messages(reader: AnyReader, path: Path, topics: list[str]) -> Iterator[tuple[Any, int, Any]]:
     """(connection, log time ns, message) of ``topics`` in log order, read by the converter's reader."""
-    source = bags._messages(reader, path, topics)
+    source = bags.read_messages(reader, path, topics)
     while True:
         try:
             item = next(source)
@@ -237,7 +237,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         buffer_seconds=config.buffer_seconds,
     )
     try:
-        bags._check_topics(path, topics, bag_config)
+        bags.check_topics(path, topics, bag_config)
     except DataError as exc:
         raise ReplayError(str(exc)) from exc
     gripper = _gripper_source(bag_config, topics)
