@@ -1,21 +1,26 @@
-"""Latency of MaILPolicy.predict_chunk: variant x head x history T x device.
+"""Latency of MaILPolicy.predict_chunk: variant x head x DDPM time-token layout x history T x device.
 
 Each row runs in a fresh Python process (so its peak memory is its own) and simulates
 open-loop chunk execution: every call sees a history window moved forward by A frames, so
 min(A, T) new frames per camera are encoded per call and the rest come from the frame cache.
 
 Columns:
+  time           DDPM time-token layout (head.time_token): "first" (reference MaIL layout, the
+                 K step contexts prefilled in one batched pass) or "after_obs"
+                 ("after_observations": observation prefix prefilled once per chunk, each step
+                 extends it by 1 + A tokens); decoder-only variants only, "-" for BC
   chunk p50/p99  whole predict_chunk per call, new frames included (default inference path)
   seq p50        same call repeated with every frame cached: sequence model + head only,
-                 DDPM with the prefix reuse (all K step contexts prefilled in one batched pass)
+                 DDPM with the prefix reuse of its layout (see "time")
   plain p50      as seq, but every denoising step re-runs the whole sequence (reference path)
   peak MB        CPU: peak RSS of the row's process (model included); CUDA: peak allocated
-  ratio          Mamba variant / its Transformer twin (d_ma/d_tr, ed_ma/ed_tr), same run,
-                 on chunk p50 and on the best of seq/plain p50
+  ratio          Mamba variant / its Transformer twin (d_ma/d_tr, ed_ma/ed_tr) with the same
+                 layout, same run, on chunk p50 and on the best of seq/plain p50
 
 Examples:
   .venv/bin/python bench/policy_latency.py --quick
   .venv/bin/python bench/policy_latency.py --variants d_ma,d_tr --heads ddpm --T 5,200 --repeats 5
+  .venv/bin/python bench/policy_latency.py --quick --size demo --time-tokens after_observations
   .venv/bin/python bench/policy_latency.py --devices cpu,cuda --size paper-goal --json out.json
 """
 
@@ -31,6 +36,7 @@ import sys
 import time
 
 TWINS = {"d_ma": "d_tr", "ed_ma": "ed_tr"}
+SHORT = {"after_observations": "after_obs"}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -52,7 +58,10 @@ def run_row(row: dict) -> dict:
     device = torch.device(row["device"])
     T = row["T"]
     torch.manual_seed(0)
-    policy = MaILPolicy(get_preset(row["preset"], {"spec.observation.obs_horizon": T})).to(device).eval()
+    overrides = {"spec.observation.obs_horizon": T}
+    if row["time_token"] != "-":
+        overrides["head.time_token"] = row["time_token"]
+    policy = MaILPolicy(get_preset(row["preset"], overrides)).to(device).eval()
     A, calls = policy.A, row["warmup"] + row["repeats"]
     rng = np.random.default_rng(0)
     H, W = policy.image_size
@@ -111,9 +120,9 @@ def _run_isolated(row: dict) -> dict:
 
 
 def _ratios(results: list[dict]) -> None:
-    index = {(r["variant"], r["head"], r["T"], r["device"]): r for r in results}
+    index = {(r["variant"], r["head"], r["time_token"], r["T"], r["device"]): r for r in results}
     for r in results:
-        twin = index.get((TWINS.get(r["variant"]), r["head"], r["T"], r["device"]))
+        twin = index.get((TWINS.get(r["variant"]), r["head"], r["time_token"], r["T"], r["device"]))
         if twin is None:
             r["ratio_chunk"] = r["ratio_seq"] = None
             continue
@@ -123,7 +132,7 @@ def _ratios(results: list[dict]) -> None:
 
 def _print_table(results: list[dict]) -> None:
     header = (
-        f"{'variant':7} {'head':4} {'T':>4} {'device':6} {'params':>11} {'chunk p50':>10} {'p99':>9} "
+        f"{'variant':7} {'head':4} {'time':9} {'T':>4} {'device':6} {'params':>11} {'chunk p50':>10} {'p99':>9} "
         f"{'seq p50':>9} {'plain p50':>10} {'peak MB':>8} {'ratio chunk':>11} {'ratio seq':>9}"
     )
     print(header)
@@ -131,7 +140,7 @@ def _print_table(results: list[dict]) -> None:
     for r in results:
         ratio = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         print(
-            f"{r['variant']:7} {r['head']:4} {r['T']:>4} {r['device']:6} {r['params']:>11,} "
+            f"{r['variant']:7} {r['head']:4} {SHORT.get(r['time_token'], r['time_token']):9} {r['T']:>4} {r['device']:6} {r['params']:>11,} "
             f"{r['chunk_p50']:>10.1f} {r['chunk_p99']:>9.1f} {r['seq_p50']:>9.1f} {r['plain_p50']:>10.1f} "
             f"{r['peak_mb']:>8.0f} {ratio(r['ratio_chunk']):>11} {ratio(r['ratio_seq']):>9}"
         )
@@ -143,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="d_ma,ed_ma,d_tr,ed_tr")
     parser.add_argument("--heads", default="bc,ddpm")
     parser.add_argument("--T", default="1,5,10,50,200", help="history lengths")
+    parser.add_argument(
+        "--time-tokens", default="first,after_observations",
+        help="DDPM time-token layouts (head.time_token) for the decoder-only variants",
+    )
     parser.add_argument("--devices", default="cpu", help="cpu and/or cuda")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="d_ma + d_tr, DDPM, T in {5, 200}, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="d_ma + d_tr, DDPM, T in {5, 200}, 3 repeats (both layouts)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -161,12 +174,19 @@ def main(argv: list[str] | None = None) -> int:
         for head in args.heads.split(","):
             for T in (int(v) for v in args.T.split(",")):
                 for variant in args.variants.split(","):
-                    row = {
-                        "preset": f"{args.size}-{variant}-{head}", "variant": variant, "head": head, "T": T,
-                        "device": device, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-                    }
-                    results.append(_run_isolated(row))
-                    print(f"  {row['preset']} T={T} {device}: chunk p50 {results[-1]['chunk_p50']:.1f} ms", file=sys.stderr, flush=True)
+                    # Only DDPM heads have a time token, and only decoder-only variants can move it.
+                    decoder_ddpm = head == "ddpm" and variant in ("d_ma", "d_tr")
+                    for time_token in args.time_tokens.split(",") if decoder_ddpm else ["first" if head == "ddpm" else "-"]:
+                        row = {
+                            "preset": f"{args.size}-{variant}-{head}", "variant": variant, "head": head,
+                            "time_token": time_token, "T": T, "device": device, "repeats": args.repeats,
+                            "warmup": args.warmup, "threads": args.threads,
+                        }
+                        results.append(_run_isolated(row))
+                        print(
+                            f"  {row['preset']} time={time_token} T={T} {device}: "
+                            f"chunk p50 {results[-1]['chunk_p50']:.1f} ms", file=sys.stderr, flush=True,
+                        )
     _ratios(results)
     print(f"size {args.size}, torch threads {args.threads}, backends: {sorted({r['backend'] for r in results})}")
     _print_table(results)

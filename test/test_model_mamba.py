@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mail_ros.model.mamba import BACKEND_CUDA, BACKEND_TORCH, Mamba, mamba_backend
-from mail_ros.model.selective_scan import selective_scan, selective_state_step
+from mail_ros.model.selective_scan import CPU_BLOCK_BYTES, selective_scan, selective_state_step
 
 torch.set_num_threads(1)
 
@@ -183,6 +183,22 @@ def test_scan_matches_sequential_oracle(batch, length, channels, state, chunk_le
     y_ref, last_ref = sequential_scan(u, delta, A, B, C, D, h0=h0)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(last, last_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_len", [None, 1, 5])
+def test_blockwise_inference_scan_matches_the_oracle_and_the_autograd_path(chunk_len):
+    # 2 * 64 * 16 float64 values per step: the no-grad path cuts L = 150 into several blocks.
+    u, delta, A, B, C, D, h0 = random_scan_inputs(2, 150, 64, 16, torch.float64)
+    assert 150 * u.shape[0] * 64 * 16 * 8 > 2 * CPU_BLOCK_BYTES
+    with torch.no_grad():
+        y, last = selective_scan(u, delta, A, B, C, D, h0=h0, chunk_len=chunk_len)
+    y_ref, last_ref = sequential_scan(u, delta, A, B, C, D, h0=h0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, last_ref, rtol=1e-12, atol=1e-12)
+    y_grad, last_grad = selective_scan(u.requires_grad_(), delta, A, B, C, D, h0=h0, chunk_len=chunk_len)
+    assert y_grad.requires_grad
+    torch.testing.assert_close(y_grad.detach(), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last_grad.detach(), last, rtol=1e-12, atol=1e-12)
 
 
 def test_scan_is_finite_and_accurate_in_float32_under_extreme_decay():

@@ -54,6 +54,19 @@ def test_round_trip_gives_identical_predictions(saved):
     assert torch.equal(loaded.action_norm.mean, policy.action_norm.mean)
 
 
+def test_time_token_layout_round_trips_and_defaults_to_first(tmp_path):
+    torch.manual_seed(0)
+    policy = MaILPolicy(get_preset("tiny-d_ma-ddpm", {"head.time_token": "after_observations"}))
+    save_checkpoint(tmp_path / "after", policy, step=1)
+    loaded = load_checkpoint(tmp_path / "after")
+    assert loaded.config.head.time_token == "after_observations" and loaded.time_after_observations
+    history = _history(policy)
+    np.testing.assert_array_equal(policy.predict_chunk(history, seed=2), loaded.predict_chunk(history, seed=2))
+    # Checkpoints written before the option existed load with the reference layout.
+    _edit_json(tmp_path / "after", lambda data: data["policy"]["head"].pop("time_token"))
+    assert load_checkpoint(tmp_path / "after").config.head.time_token == "first"
+
+
 def test_config_json_top_level_keys(saved):
     _, path = saved
     data = read_checkpoint_config(path)

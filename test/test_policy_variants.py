@@ -1,10 +1,11 @@
-"""MaILPolicy per variant x head (tiny presets): shapes, determinism, prefix reuse, short
-history, frame cache, normalisation, input validation."""
+"""MaILPolicy per variant x head (tiny presets): shapes, determinism, prefix reuse (both DDPM
+time-token layouts), short history, frame cache, normalisation, input validation."""
 
 import numpy as np
 import pytest
 import torch
 
+from mail_ros.policy.config import ConfigError
 from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
 from mail_ros.policy.presets import get_preset
 from mail_ros.spec import Observation
@@ -88,6 +89,61 @@ def test_prefix_reuse_matches_the_plain_ddpm_path(variant):
     policy.use_prefix_cache = False
     plain = policy.predict_chunk(history, language, seed=3)
     np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
+AFTER_OBS = {"head.time_token": "after_observations"}
+
+
+@pytest.mark.parametrize("history_len", [1, 3])
+@pytest.mark.parametrize("variant", ["d_ma", "d_tr"])
+def test_time_token_after_observations_prefix_reuse_equals_full_sequence(variant, history_len):
+    # float64 so that any difference beyond rounding would show (the scan chunks differ).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        policy = make_policy(f"tiny-{variant}-ddpm", AFTER_OBS | {"spec.observation.obs_horizon": 3}).eval()
+        g = torch.Generator().manual_seed(7)
+        obs_tokens, language = torch.randn(2, history_len, 32, generator=g), torch.randn(2, 32, generator=g)
+        samples = []
+        for reuse in (True, False):
+            policy.use_prefix_cache = reuse
+            with torch.no_grad():
+                samples.append(policy._sample(obs_tokens, language, torch.Generator().manual_seed(1)))
+    finally:
+        torch.set_default_dtype(default)
+    assert samples[0].dtype == torch.float64
+    torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["d_ma", "d_tr"])
+def test_time_token_layouts_train_and_place_the_step_token(variant):
+    first = make_policy(f"tiny-{variant}-ddpm", {"language.encoder": "test", "language.dim": 4})
+    after = make_policy(f"tiny-{variant}-ddpm", AFTER_OBS | {"language.encoder": "test", "language.dim": 4})
+    lengths = {}
+    for name, policy in (("first", first), ("after", after)):
+        policy.sequence.register_forward_pre_hook(
+            lambda m, args, name=name: lengths.update({name: [a.shape[1] for a in args]})
+        )
+        batch = make_batch(policy) | {"language": torch.randn(3, 4)}
+        loss, _ = policy.compute_loss(batch)
+        loss.backward()
+        assert torch.isfinite(loss) and policy.time_embedding.mlp[0].weight.grad.abs().sum() > 0
+    T, A = first.T, first.A
+    # [time, language, T obs] + [A actions] versus [language, T obs] + [time, A actions].
+    assert lengths == {"first": [2 + T, A], "after": [1 + T, 1 + A]}
+    # Same weights, different layout: a different function.
+    after.load_state_dict(first.state_dict())
+    history, language = make_history(first, 2), np.ones(4)
+    assert not np.allclose(first.predict_chunk(history, language, seed=0), after.predict_chunk(history, language, seed=0))
+
+
+def test_time_token_option_is_validated():
+    assert get_preset("paper-spatial-d_ma-ddpm").head.time_token == "first"
+    with pytest.raises(ConfigError, match="head.time_token must be one of"):
+        get_preset("tiny-d_ma-ddpm", {"head.time_token": "last"})
+    for name in ("tiny-ed_ma-ddpm", "tiny-ed_tr-ddpm", "tiny-d_ma-bc"):
+        with pytest.raises(ConfigError, match="needs head.kind 'ddpm' and backbone.layout 'decoder'"):
+            get_preset(name, AFTER_OBS)
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -7,10 +7,13 @@ for BC) to features at the A action positions (B, A, D).
 Because every backbone is causal and the action tokens come last, the context can be processed
 once and the action positions continued from its state: ``prefill(context) -> state`` then
 ``extend(actions, state) -> features``, which equals ``forward(context, actions)``. For DDPM the
-context depends only on the observations and the diffusion step, never on the noisy actions, so
+context never depends on the noisy actions. In the reference layout it holds the step token, so
 the policy prefills the contexts of all K steps in ONE batched pass and each denoising step only
-runs the A action positions. The state is a tree (tuples/lists) of tensors with the batch first;
-:func:`select_state` picks rows of it.
+runs the A action positions. The decoder-only variants also take the step token as the first of
+the trailing tokens ([context, time, actions]; the caller keeps the last A outputs): then the
+context is the same for every step, is prefilled once, and each step extends it by 1 + A tokens.
+The state is a tree (tuples/lists) of tensors with the batch first; :func:`select_state` picks
+rows of it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class SequenceModel(nn.Module):
 
 
 class DecoderOnly(SequenceModel):
-    """D-Ma / D-Tr: one causal stack over [context, actions]."""
+    """D-Ma / D-Tr: one causal stack over [context, actions]; the outputs at the
+    ``actions.shape[1]`` trailing positions are returned."""
 
     def __init__(self, stack: MambaStack | TransformerStack) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ __all__ = [
     "LanguageConfig",
     "PolicyConfig",
     "VARIANTS",
+    "TIME_TOKENS",
 ]
 
 # variant name -> (backbone kind, layout)
@@ -31,6 +32,8 @@ VARIANTS = {
     "ed_tr": ("transformer", "encoder_decoder"),
 }
 INITS = ("mamba", "reference")
+# Where the DDPM step token sits in the decoder-only sequence; see HeadConfig.time_token.
+TIME_TOKENS = ("first", "after_observations")
 
 
 class ConfigError(ValueError):
@@ -120,9 +123,20 @@ class HeadConfig:
     steps: int = 16  # DDPM steps, training and sampling
     cosine_s: float = 0.008
     max_beta: float = 0.999
+    # Position of the DDPM step token. "first" is the reference MaIL layout
+    # [time, language?, observations, actions]: every state after it depends on the step, so
+    # nothing is shared between the K denoising steps. "after_observations" is
+    # [language?, observations, time, actions]: the observation prefix is independent of the
+    # step, so sampling runs it once per chunk and each step only extends it by 1 + A tokens.
+    # Only for the decoder-only layout (d_ma, d_tr); BC heads have no step token.
+    time_token: str = "first"
 
     def __post_init__(self) -> None:
         _check(self.kind in ("bc", "ddpm"), f"head.kind must be 'bc' or 'ddpm', got {self.kind!r}")
+        _check(
+            self.time_token in TIME_TOKENS,
+            f"head.time_token must be one of {list(TIME_TOKENS)}, got {self.time_token!r}",
+        )
         _check(self.steps >= 2, f"head.steps must be >= 2, got {self.steps}")
         _check(self.cosine_s > 0, f"head.cosine_s must be positive, got {self.cosine_s}")
         _check(0 < self.max_beta < 1, f"head.max_beta must be in (0, 1), got {self.max_beta}")
@@ -166,6 +180,12 @@ class PolicyConfig:
         _check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
         _check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
         _check(isinstance(self.proprio, bool), f"proprio must be true or false, got {self.proprio!r}")
+        if self.head.time_token != "first":
+            _check(
+                self.head.kind == "ddpm" and self.backbone.layout == "decoder",
+                f"head.time_token {self.head.time_token!r} needs head.kind 'ddpm' and backbone.layout 'decoder', "
+                f"got {self.head.kind!r} and {self.backbone.layout!r} (use 'first')",
+            )
 
     @property
     def variant(self) -> str:

@@ -8,28 +8,33 @@ Sequence layouts (d = d_model; "+PE" = learnable positional embedding, zero-init
   [context, A learnable tokens], decoder over [state tokens, action tokens] with Mamba
   aggregation; ED-Tr: encoder over the context, cross-attending decoder over the actions.
   Linear(d, action_dim) on the A action positions gives the actions (BC) or the noise (DDPM).
+* ``head.time_token = "after_observations"`` (DDPM, decoder-only only) moves the time token
+  between the observations and the actions: [language?, observations + PE, time, actions].
+  "first" (above) is the reference MaIL layout and the default.
 
 Positions: the table has T + A - 1 slots. Observation i of a full history sits at slot i, the
 current observation at slot T - 1, and action k at slot T - 1 + k, so the current observation
 and the first action share a slot (as the reference). A history of T' < T frames (episode start)
 is NOT padded: the sequence is shorter and the frames are RIGHT-aligned, taking slots
 T - T' .. T - 1, so the current observation and the actions keep their slots whatever T' is.
+The time token has no positional embedding in either layout.
 
 Inference reuse (exact, tested against the plain path):
 * every camera frame is encoded once: per-step tokens are cached by observation stamp across
   calls (frames are immutable; call :meth:`reset` at an episode start or after loading weights);
 * the language token and the K time tokens are computed once per chunk;
-* DDPM, ``use_prefix_cache=True``: the context depends on the observations and the step t but
-  never on the noisy actions, so the contexts of all K steps are prefilled in ONE batched pass
-  (Mamba states, Transformer key/value cache, ED encoder outputs) and each denoising step only
-  runs the A action positions from the state of its t.
-What cannot be shared: the time token comes FIRST (reference layout), so every later state
-depends on t and each step's context is needed exactly once. The batched prefill therefore
-does the same arithmetic as re-running the sequence per step (``use_prefix_cache=False``); it
-only turns K small passes into one large one, which pays where per-call overhead dominates
-(short histories, GPUs) and can lose where a long batched scan is memory-bound (the PyTorch
-Mamba scan on CPU at T ~ 200). Per-step cost independent of T would need the time token after
-the observations, an architecture change that is not implemented.
+* DDPM, ``use_prefix_cache=True``, time token "after_observations": the prefix
+  [language?, observations] does not depend on the step, so it is prefilled ONCE per chunk
+  (Mamba recurrent states, Transformer key/value cache) and each of the K steps only extends
+  that state by its 1 + A tokens: per step, Mamba costs the same whatever T is and the
+  Transformer attends over the T cached keys.
+* DDPM, ``use_prefix_cache=True``, time token "first": the context depends on the observations
+  and the step t but never on the noisy actions, so the contexts of all K steps are prefilled
+  in ONE batched pass (Mamba states, Transformer key/value cache, ED encoder outputs) and each
+  denoising step only runs the A action positions from the state of its t. As every later
+  state depends on t, this is the same arithmetic as re-running the sequence per step
+  (``use_prefix_cache=False``); it only turns K small passes into one large one, which pays
+  where per-call overhead dominates (short histories, GPUs).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class MaILPolicy(nn.Module):
         self.action_dim = action.dim
         self.joint_dim = len(observation.joint_names)
         self.is_ddpm = config.head.kind == "ddpm"
+        self.time_after_observations = self.is_ddpm and config.head.time_token == "after_observations"
 
         vision = config.vision
         self.encoder = ObservationEncoder(
@@ -193,6 +199,19 @@ class MaILPolicy(nn.Module):
         parts.append(obs_tokens + self.pos_emb[self.T - T : self.T])
         return torch.cat(parts, dim=1)
 
+    def _denoiser_inputs(
+        self, obs_tokens: torch.Tensor, language: torch.Tensor | None, time: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDPM sequence for step tokens ``time`` (B, D) and noisy actions ``x`` (B, A, Da), split
+        into (context, tokens after it); the noise is read off the last A positions."""
+        if self.time_after_observations:
+            return self._context(obs_tokens, language, None), self._step_tokens(time, x)
+        return self._context(obs_tokens, language, time), self._action_tokens(x, obs_tokens.shape[0])
+
+    def _step_tokens(self, time: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[time, action tokens]: (B, 1 + A, D), the step-dependent tail of "after_observations"."""
+        return torch.cat([time.unsqueeze(1), self._action_tokens(x, x.shape[0])], dim=1)
+
     def _action_tokens(self, x: torch.Tensor | None, B: int) -> torch.Tensor:
         """(B, A, D) from noisy normalised actions x (DDPM) or the learnable queries (BC)."""
         pos = self.pos_emb[self.T - 1 : self.T - 1 + self.A]
@@ -225,8 +244,8 @@ class MaILPolicy(nn.Module):
         t = torch.randint(0, self.diffusion.steps, (B,), device=target.device)
         noise = torch.randn_like(target)
         noisy = self.diffusion.add_noise(target, noise, t)
-        context = self._context(obs_tokens, language_token, self.time_embedding(t))
-        loss = F.mse_loss(self.action_out(self.sequence(context, self._action_tokens(noisy, B))), noise)
+        context, tail = self._denoiser_inputs(obs_tokens, language_token, self.time_embedding(t), noisy)
+        loss = F.mse_loss(self.action_out(self.sequence(context, tail)[:, -self.A :]), noise)
         return loss, {"loss": loss.item()}
 
     def _check_batch(self, batch: Mapping[str, Any]):
@@ -310,7 +329,14 @@ class MaILPolicy(nn.Module):
         K = self.diffusion.steps
         times = self.time_embedding(torch.arange(K, device=self.device))  # (K, D)
         low, high = self.action_norm.normalized_range()
-        if self.use_prefix_cache:
+        if self.use_prefix_cache and self.time_after_observations:
+            state = self.sequence.prefill(self._context(obs_tokens, language, None))
+
+            def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
+                tail = self._step_tokens(times[t].expand(B, -1), x)
+                return self.action_out(self.sequence.extend(tail, state)[:, -self.A :])
+
+        elif self.use_prefix_cache:
             # Row k * B + b holds step k of batch element b.
             context = self._context(
                 obs_tokens.repeat(K, 1, 1),
@@ -326,8 +352,8 @@ class MaILPolicy(nn.Module):
         else:
 
             def predict_noise(x: torch.Tensor, t: int) -> torch.Tensor:
-                context = self._context(obs_tokens, language, times[t].expand(B, -1))
-                return self.action_out(self.sequence(context, self._action_tokens(x, B)))
+                context, tail = self._denoiser_inputs(obs_tokens, language, times[t].expand(B, -1), x)
+                return self.action_out(self.sequence(context, tail)[:, -self.A :])
 
         return self.diffusion.sample(predict_noise, (B, self.A, self.action_dim), low, high, generator)
 

@@ -9,7 +9,10 @@ Every preset uses the FR3 contract of :mod:`mail_ros.spec` (cameras ``agentview`
 joint-position actions over fr3_joint1..7 + fr3_gripper_width). The paper sizes take the
 reference's network sizes, image size (128x128), T = 5 (the history length at which the paper
 compares) and A (5, or 10 on LIBERO-Long); language (CLIP ViT-B/32, 512-d) is on for Goal and 90
-as in the reference. :func:`get_preset` accepts dotted overrides, e.g.
+as in the reference. Every preset keeps the reference DDPM layout with the time token first
+(``head.time_token = "first"``); ``{"head.time_token": "after_observations"}`` gives the
+decoder-only variants the layout whose observation prefix is computed once per chunk (see
+:mod:`mail_ros.policy.mail_policy`). :func:`get_preset` accepts dotted overrides, e.g.
 ``{"spec.observation.obs_horizon": 1, "language.dim": 384}``.
 """
 
