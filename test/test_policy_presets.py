@@ -75,3 +75,10 @@ def test_overrides_and_errors():
 def test_config_survives_json(name):
     config = get_preset(name)
     assert PolicyConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_size_aliases_name_their_default_preset():
+    from mail_ros.policy.presets import ALIASES, get_preset
+
+    for alias, name in ALIASES.items():
+        assert get_preset(alias) == get_preset(name)

@@ -81,13 +81,19 @@ def _preset_dict(size: str, variant: str, head: str) -> dict[str, Any]:
     return data
 
 
+# A size alone names its default variant: MaIL's decoder-only Mamba (BC for the plumbing-test
+# size, DDPM for the demo, as the shipped demo checkpoint).
+ALIASES = {"tiny": "tiny-d_ma-bc", "demo": "demo-d_ma-ddpm"}
+
+
 def get_preset(name: str, overrides: dict[str, Any] | None = None) -> PolicyConfig:
-    """The configuration called ``name``, with optional dotted-path ``overrides`` applied."""
-    parts = name.rsplit("-", 2)
+    """The configuration called ``name`` (or an alias in ``ALIASES``), with dotted-path ``overrides``."""
+    parts = ALIASES.get(name, name).rsplit("-", 2)
     if len(parts) != 3 or parts[0] not in SIZES or parts[1] not in VARIANTS or parts[2] not in HEADS:
         raise PresetError(
             f"unknown preset {name!r}; names are SIZE-VARIANT-HEAD with SIZE in {list(SIZES)}, "
-            f"VARIANT in {list(VARIANTS)}, HEAD in {list(HEADS)} (e.g. 'paper-goal-d_ma-ddpm')"
+            f"VARIANT in {list(VARIANTS)}, HEAD in {list(HEADS)} (e.g. 'paper-goal-d_ma-ddpm'), or an alias "
+            f"in {sorted(ALIASES)}"
         )
     data = _preset_dict(*parts)
     return apply_overrides(data, overrides or {})
