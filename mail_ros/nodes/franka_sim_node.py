@@ -6,6 +6,11 @@ trajectory controller semantics (invalid trajectories are rejected with a log; t
 a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), and offers ~/reset and
 ~/task_success (std_srvs/Trigger; the task is the latest /mail/instruction).
 
+Judging instructions outside the test bed's grammar (paraphrases such as "lift the red block"):
+a test-bed instruction on ~/task (std_msgs/String) names the task to judge until the next
+~/reset, whatever /mail/instruction says. In-process tools with privileged access (the scripted
+expert of ``mail-ros collect``) read the cube poses with :meth:`FrankaSimNode.privileged_state`.
+
 Time: with publish_clock:=true the simulator owns ROS time: it publishes /clock and runs as fast
 as real_time_factor allows (0 = as fast as the CPU goes); every other node then runs with
 use_sim_time:=true. Without it, it runs in real time and stamps with the node clock.
@@ -26,7 +31,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, seconds_to_stamp, stamp_to_seconds
-from mail_ros.sim.franka_sim import FrankaSim, SimConfig, SimError
+from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.jtc import TrajectoryRejected
 from mail_ros.sim.tasks import Task, TaskError
 from mail_ros.sync.image import rgb_to_image_fields
@@ -53,6 +58,7 @@ class FrankaSimNode(Node):
         self.sim.reset(self.seed)
         self.episode_seed = self.seed
         self.task: Task | None = None
+        self.judged_task: Task | None = None  # from ~/task, overrides `task` until the next reset
         self.rejected = 0
         self._lock = threading.Lock()
         self._running = True
@@ -68,6 +74,7 @@ class FrankaSimNode(Node):
         self.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_arm, COMMAND_QOS)
         self.create_subscription(JointTrajectory, "/fr3_gripper/joint_trajectory", self._on_gripper, COMMAND_QOS)
         self.create_subscription(String, "/mail/instruction", self._on_instruction, GOAL_QOS)
+        self.create_subscription(String, "~/task", self._on_task, GOAL_QOS)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/task_success", self._on_task_success)
         self._thread = threading.Thread(target=self._loop, name="franka_sim", daemon=True)
@@ -163,8 +170,20 @@ class FrankaSimNode(Node):
             self.task = None
             self.get_logger().warning(f"instruction is not a test-bed task (success cannot be judged): {exc}")
 
+    def _on_task(self, msg: String) -> None:
+        try:
+            self.judged_task = Task.parse(msg.data)
+        except TaskError as exc:
+            self.get_logger().error(f"ignoring ~/task: {exc}")
+
+    def privileged_state(self) -> tuple[float, dict[str, CubePose]]:
+        """(ROS time of the present in seconds, cube poses): ground truth no real robot provides."""
+        with self._lock:
+            return self.now(), self.sim.cube_poses()
+
     def _on_reset(self, request, response):
         with self._lock:
+            self.judged_task = None
             if self.publish_clock:
                 # ROS time keeps going forward across episodes (with a 1 s gap between them).
                 self.epoch_offset += self.sim.time + 1.0
@@ -176,12 +195,13 @@ class FrankaSimNode(Node):
         return response
 
     def _on_task_success(self, request, response):
-        if self.task is None:
+        task = self.judged_task or self.task
+        if task is None:
             response.success, response.message = False, "no test-bed task: publish /mail/instruction first"
             return response
         with self._lock:
-            response.success = bool(self.sim.task_success(self.task))
-        response.message = f"{self.task.instruction}: {'success' if response.success else 'not yet'}"
+            response.success = bool(self.sim.task_success(task))
+        response.message = f"{task.instruction}: {'success' if response.success else 'not yet'}"
         return response
 
     def destroy_node(self):

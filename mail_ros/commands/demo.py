@@ -1,0 +1,145 @@
+"""``mail-ros demo``: the trained policy closed-loop on the simulated FR3, through the real ROS 2 pipeline.
+
+One process, real DDS, simulated time: franka_sim_node, camera_sync_node, language_node,
+policy_node and executor_node (see :mod:`mail_ros.nodes.demo_graph`). For every instruction,
+``--episodes`` episodes with fresh random cube layouts (the simulator's ~/reset): the
+instruction goes out on /mail/instruction, the policy acts until the simulator's ~/task_success
+says yes or the step budget runs out. Prints the success per instruction, ``overall success``,
+and the chunk latency; with ``--paraphrases`` a second table for instructions phrased unlike
+the training data (informative, not part of the overall rate). Headless, CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
+from mail_ros.sim.tasks import Task, TaskError, all_tasks
+
+__all__ = ["DEFAULT_CHECKPOINT", "PARAPHRASES", "register", "run"]
+
+PROG = "mail-ros demo"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "demo"
+# Instructions unlike the nine the demos use, with the task each one means.
+PARAPHRASES: tuple[tuple[str, Task], ...] = (
+    ("lift the red block", Task("pick", "red")),
+    ("grab the green cube", Task("pick", "green")),
+    ("raise the blue block", Task("pick", "blue")),
+    ("stack red on blue", Task("stack", "red", "blue")),
+    ("place the green block on top of the red one", Task("stack", "green", "red")),
+    ("put the blue cube onto the green cube", Task("stack", "blue", "green")),
+)
+# Evaluation layouts start far from the seeds `mail-ros collect` uses (seed + 1, + 2, ...).
+DEFAULT_SEED = 100_000
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mail-ros demo``."""
+    p = subparsers.add_parser("demo", help="run a trained policy closed-loop on the simulated FR3 and print its success",
+                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="policy checkpoint directory")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per instruction")
+    p.add_argument("--instructions", nargs="+", default=None, help="test-bed instructions (default: all nine)")
+    p.add_argument("--paraphrases", action="store_true", help="also run paraphrased instructions (reported apart)")
+    p.add_argument("--paraphrase-episodes", type=int, default=2, help="episodes per paraphrase")
+    p.add_argument("--record", type=Path, default=None, metavar="DIR",
+                   help="record the run (cameras, joints, instructions, chunks, commands) to this rosbag2 folder")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="cube layouts: episode k uses seed + k + 1")
+    p.add_argument("--pick-seconds", type=float, default=10.0, help="simulated-time budget of a pick episode")
+    p.add_argument("--stack-seconds", type=float, default=18.0, help="simulated-time budget of a stack episode")
+    p.add_argument("--real-time-factor", type=float, default=1.5,
+                   help="simulated seconds per wall second (lower it on a slow or busy CPU)")
+    p.add_argument("--executor-mode", default="receding_horizon",
+                   choices=("receding_horizon", "temporal_ensemble", "latency_compensation"))
+    p.add_argument("--execute-steps", type=int, default=4,
+                   help="receding horizon: actions executed per chunk (0 = the whole chunk)")
+    p.add_argument("--device", default="cpu", help="torch device of the policy")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch CPU threads; one leaves the other cores to the simulator and the nodes")
+    p.add_argument("--domain-id", type=int, default=None, help="ROS domain (default: ROS_DOMAIN_ID)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        tasks = all_tasks() if args.instructions is None else [Task.parse(t) for t in args.instructions]
+        plan = schedule([(t.instruction, t) for t in tasks], args.episodes)
+        paraphrases = schedule(list(PARAPHRASES), args.paraphrase_episodes, start=len(plan)) if args.paraphrases else []
+        if not (args.pick_seconds > 0 and args.stack_seconds > 0 and args.real_time_factor > 0):
+            raise CollectError("--pick-seconds, --stack-seconds and --real-time-factor must be positive")
+        if not (args.checkpoint / "config.json").is_file():
+            raise CollectError(f"no checkpoint at {args.checkpoint} (config.json missing); train one or pass "
+                               "--checkpoint DIR")
+        if args.record is not None and args.record.exists():
+            raise CollectError(f"--record {args.record} already exists; rosbag2 writes a new folder")
+    except (TaskError, CollectError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(max(1, args.torch_threads))
+    # The rclpy edge is imported only here, so the rest of the CLI stays free of ROS.
+    from mail_ros.nodes.demo_graph import DemoGraph
+    from mail_ros.nodes.sim_session import SessionError
+
+    budgets = {"pick": args.pick_seconds, "stack": args.stack_seconds}
+    tables = {"main": SuccessTable(), "paraphrase": SuccessTable()}
+    inference, ages, commands = [], [], 0
+    started = time.monotonic()
+    main_seconds = None
+    interrupted = False
+    try:
+        with DemoGraph(args.checkpoint, seed=args.seed, real_time_factor=args.real_time_factor, device=args.device,
+                       executor_mode=args.executor_mode, execute_steps=args.execute_steps,
+                       domain_id=args.domain_id, record=args.record) as graph:
+            print(f"{PROG}: {args.checkpoint} ({graph.config['variant']}-{graph.config['head']}), "
+                  f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}",
+                  flush=True)
+            for part, specs in (("main", plan), ("paraphrase", paraphrases)):
+                if part == "paraphrase":
+                    main_seconds = time.monotonic() - started
+                for spec in specs:
+                    outcome, trace = graph.run_episode(spec, budgets[spec.task.skill])
+                    tables[part].add(outcome)
+                    inference += trace.inference
+                    ages += trace.chunk_age
+                    commands += trace.commands
+                    print(f"episode {spec.index:4d} {spec.instruction!r}: {'success' if outcome.success else 'fail'} "
+                          f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands"
+                          f"{', ' + outcome.note if outcome.note else ''}; {time.monotonic() - started:.0f} s elapsed)",
+                          flush=True)
+            recording = graph.recording
+    except KeyboardInterrupt:
+        interrupted = True
+        recording = None
+        print(f"\n{PROG}: interrupted; results so far", file=sys.stderr)
+    except SessionError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    main = tables["main"]
+    if not main.outcomes:
+        return 1 if not interrupted else 130
+    print()
+    print(main.format("instruction"))
+    if main_seconds is None:
+        main_seconds = time.monotonic() - started
+    print(f"overall success: {100 * main.rate():.1f} %  ({sum(o.success for o in main.outcomes)}/{len(main.outcomes)} "
+          f"episodes in {main_seconds:.0f} s, start-up included)")
+    p50, p99 = percentiles_ms(inference)
+    a50, a99 = percentiles_ms(ages)
+    print(f"chunk latency (policy inference, wall): p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(inference)} chunks")
+    print(f"observation age at chunk arrival (simulated): p50 {a50:.1f} ms, p99 {a99:.1f} ms; "
+          f"{commands} arm commands sent")
+    if tables["paraphrase"].outcomes:
+        print()
+        print(tables["paraphrase"].format("paraphrase (not in the training data)"))
+        print(f"paraphrase success: {100 * tables['paraphrase'].rate():.1f} %")
+    if recording is not None:
+        counts = ", ".join(f"{topic} {n}" for topic, n in sorted(recording.counts.items()))
+        print(f"\nrecorded to {args.record}: {counts}")
+        print(f"  replay offline: mail-ros convert {args.record} -o demo_run.hdf5 --gripper-source measured "
+              f"--image-size {' '.join(str(v) for v in graph.config['image_size'])}")
+    return 130 if interrupted else 0
