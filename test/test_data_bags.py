@@ -184,3 +184,17 @@ def test_command_target_interpolates_and_holds(offsets, t, start):
         k = int(np.searchsorted(offsets, rel)) - 1
         lo, hi = sorted((values[k], values[k + 1]))
         assert lo - 1e-12 <= target[0] <= hi + 1e-12
+
+
+def test_gripper_commanded_through_a_finger_joint_reads_as_the_width():
+    from types import SimpleNamespace
+
+    from mail_ros.data.bags import Trajectory, command_target
+
+    point = SimpleNamespace(positions=[0.015], time_from_start=SimpleNamespace(sec=0, nanosec=500_000_000))
+    msg = SimpleNamespace(joint_names=["fr3_finger_joint1"], points=[point],
+                          header=SimpleNamespace(stamp=SimpleNamespace(sec=0, nanosec=0)))
+    grip = Trajectory("/fr3_gripper/joint_trajectory", joints=("fr3_gripper_width",))
+    grip.add(msg, receive=10.0, where="test")
+    target, _ = command_target(grip, 10.5, 0.1)
+    assert target.tolist() == [0.03]

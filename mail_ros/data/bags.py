@@ -138,18 +138,20 @@ class Trajectory:
 
     def add(self, msg: Any, receive: float, where: str) -> None:
         names = list(msg.joint_names)
-        missing = [j for j in self.joints if j not in names]
+        columns = {j: _column(j, names) for j in self.joints}
+        missing = [j for j, column in columns.items() if column is None]
         if missing:
             raise DataError(f"{where}: trajectory lacks joints {missing} (has {names})")
         if not msg.points:
             raise DataError(f"{where}: trajectory has no points")
-        cols = [names.index(j) for j in self.joints]
+        cols = [columns[j][0] for j in self.joints]
+        scales = np.array([columns[j][1] for j in self.joints])
         offsets = np.array([stamp_to_seconds(p.time_from_start.sec, p.time_from_start.nanosec) for p in msg.points])
         if np.any(np.diff(offsets) <= 0):
             raise DataError(f"{where}: time_from_start must increase, got {offsets.tolist()}")
         if any(len(p.positions) != len(names) for p in msg.points):
             raise DataError(f"{where}: every point needs {len(names)} positions (one per joint name)")
-        positions = np.stack([np.asarray(p.positions, dtype=np.float64) for p in msg.points])[:, cols]
+        positions = np.stack([np.asarray(p.positions, dtype=np.float64) for p in msg.points])[:, cols] * scales
         if not np.all(np.isfinite(positions)):
             point, col = np.argwhere(~np.isfinite(positions))[0]
             raise DataError(f"{where}: non-finite position of {self.joints[col]} in point {point}")
@@ -158,6 +160,22 @@ class Trajectory:
         self.start.append(stamp if stamp != 0.0 else receive)
         self.offsets.append(offsets)
         self.positions.append(positions)
+
+
+# A position-controlled gripper is commanded through one finger joint at half the opening width
+# (what executor_node and franka_sim_node use); it stands for the width action when the bag has
+# no fr3_gripper_width command.
+FINGER_FOR_WIDTH = {GRIPPER_ACTION_NAME: ("fr3_finger_joint1", 2.0)}
+
+
+def _column(joint: str, names: list[str]) -> tuple[int, float] | None:
+    """(index in ``names``, scale to ``joint``'s unit) of a trajectory's column for ``joint``."""
+    if joint in names:
+        return names.index(joint), 1.0
+    finger, scale = FINGER_FOR_WIDTH.get(joint, (None, 1.0))
+    if finger in names:
+        return names.index(finger), scale
+    return None
 
 
 def command_target(traj: Trajectory, t: float, dt: float) -> tuple[np.ndarray | None, int]:
