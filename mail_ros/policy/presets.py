@@ -81,8 +81,8 @@ def _preset_dict(size: str, variant: str, head: str) -> dict[str, Any]:
     return data
 
 
-# A size alone names its default variant: MaIL's decoder-only Mamba (BC for the plumbing-test
-# size, DDPM for the demo, as the shipped demo checkpoint).
+# A size alone names its default variant: MaIL's decoder-only Mamba, with BC for the plumbing-test
+# size and DDPM (the paper's best head) for the demo size.
 ALIASES = {"tiny": "tiny-d_ma-bc", "demo": "demo-d_ma-ddpm"}
 
 
