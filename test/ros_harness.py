@@ -4,6 +4,7 @@ a ROS domain per test session)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Callable
@@ -21,6 +22,9 @@ def overrides(**values) -> list[Parameter]:
 
 class RosGraph:
     def __init__(self, threads: int = 4):
+        # Several nodes share one interpreter here: switch threads often (as SimSession does) so
+        # a timer is not kept waiting for the GIL by a busy callback or the test thread.
+        sys.setswitchinterval(2e-4)
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)

@@ -112,6 +112,10 @@ class FakeRobotAndPolicy:
         with self.lock:
             return np.array([q for t, q in self.commands if t >= t0]).reshape(-1, 7)
 
+    def arrivals_since(self, t0: float) -> np.ndarray:
+        with self.lock:
+            return np.array([t for t, _ in self.commands if t >= t0])
+
     def last_command_time(self) -> float:
         with self.lock:
             return self.commands[-1][0] if self.commands else -1.0
@@ -132,17 +136,25 @@ def rig():
     graph.shutdown()
 
 
-def assert_within_limits(commands: np.ndarray) -> None:
-    """Every command inside the margined limits; per-tick steps, velocities and accelerations bounded."""
+def assert_within_limits(commands: np.ndarray, arrivals: np.ndarray) -> None:
+    """Every command inside the margined limits; per-tick steps, velocities and accelerations bounded.
+
+    Commands go out on a depth-1 reliable topic (only the newest matters to a controller), so on a
+    loaded machine this subscriber can miss one: the tick count between two received commands is
+    taken from their arrival times, and the step bound scales with it; accelerations are checked
+    where three consecutive ticks were received.
+    """
     assert commands.size, "no commands"
     tol = 1e-6
     assert np.all(commands >= LIMITS.position_min - tol), commands.min(axis=0)
     assert np.all(commands <= LIMITS.position_max + tol), commands.max(axis=0)
+    ticks = np.maximum(np.round(np.diff(arrivals) / PERIOD), 1.0)[:, None]  # (N-1, 1)
     steps = np.diff(commands, axis=0)
-    assert np.all(np.abs(steps) <= MAX_STEP + tol)
-    velocity = steps / PERIOD
+    assert np.all(np.abs(steps) <= ticks * MAX_STEP + tol)
+    velocity = steps / (ticks * PERIOD)
     assert np.all(np.abs(velocity) <= LIMITS.velocity_max + tol)
-    acceleration = np.diff(velocity, axis=0) / PERIOD
+    consecutive = (ticks[:-1, 0] == 1) & (ticks[1:, 0] == 1)
+    acceleration = np.diff(velocity, axis=0)[consecutive] / PERIOD
     assert np.all(np.abs(acceleration) <= LIMITS.acceleration_max + 1e-3)
 
 
@@ -154,7 +166,7 @@ def test_ramps_in_then_follows_chunks_within_limits(rig):
     t0 = time.monotonic()
     robot.stream_until(target, target, 10.0, width=0.0)
     commands = robot.commands_since(t0)
-    assert_within_limits(commands)
+    assert_within_limits(commands, robot.arrivals_since(t0))
     # The ramp starts at the measured position: no jump on the first command.
     assert np.max(np.abs(commands[0] - np.asarray(FR3_HOME))) <= MAX_STEP + 1e-6
     # After the ramp, the gripper dimension (0 = close) becomes one close command (hysteresis).
@@ -176,7 +188,7 @@ def test_out_of_limit_actions_are_clipped(rig):
     clipped = beyond.copy()
     clipped[[0, 3]] = LIMITS.position_max[[0, 3]]
     robot.stream_until(beyond, clipped, 10.0)
-    assert_within_limits(robot.commands_since(t0))
+    assert_within_limits(robot.commands_since(t0), robot.arrivals_since(t0))
 
 
 def test_goal_change_discards_old_chunks(rig):
@@ -195,7 +207,7 @@ def test_goal_change_discards_old_chunks(rig):
     # Nothing moves joint 1 further towards the old goal than braking from the current speed allows.
     assert after[:, 0].max() <= at_change[0] + 0.05
     robot.stream_until(down, down, 10.0)
-    assert_within_limits(robot.commands_since(t_change))
+    assert_within_limits(robot.commands_since(t_change), robot.arrivals_since(t_change))
 
 
 def test_no_fresh_chunk_holds(rig):
@@ -245,7 +257,7 @@ def test_second_publisher_on_the_command_topic_stops_commanding(rig):
     t_intrude = time.monotonic()
     robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.5)
     assert robot.last_command_time() <= t_intrude + 0.5
-    robot.node.destroy_publisher(intruder)
+    assert intruder.get_subscription_count() >= 1  # (destroyed with the node: not while spinning)
 
 
 @pytest.mark.parametrize("bad", ["nan", "short", "wrong_names", "other_goal"])

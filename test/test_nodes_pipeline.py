@@ -164,7 +164,9 @@ def test_images_and_instruction_become_limit_respecting_commands(pipeline):
     assert min(abs(stamp - s) for s in world.camera_stamps) < 1e-6
     assert 1 <= chunk.history_length <= 2
 
-    assert_within_limits(world.commands_since(0.0))
+    with world.lock:
+        arrivals = np.array([t for t, _ in world.commands])
+    assert_within_limits(world.commands_since(0.0), arrivals)
     wait_for(lambda: all(world.diagnostic(n, levels=(b"\x00", b"\x01", b"\x02")) for n in
                          ("camera_sync_node", "language_node", "policy_node", "executor_node")), 10,
              "diagnostics from every node", graph=graph)
