@@ -39,7 +39,7 @@ from std_msgs.msg import Header, String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from mail_ros.msg import ActionChunk  # noqa: E402
-from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS  # noqa: E402
+from mail_ros.nodes.common import COMMAND_QOS, GIL_SWITCH_INTERVAL, GOAL_QOS, PIPELINE_QOS  # noqa: E402
 from mail_ros.nodes.executor_node import FR3_HOME  # noqa: E402
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS  # noqa: E402
 
@@ -80,6 +80,7 @@ def main() -> int:
     processes = [subprocess.Popen([str(BIN / name), "--ros-args", *params], stdout=logs[name], stderr=subprocess.STDOUT)
                  for name, params in nodes.items()]
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)  # as every node does (run_node)
     rclpy.init()
     node = rclpy.create_node("pipeline_latency_bench")
     lock = threading.Lock()

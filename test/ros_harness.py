@@ -14,6 +14,8 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from mail_ros.nodes.common import GIL_SWITCH_INTERVAL
+
 
 def overrides(**values) -> list[Parameter]:
     """parameter_overrides for a node constructor."""
@@ -24,7 +26,7 @@ class RosGraph:
     def __init__(self, threads: int = 4):
         # Several nodes share one interpreter here: switch threads often (as SimSession does) so
         # a timer is not kept waiting for the GIL by a busy callback or the test thread.
-        sys.setswitchinterval(2e-4)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)

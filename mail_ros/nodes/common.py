@@ -29,6 +29,8 @@ PIPELINE_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=
 COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
 
+GIL_SWITCH_INTERVAL = 2e-4  # seconds; see run_node
+
 OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR,
                           DiagnosticStatus.STALE)
 
@@ -103,6 +105,11 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
     Uses try/finally with ``try_shutdown`` rather than ``with rclpy.init()`` so it works on
     Humble, Jazzy and Kilted.
     """
+    # Executor threads and worker threads (inference, simulation) share the GIL; hand it over
+    # every 0.2 ms instead of 5 ms so a subscription or timer is not kept waiting behind them
+    # (measured in bench/pipeline_latency.py: with 5 ms the observation stream fell from 10 Hz
+    # to ~2 Hz and the executor saw 400 ms tick gaps).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     rclpy.init(args=sys.argv if argv is None else argv)
     node = None
     try:
@@ -120,6 +127,6 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 
 
 __all__ = [
-    "COMMAND_QOS", "GOAL_QOS", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
+    "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
     "now_seconds", "run_node", "seconds_to_stamp", "stamp_to_seconds",
 ]

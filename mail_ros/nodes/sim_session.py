@@ -24,16 +24,11 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from mail_ros.nodes.common import GOAL_QOS
+from mail_ros.nodes.common import GIL_SWITCH_INTERVAL, GOAL_QOS
 from mail_ros.nodes.franka_sim_node import FrankaSimNode
 
-__all__ = ["SWITCH_INTERVAL", "SessionError", "SimSession"]
+__all__ = ["SessionError", "SimSession"]
 
-# Every node of a session shares one interpreter. With Python's default 5 ms GIL switch
-# interval, a thread that releases the GIL for each torch op or MuJoCo call waits up to 5 ms to
-# get it back while the executor and simulator threads run Python: a 10 ms policy chunk took a
-# second and the scripted expert missed ticks. A short interval hands the GIL over promptly.
-SWITCH_INTERVAL = 2e-4  # seconds
 
 
 class SessionError(RuntimeError):
@@ -46,7 +41,9 @@ class SimSession:
     def __init__(self, *, seed: int, cameras: list[str], image_size: tuple[int, int], real_time_factor: float,
                  camera_rate_hz: float = 20.0, joint_state_rate_hz: float = 100.0, physics_period: float = 0.01,
                  domain_id: int | None = None, threads: int = 6) -> None:
-        sys.setswitchinterval(SWITCH_INTERVAL)
+        # Every node of a session shares one interpreter: a 10 ms policy chunk took a second with
+        # the default 5 ms GIL switch interval (see run_node).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
