@@ -54,7 +54,7 @@ from rosbags.highlevel import AnyReader, AnyReaderError
 
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.ros_types import typestore
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, ObservationSpec
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT, ObservationSpec
 from mail_ros.sync.alignment import AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
 
@@ -165,7 +165,7 @@ class Trajectory:
 # A position-controlled gripper is commanded through one finger joint at half the opening width
 # (what executor_node and franka_sim_node use); it stands for the width action when the bag has
 # no fr3_gripper_width command.
-FINGER_FOR_WIDTH = {GRIPPER_ACTION_NAME: ("fr3_finger_joint1", 2.0)}
+FINGER_FOR_WIDTH = {GRIPPER_ACTION_NAME: (GRIPPER_COMMAND_JOINT, 2.0)}
 
 
 def _column(joint: str, names: list[str]) -> tuple[int, float] | None:

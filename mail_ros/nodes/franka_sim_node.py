@@ -34,11 +34,11 @@ from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, 
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.jtc import TrajectoryRejected
 from mail_ros.sim.tasks import Task, TaskError
+from mail_ros.spec import GRIPPER_COMMAND_JOINT
 from mail_ros.sync.image import rgb_to_image_fields
 
 # Simulated time starts here rather than at 0, so stamps are never the "unset" zero stamp.
 CLOCK_EPOCH = 1000.0
-FINGER_JOINT = "fr3_finger_joint1"
 
 
 class FrankaSimNode(Node):
@@ -149,8 +149,8 @@ class FrankaSimNode(Node):
                 self.diagnostics.set(WARN, f"rejected arm trajectory: {exc}", rejected=self.rejected)
 
     def _on_gripper(self, msg: JointTrajectory) -> None:
-        if list(msg.joint_names) != [FINGER_JOINT] or not msg.points or len(msg.points[-1].positions) != 1:
-            self.get_logger().error(f"rejected gripper trajectory: expected one joint {FINGER_JOINT!r} with "
+        if list(msg.joint_names) != [GRIPPER_COMMAND_JOINT] or not msg.points or len(msg.points[-1].positions) != 1:
+            self.get_logger().error(f"rejected gripper trajectory: expected one joint {GRIPPER_COMMAND_JOINT!r} with "
                                     f"positions, got {list(msg.joint_names)}")
             return
         width = 2.0 * msg.points[-1].positions[0]

@@ -8,9 +8,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mail_ros.control.gripper import GripperCommand, GripperHysteresis
 from mail_ros.nodes.common import COMMAND_QOS
-from mail_ros.spec import FR3_GRIPPER_MAX_WIDTH
-
-FINGER_JOINT = "fr3_finger_joint1"
+from mail_ros.spec import FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_JOINT
 
 
 class GripperBridge:
@@ -66,7 +64,7 @@ class GripperBridge:
         if self.mode == "trajectory":
             point = JointTrajectoryPoint(positions=[target / 2.0])
             point.time_from_start.nanosec = int(0.5e9)
-            self.publisher.publish(JointTrajectory(joint_names=[FINGER_JOINT], points=[point]))
+            self.publisher.publish(JointTrajectory(joint_names=[GRIPPER_COMMAND_JOINT], points=[point]))
             return
         self._send_franka(change, target)
 
