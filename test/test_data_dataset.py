@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mail_ros.data.dataset import DemoWindows, EmbeddingCache, compute_stats, random_shift, split_episodes, window_index
 from mail_ros.data.hdf5 import DataError, Episode
+from mail_ros.policy.action_frame import ActionFrame
 
 
 def counting_episode(n: int, offset: int, instruction: str = "stack") -> Episode:
@@ -61,11 +62,24 @@ def test_split_is_by_episode_seeded_and_stats_use_train_only():
     assert split_episodes(10, 0.2, seed=3) == (train, val) and split_episodes(10, 0.2, seed=4) != (train, val)
     assert split_episodes(1, 0.5, 0) == ([0], []) and split_episodes(3, 0.0, 0) == ([0, 1, 2], [])
     eps = [counting_episode(5, 10 * i) for i in range(10)]
-    stats = compute_stats([eps[i] for i in train])
+    # T = A = 1: one window per frame, so the action statistics are those of every frame.
+    windows = DemoWindows([eps[i] for i in train], ("agentview",), 1, 1)
+    stats = compute_stats(windows, ActionFrame(("a", "b"), ("j0", "j1", "j2"), relative=False))
     values = np.concatenate([eps[i].actions for i in train])
     np.testing.assert_allclose(stats["actions"]["mean"], values.mean(0))
     np.testing.assert_allclose(stats["actions"]["std"], values.std(0))
     np.testing.assert_allclose(stats["joint_positions"]["max"], np.concatenate([eps[i].joint_positions for i in train]).max(0))
+
+
+def test_relative_stats_are_over_offsets_from_the_current_step():
+    # Frame f has joints and actions = f; with T = 2, A = 3 the window at s targets frames
+    # s+1 .. s+3 from the current frame s+1, so the offsets of dimension "j1" are 0, 1, 2.
+    windows = DemoWindows([counting_episode(8, 0), counting_episode(6, 50)], ("agentview",), 2, 3)
+    stats = compute_stats(windows, ActionFrame(("j1", "width"), ("j0", "j1", "j2"), relative=True))
+    np.testing.assert_allclose([stats["actions"]["min"][0], stats["actions"]["max"][0]], [0, 2])
+    np.testing.assert_allclose(stats["actions"]["mean"][0], 1.0)
+    absolute = windows.target_actions()[..., 1]
+    np.testing.assert_allclose(stats["actions"]["mean"][1], absolute.mean())  # "width" is no joint: absolute
 
 
 def test_random_shift_moves_whole_history_and_is_seeded():

@@ -251,3 +251,40 @@ def test_input_validation():
     batch["actions"] = batch["actions"][:, :2]
     with pytest.raises(PolicyInputError, match="actions must be"):
         policy.compute_loss(batch)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_relative_actions_are_offsets_from_the_current_joints(head):
+    # Without proprioception the network never sees the joints, so two histories that differ
+    # only in the current joint positions give the same network output: the absolute arm
+    # targets differ by exactly the joint difference, the gripper width not at all.
+    policy = make_policy(f"tiny-d_ma-{head}", {"relative_actions": True, "proprio": False})
+    history = make_history(policy, policy.T)
+    moved = list(history)
+    shift = np.linspace(-0.3, 0.3, policy.joint_dim)
+    moved[-1] = Observation(history[-1].stamp, history[-1].images, history[-1].joint_positions + shift)
+    a, b = policy.predict_chunk(history, seed=1), policy.predict_chunk(moved, seed=1)
+    arm = policy.action_frame.action_index
+    assert arm == list(range(7)) and policy.action_frame.joint_index == list(range(7))
+    np.testing.assert_allclose(b[:, arm] - a[:, arm], np.broadcast_to(shift[:7], (policy.A, 7)), atol=1e-6)
+    np.testing.assert_allclose(b[:, 7], a[:, 7], atol=1e-6)
+
+
+def test_relative_actions_train_on_offsets():
+    # The loss sees (action - current joints): shifting actions and current joints together
+    # leaves a relative policy's loss unchanged and changes an absolute one's.
+    losses = {}
+    for relative in (True, False):
+        policy = make_policy("tiny-d_ma-bc", {"relative_actions": relative, "proprio": False})
+        batch = make_batch(policy)
+        shifted = dict(batch, joint_positions=batch["joint_positions"].clone(), actions=batch["actions"].clone())
+        shifted["joint_positions"][:, -1, :7] += 0.5
+        shifted["actions"][:, :, :7] += 0.5
+        losses[relative] = (policy.compute_loss(batch)[0].item(), policy.compute_loss(shifted)[0].item())
+    assert losses[True][0] == pytest.approx(losses[True][1], rel=1e-5)
+    assert losses[False][0] != pytest.approx(losses[False][1], rel=1e-3)
+
+
+def test_relative_actions_need_an_observed_joint():
+    with pytest.raises(ConfigError, match="relative_actions needs action names that are observed joints"):
+        get_preset("tiny-d_ma-bc", {"relative_actions": True, "spec.action.names": ["x", "y"]})

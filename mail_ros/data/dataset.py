@@ -26,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
 from mail_ros.data.hdf5 import DataError, Episode
+from mail_ros.policy.action_frame import ActionFrame
 from mail_ros.policy.normalizer import Normalizer
 
 __all__ = [
@@ -62,16 +63,20 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
-def compute_stats(episodes: Sequence[Episode]) -> dict[str, dict[str, np.ndarray]]:
-    """Per-dimension mean/std/min/max of actions and joint positions over every frame of ``episodes``.
+def compute_stats(windows: "DemoWindows", frame: ActionFrame) -> dict[str, dict[str, np.ndarray]]:
+    """Per-dimension mean/std/min/max of the target actions and of the joint positions.
 
-    Call it on the TRAINING episodes only, so validation measures generalisation honestly.
+    Actions: over every window's A targets, in the network's ``frame`` (offsets from the current
+    joint positions for relative dimensions), i.e. exactly what the network is trained to output.
+    Joint positions: over every frame of the episodes. Call it on the TRAINING windows only, so
+    validation measures generalisation honestly.
     """
-    if not episodes:
+    if not windows.episodes:
         raise DataError("cannot compute statistics of zero episodes")
+    targets = frame.to_network(windows.target_actions(), windows.current_joint_positions())  # (K, A, Da)
     return {
-        "actions": Normalizer.stats_from_data(np.concatenate([ep.actions for ep in episodes])),
-        "joint_positions": Normalizer.stats_from_data(np.concatenate([ep.joint_positions for ep in episodes])),
+        "actions": Normalizer.stats_from_data(targets),
+        "joint_positions": Normalizer.stats_from_data(np.concatenate([ep.joint_positions for ep in windows.episodes])),
     }
 
 
@@ -172,6 +177,11 @@ class DemoWindows(Dataset):
         """The target actions of every window, (K, A, action_dim), without touching images."""
         A, T = self.action_horizon, self.obs_horizon
         return np.stack([self.episodes[e].actions[s + T - 1 : s + T - 1 + A] for e, s in self.index])
+
+    def current_joint_positions(self) -> np.ndarray:
+        """The joint positions at every window's current (last observed) step, (K, J)."""
+        T = self.obs_horizon
+        return np.stack([self.episodes[e].joint_positions[s + T - 1] for e, s in self.index])
 
 
 class EmbeddingCache:

@@ -171,6 +171,9 @@ class PolicyConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     proprio: bool = False  # joint positions fused into each observation token (off in the paper)
+    # Arm actions learned as offsets from the current joint positions (see policy/action_frame.py);
+    # predict_chunk returns absolute targets either way. Off in the paper (absolute actions).
+    relative_actions: bool = False
     # "mamba": every module keeps its own init (Mamba's dt/A/D init intact). "reference": the MaIL
     # code's N(0, 0.02) re-init of every nn.Linear with zero bias, which also overwrites the
     # Mamba dt_proj bias init (so initial step sizes are softplus(0) ~ 0.69 instead of 1e-3..0.1).
@@ -180,6 +183,17 @@ class PolicyConfig:
         _check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
         _check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
         _check(isinstance(self.proprio, bool), f"proprio must be true or false, got {self.proprio!r}")
+        _check(
+            isinstance(self.relative_actions, bool),
+            f"relative_actions must be true or false, got {self.relative_actions!r}",
+        )
+        if self.relative_actions:
+            observed = set(self.spec.observation.joint_names)
+            _check(
+                any(name in observed for name in self.spec.action.names),
+                "relative_actions needs action names that are observed joints, but none of "
+                f"{list(self.spec.action.names)} is in {list(self.spec.observation.joint_names)}",
+            )
         if self.head.time_token != "first":
             _check(
                 self.head.kind == "ddpm" and self.backbone.layout == "decoder",
@@ -215,5 +229,6 @@ class PolicyConfig:
             head=_build(HeadConfig, data["head"], "head"),
             language=_build(LanguageConfig, data["language"], "language"),
             proprio=data["proprio"],
+            relative_actions=data["relative_actions"],
             init=data["init"],
         )

@@ -52,6 +52,7 @@ from mail_ros.model.backbone import build_sequence_model, select_state
 from mail_ros.model.diffusion import CosineDDPM, TimeEmbedding
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.model.vision import ObservationEncoder
+from mail_ros.policy.action_frame import ActionFrame
 from mail_ros.policy.config import PolicyConfig
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
@@ -117,6 +118,7 @@ class MaILPolicy(nn.Module):
             n_actions=self.A,
         )
         self.action_out = nn.Linear(D, self.action_dim)
+        self.action_frame = ActionFrame.of(config)
         self.action_norm = Normalizer(self.action_dim)
         self.proprio_norm = Normalizer(self.joint_dim)
         if config.init == "reference":
@@ -145,7 +147,11 @@ class MaILPolicy(nn.Module):
     def set_normalization(
         self, action_stats: Mapping[str, Any], proprio_stats: Mapping[str, Any] | None = None
     ) -> None:
-        """Set the action (and joint-position) statistics: mean, std, min, max per dimension."""
+        """Set the action (and joint-position) statistics: mean, std, min, max per dimension.
+
+        Action statistics are in the network's frame (:attr:`action_frame`): offsets from the
+        current joint positions for relative dimensions, robot units otherwise.
+        """
         self.action_norm.set_stats(action_stats, "action")
         if proprio_stats is not None:
             self.proprio_norm.set_stats(proprio_stats, "proprio")
@@ -225,8 +231,8 @@ class MaILPolicy(nn.Module):
         """Training loss of one batch (robot units in, normalisation inside).
 
         batch: "images" camera -> uint8 (B, T, H, W, 3); "joint_positions" (B, T, J);
-        "language" (B, language_dim) when language is enabled; "actions" (B, A, action_dim).
-        Returns the scalar loss (MSE on z-scored actions for BC, on the noise for DDPM) and
+        "language" (B, language_dim) when language is enabled; "actions" (B, A, action_dim)
+        absolute. Returns the scalar loss (MSE on z-scored actions for BC, on the noise for DDPM) and
         float metrics. DDPM steps are drawn from torch's global RNG (the trainer seeds it).
         """
         # Weights are about to change: cached frame tokens would go stale.
@@ -236,7 +242,7 @@ class MaILPolicy(nn.Module):
         flat = {name: images[name].reshape(B * T, *self.image_size, 3) for name in self.cameras}
         obs_tokens = self._observation_tokens(flat, joints.reshape(B * T, -1)).view(B, T, -1)  # (B, T, D)
         language_token = self._language_token(language)
-        target = self.action_norm.normalize(actions)  # (B, A, Da)
+        target = self.action_norm.normalize(self.action_frame.to_network(actions, joints[:, -1]))  # (B, A, Da)
         if not self.is_ddpm:
             features = self.sequence(self._context(obs_tokens, language_token, None), self._action_tokens(None, B))
             loss = F.mse_loss(self.action_out(features), target)
@@ -311,10 +317,10 @@ class MaILPolicy(nn.Module):
                 else:
                     context = self._context(obs_tokens, language, None)
                     normalized = self.action_out(self.sequence(context, self._action_tokens(None, 1)))
-                actions = self.action_norm.denormalize(normalized)[0]
+                actions = self.action_norm.denormalize(normalized)[0].double().cpu().numpy()
         finally:
             self.train(was_training)
-        return actions.double().cpu().numpy()
+        return self.action_frame.to_robot(actions, np.asarray(history[-1].joint_positions, dtype=np.float64))
 
     def _sampling_generator(self, seed: int | None) -> torch.Generator:
         if seed is not None:

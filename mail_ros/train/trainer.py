@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from mail_ros.data.dataset import DemoWindows, EmbeddingCache, compute_stats, split_episodes
 from mail_ros.data.hdf5 import DataError, DemoSet, Episode, read_hdf5
+from mail_ros.policy.action_frame import ActionFrame
 from mail_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from mail_ros.policy.config import PolicyConfig
 from mail_ros.policy.mail_policy import MaILPolicy
@@ -251,7 +252,7 @@ def build_datasets(episodes: list[Episode], run: RunConfig, language_loader: Cal
     cameras = policy.spec.observation.cameras
     train = DemoWindows(train_eps, cameras, T, A, language, augment_shift=data.augment_shift, seed=run.train.seed)
     val = DemoWindows(val_eps, cameras, T, A, language) if val_eps else None
-    return Datasets(train, val, compute_stats(train_eps), train_idx, val_idx)
+    return Datasets(train, val, compute_stats(train, ActionFrame.of(policy)), train_idx, val_idx)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -466,7 +467,9 @@ class Trainer:
             return None
         stats = self.data.stats["actions"]
         std = np.maximum(stats["std"], STD_FLOOR)
-        return float(np.mean(((self.data.val.target_actions() - stats["mean"]) / std) ** 2))
+        val = self.data.val
+        targets = ActionFrame.of(self.run.policy).to_network(val.target_actions(), val.current_joint_positions())
+        return float(np.mean(((targets - stats["mean"]) / std) ** 2))
 
     # ------------------------------------------------------------------ loop
 
