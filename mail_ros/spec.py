@@ -21,8 +21,9 @@ FR3_FINGER_JOINTS: tuple[str, ...] = ("fr3_finger_joint1", "fr3_finger_joint2")
 GRIPPER_ACTION_NAME = "fr3_gripper_width"
 FR3_GRIPPER_MAX_WIDTH = 0.08
 # A position-controlled gripper (the simulator, a trajectory controller on the fingers) is
-# commanded through this one finger joint, at HALF the opening width.
+# commanded through this one finger joint; each finger moves half the opening width.
 GRIPPER_COMMAND_JOINT = FR3_FINGER_JOINTS[0]
+GRIPPER_COMMAND_PER_WIDTH = 0.5  # GRIPPER_COMMAND_JOINT position (m) per metre of opening width
 
 ACTION_SPACES = ("joint_position",)
 

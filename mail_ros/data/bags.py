@@ -54,11 +54,22 @@ from rosbags.highlevel import AnyReader, AnyReaderError
 
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.ros_types import typestore
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT, ObservationSpec
+from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
+                           GRIPPER_COMMAND_PER_WIDTH, ObservationSpec)
 from mail_ros.sync.alignment import AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
 
-__all__ = ["BagConfig", "BagReadout", "Trajectory", "read_bag", "command_target", "GRIPPER_SOURCES"]
+__all__ = [
+    "BagConfig",
+    "BagReadout",
+    "DemonstratedActions",
+    "Trajectory",
+    "read_bag",
+    "command_target",
+    "finger_width",
+    "gripper_source",
+    "GRIPPER_SOURCES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +176,7 @@ class Trajectory:
 # A position-controlled gripper is commanded through one finger joint at half the opening width
 # (what executor_node and franka_sim_node use); it stands for the width action when the bag has
 # no fr3_gripper_width command.
-FINGER_FOR_WIDTH = {GRIPPER_ACTION_NAME: (GRIPPER_COMMAND_JOINT, 2.0)}
+FINGER_FOR_WIDTH = {GRIPPER_ACTION_NAME: (GRIPPER_COMMAND_JOINT, 1.0 / GRIPPER_COMMAND_PER_WIDTH)}
 
 
 def _column(joint: str, names: list[str]) -> tuple[int, float] | None:
@@ -191,6 +202,56 @@ def command_target(traj: Trajectory, t: float, dt: float) -> tuple[np.ndarray | 
     offsets, positions = traj.offsets[m], traj.positions[m]
     # np.interp holds the end values outside [first, last] point: the controller's behaviour.
     return np.array([np.interp(rel, offsets, positions[:, d]) for d in range(positions.shape[1])]), m
+
+
+def gripper_source(config: BagConfig, topics: dict[str, str]) -> str:
+    """Where this bag's gripper action comes from: "command", "measured" or "none"."""
+    if not config.has_gripper:
+        return "none"
+    if config.gripper_source == "auto":
+        return "command" if config.gripper_command_topic in topics else "measured"
+    return config.gripper_source
+
+
+def finger_width(msg: Any, config: BagConfig) -> float:
+    """Measured gripper opening of a JointState: the sum of the finger joint positions."""
+    return float(np.sum(select_joints(list(msg.name), list(msg.position), config.finger_joints)))
+
+
+class DemonstratedActions:
+    """The action a bag demonstrates at a time t (the rule in the module docstring).
+
+    The arm (and gripper) command in effect at ``t + dt``; without gripper commands, the measured
+    finger width at ``t + dt``, interpolated between joint states. Shared by the converter (the
+    training targets) and the replay evaluation (what the policy is compared against).
+    """
+
+    def __init__(self, config: BagConfig, arm: Trajectory, grip: Trajectory, gripper: str,
+                 finger_stamps: list[float], finger_widths: list[float], dt: float) -> None:
+        order = np.argsort(finger_stamps, kind="stable")
+        self.finger_t = np.asarray(finger_stamps, dtype=np.float64)[order]
+        self.finger_w = np.asarray(finger_widths, dtype=np.float64)[order]
+        self.arm, self.grip, self.gripper, self.dt = arm, grip, gripper, dt
+        # parts are [arm joints..., gripper]; the gripper may sit anywhere in action_names
+        produced = config.arm_joints + ((config.gripper_action,) if config.has_gripper else ())
+        self.order = [produced.index(n) for n in config.action_names]
+
+    def at(self, t: float) -> tuple[np.ndarray | None, str]:
+        """(action in ``action_names`` order, "") or (None, why: "no_command" / "no_future_state")."""
+        target, _ = command_target(self.arm, t, self.dt)
+        if target is None:
+            return None, "no_command"
+        parts = [target]
+        if self.gripper == "command":
+            width, _ = command_target(self.grip, t, self.dt)
+            if width is None:
+                return None, "no_command"
+            parts.append(width)
+        elif self.gripper == "measured":
+            if len(self.finger_t) == 0 or not self.finger_t[0] <= t + self.dt <= self.finger_t[-1]:
+                return None, "no_future_state"
+            parts.append(np.array([np.interp(t + self.dt, self.finger_t, self.finger_w)]))
+        return np.concatenate(parts)[self.order], ""
 
 
 @dataclass
@@ -287,12 +348,7 @@ def read_bag(path: str | Path, config: BagConfig = BagConfig()) -> BagReadout:
 def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     topics = {c.topic: c.msgtype for c in reader.connections}
     streams = check_topics(path, topics, config)
-    gripper = "none"
-    if config.has_gripper:
-        use_command = config.gripper_source == "command" or (
-            config.gripper_source == "auto" and config.gripper_command_topic in topics
-        )
-        gripper = "command" if use_command else "measured"
+    gripper = gripper_source(config, topics)
     arm = Trajectory(config.arm_command_topic, joints=config.arm_joints)
     grip = Trajectory(config.gripper_command_topic, joints=(config.gripper_action,))
 
@@ -342,7 +398,7 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
         try:
             if stream == JOINT_STATES and gripper == "measured":
                 state.finger_stamps.append(stamp)
-                state.finger_widths.append(float(np.sum(select_joints(list(msg.name), list(msg.position), config.finger_joints))))
+                state.finger_widths.append(finger_width(msg, config))
             if conn.msgtype == IMAGE:
                 size = (int(msg.height), int(msg.width))
                 first = state.native_size.setdefault(stream, size)
@@ -407,33 +463,15 @@ def _finish(
     end: float,
 ) -> Episode:
     builder = ObservationBuilder(config.observation)
-    dt = config.dt
+    demonstrated = DemonstratedActions(config, arm, grip, gripper, state.finger_stamps, state.finger_widths, config.dt)
     dropped: Counter[str] = Counter()
     frames, actions = [], []
-    finger_t = np.asarray(state.finger_stamps)
-    finger_w = np.asarray(state.finger_widths)
-    # parts are [arm joints..., gripper]; the gripper may sit anywhere in action_names
-    produced = config.arm_joints + ((config.gripper_action,) if config.has_gripper else ())
-    order = [produced.index(n) for n in config.action_names]
     for aligned in state.sets:
-        t = aligned.stamp
-        target, _ = command_target(arm, t, dt)
-        if target is None:
-            dropped["no_command"] += 1
+        action, why = demonstrated.at(aligned.stamp)
+        if action is None:
+            dropped[why] += 1
             continue
-        parts = [target]
-        if gripper == "command":
-            width, _ = command_target(grip, t, dt)
-            if width is None:
-                dropped["no_command"] += 1
-                continue
-            parts.append(width)
-        elif gripper == "measured":
-            if len(finger_t) == 0 or not finger_t[0] <= t + dt <= finger_t[-1]:
-                dropped["no_future_state"] += 1
-                continue
-            parts.append(np.array([np.interp(t + dt, finger_t, finger_w)]))
-        actions.append(np.concatenate(parts)[order])
+        actions.append(action)
         frames.append(builder.build(aligned))
     stats = state.aligner.stats.to_dict()
     stats["frames_dropped"] = dict(dropped)

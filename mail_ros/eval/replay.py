@@ -43,13 +43,12 @@ from rosbags.highlevel import AnyReader
 from tqdm import tqdm
 
 from mail_ros.data import bags
-from mail_ros.data.bags import BagConfig, Trajectory, command_target
+from mail_ros.data.bags import BagConfig, DemonstratedActions, Trajectory
 from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
-from mail_ros.spec import Observation
 from mail_ros.sync.alignment import AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.history import ObservationHistory
-from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
+from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
 
 __all__ = [
     "BagReplay",
@@ -190,14 +189,6 @@ def _resolve_cameras(
     return resolved
 
 
-def _gripper_source(bag_config: BagConfig, topics: dict[str, str]) -> str:
-    if not bag_config.has_gripper:
-        return "none"
-    if bag_config.gripper_source == "auto":
-        return "command" if bag_config.gripper_command_topic in topics else "measured"
-    return bag_config.gripper_source
-
-
 def replay_bag(
     path: str | Path,
     policy,
@@ -240,7 +231,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         bags.check_topics(path, topics, bag_config)
     except DataError as exc:
         raise ReplayError(str(exc)) from exc
-    gripper = _gripper_source(bag_config, topics)
+    gripper = bags.gripper_source(bag_config, topics)
     if config.instruction is None and language and bag_config.instruction_topic not in topics:
         raise ReplayError(
             f"{path}: no {bag_config.instruction_topic} topic, and the policy needs an instruction "
@@ -250,7 +241,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
     result = BagReplay(path, cameras, spec.action.names, dt, gripper)
 
     # Pass 1: commands (and the measured finger widths), needed ahead of the replay position.
-    arm, grip, fingers = _read_commands(reader, path, bag_config, gripper)
+    demonstrated = _read_commands(reader, path, bag_config, gripper, dt)
 
     # Pass 2: observations and instructions in log order, as the nodes would receive them.
     builder = ObservationBuilder(spec.observation)
@@ -346,14 +337,14 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         dropped = result.sync["streams"][builder.streams[0]]["dropped"]
         reference = builder.streams[0]
         raise ReplayError(f"{path}: no aligned observation (reference camera {reference!r} dropped: {dropped})")
-    _fill_commanded(result, arm, grip, gripper, fingers, goal_times, last_frame, bag_config)
+    _fill_commanded(result, demonstrated, goal_times, last_frame)
     return result
 
 
 def _read_commands(
-    reader: AnyReader, path: Path, bag_config: BagConfig, gripper: str
-) -> tuple[Trajectory, Trajectory, tuple[np.ndarray, np.ndarray]]:
-    """Arm and gripper commands, and (stamps, widths) of the measured gripper sorted by stamp."""
+    reader: AnyReader, path: Path, bag_config: BagConfig, gripper: str, dt: float
+) -> DemonstratedActions:
+    """The demonstrated actions: arm and gripper commands, or the measured gripper widths."""
     arm = Trajectory(bag_config.arm_command_topic, joints=bag_config.arm_joints)
     grip = Trajectory(bag_config.gripper_command_topic, joints=(bag_config.gripper_action,))
     finger_t: list[float] = []
@@ -372,14 +363,12 @@ def _read_commands(
                 grip.add(msg, ns * 1e-9, where)
             else:
                 finger_t.append(stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec))
-                names, positions = list(msg.name), list(msg.position)
-                finger_w.append(float(np.sum(select_joints(names, positions, bag_config.finger_joints))))
+                finger_w.append(bags.finger_width(msg, bag_config))
     except (DataError, ObservationError) as exc:
         raise ReplayError(str(exc)) from exc
     if not arm.receive:
         raise ReplayError(f"{path}: no messages on {bag_config.arm_command_topic}; nothing to compare against")
-    order = np.argsort(finger_t, kind="stable")
-    return arm, grip, (np.asarray(finger_t)[order], np.asarray(finger_w)[order])
+    return DemonstratedActions(bag_config, arm, grip, gripper, finger_t, finger_w, dt)
 
 
 def _sync_summary(aligner: StreamAligner, invalid: dict[str, Counter[str]]) -> dict[str, Any]:
@@ -394,19 +383,9 @@ def _sync_summary(aligner: StreamAligner, invalid: dict[str, Counter[str]]) -> d
 
 
 def _fill_commanded(
-    result: BagReplay,
-    arm: Trajectory,
-    grip: Trajectory,
-    gripper: str,
-    fingers: tuple[np.ndarray, np.ndarray],
-    goal_times: list[float],
-    last_frame: float,
-    bag_config: BagConfig,
+    result: BagReplay, demonstrated: DemonstratedActions, goal_times: list[float], last_frame: float
 ) -> None:
     dt = result.dt
-    finger_t, finger_w = fingers
-    produced = bag_config.arm_joints + ((bag_config.gripper_action,) if bag_config.has_gripper else ())
-    order = [produced.index(n) for n in result.action_names]
     for chunk in result.chunks:
         later = [g for g in goal_times if g > chunk.decided]
         episode_end = min(later) if later else math.inf
@@ -414,17 +393,6 @@ def _fill_commanded(
             t = chunk.stamp + i * dt
             if t > last_frame + dt / 2 or t >= episode_end:
                 continue
-            target, _ = command_target(arm, t, dt)
-            if target is None:
-                continue
-            parts = [target]
-            if gripper == "command":
-                width, _ = command_target(grip, t, dt)
-                if width is None:
-                    continue
-                parts.append(width)
-            elif gripper == "measured":
-                if len(finger_t) == 0 or not finger_t[0] <= t + dt <= finger_t[-1]:
-                    continue
-                parts.append(np.array([np.interp(t + dt, finger_t, finger_w)]))
-            chunk.commanded[i] = np.concatenate(parts)[order]
+            action, _ = demonstrated.at(t)
+            if action is not None:
+                chunk.commanded[i] = action

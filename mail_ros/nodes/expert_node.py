@@ -39,7 +39,8 @@ from mail_ros.nodes.common import COMMAND_QOS, declare, seconds_to_stamp, stamp_
 from mail_ros.sim.expert import ExpertConfig, ExpertObservation, ScriptedExpert
 from mail_ros.sim.franka_sim import FR3_LIMITS, CubePose
 from mail_ros.sim.tasks import Task
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT
+from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
+                           GRIPPER_COMMAND_PER_WIDTH)
 
 __all__ = ["ARM_TARGET_TOPIC", "GRIPPER_TARGET_TOPIC", "ExpertNode", "PrivilegedState"]
 
@@ -139,7 +140,7 @@ class ExpertNode(Node):
         self.arm_target_publisher.publish(self._trajectory(header, FR3_ARM_JOINTS, arm))
         self.gripper_target_publisher.publish(self._trajectory(header, (GRIPPER_ACTION_NAME,), [width]))
         if send_gripper:
-            self.gripper_publisher.publish(self._trajectory(Header(), (GRIPPER_COMMAND_JOINT,), [width / 2.0]))
+            self.gripper_publisher.publish(self._trajectory(Header(), (GRIPPER_COMMAND_JOINT,), [width * GRIPPER_COMMAND_PER_WIDTH]))
 
     def _trajectory(self, header: Header, joints, positions) -> JointTrajectory:
         point = JointTrajectoryPoint(positions=[float(v) for v in positions], time_from_start=_duration(self.period))

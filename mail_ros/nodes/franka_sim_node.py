@@ -34,7 +34,7 @@ from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, 
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.jtc import TrajectoryRejected
 from mail_ros.sim.tasks import Task, TaskError
-from mail_ros.spec import GRIPPER_COMMAND_JOINT
+from mail_ros.spec import GRIPPER_COMMAND_JOINT, GRIPPER_COMMAND_PER_WIDTH
 from mail_ros.sync.image import rgb_to_image_fields
 
 # Simulated time starts here rather than at 0, so stamps are never the "unset" zero stamp.
@@ -153,7 +153,7 @@ class FrankaSimNode(Node):
             self.get_logger().error(f"rejected gripper trajectory: expected one joint {GRIPPER_COMMAND_JOINT!r} with "
                                     f"positions, got {list(msg.joint_names)}")
             return
-        width = 2.0 * msg.points[-1].positions[0]
+        width = msg.points[-1].positions[0] / GRIPPER_COMMAND_PER_WIDTH
         with self._lock:
             try:
                 if width < 0.5 * self.sim.gripper_width():

@@ -8,7 +8,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mail_ros.control.gripper import GripperCommand, GripperHysteresis
 from mail_ros.nodes.common import COMMAND_QOS
-from mail_ros.spec import FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_JOINT
+from mail_ros.spec import FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_JOINT, GRIPPER_COMMAND_PER_WIDTH
 
 
 class GripperBridge:
@@ -62,7 +62,7 @@ class GripperBridge:
             return
         target = 0.0 if change is GripperCommand.CLOSE else FR3_GRIPPER_MAX_WIDTH
         if self.mode == "trajectory":
-            point = JointTrajectoryPoint(positions=[target / 2.0])
+            point = JointTrajectoryPoint(positions=[target * GRIPPER_COMMAND_PER_WIDTH])
             point.time_from_start.nanosec = int(0.5e9)
             self.publisher.publish(JointTrajectory(joint_names=[GRIPPER_COMMAND_JOINT], points=[point]))
             return

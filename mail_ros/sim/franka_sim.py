@@ -31,7 +31,7 @@ import numpy as np
 from mail_ros.control.limits import fr3_limits
 from mail_ros.sim.jtc import JointTrajectoryController, TrajectoryRejected
 from mail_ros.sim.tasks import COLOURS, CUBE_SIZE, TABLE_HEIGHT, SceneState, Task, check_success
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
 
 __all__ = [
     "CAMERAS",
@@ -62,7 +62,8 @@ CUBE_MIN_DISTANCE = 0.11
 CUBE_RGBA = {"red": (0.85, 0.1, 0.1, 1.0), "green": (0.1, 0.65, 0.15, 1.0), "blue": (0.1, 0.25, 0.85, 1.0)}
 CUBE_MASS = 0.06
 
-# The gripper servo acts on the tendon length L = (q_finger1 + q_finger2) / 2 = width / 2.
+# The gripper servo acts on the tendon length L = (q_finger1 + q_finger2) / 2, each finger's share
+# of the width: L = GRIPPER_COMMAND_PER_WIDTH * width.
 GRIPPER_KP = 2000.0  # N/m on L: closing on a 4.5 cm cube saturates the force limit
 GRIPPER_KV = 60.0
 GRIPPER_MAX_FORCE = 70.0  # N squeezed by each finger (Franka hand's continuous force)
@@ -166,7 +167,7 @@ def build_model(config: SimConfig | None = None) -> mujoco.MjModel:
     servo.gainprm[0] = GRIPPER_KP
     servo.biasprm[:3] = [0.0, -GRIPPER_KP, -GRIPPER_KV]
     servo.ctrllimited = True
-    servo.ctrlrange = [0.0, 0.5 * FR3_GRIPPER_MAX_WIDTH]
+    servo.ctrlrange = [0.0, GRIPPER_COMMAND_PER_WIDTH * FR3_GRIPPER_MAX_WIDTH]
     servo.forcelimited = True
     # Each finger receives half the tendon force.
     servo.forcerange = [-2 * GRIPPER_MAX_FORCE, 2 * GRIPPER_MAX_FORCE]
@@ -283,7 +284,7 @@ class FrankaSim:
         m, d = self.model, self.data
         mujoco.mj_resetData(m, d)
         d.qpos[self._arm_qadr] = HOME_Q
-        d.qpos[self._finger_qadr] = 0.5 * FR3_GRIPPER_MAX_WIDTH
+        d.qpos[self._finger_qadr] = GRIPPER_COMMAND_PER_WIDTH * FR3_GRIPPER_MAX_WIDTH
         rng = np.random.default_rng(seed)
         for colour, (xy, yaw) in zip(COLOURS, self._sample_layout(rng)):
             adr = self._cube_qadr[colour]
@@ -335,7 +336,7 @@ class FrankaSim:
         # Ramp the width command towards the target at the commanded speed, like the real hand.
         delta = self._gripper_target - self._gripper_command
         self._gripper_command += float(np.clip(delta, -self._gripper_speed * dt, self._gripper_speed * dt))
-        d.ctrl[self._gripper_act] = 0.5 * self._gripper_command
+        d.ctrl[self._gripper_act] = GRIPPER_COMMAND_PER_WIDTH * self._gripper_command
 
     # -- commands ------------------------------------------------------------------------------
 
