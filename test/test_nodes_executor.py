@@ -45,6 +45,7 @@ class FakeRobotAndPolicy:
         self.lock = threading.Lock()
         self.publish_states = True
         self.state_value = None  # override published positions (e.g. NaN)
+        self.tracking = 1.0  # fraction of each command's step the robot makes (1 = perfect tracking)
         self.joint_pub = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
         self.goal_pub = self.node.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
         self.chunk_pub = self.node.create_publisher(ActionChunk, "/mail/action_chunk", PIPELINE_QOS)
@@ -63,7 +64,7 @@ class FakeRobotAndPolicy:
         with self.lock:
             self.commands.append((time.monotonic(), q))
             if len(msg.points) == 1:
-                self.q = q  # a perfectly tracking robot
+                self.q = self.q + self.tracking * (q - self.q)
 
     def _publish_state(self) -> None:
         if not self.publish_states:
@@ -172,6 +173,27 @@ def test_ramps_in_then_follows_chunks_within_limits(rig):
     # After the ramp, the gripper dimension (0 = close) becomes one close command (hysteresis).
     robot.stream_chunks(target, 0.5, width=0.0)
     assert robot.gripper_commands == [0.0]
+
+
+def test_ramps_once_then_follows_a_policy_that_leads_the_arm(rig):
+    # A policy's first action is a step AHEAD of the arm, and a real arm lags its commands: in a
+    # fast motion the due action stays beyond ramp_distance (0.05 rad) of the measured position.
+    # Ramping (>= 1 s each) whenever that holds would crawl; after the one ramp in, the executor
+    # must follow at the policy's pace (about 1.3 rad in these 3 s; ramping at every chunk: 0.5).
+    robot, _ = rig
+    robot.tracking = 0.3
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    step = np.array([0.06, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # per 0.1 s action: 0.6 rad/s on joint 1
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + 3.0:
+        with robot.lock:
+            q = robot.q.copy()
+        robot.send_chunk(q, values=np.array([np.append(q + (k + 1) * step, 0.08) for k in range(8)]))
+        time.sleep(0.1)
+    commands = robot.commands_since(t0)
+    assert_within_limits(commands, robot.arrivals_since(t0))
+    assert commands[-1][0] - FR3_HOME[0] > 0.8, f"joint 1 moved only {commands[-1][0] - FR3_HOME[0]:.3f} rad in 3 s"
 
 
 def test_out_of_limit_actions_are_clipped(rig):

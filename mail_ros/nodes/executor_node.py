@@ -262,13 +262,16 @@ class ExecutorNode(Node):
             self.v_cmd[:] = 0.0
         target = action[: len(self.arm_joints)]
         width = action[-1] if len(action) > len(self.arm_joints) else math.nan
-        if self.needs_ramp and self.safety.needs_ramp(self.measured, target) and not self.ramp:
-            self.ramp.extend(self.safety.ramp(self.measured, target, self.period))
-            self.get_logger().info(f"ramping to the first action over {len(self.ramp) * self.period:.2f} s")
+        if self.needs_ramp:
+            # Once per start or goal: a policy whose next target is always a step ahead (fast
+            # motion at 10 Hz) must not be slowed to a ramp at every chunk.
+            self.needs_ramp = False
+            if self.safety.needs_ramp(self.measured, target):
+                self.ramp.extend(self.safety.ramp(self.measured, target, self.period))
+                self.get_logger().info(f"ramping to the first action over {len(self.ramp) * self.period:.2f} s")
         if self.ramp:
             target = self.ramp.popleft()
         else:
-            self.needs_ramp = False
             self.gripper.command(width)
         try:
             safe = self.safety.filter(target, self.q_cmd, self.v_cmd, self.period)
