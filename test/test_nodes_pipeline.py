@@ -20,7 +20,9 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Header, String
 from trajectory_msgs.msg import JointTrajectory
+from visualization_msgs.msg import Marker
 
+from mail_ros.control.kinematics import fr3_tcp_poses
 from mail_ros.msg import ActionChunk, InstructionEmbedding, Observation
 from mail_ros.nodes.camera_sync_node import CameraSyncNode
 from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS
@@ -72,6 +74,8 @@ class World:
         self.node.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_command,
                                       COMMAND_QOS)
         self.node.create_subscription(ActionChunk, "/mail/action_chunk", self.chunks.append, PIPELINE_QOS)
+        self.paths: list[Marker] = []
+        self.node.create_subscription(Marker, "/mail/predicted_path", self.paths.append, PIPELINE_QOS)
         self.node.create_subscription(Observation, "/mail/observation", self.observations.append, PIPELINE_QOS)
         self.node.create_subscription(DiagnosticArray, "/diagnostics",
                                       lambda m: self.diagnostics.extend(m.status), 50)
@@ -167,6 +171,14 @@ def test_images_and_instruction_become_limit_respecting_commands(pipeline):
     with world.lock:
         arrivals = np.array([t for t, _ in world.commands])
     assert_within_limits(world.commands_since(0.0), arrivals)
+
+    # RViz's path of that chunk: the hand from the joints it was computed from through its 4 targets.
+    path = next(m for m in world.paths if m.header.stamp == chunk.header.stamp)
+    assert path.type == Marker.LINE_STRIP and path.header.frame_id == "fr3_link0" and len(path.points) == 5
+    targets = np.asarray(chunk.actions).reshape(4, 8)[:, :7]
+    expected = fr3_tcp_poses(targets)[:, :3, 3]
+    np.testing.assert_allclose([[p.x, p.y, p.z] for p in path.points[1:]], expected, atol=1e-5)
+    assert 0.0 < path.lifetime.sec + path.lifetime.nanosec * 1e-9 <= 4 * chunk.dt + 1e-6
     wait_for(lambda: all(world.diagnostic(n, levels=(b"\x00", b"\x01", b"\x02")) for n in
                          ("camera_sync_node", "language_node", "policy_node", "executor_node")), 10,
              "diagnostics from every node", graph=graph)

@@ -4,6 +4,11 @@ Subscriptions only validate and store; inference runs on a worker thread, so a s
 never blocks message handling. Every refusal (wrong cameras or resolution, wrong embedding
 dimension or encoder, stale or non-finite observations) is logged, counted on /diagnostics, and
 results in no chunk: downstream, the executor holds.
+
+For RViz, each chunk of FR3 joint targets is also drawn as the path of the hand's tool-centre
+point (forward kinematics from the current joints through the A targets) on
+/mail/predicted_path, in the arm's base frame; the marker expires when the chunk would end, so
+a policy that stops publishing leaves no stale path on screen.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import time
 from collections import deque
 
 import numpy as np
+from builtin_interfaces.msg import Duration
+from geometry_msgs.msg import Point, Vector3
 from rclpy.node import Node
-from std_msgs.msg import Header
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker
 
+from mail_ros.control.kinematics import arm_columns, fr3_tcp_poses
 from mail_ros.language.encoders import same_encoder
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
@@ -36,6 +45,8 @@ class PolicyNode(Node):
         self.max_gap_periods = declare(self, "max_gap_periods", 3.0, "A gap between consecutive observations "
                                        "longer than this many policy periods restarts the history")
         self.seed = declare(self, "seed", 0, "Seed of the policy's sampler (DDPM); reset with every new goal")
+        self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
+                                  "arm's base link (with any prefix your robot description uses)")
         self.diagnostics = Diagnostics(self)
         self.counters = {"chunks": 0, "refused_observations": 0, "refused_embeddings": 0}
         self.latencies: deque[float] = deque(maxlen=200)
@@ -51,9 +62,11 @@ class PolicyNode(Node):
 
         self.policy = None
         self.config = None
+        self._arm_columns = None  # (action columns, joint columns) of fr3_joint1..7, for the path marker
         self._load(device)
 
         self.publisher = self.create_publisher(ActionChunk, "mail/action_chunk", PIPELINE_QOS)
+        self.path_publisher = self.create_publisher(Marker, "mail/predicted_path", PIPELINE_QOS)
         self.create_subscription(ObservationMsg, "mail/observation", self._on_observation, PIPELINE_QOS)
         self.create_subscription(InstructionEmbedding, "mail/instruction_embedding", self._on_embedding, GOAL_QOS)
         self._worker = threading.Thread(target=self._inference_loop, name="mail_policy_inference", daemon=True)
@@ -81,6 +94,11 @@ class PolicyNode(Node):
             self.diagnostics.set(ERROR, f"no policy loaded: {exc}")
             return
         self.device = device
+        if self.config["action_space"] == "joint_position":
+            action_columns = arm_columns(self.config["action_names"])
+            joint_columns = arm_columns(self.config["joint_names"])
+            if action_columns is not None and joint_columns is not None:
+                self._arm_columns = (action_columns, joint_columns)
         self._history = ObservationHistory(self.config["obs_horizon"], 1.0 / self.config["rate_hz"],
                                            self.max_gap_periods)
         latency = self._warm_up()
@@ -215,6 +233,8 @@ class PolicyNode(Node):
             self.latencies.append(latency)
             self.publisher.publish(self._chunk_msg(chunk_id, goal, history, actions, latency))
             self.counters["chunks"] += 1
+            if self._arm_columns is not None:
+                self.path_publisher.publish(self._path_marker(history[-1], actions))
 
     def _chunk_msg(self, chunk_id, goal, history, actions, latency) -> ActionChunk:
         return ActionChunk(
@@ -230,6 +250,21 @@ class PolicyNode(Node):
             history_length=len(history),
             inference_time=float(latency),
             checkpoint=str(self.checkpoint_dir),
+        )
+
+    def _path_marker(self, current: Observation, actions: np.ndarray) -> Marker:
+        """LINE_STRIP of the TCP from the current joints through the chunk's targets, fading out."""
+        action_columns, joint_columns = self._arm_columns
+        q = np.vstack([np.asarray(current.joint_positions)[joint_columns], actions[:, action_columns]])  # (A + 1, 7)
+        points = fr3_tcp_poses(q)[:, :3, 3]
+        fade = np.linspace(1.0, 0.3, len(points))
+        lifetime = float(self.config["dt"]) * len(actions)
+        return Marker(
+            header=Header(stamp=seconds_to_stamp(current.stamp), frame_id=self.base_frame),
+            ns="mail_predicted_path", id=0, type=Marker.LINE_STRIP, action=Marker.ADD,
+            lifetime=Duration(sec=int(lifetime), nanosec=int(lifetime % 1.0 * 1e9)),
+            scale=Vector3(x=0.006), points=[Point(x=x, y=y, z=z) for x, y, z in points.tolist()],
+            colors=[ColorRGBA(r=1.0, g=0.45, b=0.0, a=float(a)) for a in fade],
         )
 
     def _report(self) -> None:
