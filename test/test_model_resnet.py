@@ -87,3 +87,10 @@ def test_output_shape(width, size):
 def test_group_count_has_floor_of_one():
     assert group_norm_groups(8) == 1
     assert group_norm_groups(64) == 4
+
+
+def test_without_stem_pool_the_map_is_twice_as_fine_and_names_are_unchanged():
+    pooled, fine = ResNet18Trunk(width=8), ResNet18Trunk(width=8, stem_pool=False)
+    x = torch.rand(2, 3, 64, 64)
+    assert pooled(x).shape == (2, 64, 2, 2) and fine(x).shape == (2, 64, 4, 4)
+    fine.load_state_dict(pooled.state_dict(), strict=True)  # the max-pool has no parameters

@@ -63,9 +63,12 @@ class ResNet18Trunk(nn.Module):
 
     ``width`` is the channel count of ``conv1`` (64 in ResNet-18); smaller widths give the small
     CPU presets. ``norm`` is ``"group"`` (reference) or ``"batch"`` (torchvision).
+    ``stem_pool=False`` drops the stem's max-pool (no parameters, so names and weight files are
+    unchanged): the output is H / 16 x W / 16, e.g. 4x4 instead of 2x2 for 64x64 images, which
+    gives spatial-softmax keypoints four times the positions to choose from.
     """
 
-    def __init__(self, width: int = 64, norm: str = "group") -> None:
+    def __init__(self, width: int = 64, norm: str = "group", stem_pool: bool = True) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
@@ -76,7 +79,7 @@ class ResNet18Trunk(nn.Module):
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = _norm(norm, width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_pool else nn.Identity()
         channels = [width, 2 * width, 4 * width, 8 * width]
         in_channels = width
         for index, out_channels in enumerate(channels, start=1):

@@ -57,9 +57,10 @@ class CameraEncoder(nn.Module):
         norm: str = "group",
         num_keypoints: int = 32,
         temperature: float = 1.0,
+        stem_pool: bool = True,
     ) -> None:
         super().__init__()
-        self.trunk = ResNet18Trunk(width=resnet_width, norm=norm)
+        self.trunk = ResNet18Trunk(width=resnet_width, norm=norm, stem_pool=stem_pool)
         self.pool = SpatialSoftmax(self.trunk.out_channels, num_keypoints, temperature)
         self.proj = nn.Linear(2 * num_keypoints, feature_dim)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -89,13 +90,14 @@ class ObservationEncoder(nn.Module):
         num_keypoints: int = 32,
         temperature: float = 1.0,
         shared: bool = False,
+        stem_pool: bool = True,
     ) -> None:
         super().__init__()
         self.cameras = tuple(sorted(cameras))
         self.shared = shared
 
         def make() -> CameraEncoder:
-            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature)
+            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature, stem_pool)
 
         if shared:
             self.encoder = make()

@@ -66,6 +66,9 @@ class VisionConfig:
     temperature: float = 1.0
     feature_dim: int = 128  # per-camera feature after Linear(2 * num_keypoints -> feature_dim)
     shared_encoder: bool = False  # reference: one encoder per camera
+    # ResNet stem max-pool (reference: on). Off for small images: a 64x64 frame then gives a 4x4
+    # keypoint map instead of 2x2, at about 1.7x the encoder's compute.
+    stem_pool: bool = True
 
     def __post_init__(self) -> None:
         _check(self.resnet_width >= 1, f"vision.resnet_width must be >= 1, got {self.resnet_width}")

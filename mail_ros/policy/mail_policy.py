@@ -90,6 +90,7 @@ class MaILPolicy(nn.Module):
             num_keypoints=vision.num_keypoints,
             temperature=vision.temperature,
             shared=vision.shared_encoder,
+            stem_pool=vision.stem_pool,
         )
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
         self.language_proj = nn.Linear(config.language.dim, D) if config.language.enabled else None
