@@ -1,7 +1,7 @@
 """One process, one ROS graph around the simulated FR3: what ``mail-ros collect`` and ``mail-ros demo`` share.
 
-A :class:`SimSession` owns an rclpy context, a MultiThreadedExecutor spinning on a background
-thread, ``franka_sim_node`` owning ROS time (``publish_clock``: simulated time, paced by
+A :class:`SimSession` is an :class:`InProcessGraph` (an rclpy context spun on background threads)
+with ``franka_sim_node`` owning ROS time (``publish_clock``: simulated time, paced by
 ``real_time_factor``) and a small operator node that talks to the graph through its public
 interfaces only: ``/mail/instruction``, ``franka_sim_node/reset``, ``franka_sim_node/task`` and
 ``franka_sim_node/task_success``. Other nodes (the pipeline, the expert, a recorder) are added
@@ -11,48 +11,34 @@ Messages travel over real DDS (intra-process delivery is off in rclpy), as betwe
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-import rclpy
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from mail_ros.nodes.common import GIL_SWITCH_INTERVAL, GOAL_QOS
+from mail_ros.nodes.common import GOAL_QOS
 from mail_ros.nodes.franka_sim_node import FrankaSimNode
+from mail_ros.nodes.graph import GraphError, InProcessGraph
 
 __all__ = ["SessionError", "SimSession"]
 
 
-
-class SessionError(RuntimeError):
+class SessionError(GraphError):
     """The simulated graph did not respond as expected (a service timed out, a node failed)."""
 
 
-class SimSession:
+class SimSession(InProcessGraph):
     """franka_sim_node + an operator in a fresh context; use as a context manager."""
+
+    error_type = SessionError
 
     def __init__(self, *, seed: int, cameras: list[str], image_size: tuple[int, int], real_time_factor: float,
                  camera_rate_hz: float = 20.0, joint_state_rate_hz: float = 100.0, physics_period: float = 0.01,
                  domain_id: int | None = None, threads: int = 6) -> None:
-        # Every node of a session shares one interpreter: a 10 ms policy chunk took a second with
-        # the default 5 ms GIL switch interval (see run_node).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
-        self.nodes: list[Node] = []
-        self._dedicated: list[tuple[SingleThreadedExecutor, threading.Thread]] = []
-        self.error: BaseException | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._spin, name="sim_session", daemon=True)
-        self._thread.start()
+        super().__init__(threads=threads, domain_id=domain_id, name="sim_session")
         self.sim = self.add(FrankaSimNode(context=self.context, parameter_overrides=[
             Parameter("seed", value=int(seed)), Parameter("publish_clock", value=True),
             Parameter("real_time_factor", value=float(real_time_factor)),
@@ -73,75 +59,15 @@ class SimSession:
             if not client.wait_for_service(timeout_sec=10.0):
                 raise SessionError(f"service {client.srv_name} did not appear within 10 s")
 
-    # --- graph ----------------------------------------------------------------------------------
-    def _spin(self, executor=None) -> None:
-        try:
-            (executor or self.executor).spin()
-        except BaseException as exc:  # a callback raised: the session reports it on the next check
-            if not self._closing:
-                self.error = exc
-
-    def check(self) -> None:
-        """Raise :class:`SessionError` if a node callback has raised (the executor then stopped)."""
-        if self.error is not None:
-            raise SessionError(f"a node callback raised: {self.error!r}") from self.error
-
     @staticmethod
     def parameters(**values: Any) -> list[Parameter]:
         """parameter_overrides for a node of this session: ``values`` plus use_sim_time."""
         return [Parameter("use_sim_time", value=True)] + [Parameter(k, value=v) for k, v in values.items()]
 
-    def add(self, node: Node, dedicated: bool = False) -> Node:
-        """Spin ``node`` with the others, or (``dedicated``) on an executor and thread of its own.
-
-        A recorder gets its own: it must take every message as it arrives, and one shared
-        executor serves each subscription once per wait cycle, so a busy graph backs up the
-        fast topics (joint states) and skews their receive times.
-        """
-        self.nodes.append(node)
-        if dedicated:
-            executor = SingleThreadedExecutor(context=self.context)
-            executor.add_node(node)
-            thread = threading.Thread(target=self._spin, args=(executor,), name=f"spin_{node.get_name()}", daemon=True)
-            thread.start()
-            self._dedicated.append((executor, thread))
-        else:
-            self.executor.add_node(node)
-        return node
-
-    def close(self) -> None:
-        """Stop spinning, destroy every node, shut the context down (idempotent)."""
-        if self._closing:
-            return
-        self._closing = True
-        for executor, thread in [(self.executor, self._thread)] + self._dedicated:
-            executor.shutdown(timeout_sec=5.0)
-            thread.join(timeout=5.0)
-        # The simulator last: its thread stops publishing before the graph goes away.
-        for node in reversed(self.nodes):
-            node.destroy_node()
-        self.nodes.clear()
-        rclpy.try_shutdown(context=self.context)
-
-    def __enter__(self) -> "SimSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # --- time -----------------------------------------------------------------------------------
     def now(self) -> float:
         """Simulated ROS time in seconds."""
         return self.sim.privileged_state()[0]
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll ``predicate`` until true; ``timeout`` in wall seconds."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            self.check()
-            if time.monotonic() > deadline:
-                raise SessionError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(0.005)
 
     def sleep(self, seconds: float) -> None:
         """Let ``seconds`` of simulated time pass."""
