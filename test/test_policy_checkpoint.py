@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mail_ros.cli import main as cli_main
+from mail_ros.control.limits import FR3_VELOCITY_MAX
 from mail_ros.policy.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -188,6 +189,24 @@ def test_loading_does_not_disturb_the_global_rng(saved):
     torch.manual_seed(5)
     load_checkpoint(saved[1])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_cli_init_relative_policy_stays_near_the_arm(tmp_path, capsys):
+    out = tmp_path / "relative"
+    assert cli_main(["checkpoint", "init", "--preset", "tiny-d_ma-bc", "--out", str(out),
+                     "--set", "relative_actions=true"]) == 0
+    # Arm offsets: centred on the current joints, bounded by one chunk at the velocity limits.
+    stats = read_checkpoint_config(out)["normalization"]["action"]
+    reach = np.asarray(FR3_VELOCITY_MAX) * 4 * 0.1  # tiny: A = 4, dt = 0.1 s
+    np.testing.assert_allclose(stats["mean"][:7], 0.0)
+    np.testing.assert_allclose(stats["max"][:7], reach)
+    assert stats["min"][7] == 0.0 and stats["max"][7] == pytest.approx(0.08)  # the gripper width stays absolute
+    policy = load_checkpoint(out)
+    history = _history(policy, 1)
+    offsets = policy.predict_chunk(history)[:, :7] - np.asarray(history[-1].joint_positions)[:7]
+    assert np.all(np.abs(offsets) <= 3 * reach)  # untrained outputs are small z-scores
+    assert cli_main(["checkpoint", "info", str(out)]) == 0
+    assert "offsets from the current joint positions" in capsys.readouterr().out
 
 
 def test_cli_init_info_presets(tmp_path, capsys):

@@ -4,6 +4,8 @@
   with normalisation statistics derived from the FR3 joint limits (mean = middle of the range,
   std = half the range, min/max = the limits), so a fresh checkpoint already commands
   positions inside the limits; useful for wiring tests and latency checks before training.
+  With ``relative_actions`` the arm dimensions are offsets instead: mean 0, bounded by what the
+  joint's velocity limit covers in one chunk, so an untrained policy stays near the arm.
 * ``info DIR``: the spec, variant, parameter counts and file sizes (reads no model code).
 * ``presets``: the preset names (``--params`` also builds each one to count its parameters).
 """
@@ -47,6 +49,24 @@ def limit_stats(names: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
     }
 
 
+def action_stats(config) -> dict[str, list[float]]:
+    """Untrained action statistics of a PolicyConfig: limit_stats, or chunk-sized offsets for the
+    dimensions its ActionFrame makes relative (see the module docstring)."""
+    from mail_ros.control.limits import FR3_VELOCITY_MAX
+    from mail_ros.policy.action_frame import ActionFrame
+    from mail_ros.spec import FR3_ARM_JOINTS
+
+    names = config.spec.action.names
+    stats = limit_stats(names)
+    chunk_seconds = config.spec.action.horizon * config.spec.action.dt
+    for a in ActionFrame.of(config).action_index:
+        if names[a] not in FR3_ARM_JOINTS:
+            raise ValueError(f"no FR3 velocity limit for relative action {names[a]!r}")
+        reach = FR3_VELOCITY_MAX[FR3_ARM_JOINTS.index(names[a])] * chunk_seconds
+        stats["mean"][a], stats["std"][a], stats["min"][a], stats["max"][a] = 0.0, reach / 2, -reach, reach
+    return stats
+
+
 def _init(args: argparse.Namespace) -> int:
     import torch
 
@@ -57,9 +77,7 @@ def _init(args: argparse.Namespace) -> int:
     config = get_preset(args.preset, dict(parse_override(text) for text in args.set))
     torch.manual_seed(args.seed)
     policy = MaILPolicy(config)
-    policy.set_normalization(
-        limit_stats(config.spec.action.names), limit_stats(config.spec.observation.joint_names)
-    )
+    policy.set_normalization(action_stats(config), limit_stats(config.spec.observation.joint_names))
     path = save_checkpoint(args.out, policy, step=0, epoch=0, extra={"preset": args.preset, "seed": args.seed})
     print(f"wrote untrained {args.preset} ({policy.num_parameters()['total']:,} parameters) to {path}")
     return 0
@@ -88,6 +106,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"actions A      {data['action_horizon']} x {data['action_space']} {data['action_names']}, dt {data['dt']} s")
     print(f"language       {data['language_encoder']} ({data['language_dim']}-d)")
     print(f"proprio        {policy['proprio']}")
+    print(f"action frame   {'offsets from the current joint positions (arm)' if policy['relative_actions'] else 'absolute'}")
     print(f"training       {data['training']}")
     print("tensors        " + ", ".join(f"{part} {n:,}" for part, n in sorted(counts.items())) + f"; total {sum(counts.values()):,}")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
