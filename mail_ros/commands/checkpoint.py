@@ -17,6 +17,10 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mail_ros.policy.config import PolicyConfig
 
 # Joint position limits of the FR3 (Franka datasheet), radians; finger joints and the gripper
 # width in metres.
@@ -49,7 +53,7 @@ def limit_stats(names: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
     }
 
 
-def action_stats(config) -> dict[str, list[float]]:
+def action_stats(config: "PolicyConfig") -> dict[str, list[float]]:
     """Untrained action statistics of a PolicyConfig: limit_stats, or chunk-sized offsets for the
     dimensions its ActionFrame makes relative (see the module docstring)."""
     from mail_ros.control.limits import FR3_VELOCITY_MAX

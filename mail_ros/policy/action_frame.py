@@ -16,10 +16,13 @@ The trainer uses the same object to compute the action statistics in the frame t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mail_ros.policy.config import PolicyConfig
 
 __all__ = ["ActionFrame"]
 
@@ -44,7 +47,7 @@ class ActionFrame:
         self.relative_names = tuple(action_names[a] for a in self.action_index)
 
     @classmethod
-    def of(cls, config) -> "ActionFrame":
+    def of(cls, config: "PolicyConfig") -> "ActionFrame":
         """The frame of a :class:`PolicyConfig`."""
         spec = config.spec
         return cls(spec.action.names, spec.observation.joint_names, config.relative_actions)
