@@ -19,22 +19,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mail_ros.control.limits import FR3_POSITION_MAX, FR3_POSITION_MIN, FR3_VELOCITY_MAX
+from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH, GRIPPER_ACTION_NAME,
+                           GRIPPER_COMMAND_PER_WIDTH)
+
 if TYPE_CHECKING:
     from mail_ros.policy.config import PolicyConfig
 
-# Joint position limits of the FR3 (Franka datasheet), radians; finger joints and the gripper
-# width in metres.
+# Position limits per name: the arm's from the datasheet table in control/limits.py, radians;
+# each finger joint moves half the gripper's opening width, metres.
 FR3_POSITION_LIMITS: dict[str, tuple[float, float]] = {
-    "fr3_joint1": (-2.7437, 2.7437),
-    "fr3_joint2": (-1.7837, 1.7837),
-    "fr3_joint3": (-2.9007, 2.9007),
-    "fr3_joint4": (-3.0421, -0.1518),
-    "fr3_joint5": (-2.8065, 2.8065),
-    "fr3_joint6": (0.5445, 4.5169),
-    "fr3_joint7": (-3.0159, 3.0159),
-    "fr3_finger_joint1": (0.0, 0.04),
-    "fr3_finger_joint2": (0.0, 0.04),
-    "fr3_gripper_width": (0.0, 0.08),
+    **{name: (lo, hi) for name, lo, hi in zip(FR3_ARM_JOINTS, FR3_POSITION_MIN, FR3_POSITION_MAX)},
+    **{name: (0.0, GRIPPER_COMMAND_PER_WIDTH * FR3_GRIPPER_MAX_WIDTH) for name in FR3_FINGER_JOINTS},
+    GRIPPER_ACTION_NAME: (0.0, FR3_GRIPPER_MAX_WIDTH),
 }
 
 
@@ -56,9 +53,7 @@ def limit_stats(names: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
 def action_stats(config: "PolicyConfig") -> dict[str, list[float]]:
     """Untrained action statistics of a PolicyConfig: limit_stats, or chunk-sized offsets for the
     dimensions its ActionFrame makes relative (see the module docstring)."""
-    from mail_ros.control.limits import FR3_VELOCITY_MAX
     from mail_ros.policy.action_frame import ActionFrame
-    from mail_ros.spec import FR3_ARM_JOINTS
 
     names = config.spec.action.names
     stats = limit_stats(names)
