@@ -82,6 +82,34 @@ def test_relative_stats_are_over_offsets_from_the_current_step():
     np.testing.assert_allclose(stats["actions"]["mean"][1], absolute.mean())  # "width" is no joint: absolute
 
 
+def test_language_stats_are_over_windows_with_one_scale():
+    # Two instructions, 5 + 3 windows (T = 2, A = 3): the mean weighs each by its windows.
+    language = {"stack": np.array([1.0, 0.0, 2.0], np.float32), "pick": np.array([0.0, 3.0, 2.0], np.float32)}
+    episodes = [counting_episode(8, 0, "stack"), counting_episode(6, 50, "pick")]
+    windows = DemoWindows(episodes, ("agentview",), 2, 3, language)
+    stats = compute_stats(windows, ActionFrame(("a", "b"), ("j0", "j1", "j2"), relative=False))["language"]
+    rows = np.stack([language["stack"]] * 5 + [language["pick"]] * 3)
+    np.testing.assert_allclose(stats["mean"], rows.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], np.full(3, np.sqrt(((rows - rows.mean(0)) ** 2).mean())), rtol=1e-6)
+    assert "language" not in compute_stats(DemoWindows(episodes, ("agentview",), 2, 3), ActionFrame(("a", "b"), ("j0",), relative=False))
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(2, 12), dim=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_isotropic_stats_centre_and_keep_the_geometry(rows, dim, seed):
+    from mail_ros.policy.normalizer import Normalizer
+
+    data = np.random.default_rng(seed).normal(0.5, 0.1, (rows, dim)) * np.linspace(0.01, 1.0, dim)
+    stats = Normalizer.isotropic_stats_from_data(data)
+    assert np.ptp(stats["std"]) == 0 and stats["std"][0] > 0
+    z = (data - stats["mean"]) / stats["std"]
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-9)
+    distances = lambda x: np.linalg.norm(x[:, None] - x[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(distances(z) * stats["std"][0], distances(data), atol=1e-9)
+    if np.sqrt(((data - data.mean(0)) ** 2).mean()) > 1e-3:
+        np.testing.assert_allclose(np.sqrt((z**2).mean()), 1.0, rtol=1e-6)
+
+
 def test_random_shift_moves_whole_history_and_is_seeded():
     frames = np.zeros((2, 16, 16, 3), np.uint8)
     frames[:, 6:10, 6:10] = 255

@@ -40,6 +40,7 @@ def saved(tmp_path_factory):
     policy.set_normalization(
         {"mean": np.arange(8.0), "std": np.full(8, 0.5), "min": np.arange(8.0) - 1, "max": np.arange(8.0) + 1},
         {"mean": np.zeros(9), "std": np.ones(9), "min": -np.ones(9), "max": np.ones(9)},
+        {"mean": np.linspace(-0.2, 0.2, 8), "std": np.full(8, 0.1), "min": -np.ones(8), "max": np.ones(8)},
     )
     path = tmp_path_factory.mktemp("ckpt") / "policy"
     save_checkpoint(path, policy, step=42, epoch=3, extra={"note": "test"})
@@ -128,6 +129,8 @@ BAD_JSON = {
     "nan stats in json": (_set(["normalization", "action", "std", 0], float("nan")), r"normalization.action'.std contains non-finite"),
     "short stats": (_set(["normalization", "proprio", "mean"], [0.0]), r"normalization.proprio'.mean must be a list of 9"),
     "stats disagree": (_set(["normalization", "action", "mean", 0], 7.0), r"'normalization.action' disagrees"),
+    "language stats disagree": (_set(["normalization", "language", "std", 2], 0.3), r"'normalization.language' disagrees"),
+    "no language stats": (_set(["normalization", "language"], None), r"normalization.language' must be an object"),
 }
 
 

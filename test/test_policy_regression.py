@@ -49,7 +49,8 @@ def regenerate():
             for param in policy.parameters():  # make zero-initialised tables matter
                 param.add_(0.05 * torch.randn_like(param))
         policy.set_normalization(
-            {"mean": np.linspace(-1, 1, 8), "std": np.linspace(0.5, 1.5, 8), "min": np.full(8, -3.0), "max": np.full(8, 3.0)}
+            {"mean": np.linspace(-1, 1, 8), "std": np.linspace(0.5, 1.5, 8), "min": np.full(8, -3.0), "max": np.full(8, 3.0)},
+            language_stats={"mean": np.linspace(-0.5, 0.5, 6), "std": np.full(6, 0.25), "min": np.full(6, -1.0), "max": np.full(6, 1.0)},
         )
         g = torch.Generator().manual_seed(100 + index)
         images = {c: torch.randint(0, 256, (policy.T, *policy.image_size, 3), dtype=torch.uint8, generator=g) for c in policy.cameras}

@@ -212,6 +212,21 @@ def test_proprio_and_language_tokens_change_the_output():
     assert torch.isfinite(policy.compute_loss(batch)[0])
 
 
+def test_the_policy_centres_and_scales_the_instruction_embedding():
+    # With statistics (mean m, one scale s) the policy sees (e - m) / s: the same chunk as an
+    # identity-normalised twin given the already normalised embedding.
+    overrides = {"language.encoder": "test", "language.dim": 4}
+    policy, twin = make_policy("tiny-d_ma-ddpm", overrides), make_policy("tiny-d_ma-ddpm", overrides)
+    mean, scale = np.array([0.3, -0.2, 0.5, 0.1]), 0.05
+    policy.set_normalization(policy.action_norm.stats(), language_stats={
+        "mean": mean, "std": np.full(4, scale), "min": mean - 1, "max": mean + 1})
+    history, embedding = make_history(policy, 2), np.array([0.32, -0.21, 0.46, 0.12])
+    np.testing.assert_allclose(
+        policy.predict_chunk(history, embedding, seed=3), twin.predict_chunk(history, (embedding - mean) / scale, seed=3),
+        rtol=1e-5, atol=1e-5,
+    )
+
+
 def test_reference_init_wipes_the_mamba_dt_bias():
     default = make_policy("tiny-d_ma-bc")
     reference = make_policy("tiny-d_ma-bc", {"init": "reference"})

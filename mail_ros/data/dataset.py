@@ -64,20 +64,26 @@ def split_episodes(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
 
 
 def compute_stats(windows: "DemoWindows", frame: ActionFrame) -> dict[str, dict[str, np.ndarray]]:
-    """Per-dimension mean/std/min/max of the target actions and of the joint positions.
+    """Mean/std/min/max of the target actions, the joint positions and the instruction embeddings.
 
-    Actions: over every window's A targets, in the network's ``frame`` (offsets from the current
-    joint positions for relative dimensions), i.e. exactly what the network is trained to output.
-    Joint positions: over every frame of the episodes. Call it on the TRAINING windows only, so
-    validation measures generalisation honestly.
+    Actions: per dimension over every window's A targets, in the network's ``frame`` (offsets
+    from the current joint positions for relative dimensions), i.e. exactly what the network is
+    trained to output. Joint positions: per dimension over every frame of the episodes.
+    Language (only when the windows carry embeddings): over every window's instruction, with
+    one scale for all dimensions (:meth:`Normalizer.isotropic_stats_from_data`). Call it on the
+    TRAINING windows only, so validation measures generalisation honestly.
     """
     if not windows.episodes:
         raise DataError("cannot compute statistics of zero episodes")
     targets = frame.to_network(windows.target_actions(), windows.current_joint_positions())  # (K, A, Da)
-    return {
+    stats = {
         "actions": Normalizer.stats_from_data(targets),
         "joint_positions": Normalizer.stats_from_data(np.concatenate([ep.joint_positions for ep in windows.episodes])),
     }
+    if windows.language:
+        embeddings = np.stack([windows.language[windows.episodes[e].instruction] for e, _ in windows.index])  # (K, L)
+        stats["language"] = Normalizer.isotropic_stats_from_data(embeddings)
+    return stats
 
 
 def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:

@@ -44,7 +44,7 @@ __all__ = [
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-NORMALIZERS = {"action": "action_norm", "proprio": "proprio_norm"}
+NORMALIZERS = {"action": "action_norm", "proprio": "proprio_norm", "language": "language_norm"}
 
 
 class CheckpointError(ValueError):
@@ -165,7 +165,11 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     normalization = data.get("normalization")
     if not isinstance(normalization, dict):
         raise CheckpointError(f"{path} is missing the 'normalization' object")
-    dims = {"action": config.spec.action.dim, "proprio": len(config.spec.observation.joint_names)}
+    dims = {
+        "action": config.spec.action.dim,
+        "proprio": len(config.spec.observation.joint_names),
+        "language": config.language.dim,
+    }
     for key, dim in dims.items():
         _check_stats(normalization.get(key), f"{path} key 'normalization.{key}'", dim)
     return data

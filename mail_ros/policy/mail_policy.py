@@ -122,6 +122,7 @@ class MaILPolicy(nn.Module):
         self.action_frame = ActionFrame.of(config)
         self.action_norm = Normalizer(self.action_dim)
         self.proprio_norm = Normalizer(self.joint_dim)
+        self.language_norm = Normalizer(config.language.dim)
         if config.init == "reference":
             self._reference_init()
 
@@ -146,16 +147,23 @@ class MaILPolicy(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def set_normalization(
-        self, action_stats: Mapping[str, Any], proprio_stats: Mapping[str, Any] | None = None
+        self,
+        action_stats: Mapping[str, Any],
+        proprio_stats: Mapping[str, Any] | None = None,
+        language_stats: Mapping[str, Any] | None = None,
     ) -> None:
-        """Set the action (and joint-position) statistics: mean, std, min, max per dimension.
+        """Set the action (and joint-position, instruction-embedding) statistics: mean, std, min, max per dimension.
 
         Action statistics are in the network's frame (:attr:`action_frame`): offsets from the
-        current joint positions for relative dimensions, robot units otherwise.
+        current joint positions for relative dimensions, robot units otherwise. Language
+        statistics centre the training instructions' embeddings (see
+        :meth:`Normalizer.isotropic_stats_from_data`); without them the embedding enters as is.
         """
         self.action_norm.set_stats(action_stats, "action")
         if proprio_stats is not None:
             self.proprio_norm.set_stats(proprio_stats, "proprio")
+        if language_stats is not None:
+            self.language_norm.set_stats(language_stats, "language")
         self._frames.clear()
 
     @property
@@ -195,7 +203,9 @@ class MaILPolicy(nn.Module):
         return tokens
 
     def _language_token(self, embedding: torch.Tensor | None) -> torch.Tensor | None:
-        return None if self.language_proj is None else self.language_proj(embedding)  # (B, D)
+        if self.language_proj is None:
+            return None
+        return self.language_proj(self.language_norm.normalize(embedding))  # (B, D)
 
     def _context(
         self, obs_tokens: torch.Tensor, language: torch.Tensor | None, time: torch.Tensor | None

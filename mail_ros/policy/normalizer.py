@@ -68,6 +68,22 @@ class Normalizer(nn.Module):
             "max": data.max(0),
         }
 
+    @classmethod
+    def isotropic_stats_from_data(cls, data: np.ndarray) -> dict[str, np.ndarray]:
+        """Statistics over the rows of ``data`` (N, dim) with ONE scale for every dimension.
+
+        For embeddings (e.g. of instructions): centring removes the component every training
+        instruction shares (most of a sentence embedding: "put the red cube on the green cube"
+        and "... green cube on the red cube" have cosine 0.99), and the single scale, the RMS
+        of the centred rows per dimension, keeps the encoder's geometry, in which unseen
+        paraphrases land near their training instruction. Per-dimension z-scores would instead
+        blow up the dimensions that happen not to vary over a handful of instructions.
+        """
+        data = np.asarray(data, dtype=np.float64).reshape(-1, np.shape(data)[-1])
+        mean = data.mean(0)
+        scale = max(float(np.sqrt(np.mean((data - mean) ** 2))), STD_FLOOR)
+        return {"mean": mean, "std": np.full(data.shape[1], scale), "min": data.min(0), "max": data.max(0)}
+
     def stats(self) -> dict[str, list[float]]:
         """Statistics as plain lists (for JSON)."""
         return {key: getattr(self, key).tolist() for key in FIELDS}

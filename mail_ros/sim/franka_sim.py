@@ -214,12 +214,14 @@ def build_model(config: SimConfig | None = None) -> mujoco.MjModel:
         rgba=[0.35, 0.37, 0.4, 1.0],
     )
     world.add_light(name="top", pos=[0.4, 0.0, 1.5], dir=[0.0, 0.0, -1.0], castshadow=False)
-    agent_pos = np.array([1.15, 0.0, 0.75])
+    # Agentview framed on the cube workspace rather than the whole robot: from farther away a 4.5 cm
+    # cube was ~3x3 px in a 64x64 image, too few for a policy to tell where (or which) it is.
+    agent_pos = np.array([0.95, 0.0, 0.62])
     world.add_camera(
         name="agentview",
         pos=agent_pos,
-        quat=_look_at_quat(agent_pos, np.array([0.32, 0.0, 0.2]), np.array([0.0, 0.0, 1.0])),
-        fovy=55.0,
+        quat=_look_at_quat(agent_pos, np.array([0.47, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])),
+        fovy=50.0,
     )
     half = 0.5 * CUBE_SIZE
     for colour in COLOURS:

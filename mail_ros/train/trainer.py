@@ -356,7 +356,9 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         torch.manual_seed(self.cfg.seed)
         self.policy = MaILPolicy(run.policy)
-        self.policy.set_normalization(datasets.stats["actions"], datasets.stats["joint_positions"])
+        self.policy.set_normalization(
+            datasets.stats["actions"], datasets.stats["joint_positions"], datasets.stats.get("language")
+        )
         self.policy.to(self.device).train()
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.cfg.lr)
         use_ema = self.cfg.ema if self.cfg.ema is not None else run.policy.head.kind == "ddpm"
