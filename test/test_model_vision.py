@@ -50,3 +50,45 @@ def test_observation_encoder_per_camera_and_shared():
     # Per-step tokens do not depend on which other steps are in the batch.
     flat = {k: v[:, 1] for k, v in images.items()}
     assert torch.allclose(separate(flat), separate.encode_sequence(images)[:, 1], atol=1e-5)
+
+
+def test_film_starts_as_the_plain_encoder_and_then_follows_the_condition():
+    torch.manual_seed(0)
+    # 64x64 without the stem pool: a 4x4 keypoint map (32x32 would give 1x1, constant keypoints).
+    plain = CameraEncoder(feature_dim=8, resnet_width=4, stem_pool=False)
+    film = CameraEncoder(feature_dim=8, resnet_width=4, stem_pool=False, film_dim=5)
+    film.load_state_dict({**film.state_dict(), **plain.state_dict()})
+    images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    condition = torch.randn(3, 5)
+    assert torch.allclose(film(images, condition), plain(images), atol=1e-6)  # zero-initialised FiLM
+    with torch.no_grad():
+        film.film.weight.normal_()
+    out = film(images, condition)
+    assert not torch.allclose(out, plain(images), atol=1e-3)
+    assert not torch.allclose(out, film(images, -condition), atol=1e-3)
+    # Gradients reach the FiLM layer, and a FiLM encoder refuses to run unconditioned.
+    out.sum().backward()
+    assert film.film.weight.grad.abs().sum() > 0
+    try:
+        film(images)
+    except ValueError as exc:
+        assert "condition" in str(exc)
+    else:
+        raise AssertionError("a FiLM encoder ran without its condition")
+
+
+def test_film_condition_follows_each_sequence_and_camera():
+    torch.manual_seed(0)
+    images = {name: torch.randint(0, 256, (2, 3, 64, 64, 3), dtype=torch.uint8) for name in ("wrist", "agentview")}
+    for shared in (False, True):
+        encoder = ObservationEncoder(["wrist", "agentview"], d_model=16, feature_dim=8, resnet_width=4, shared=shared,
+                                     stem_pool=False, film_dim=4)
+        with torch.no_grad():
+            for module in encoder.modules():
+                if isinstance(module, CameraEncoder):
+                    module.film.weight.normal_()
+        condition = torch.randn(2, 4)
+        tokens = encoder.encode_sequence(images, condition)
+        for b in range(2):  # sequence b's frames are encoded under condition b
+            flat = {k: v[b] for k, v in images.items()}
+            assert torch.allclose(tokens[b], encoder(flat, condition[b].expand(3, -1)), atol=1e-5)

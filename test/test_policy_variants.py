@@ -227,6 +227,31 @@ def test_the_policy_centres_and_scales_the_instruction_embedding():
     )
 
 
+def test_film_policy_encodes_frames_under_the_current_instruction():
+    overrides = {"language.encoder": "test", "language.dim": 4, "vision.film": True}
+    policy = make_policy("tiny-d_ma-bc", overrides)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if ".film." in name:
+                param.normal_()
+    history, red, blue = make_history(policy, 2), np.array([1.0, 0.0, 0.0, 0.5]), np.array([0.0, 1.0, 0.0, 0.5])
+    first = policy.predict_chunk(history, red)
+    # A new instruction re-encodes the cached frames: same answer as a fresh policy would give.
+    switched = policy.predict_chunk(history, blue)
+    fresh = make_policy("tiny-d_ma-bc", overrides)
+    fresh.load_state_dict(policy.state_dict())
+    np.testing.assert_allclose(switched, fresh.predict_chunk(history, blue), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(first, switched, atol=1e-4)
+    np.testing.assert_allclose(policy.predict_chunk(history, red), first, rtol=1e-6, atol=1e-6)
+    batch = make_batch(policy)
+    batch["language"] = torch.randn(3, 4)
+    loss = policy.compute_loss(batch)[0]
+    loss.backward()
+    assert torch.isfinite(loss) and policy.encoder.encoders["wrist"].film.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="vision.film .* needs language"):
+        get_preset("tiny-d_ma-bc", {"vision.film": True})
+
+
 def test_reference_init_wipes_the_mamba_dt_bias():
     default = make_policy("tiny-d_ma-bc")
     reference = make_policy("tiny-d_ma-bc", {"init": "reference"})

@@ -3,6 +3,12 @@
 Per camera: pixels to [0, 1], ImageNet mean/std, ResNet-18 trunk, SpatialSoftmax keypoints,
 Linear(2K -> feature_dim). The camera features of one step are concatenated in sorted camera
 order and projected to the model width, giving one token per step (as the MaIL reference).
+
+Optional FiLM conditioning (``film_dim > 0``, not in the reference): the trunk's output map is
+scaled and shifted per channel by a linear function of a conditioning vector (the instruction),
+``x * (1 + gamma) + beta``, zero-initialised so that training starts from the plain encoder.
+Keypoints are otherwise blind to the instruction: with three look-alike cubes they locate
+"a cube", and which one the instruction names must be untangled downstream.
 """
 
 from __future__ import annotations
@@ -58,19 +64,31 @@ class CameraEncoder(nn.Module):
         num_keypoints: int = 32,
         temperature: float = 1.0,
         stem_pool: bool = True,
+        film_dim: int = 0,
     ) -> None:
         super().__init__()
         self.trunk = ResNet18Trunk(width=resnet_width, norm=norm, stem_pool=stem_pool)
         self.pool = SpatialSoftmax(self.trunk.out_channels, num_keypoints, temperature)
         self.proj = nn.Linear(2 * num_keypoints, feature_dim)
+        self.film = nn.Linear(film_dim, 2 * self.trunk.out_channels) if film_dim > 0 else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` uint8 (N, H, W, 3); ``condition`` (N, film_dim) when FiLM is on."""
         # Channels-last uint8 is what cameras and bags deliver; convert once here.
         x = images.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (N, 3, H, W)
         x = (x - self.mean) / self.std
-        return self.proj(self.pool(self.trunk(x)))
+        features = self.trunk(x)  # (N, C, h, w)
+        if self.film is not None:
+            if condition is None:
+                raise ValueError("this camera encoder is FiLM-conditioned: pass the condition (N, film_dim)")
+            gamma, beta = self.film(condition)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
+            features = features * (1 + gamma) + beta
+        return self.proj(self.pool(features))
 
 
 class ObservationEncoder(nn.Module):
@@ -91,13 +109,14 @@ class ObservationEncoder(nn.Module):
         temperature: float = 1.0,
         shared: bool = False,
         stem_pool: bool = True,
+        film_dim: int = 0,
     ) -> None:
         super().__init__()
         self.cameras = tuple(sorted(cameras))
         self.shared = shared
 
         def make() -> CameraEncoder:
-            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature, stem_pool)
+            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature, stem_pool, film_dim)
 
         if shared:
             self.encoder = make()
@@ -105,18 +124,20 @@ class ObservationEncoder(nn.Module):
             self.encoders = nn.ModuleDict({name: make() for name in self.cameras})
         self.proj = nn.Linear(len(self.cameras) * feature_dim, d_model)
 
-    def forward(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``images``: camera -> uint8 (N, H, W, 3); returns (N, D)."""
+    def forward(self, images: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``images``: camera -> uint8 (N, H, W, 3); ``condition`` (N, film_dim) for FiLM; returns (N, D)."""
         if self.shared:
             N = images[self.cameras[0]].shape[0]
             stacked = torch.cat([images[name] for name in self.cameras], dim=0)  # (C*N, H, W, 3)
-            features = self.encoder(stacked).split(N, dim=0)
+            repeated = None if condition is None else condition.repeat(len(self.cameras), 1)
+            features = self.encoder(stacked, repeated).split(N, dim=0)
         else:
-            features = [self.encoders[name](images[name]) for name in self.cameras]
+            features = [self.encoders[name](images[name], condition) for name in self.cameras]
         return self.proj(torch.cat(features, dim=-1))  # (N, D)
 
-    def encode_sequence(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``images``: camera -> uint8 (B, T, H, W, 3); returns (B, T, D)."""
+    def encode_sequence(self, images: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``images``: camera -> uint8 (B, T, H, W, 3); ``condition`` (B, film_dim), one per sequence; returns (B, T, D)."""
         B, T = images[self.cameras[0]].shape[:2]
         flat = {name: images[name].reshape(B * T, *images[name].shape[2:]) for name in self.cameras}
-        return self.forward(flat).view(B, T, -1)
+        repeated = None if condition is None else condition.repeat_interleave(T, dim=0)
+        return self.forward(flat, repeated).view(B, T, -1)

@@ -69,8 +69,13 @@ class VisionConfig:
     # ResNet stem max-pool (reference: on). Off for small images: a 64x64 frame then gives a 4x4
     # keypoint map instead of 2x2, at about 1.7x the encoder's compute.
     stem_pool: bool = True
+    # FiLM (not in the reference): each camera's last feature map is scaled and shifted per
+    # channel by a linear function of the (normalised) instruction embedding, so the keypoints
+    # can follow the object the instruction names. Needs language.
+    film: bool = False
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.film, bool), f"vision.film must be true or false, got {self.film!r}")
         _check(self.resnet_width >= 1, f"vision.resnet_width must be >= 1, got {self.resnet_width}")
         _check(self.norm in ("group", "batch"), f"vision.norm must be 'group' or 'batch', got {self.norm!r}")
         _check(self.num_keypoints >= 1, f"vision.num_keypoints must be >= 1, got {self.num_keypoints}")
@@ -197,6 +202,10 @@ class PolicyConfig:
                 "relative_actions needs action names that are observed joints, but none of "
                 f"{list(self.spec.action.names)} is in {list(self.spec.observation.joint_names)}",
             )
+        _check(
+            not self.vision.film or self.language.enabled,
+            "vision.film conditions the image encoders on the instruction and needs language (language.encoder and language.dim)",
+        )
         if self.head.time_token != "first":
             _check(
                 self.head.kind == "ddpm" and self.backbone.layout == "decoder",

@@ -91,6 +91,7 @@ class MaILPolicy(nn.Module):
             temperature=vision.temperature,
             shared=vision.shared_encoder,
             stem_pool=vision.stem_pool,
+            film_dim=config.language.dim if vision.film else 0,
         )
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
         self.language_proj = nn.Linear(config.language.dim, D) if config.language.enabled else None
@@ -133,6 +134,8 @@ class MaILPolicy(nn.Module):
         self._seed = 0
         self._generator: torch.Generator | None = None
         self._frames: dict[float, torch.Tensor] = {}  # stamp -> (D,) observation token
+        # With FiLM the tokens depend on the instruction too: the one they were encoded under.
+        self._frames_instruction: np.ndarray | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -195,9 +198,13 @@ class MaILPolicy(nn.Module):
 
     # ------------------------------------------------------------------ tokens
 
-    def _observation_tokens(self, images: Mapping[str, torch.Tensor], joints: torch.Tensor | None) -> torch.Tensor:
-        """images: camera -> uint8 (N, H, W, 3); joints (N, J) robot units -> (N, D)."""
-        tokens = self.encoder(images)
+    def _observation_tokens(
+        self, images: Mapping[str, torch.Tensor], joints: torch.Tensor | None, language: torch.Tensor | None
+    ) -> torch.Tensor:
+        """images: camera -> uint8 (N, H, W, 3); joints (N, J) robot units; language (N, L)
+        instruction embeddings (used by FiLM encoders only) -> (N, D)."""
+        condition = self.language_norm.normalize(language) if self.config.vision.film else None
+        tokens = self.encoder(images, condition)
         if self.proprio_proj is not None:
             tokens = tokens + self.proprio_proj(self.proprio_norm.normalize(joints))
         return tokens
@@ -251,7 +258,8 @@ class MaILPolicy(nn.Module):
         images, joints, language, actions = self._check_batch(batch)
         B, T = joints.shape[:2]
         flat = {name: images[name].reshape(B * T, *self.image_size, 3) for name in self.cameras}
-        obs_tokens = self._observation_tokens(flat, joints.reshape(B * T, -1)).view(B, T, -1)  # (B, T, D)
+        per_frame_language = None if language is None else language.repeat_interleave(T, dim=0)  # (B*T, L)
+        obs_tokens = self._observation_tokens(flat, joints.reshape(B * T, -1), per_frame_language).view(B, T, -1)  # (B, T, D)
         language_token = self._language_token(language)
         target = self.action_norm.normalize(self.action_frame.to_network(actions, joints[:, -1]))  # (B, A, Da)
         if not self.is_ddpm:
@@ -319,10 +327,9 @@ class MaILPolicy(nn.Module):
         self.eval()
         try:
             with torch.inference_mode():
-                obs_tokens = self._history_tokens(history)  # (1, T', D)
-                language = None
-                if embedding is not None:
-                    language = self._language_token(torch.from_numpy(embedding).to(self.device).unsqueeze(0))
+                instruction = None if embedding is None else torch.from_numpy(embedding).to(self.device).unsqueeze(0)
+                obs_tokens = self._history_tokens(history, embedding)  # (1, T', D)
+                language = None if instruction is None else self._language_token(instruction)
                 if self.is_ddpm:
                     normalized = self._sample(obs_tokens, language, self._sampling_generator(seed))
                 else:
@@ -374,8 +381,14 @@ class MaILPolicy(nn.Module):
 
         return self.diffusion.sample(predict_noise, (B, self.A, self.action_dim), low, high, generator)
 
-    def _history_tokens(self, history: list[Observation]) -> torch.Tensor:
-        """(1, T', D) observation tokens, encoding only frames not seen in earlier calls."""
+    def _history_tokens(self, history: list[Observation], embedding: np.ndarray | None) -> torch.Tensor:
+        """(1, T', D) observation tokens, encoding only frames not seen in earlier calls
+        (under the same instruction, when the encoders are FiLM-conditioned on it)."""
+        if self.config.vision.film and (
+            self._frames_instruction is None or not np.array_equal(self._frames_instruction, embedding)
+        ):
+            self._frames.clear()
+            self._frames_instruction = embedding.copy()
         new = [obs for obs in history if obs.stamp not in self._frames]
         if new:
             images = {
@@ -383,7 +396,10 @@ class MaILPolicy(nn.Module):
                 for name in self.cameras
             }
             joints = torch.from_numpy(np.stack([obs.joint_positions for obs in new])).float().to(self.device)
-            for obs, token in zip(new, self._observation_tokens(images, joints)):
+            language = None
+            if embedding is not None:
+                language = torch.from_numpy(embedding).to(self.device).unsqueeze(0).expand(len(new), -1)
+            for obs, token in zip(new, self._observation_tokens(images, joints, language)):
                 self._frames[obs.stamp] = token
         # Older frames can never come back into a window that only moves forward.
         self._frames = {obs.stamp: self._frames[obs.stamp] for obs in history}
