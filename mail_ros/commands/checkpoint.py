@@ -100,6 +100,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"format         v{data['format_version']} (mail_ros {data['mail_ros_version']})")
     print(f"variant/head   {data['variant']} / {data['head']}  (init {policy['init']})")
     print(f"backbone       {json.dumps(policy['backbone'])}")
+    print(f"vision         {json.dumps(policy['vision'])}")
     print(f"cameras        {data['cameras']} at {data['image_size'][0]}x{data['image_size'][1]} (H x W)")
     print(f"history T      {data['obs_horizon']} at {data['rate_hz']} Hz; joints {data['joint_names']}")
     print(f"actions A      {data['action_horizon']} x {data['action_space']} {data['action_names']}, dt {data['dt']} s")
