@@ -8,6 +8,9 @@ Sequence layouts (d = d_model; "+PE" = learnable positional embedding, zero-init
   [context, A learnable tokens], decoder over [state tokens, action tokens] with Mamba
   aggregation; ED-Tr: encoder over the context, cross-attending decoder over the actions.
   Linear(d, action_dim) on the A action positions gives the actions (BC) or the noise (DDPM).
+* the language token is Linear(language_dim, d) of the instruction embedding centred and scaled
+  by the training instructions' statistics (``normalization.language``); with ``vision.film``
+  the same normalised embedding also FiLM-conditions every camera encoder.
 * ``head.time_token = "after_observations"`` (DDPM, decoder-only only) moves the time token
   between the observations and the actions: [language?, observations + PE, time, actions].
   "first" (above) is the reference MaIL layout and the default.
@@ -21,7 +24,8 @@ The time token has no positional embedding in either layout.
 
 Inference reuse (exact, tested against the plain path):
 * every camera frame is encoded once: per-step tokens are cached by observation stamp across
-  calls (frames are immutable; call :meth:`reset` at an episode start or after loading weights);
+  calls (frames are immutable; call :meth:`reset` at an episode start or after loading weights;
+  FiLM policies re-encode when the instruction changes);
 * the language token and the K time tokens are computed once per chunk;
 * DDPM, ``use_prefix_cache=True``, time token "after_observations": the prefix
   [language?, observations] does not depend on the step, so it is prefilled ONCE per chunk
