@@ -138,8 +138,8 @@ class MaILPolicy(nn.Module):
         self._seed = 0
         self._generator: torch.Generator | None = None
         self._frames: dict[float, torch.Tensor] = {}  # stamp -> (D,) observation token
-        # With FiLM the tokens depend on the instruction too: the one they were encoded under.
-        self._frames_instruction: np.ndarray | None = None
+        # With FiLM the tokens depend on the instruction too: the (1, L) normalised one they were encoded under.
+        self._frames_instruction: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -203,20 +203,22 @@ class MaILPolicy(nn.Module):
     # ------------------------------------------------------------------ tokens
 
     def _observation_tokens(
-        self, images: Mapping[str, torch.Tensor], joints: torch.Tensor | None, language: torch.Tensor | None
+        self, images: Mapping[str, torch.Tensor], joints: torch.Tensor | None, film: torch.Tensor | None
     ) -> torch.Tensor:
-        """images: camera -> uint8 (N, H, W, 3); joints (N, J) robot units; language (N, L)
-        instruction embeddings (used by FiLM encoders only) -> (N, D)."""
-        condition = self.language_norm.normalize(language) if self.config.vision.film else None
-        tokens = self.encoder(images, condition)
+        """images: camera -> uint8 (N, H, W, 3); joints (N, J) robot units; film (N, L) normalised
+        instructions for FiLM encoders, else None -> (N, D)."""
+        tokens = self.encoder(images, film)
         if self.proprio_proj is not None:
             tokens = tokens + self.proprio_proj(self.proprio_norm.normalize(joints))
         return tokens
 
-    def _language_token(self, embedding: torch.Tensor | None) -> torch.Tensor | None:
-        if self.language_proj is None:
-            return None
-        return self.language_proj(self.language_norm.normalize(embedding))  # (B, D)
+    def _normalized_instruction(self, embedding: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, L) embeddings -> (B, L) centred and scaled (``normalization.language``); None stays None."""
+        return None if embedding is None else self.language_norm.normalize(embedding)
+
+    def _language_token(self, instruction: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, L) normalised instruction -> (B, D)."""
+        return None if instruction is None else self.language_proj(instruction)
 
     def _context(
         self, obs_tokens: torch.Tensor, language: torch.Tensor | None, time: torch.Tensor | None
@@ -262,9 +264,10 @@ class MaILPolicy(nn.Module):
         images, joints, language, actions = self._check_batch(batch)
         B, T = joints.shape[:2]
         flat = {name: images[name].reshape(B * T, *self.image_size, 3) for name in self.cameras}
-        per_frame_language = None if language is None else language.repeat_interleave(T, dim=0)  # (B*T, L)
-        obs_tokens = self._observation_tokens(flat, joints.reshape(B * T, -1), per_frame_language).view(B, T, -1)  # (B, T, D)
-        language_token = self._language_token(language)
+        instruction = self._normalized_instruction(language)  # (B, L) or None
+        film = instruction.repeat_interleave(T, dim=0) if self.config.vision.film else None  # (B*T, L)
+        obs_tokens = self._observation_tokens(flat, joints.reshape(B * T, -1), film).view(B, T, -1)  # (B, T, D)
+        language_token = self._language_token(instruction)
         target = self.action_norm.normalize(self.action_frame.to_network(actions, joints[:, -1]))  # (B, A, Da)
         if not self.is_ddpm:
             features = self.sequence(self._context(obs_tokens, language_token, None), self._action_tokens(None, B))
@@ -331,9 +334,11 @@ class MaILPolicy(nn.Module):
         self.eval()
         try:
             with torch.inference_mode():
-                instruction = None if embedding is None else torch.from_numpy(embedding).to(self.device).unsqueeze(0)
-                obs_tokens = self._history_tokens(history, embedding)  # (1, T', D)
-                language = None if instruction is None else self._language_token(instruction)
+                instruction = None
+                if embedding is not None:
+                    instruction = self._normalized_instruction(torch.from_numpy(embedding).to(self.device).unsqueeze(0))
+                obs_tokens = self._history_tokens(history, instruction)  # (1, T', D)
+                language = self._language_token(instruction)
                 if self.is_ddpm:
                     normalized = self._sample(obs_tokens, language, self._sampling_generator(seed))
                 else:
@@ -385,14 +390,13 @@ class MaILPolicy(nn.Module):
 
         return self.diffusion.sample(predict_noise, (B, self.A, self.action_dim), low, high, generator)
 
-    def _history_tokens(self, history: list[Observation], embedding: np.ndarray | None) -> torch.Tensor:
+    def _history_tokens(self, history: list[Observation], instruction: torch.Tensor | None) -> torch.Tensor:
         """(1, T', D) observation tokens, encoding only frames not seen in earlier calls
-        (under the same instruction, when the encoders are FiLM-conditioned on it)."""
-        if self.config.vision.film and (
-            self._frames_instruction is None or not np.array_equal(self._frames_instruction, embedding)
-        ):
+        (under the same (1, L) normalised instruction, when the encoders are FiLM-conditioned on it)."""
+        film = self.config.vision.film
+        if film and (self._frames_instruction is None or not torch.equal(self._frames_instruction, instruction)):
             self._frames.clear()
-            self._frames_instruction = embedding.copy()
+            self._frames_instruction = instruction.clone()
         new = [obs for obs in history if obs.stamp not in self._frames]
         if new:
             images = {
@@ -400,10 +404,8 @@ class MaILPolicy(nn.Module):
                 for name in self.cameras
             }
             joints = torch.from_numpy(np.stack([obs.joint_positions for obs in new])).float().to(self.device)
-            language = None
-            if embedding is not None:
-                language = torch.from_numpy(embedding).to(self.device).unsqueeze(0).expand(len(new), -1)
-            for obs, token in zip(new, self._observation_tokens(images, joints, language)):
+            condition = instruction.expand(len(new), -1) if film else None
+            for obs, token in zip(new, self._observation_tokens(images, joints, condition)):
                 self._frames[obs.stamp] = token
         # Older frames can never come back into a window that only moves forward.
         self._frames = {obs.stamp: self._frames[obs.stamp] for obs in history}
