@@ -94,3 +94,35 @@ def test_without_stem_pool_the_map_is_twice_as_fine_and_names_are_unchanged():
     x = torch.rand(2, 3, 64, 64)
     assert pooled(x).shape == (2, 64, 2, 2) and fine(x).shape == (2, 64, 4, 4)
     fine.load_state_dict(pooled.state_dict(), strict=True)  # the max-pool has no parameters
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_fewer_stages_end_early_with_the_same_weights(stages):
+    full, short = ResNet18Trunk(width=8), ResNet18Trunk(width=8, stages=stages)
+    dropped = tuple(f"layer{index}." for index in range(stages + 1, 5))
+    kept = {k: v for k, v in full.state_dict().items() if not k.startswith(dropped)}
+    assert set(short.state_dict()) == set(kept)
+    short.load_state_dict(kept, strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    out = short(x)
+    assert out.shape == (2, 8 * 2 ** (stages - 1), 16 // 2 ** (stages - 1), 16 // 2 ** (stages - 1))
+    assert short.out_channels == out.shape[1]
+    # The kept layers compute exactly what the full trunk computes up to that layer.
+    expected = full.maxpool(full.relu(full.bn1(full.conv1(x))))
+    for index in range(1, stages + 1):
+        expected = getattr(full, f"layer{index}")(expected)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_a_three_stage_trunk_loads_a_torchvision_state_dict(norm):
+    state = _fake_torchvision_state_dict()
+    trunk = ResNet18Trunk(norm=norm, stages=3)
+    load_torchvision_state_dict(trunk, state)
+    assert torch.equal(trunk.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    assert not hasattr(trunk, "layer4")
+
+
+def test_stages_are_validated():
+    with pytest.raises(ValueError, match="stages"):
+        ResNet18Trunk(stages=5)

@@ -69,6 +69,22 @@ def test_time_token_layout_round_trips_and_defaults_to_first(tmp_path):
     assert load_checkpoint(tmp_path / "after").config.head.time_token == "first"
 
 
+def test_resnet_stages_round_trip_and_default_to_the_full_trunk(tmp_path):
+    torch.manual_seed(0)
+    policy = MaILPolicy(get_preset("tiny-d_ma-bc", {"vision.resnet_stages": 3}))
+    assert not any(".layer4." in name for name in policy.state_dict())
+    save_checkpoint(tmp_path / "short", policy, step=1)
+    loaded = load_checkpoint(tmp_path / "short")
+    assert loaded.config.vision.resnet_stages == 3
+    history = _history(policy)
+    np.testing.assert_array_equal(policy.predict_chunk(history), loaded.predict_chunk(history))
+    # Checkpoints written before the option existed have the full ResNet-18 trunk.
+    full = MaILPolicy(get_preset("tiny-d_ma-bc"))
+    save_checkpoint(tmp_path / "full", full, step=1)
+    _edit_json(tmp_path / "full", lambda data: data["policy"]["vision"].pop("resnet_stages"))
+    assert load_checkpoint(tmp_path / "full").config.vision.resnet_stages == 4
+
+
 def test_config_json_top_level_keys(saved):
     _, path = saved
     data = read_checkpoint_config(path)

@@ -64,6 +64,8 @@ def test_overrides_and_errors():
         get_preset("tiny-d_tr-bc", {"backbone.heads": 3})
     with pytest.raises(ConfigError, match="language.encoder and language.dim"):
         get_preset("tiny-d_tr-bc", {"language.dim": 3})
+    with pytest.raises(ConfigError, match="vision.resnet_stages must be 1, 2, 3 or 4"):
+        get_preset("tiny-d_tr-bc", {"vision.resnet_stages": 0})
     with pytest.raises(ConfigError, match="obs_horizon must be >= 1"):
         get_preset("tiny-d_tr-bc", {"spec.observation.obs_horizon": 0})
     with pytest.raises(PresetError, match="group.field=value"):

@@ -66,21 +66,27 @@ class ResNet18Trunk(nn.Module):
     ``stem_pool=False`` drops the stem's max-pool (no parameters, so names and weight files are
     unchanged): the output is H / 16 x W / 16, e.g. 4x4 instead of 2x2 for 64x64 images, which
     gives spatial-softmax keypoints four times the positions to choose from.
+    ``stages`` < 4 stops after ``layer<stages>`` (the later layers are not built): with 3, the
+    output is (N, 4 * width, H / 16, W / 16) for less compute than the full trunk (layer4 holds
+    three quarters of the parameters), where dropping the stem pool instead quadruples the
+    cost of every later layer.
     """
 
-    def __init__(self, width: int = 64, norm: str = "group", stem_pool: bool = True) -> None:
+    def __init__(self, width: int = 64, norm: str = "group", stem_pool: bool = True, stages: int = 4) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
         if width < 1:
             raise ValueError(f"ResNet width must be >= 1, got {width}")
+        if stages not in (1, 2, 3, 4):
+            raise ValueError(f"ResNet stages must be 1, 2, 3 or 4, got {stages!r}")
         self.width = width
         self.norm = norm
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = _norm(norm, width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_pool else nn.Identity()
-        channels = [width, 2 * width, 4 * width, 8 * width]
+        channels = [width, 2 * width, 4 * width, 8 * width][:stages]
         in_channels = width
         for index, out_channels in enumerate(channels, start=1):
             stride = 1 if index == 1 else 2
@@ -90,6 +96,7 @@ class ResNet18Trunk(nn.Module):
             )
             self.add_module(f"layer{index}", layer)
             in_channels = out_channels
+        self.stages = stages
         self.out_channels = channels[-1]
         self._init_weights()
 
@@ -104,23 +111,23 @@ class ResNet18Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        for index in range(1, self.stages + 1):
+            x = getattr(self, f"layer{index}")(x)
+        return x
 
 
 def load_torchvision_state_dict(trunk: ResNet18Trunk, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load a torchvision ``resnet18`` state_dict into ``trunk`` (strict on everything it uses).
 
-    ``fc.*`` is dropped; with a GroupNorm trunk the BatchNorm running statistics
+    ``fc.*`` and the layers a trunk with fewer ``stages`` does not build are dropped; with a GroupNorm trunk the BatchNorm running statistics
     (``running_mean``, ``running_var``, ``num_batches_tracked``) are dropped too, since a
     GroupNorm has none. Any other missing, unexpected or wrong-shaped tensor raises ValueError.
     """
     bn_buffers = ("running_mean", "running_var", "num_batches_tracked")
+    unused = ("fc.",) + tuple(f"layer{index}." for index in range(trunk.stages + 1, 5))
     wanted = {}
     for key, value in state_dict.items():
-        if key.startswith("fc."):
+        if key.startswith(unused):
             continue
         if trunk.norm == "group" and key.rsplit(".", 1)[-1] in bn_buffers:
             continue

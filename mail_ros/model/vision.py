@@ -65,9 +65,10 @@ class CameraEncoder(nn.Module):
         temperature: float = 1.0,
         stem_pool: bool = True,
         film_dim: int = 0,
+        stages: int = 4,
     ) -> None:
         super().__init__()
-        self.trunk = ResNet18Trunk(width=resnet_width, norm=norm, stem_pool=stem_pool)
+        self.trunk = ResNet18Trunk(width=resnet_width, norm=norm, stem_pool=stem_pool, stages=stages)
         self.pool = SpatialSoftmax(self.trunk.out_channels, num_keypoints, temperature)
         self.proj = nn.Linear(2 * num_keypoints, feature_dim)
         self.film = nn.Linear(film_dim, 2 * self.trunk.out_channels) if film_dim > 0 else None
@@ -110,13 +111,14 @@ class ObservationEncoder(nn.Module):
         shared: bool = False,
         stem_pool: bool = True,
         film_dim: int = 0,
+        stages: int = 4,
     ) -> None:
         super().__init__()
         self.cameras = tuple(sorted(cameras))
         self.shared = shared
 
         def make() -> CameraEncoder:
-            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature, stem_pool, film_dim)
+            return CameraEncoder(feature_dim, resnet_width, norm, num_keypoints, temperature, stem_pool, film_dim, stages)
 
         if shared:
             self.encoder = make()

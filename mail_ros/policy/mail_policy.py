@@ -95,6 +95,7 @@ class MaILPolicy(nn.Module):
             temperature=vision.temperature,
             shared=vision.shared_encoder,
             stem_pool=vision.stem_pool,
+            stages=vision.resnet_stages,
             film_dim=config.language.dim if vision.film else 0,
         )
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
