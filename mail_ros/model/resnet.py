@@ -59,7 +59,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Trunk(nn.Module):
-    """ResNet-18 up to ``layer4``: (N, 3, H, W) float -> (N, 8 * width, H / 32, W / 32).
+    """ResNet-18 up to ``layer4`` (or an earlier stage, see ``stages``):
+    (N, 3, H, W) float -> (N, 8 * width, H / 32, W / 32) with all four stages.
 
     ``width`` is the channel count of ``conv1`` (64 in ResNet-18); smaller widths give the small
     CPU presets. ``norm`` is ``"group"`` (reference) or ``"batch"`` (torchvision).
@@ -119,9 +120,9 @@ class ResNet18Trunk(nn.Module):
 def load_torchvision_state_dict(trunk: ResNet18Trunk, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load a torchvision ``resnet18`` state_dict into ``trunk`` (strict on everything it uses).
 
-    ``fc.*`` and the layers a trunk with fewer ``stages`` does not build are dropped; with a GroupNorm trunk the BatchNorm running statistics
-    (``running_mean``, ``running_var``, ``num_batches_tracked``) are dropped too, since a
-    GroupNorm has none. Any other missing, unexpected or wrong-shaped tensor raises ValueError.
+    ``fc.*`` and the layers a trunk with fewer ``stages`` does not build are dropped; with a
+    GroupNorm trunk the BatchNorm running statistics (``running_mean``, ``running_var``,
+    ``num_batches_tracked``) are dropped too, since a GroupNorm has none. Any other missing, unexpected or wrong-shaped tensor raises ValueError.
     """
     bn_buffers = ("running_mean", "running_var", "num_batches_tracked")
     unused = ("fc.",) + tuple(f"layer{index}." for index in range(trunk.stages + 1, 5))

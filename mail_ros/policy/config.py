@@ -70,7 +70,7 @@ class VisionConfig:
     # keypoint map instead of 2x2, at about 1.7x the encoder's compute.
     stem_pool: bool = True
     # ResNet-18 stages kept (reference: all 4). 3 ends at layer3: keypoint maps twice as fine
-    # (8x8 at 128x128) for less compute. Demo size, 128x128, 2-core CPU: training ran at ~360
+    # (8x8 at 128x128) for less compute. Demo size, 128x128, 2-core CPU: training ran at ~345
     # samples/s with 3 stages, ~320 with 4, ~135 with 4 and no stem pool (also 8x8 maps).
     resnet_stages: int = 4
     # FiLM (not in the reference): each camera's last feature map is scaled and shifted per
