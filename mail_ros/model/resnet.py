@@ -18,6 +18,7 @@ from torch import nn
 __all__ = ["ResNet18Trunk", "load_torchvision_state_dict", "group_norm_groups"]
 
 NORMS = ("group", "batch")
+STAGES = 4  # layer1..layer4
 
 
 def group_norm_groups(channels: int) -> int:
@@ -79,7 +80,7 @@ class ResNet18Trunk(nn.Module):
             raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
         if width < 1:
             raise ValueError(f"ResNet width must be >= 1, got {width}")
-        if stages not in (1, 2, 3, 4):
+        if stages not in range(1, STAGES + 1):
             raise ValueError(f"ResNet stages must be 1, 2, 3 or 4, got {stages!r}")
         self.width = width
         self.norm = norm
@@ -122,10 +123,11 @@ def load_torchvision_state_dict(trunk: ResNet18Trunk, state_dict: Mapping[str, t
 
     ``fc.*`` and the layers a trunk with fewer ``stages`` does not build are dropped; with a
     GroupNorm trunk the BatchNorm running statistics (``running_mean``, ``running_var``,
-    ``num_batches_tracked``) are dropped too, since a GroupNorm has none. Any other missing, unexpected or wrong-shaped tensor raises ValueError.
+    ``num_batches_tracked``) are dropped too, since a GroupNorm has none. Any other missing,
+    unexpected or wrong-shaped tensor raises ValueError.
     """
     bn_buffers = ("running_mean", "running_var", "num_batches_tracked")
-    unused = ("fc.",) + tuple(f"layer{index}." for index in range(trunk.stages + 1, 5))
+    unused = ("fc.",) + tuple(f"layer{index}." for index in range(trunk.stages + 1, STAGES + 1))
     wanted = {}
     for key, value in state_dict.items():
         if key.startswith(unused):
