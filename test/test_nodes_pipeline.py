@@ -25,13 +25,13 @@ from visualization_msgs.msg import Marker
 from mail_ros.control.kinematics import fr3_tcp_poses
 from mail_ros.msg import ActionChunk, InstructionEmbedding, Observation
 from mail_ros.nodes.camera_sync_node import CameraSyncNode
-from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS
+from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS
 from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
 from mail_ros.nodes.language_node import LanguageNode
 from mail_ros.nodes.policy_node import PolicyNode
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS
 from ros_harness import RosGraph, overrides, wait_for
-from test_nodes_executor import assert_within_limits
+from test_nodes_executor import RECORDER_QOS, assert_within_limits
 
 pytestmark = pytest.mark.ros
 
@@ -72,7 +72,7 @@ class World:
         self.instruction_pub = self.node.create_publisher(String, "/mail/instruction", GOAL_QOS)
         self.embedding_pub = self.node.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
         self.node.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_command,
-                                      COMMAND_QOS)
+                                      RECORDER_QOS)
         self.node.create_subscription(ActionChunk, "/mail/action_chunk", self.chunks.append, PIPELINE_QOS)
         self.paths: list[Marker] = []
         self.node.create_subscription(Marker, "/mail/predicted_path", self.paths.append, PIPELINE_QOS)
