@@ -7,14 +7,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bag_factory as bf
 from mail_ros.cli import main
 from mail_ros.data.hdf5 import Episode
 from mail_ros.policy.checkpoint import load_checkpoint
 from mail_ros.policy.presets import get_preset
-from mail_ros.train.trainer import DataConfig, RunConfig, TrainConfig, Trainer, build_datasets
+from mail_ros.train.trainer import (DataConfig, RunConfig, TrainConfig, Trainer, TrainError, build_datasets,
+                                    learning_rate)
 
 torch.set_num_threads(1)
 TINY_YAML = str(Path(__file__).resolve().parents[1] / "config" / "train_tiny.yaml")
@@ -53,8 +57,29 @@ def test_bc_validation_loss_falls_far_below_mean_predictor(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+@given(total=st.integers(1, 5000), warmup=st.integers(0, 500), lr=st.floats(1e-6, 1.0), data=st.data())
+def test_cosine_schedule_warms_up_then_decays_to_zero(total, warmup, lr, data):
+    step = data.draw(st.integers(0, total - 1))
+    value = learning_rate(step, total, lr, "cosine", warmup)
+    assert 0.0 <= value <= lr * (1 + 1e-12)
+    if step < warmup:
+        assert value == pytest.approx(lr * (step + 1) / warmup)
+    else:
+        assert value >= learning_rate(min(step + 1, total - 1), total, lr, "cosine", warmup) - 1e-15
+        assert learning_rate(total, total, lr, "cosine", warmup) == pytest.approx(0.0, abs=1e-12 * lr)
+    assert learning_rate(step, total, lr, "constant", 0) == lr
+
+
+def test_schedule_settings_are_validated():
+    with pytest.raises(TrainError, match="lr_schedule must be one of"):
+        TrainConfig(steps=10, lr_schedule="linear")
+    with pytest.raises(TrainError, match="warmup_steps must be >= 0"):
+        TrainConfig(steps=10, warmup_steps=-1)
+
+
 def test_interrupt_then_resume_continues_the_same_run(tmp_path):
-    run = make_run("tiny-d_ma-ddpm", 24, val_every=8, log_every=4)  # DDPM: EMA on, random noise per step
+    # DDPM: EMA on, random noise per step; a cosine schedule whose warm-up spans the interruption.
+    run = make_run("tiny-d_ma-ddpm", 24, val_every=8, log_every=4, lr_schedule="cosine", warmup_steps=12)
     straight = Trainer(run, build_datasets(EPISODES, run), tmp_path / "a", progress=False)
     straight.fit()
 
@@ -76,8 +101,12 @@ def test_interrupt_then_resume_continues_the_same_run(tmp_path):
     assert resumed.fit().step == 24
     torch.testing.assert_close(resumed.policy.state_dict(), straight.policy.state_dict(), rtol=0, atol=0)
     torch.testing.assert_close(resumed.ema.model.state_dict(), straight.ema.model.state_dict(), rtol=0, atol=0)
-    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "b/log.csv"))]
-    assert steps == [4, 8, 12, 16, 20, 24]  # one row per logged step, none duplicated
+    rows = list(csv.DictReader(open(tmp_path / "b/log.csv")))
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24]  # one row per logged step, none duplicated
+    # The logged rate is the one the step used: the warm-up, then the cosine decay.
+    for row in rows:
+        step = int(row["step"]) - 1
+        assert float(row["lr"]) == pytest.approx(learning_rate(step, 24, run.train.lr, "cosine", 12), rel=1e-5)
 
 
 def test_cli_convert_train_resume(tmp_path, capsys):

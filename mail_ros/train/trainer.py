@@ -59,6 +59,7 @@ __all__ = [
     "build_datasets",
     "Datasets",
     "EMA",
+    "learning_rate",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,24 @@ TRAINER_JSON = "trainer.json"
 DEFAULT_EMBEDDING_CACHE = Path("~/.cache/mail_ros/embeddings")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 class TrainError(ValueError):
     """A training configuration or run folder is invalid."""
+
+
+def learning_rate(step: int, total_steps: int, lr: float, schedule: str, warmup_steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    A pure function of the step, so a resumed run follows the same curve as an uninterrupted one.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @dataclass
@@ -79,7 +96,9 @@ class TrainConfig:
     steps: int | None = None  # total optimizer steps; exactly one of steps / epochs
     epochs: float | None = None
     batch_size: int = 256
-    lr: float = 5e-4  # Adam, no weight decay, no schedule, no clipping (reference)
+    lr: float = 5e-4  # Adam, no weight decay, no clipping (reference)
+    lr_schedule: str = "constant"  # constant (reference) | cosine: decay to 0 at the last step
+    warmup_steps: int = 0  # linear ramp from 0 to lr over the first steps (either schedule)
     ema: bool | None = None  # None: on for DDPM, off for BC
     ema_decay: float = 0.995
     val_every: int = 500  # steps between validations (and best/ updates)
@@ -101,6 +120,10 @@ class TrainConfig:
                 raise TrainError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise TrainError(f"train.lr must be positive, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainError(f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise TrainError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.ema_decay < 1.0:
             raise TrainError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.num_workers < 0:
@@ -509,6 +532,10 @@ class Trainer:
                     t0 = time.perf_counter()
                     data_s += t0 - fetch
                     torch.manual_seed(_step_seed(self.cfg.seed, self.step))
+                    lr = learning_rate(self.step, self.total_steps, self.cfg.lr, self.cfg.lr_schedule,
+                                       self.cfg.warmup_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                     loss, metrics = self.policy.compute_loss(_to_device(batch, self.device))
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -530,11 +557,12 @@ class Trainer:
                         if self.step % self.cfg.val_every == 0 or self.step == self.total_steps:
                             val = self._validate_and_keep_best()
                         writer.writerow([self.step, self.epoch, f"{self.last_train_loss:.6g}", "" if val is None else f"{val:.6g}",
-                                         self.cfg.lr, f"{rate:.1f}", f"{data_s:.3f}", f"{compute_s:.3f}",
+                                         f"{lr:.6g}", f"{rate:.1f}", f"{data_s:.3f}", f"{compute_s:.3f}",
                                          f"{time.perf_counter() - start:.1f}"])
                         csv_file.flush()
                         tb.add_scalar("train/loss", self.last_train_loss, self.step)
                         tb.add_scalar("train/samples_per_s", rate, self.step)
+                        tb.add_scalar("train/lr", lr, self.step)
                         if val is not None:
                             tb.add_scalar("val/loss", val, self.step)
                         bar.set_postfix(loss=f"{self.last_train_loss:.4f}",
