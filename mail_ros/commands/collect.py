@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from mail_ros.sim.collect import CollectError, EpisodeOutcome, SuccessTable, schedule
+from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 from mail_ros.spec import ObservationSpec
 
@@ -54,8 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=20.0, help="simulated-time budget of one episode")
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="simulated seconds per wall second (0 = as fast as possible)")
-    p.add_argument("--image-size", nargs=2, type=int, default=[64, 64], metavar=("H", "W"),
-                   help="rendered camera resolution")
+    p.add_argument("--image-size", nargs=2, type=int, default=list(CAMERA_SIZE), metavar=("H", "W"),
+                   help="rendered camera resolution (convert --image-size resizes to the model's)")
     p.add_argument("--cameras", nargs="+", default=list(ObservationSpec().cameras))
     p.add_argument("--domain-id", type=int, default=None, help="ROS domain (default: ROS_DOMAIN_ID)")
     p.set_defaults(func=run)

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 
@@ -56,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    choices=("receding_horizon", "temporal_ensemble", "latency_compensation"))
     p.add_argument("--execute-steps", type=int, default=4,
                    help="receding horizon: actions executed per chunk (0 = the whole chunk)")
+    p.add_argument("--camera-size", nargs=2, type=int, default=list(CAMERA_SIZE), metavar=("H", "W"),
+                   help="rendered camera resolution (the simulated cameras' own, as in sim_policy.launch.py); "
+                        "camera_sync_node resizes to the checkpoint's image_size")
     p.add_argument("--device", default="cpu", help="torch device of the policy")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch CPU threads; one leaves the other cores to the simulator and the nodes")
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with DemoGraph(args.checkpoint, seed=args.seed, real_time_factor=args.real_time_factor, device=args.device,
                        executor_mode=args.executor_mode, execute_steps=args.execute_steps,
-                       domain_id=args.domain_id, record=args.record) as graph:
+                       domain_id=args.domain_id, record=args.record, camera_size=args.camera_size) as graph:
             print(f"{PROG}: {args.checkpoint} ({graph.config['variant']}-{graph.config['head']}), "
                   f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}",
                   flush=True)

@@ -31,6 +31,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, seconds_to_stamp, stamp_to_seconds
+from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.jtc import TrajectoryRejected
 from mail_ros.sim.tasks import Task, TaskError
@@ -51,8 +52,8 @@ class FrankaSimNode(Node):
         self.real_time_factor = declare(self, "real_time_factor", 1.0, "Simulated seconds per wall second with "
                                         "publish_clock (0 = as fast as possible); 1 without it")
         cameras = declare(self, "cameras", ["agentview", "wrist"], "Cameras to render and publish")
-        height = declare(self, "image_height", 128, "Rendered image height")
-        width = declare(self, "image_width", 128, "Rendered image width")
+        height = declare(self, "image_height", CAMERA_SIZE[0], "Rendered image height")
+        width = declare(self, "image_width", CAMERA_SIZE[1], "Rendered image width")
         self.step_period = declare(self, "physics_period", 0.01, "Simulated seconds advanced per loop iteration")
         self.sim = FrankaSim(SimConfig(cameras=tuple(cameras), image_size=(height, width)))
         self.sim.reset(self.seed)

@@ -29,6 +29,7 @@ import mujoco  # mail_ros.sim/__init__.py has set MUJOCO_GL=egl (headless) befor
 import numpy as np
 
 from mail_ros.control.limits import fr3_limits
+from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.jtc import JointTrajectoryController, TrajectoryRejected
 from mail_ros.sim.tasks import COLOURS, CUBE_SIZE, TABLE_HEIGHT, SceneState, Task, check_success
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
@@ -91,7 +92,7 @@ class SimConfig:
     """
 
     cameras: tuple[str, ...] = CAMERAS
-    image_size: tuple[int, int] = (128, 128)  # (H, W)
+    image_size: tuple[int, int] = CAMERA_SIZE  # (H, W)
     timestep: float = 0.002  # physics step in seconds
     control_substeps: int = 5
     visual_meshes: bool = False  # render the detailed visual meshes (~10x slower) instead of collision meshes
