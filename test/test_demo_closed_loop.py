@@ -42,6 +42,7 @@ def test_shipped_checkpoint_commands_the_sim_and_the_episode_ends():
         graph.session.check()
     # The episode ended (success or the budget), judged as the paraphrase's task via ~/task.
     assert outcome.success or outcome.seconds >= 3.0
+    assert outcome.progress is not None and outcome.progress.success == outcome.success
     assert outcome.seconds < 3.0 + 1.0
     assert len(trace.inference) > 0 and all(t > 0 for t in trace.inference)
     assert trace.commands > 0

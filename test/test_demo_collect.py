@@ -4,6 +4,7 @@ reads back through mail_ros.data.bags as a demonstration; the episode bookkeepin
 from __future__ import annotations
 
 import math
+from collections import Counter
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from mail_ros.data.bags import BagConfig, read_bag
 from mail_ros.sim.collect import CollectError, EpisodeOutcome, EpisodeSpec, SuccessTable, percentiles_ms, schedule
-from mail_ros.sim.tasks import Task, all_tasks
+from mail_ros.sim.tasks import STAGES, Task, TaskProgress, all_tasks
 from mail_ros.spec import FR3_ARM_JOINTS, ObservationSpec
 
 TASKS = all_tasks()
@@ -41,20 +42,27 @@ def test_schedule_rejects_bad_plans():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(TASKS), st.booleans(), st.floats(0, 30)), min_size=1, max_size=40))
+@given(st.lists(st.tuples(st.sampled_from(TASKS), st.booleans(), st.floats(0, 30), st.sampled_from(STAGES[1:])),
+                min_size=1, max_size=40))
 def test_success_table_counts_per_instruction_and_overall(episodes):
     table = SuccessTable()
-    for i, (task, success, seconds) in enumerate(episodes):
-        table.add(EpisodeOutcome(EpisodeSpec(i, task, task.instruction), success, seconds))
+    for i, (task, success, seconds, stage) in enumerate(episodes):
+        progress = TaskProgress(True, "success") if success else TaskProgress(False, stage, "detail")
+        table.add(EpisodeOutcome(EpisodeSpec(i, task, task.instruction), success, seconds, progress=progress))
     rows = table.rows()
     assert sum(total for _, _, total, _ in rows) == len(episodes)
-    assert sum(wins for _, wins, _, _ in rows) == sum(s for _, s, _ in episodes)
-    assert table.rate() == pytest.approx(sum(s for _, s, _ in episodes) / len(episodes))
+    assert sum(wins for _, wins, _, _ in rows) == sum(s for _, s, _, _ in episodes)
+    assert table.rate() == pytest.approx(sum(s for _, s, _, _ in episodes) / len(episodes))
     text = table.format("instruction")
     for instruction, wins, total, _ in rows:
         assert f"{wins:3d}/{total:<3d}" in text and instruction in text
-    for skill in {t.skill for t, _, _ in episodes}:
+    for skill in {t.skill for t, _, _, _ in episodes}:
         assert f"all {skill}" in text
+        failed = Counter(stage for t, s, _, stage in episodes if t.skill == skill and not s)
+        assert dict(table.failure_stages(skill)) == dict(failed)
+        assert [count for _, count in table.failure_stages(skill)] == sorted(failed.values(), reverse=True)
+        for stage, count in failed.items():
+            assert f"{stage} {count}" in text
 
 
 def test_outcomes_and_percentiles_validate():

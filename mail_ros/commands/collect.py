@@ -137,14 +137,15 @@ def run(args: argparse.Namespace) -> int:
                                    60.0 + 10.0 * args.max_seconds, "the expert")
                 expert.stop()
                 seconds = session.now() - start
-                success = session.task_success()
+                progress = session.task_progress()
+                success = progress.success
                 # Frames of the final pose, so the last actions have observations after them.
                 session.sleep(0.3)
                 stop_ns = recorder.get_clock().now().nanoseconds
                 following = _bag(args.out, plan[k + 1].index) if k + 1 < len(plan) else scratch
                 _switch(recorder, following)
                 recording.close(stop_ns)
-                table.add(EpisodeOutcome(spec, success, seconds, note="" if success else "expert failed"))
+                table.add(EpisodeOutcome(spec, success, seconds, note="" if success else f"expert failed: {progress.message}"))
                 if not success:
                     (args.out / "failed").mkdir(exist_ok=True)
                     shutil.move(str(recording.path), str(args.out / "failed" / recording.path.name))

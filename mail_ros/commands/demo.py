@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                     inference += trace.inference
                     ages += trace.chunk_age
                     commands += trace.commands
-                    print(f"episode {spec.index:4d} {spec.instruction!r}: {'success' if outcome.success else 'fail'} "
+                    verdict = "success" if outcome.success else f"fail ({outcome.progress.message})"
+                    print(f"episode {spec.index:4d} {spec.instruction!r}: {verdict} "
                           f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands"
                           f"{', ' + outcome.note if outcome.note else ''}; {time.monotonic() - started:.0f} s elapsed)",
                           flush=True)

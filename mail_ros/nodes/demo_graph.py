@@ -121,18 +121,17 @@ class DemoGraph:
                            f"executor_node to receive the goal {spec.instruction!r}")
         self._enable(True)
         start = session.now()
-        success = False
-        while session.now() - start < budget:
+        while True:
             session.sleep(JUDGE_PERIOD)
-            if session.task_success():
-                success = True
+            progress = session.task_progress()
+            if progress.success or session.now() - start >= budget:
                 break
         seconds = session.now() - start
         self._enable(False)
         with self._lock:
             trace = self.trace
         note = "" if trace.commands else "no command reached the arm"
-        return EpisodeOutcome(spec, success, seconds, note=note), trace
+        return EpisodeOutcome(spec, progress.success, seconds, note=note, progress=progress), trace
 
     def close(self) -> None:
         try:

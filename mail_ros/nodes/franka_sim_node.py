@@ -4,7 +4,8 @@ Publishes /joint_states (fr3_joint1..7 + fingers) and /cameras/<name>/image_raw 
 with stamps of the simulated time, accepts /fr3_arm_controller/joint_trajectory with joint
 trajectory controller semantics (invalid trajectories are rejected with a log; the arm holds),
 a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), and offers ~/reset and
-~/task_success (std_srvs/Trigger; the task is the latest /mail/instruction).
+~/task_success (std_srvs/Trigger; the task is the latest /mail/instruction; the message is
+"success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the blue cube's centre, ...").
 
 Judging instructions outside the test bed's grammar (paraphrases such as "lift the red block"):
 a test-bed instruction on ~/task (std_msgs/String) names the task to judge until the next
@@ -201,8 +202,9 @@ class FrankaSimNode(Node):
             response.success, response.message = False, "no test-bed task: publish /mail/instruction first"
             return response
         with self._lock:
-            response.success = bool(self.sim.task_success(task))
-        response.message = f"{task.instruction}: {'success' if response.success else 'not yet'}"
+            progress = self.sim.task_progress(task)
+        # "success", or the stage the task is stuck at ("off target: 3.1 cm from ..."; see TaskProgress).
+        response.success, response.message = progress.success, progress.message
         return response
 
     def destroy_node(self):

@@ -22,6 +22,7 @@ from std_srvs.srv import Trigger
 from mail_ros.nodes.common import GOAL_QOS
 from mail_ros.nodes.franka_sim_node import FrankaSimNode
 from mail_ros.nodes.graph import GraphError, InProcessGraph
+from mail_ros.sim.tasks import TaskError, TaskProgress
 
 __all__ = ["SessionError", "SimSession"]
 
@@ -99,6 +100,10 @@ class SimSession(InProcessGraph):
                         "subscribers of /mail/instruction")
         publisher.publish(String(data=text))
 
-    def task_success(self) -> bool:
-        """The simulator's verdict on the judged task, now."""
-        return bool(self._call(self._success).success)
+    def task_progress(self) -> TaskProgress:
+        """The simulator's verdict on the judged task, now: success, or the stage it is at."""
+        response = self._call(self._success)
+        try:
+            return TaskProgress.from_message(response.success, response.message)
+        except TaskError as exc:
+            raise SessionError(f"{self._success.srv_name} answered {response.message!r}: {exc}") from exc

@@ -8,12 +8,13 @@ still covers every instruction; :class:`EpisodeOutcome` records one episode and
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mail_ros.sim.tasks import Task
+from mail_ros.sim.tasks import Task, TaskProgress
 
 __all__ = ["CollectError", "EpisodeOutcome", "EpisodeSpec", "SuccessTable", "percentiles_ms", "schedule"]
 
@@ -64,6 +65,7 @@ class EpisodeOutcome:
     success: bool
     seconds: float  # simulated time from the instruction to success or to the budget
     note: str = ""
+    progress: TaskProgress | None = None  # the simulator's last verdict (the failure stage)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.seconds) and self.seconds >= 0):
@@ -95,6 +97,12 @@ class SuccessTable:
         chosen = [o for o in self.outcomes if skill is None or o.spec.task.skill == skill]
         return sum(o.success for o in chosen) / len(chosen) if chosen else math.nan
 
+    def failure_stages(self, skill: str) -> list[tuple[str, int]]:
+        """How the failed episodes of ``skill`` ended: (stage, count), most frequent first."""
+        counts = Counter(o.progress.stage if o.progress is not None else "unknown"
+                         for o in self.outcomes if o.spec.task.skill == skill and not o.success)
+        return counts.most_common()
+
     def format(self, title: str) -> str:
         """The table as text: one line per instruction, per-skill lines, then the overall rate."""
         rows = self.rows()
@@ -107,7 +115,10 @@ class SuccessTable:
         for skill in sorted({o.spec.task.skill for o in self.outcomes}):
             chosen = [o for o in self.outcomes if o.spec.task.skill == skill]
             wins = sum(o.success for o in chosen)
-            lines.append(f"{'all ' + skill:<{width}}  {wins:3d}/{len(chosen):<3d} {100 * wins / len(chosen):5.1f} %")
+            line = f"{'all ' + skill:<{width}}  {wins:3d}/{len(chosen):<3d} {100 * wins / len(chosen):5.1f} %"
+            if failures := self.failure_stages(skill):
+                line += "   failed: " + ", ".join(f"{stage} {count}" for stage, count in failures)
+            lines.append(line)
         return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from mail_ros.control.limits import fr3_limits
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.jtc import JointTrajectoryController, TrajectoryRejected
-from mail_ros.sim.tasks import COLOURS, CUBE_SIZE, TABLE_HEIGHT, SceneState, Task, check_success
+from mail_ros.sim.tasks import COLOURS, CUBE_SIZE, TABLE_HEIGHT, SceneState, Task, TaskProgress, judge
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
 
 __all__ = [
@@ -421,9 +421,13 @@ class FrankaSim:
             finger_contacts=frozenset(contacts),
         )
 
+    def task_progress(self, task: Task) -> TaskProgress:
+        """Whether ``task`` is accomplished in the current state, and if not why (:func:`mail_ros.sim.tasks.judge`)."""
+        return judge(task, self.scene_state())
+
     def task_success(self, task: Task) -> bool:
-        """Whether ``task`` is accomplished in the current state (see :func:`mail_ros.sim.tasks.check_success`)."""
-        return check_success(task, self.scene_state())
+        """Whether ``task`` is accomplished in the current state."""
+        return self.task_progress(task).success
 
     def render(self) -> dict[str, np.ndarray]:
         """One (H, W, 3) uint8 RGB image per configured camera."""

@@ -20,11 +20,14 @@ __all__ = [
     "CUBE_SIZE",
     "TABLE_HEIGHT",
     "SKILLS",
+    "STAGES",
     "SceneState",
     "Task",
     "TaskError",
+    "TaskProgress",
     "all_tasks",
     "check_success",
+    "judge",
 ]
 
 COLOURS: tuple[str, ...] = ("red", "green", "blue")
@@ -120,22 +123,84 @@ class SceneState:
         return any(c == colour for c, _ in self.finger_contacts)
 
 
-def check_success(task: Task, state: SceneState) -> bool:
-    """Whether ``task`` is accomplished in ``state``.
+@dataclass(frozen=True)
+class TaskProgress:
+    """The verdict on a task in one state: success, or the stage it failed at and the numbers behind it.
+
+    ``stage`` is one of :data:`STAGES`. ``message`` is what ``franka_sim_node``'s ``~/task_success``
+    answers; :meth:`from_message` reads it back on the other side of the service.
+    """
+
+    success: bool
+    stage: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise TaskError(f"unknown task stage {self.stage!r}; expected one of {list(STAGES)}")
+        if self.success != (self.stage == "success"):
+            raise TaskError(f"success={self.success} contradicts stage {self.stage!r}")
+
+    @property
+    def message(self) -> str:
+        return f"{self.stage}: {self.detail}" if self.detail else self.stage
+
+    @classmethod
+    def from_message(cls, success: bool, message: str) -> "TaskProgress":
+        stage, _, detail = message.partition(": ")
+        return cls(bool(success), stage, detail)
+
+
+# Why a task is not (yet) done, from the state alone: the stage the episode stopped at.
+STAGES: tuple[str, ...] = (
+    "success",
+    "not grasped",  # pick: the named cube is not between both fingers
+    "wrong cube",  # another cube is held instead of the named one
+    "held too low",  # pick: held, but not lifted PICK_LIFT_HEIGHT
+    "not released",  # stack: a finger still touches the cube
+    "off target",  # stack: released, but not resting on the target cube
+    "hand closed",  # stack: on the target and untouched, but the hand has not opened
+    "moving",  # stack: on the target, released, not yet at rest
+)
+
+
+def judge(task: Task, state: SceneState) -> TaskProgress:
+    """Whether ``task`` is accomplished in ``state`` and, if not, where it stands.
 
     pick: the cube's bottom is more than ``PICK_LIFT_HEIGHT`` above the table and it is held by
     both fingers. stack: the cube rests on the target (centres within half a cube in x/y, one cube
     height apart in z, both slow), no finger touches it and the hand is open.
     """
     pos = state.cube_positions[task.cube]
+    lift = pos[2] - 0.5 * CUBE_SIZE - TABLE_HEIGHT
+    others = [c for c in COLOURS if c != task.cube and state.held(c)]
     if task.skill == "pick":
-        bottom = pos[2] - 0.5 * CUBE_SIZE
-        return bool(bottom - TABLE_HEIGHT > PICK_LIFT_HEIGHT and state.held(task.cube))
+        if state.held(task.cube):
+            if lift > PICK_LIFT_HEIGHT:
+                return TaskProgress(True, "success")
+            return TaskProgress(False, "held too low", f"lifted {100 * lift:.1f} cm of {100 * PICK_LIFT_HEIGHT:.0f}")
+        if others:
+            return TaskProgress(False, "wrong cube", f"holding the {others[0]} cube")
+        return TaskProgress(False, "not grasped", f"{task.cube} cube {100 * lift:.1f} cm above the table, "
+                                                  f"hand {100 * state.gripper_width:.1f} cm open")
     below = state.cube_positions[task.target]
-    on_top = (
-        np.linalg.norm(pos[:2] - below[:2]) < STACK_XY_TOLERANCE
-        and abs(pos[2] - below[2] - CUBE_SIZE) < STACK_Z_TOLERANCE
-    )
-    resting = state.cube_speeds[task.cube] < REST_SPEED and state.cube_speeds[task.target] < REST_SPEED
-    released = not state.touched(task.cube) and state.gripper_width > CUBE_SIZE + OPEN_MARGIN
-    return bool(on_top and resting and released)
+    offset = np.linalg.norm(pos[:2] - below[:2])
+    height = pos[2] - below[2]
+    where = f"{100 * offset:.1f} cm from the {task.target} cube's centre, {100 * height:.1f} cm above it"
+    if state.touched(task.cube):
+        return TaskProgress(False, "not released", where)
+    if not (offset < STACK_XY_TOLERANCE and abs(height - CUBE_SIZE) < STACK_Z_TOLERANCE):
+        if others:
+            return TaskProgress(False, "wrong cube", f"holding the {others[0]} cube; the {task.cube} cube is {where}")
+        return TaskProgress(False, "off target", where)
+    if state.gripper_width <= CUBE_SIZE + OPEN_MARGIN:
+        return TaskProgress(False, "hand closed", f"hand {100 * state.gripper_width:.1f} cm open")
+    speed = max(state.cube_speeds[task.cube], state.cube_speeds[task.target])
+    if speed >= REST_SPEED:
+        return TaskProgress(False, "moving", f"{100 * speed:.1f} cm/s")
+    return TaskProgress(True, "success")
+
+
+def check_success(task: Task, state: SceneState) -> bool:
+    """Whether ``task`` is accomplished in ``state`` (see :func:`judge`)."""
+    return judge(task, state).success
