@@ -48,7 +48,7 @@ class PolicyNode(Node):
         self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
                                   "arm's base link (with any prefix your robot description uses)")
         self.diagnostics = Diagnostics(self)
-        self.counters = {"chunks": 0, "refused_observations": 0, "refused_embeddings": 0}
+        self.counters = {"chunks": 0, "refused_observations": 0, "refused_embeddings": 0, "inference_errors": 0}
         self.latencies: deque[float] = deque(maxlen=200)
 
         self._lock = threading.Lock()
@@ -57,6 +57,7 @@ class PolicyNode(Node):
         self._goal: InstructionEmbedding | None = None
         self._goal_vector: np.ndarray | None = None
         self._fresh = False
+        self._reset_pending = False  # set by a new goal; the inference thread resets the policy
         self._chunk_id = 0
         self._stopping = False
 
@@ -156,9 +157,11 @@ class PolicyNode(Node):
         with self._lock:
             self._goal, self._goal_vector = msg, vector
             # A new goal starts a new episode: no observation of the old one conditions the new one.
+            # The policy itself is reset by the inference thread, the only one that uses it (it may
+            # be in the middle of a chunk now).
             self._history.clear()
             self._fresh = False
-            self.policy.reset(seed=self.seed)
+            self._reset_pending = True
         self.get_logger().info(f"new goal: {msg.text!r}")
 
     def _on_observation(self, msg: ObservationMsg) -> None:
@@ -214,12 +217,20 @@ class PolicyNode(Node):
                 history = self._history.window()
                 goal, vector = self._goal, self._goal_vector
                 self._fresh = False
+                reset, self._reset_pending = self._reset_pending, False
             start = time.perf_counter()
             try:
+                if reset:
+                    self.policy.reset(seed=self.seed)
                 actions = self.policy.predict_chunk(history, vector)
-            except (ValueError, RuntimeError) as exc:
-                self.get_logger().error(f"inference failed: {exc}", throttle_duration_sec=2.0)
-                self.diagnostics.set(ERROR, f"inference failed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any one bad chunk
+                # No chunk: the executor holds once the last one goes stale. The next chunk starts
+                # from a reset policy, in case the failure left a cache half-written.
+                self.get_logger().error(f"inference failed: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
+                self.diagnostics.set(ERROR, f"inference failed: {type(exc).__name__}: {exc}")
+                with self._lock:
+                    self.counters["inference_errors"] += 1
+                    self._reset_pending = True
                 continue
             latency = time.perf_counter() - start
             with self._lock:
