@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from mail_ros.sim.collect import CollectError, EpisodeOutcome, SuccessTable, schedule
 from mail_ros.sim import CAMERA_SIZE
+from mail_ros.sim.collect import CollectError, EpisodeOutcome, SuccessTable, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 from mail_ros.spec import ObservationSpec
 
@@ -145,11 +145,13 @@ def run(args: argparse.Namespace) -> int:
                 following = _bag(args.out, plan[k + 1].index) if k + 1 < len(plan) else scratch
                 _switch(recorder, following)
                 recording.close(stop_ns)
-                table.add(EpisodeOutcome(spec, success, seconds, note="" if success else f"expert failed: {progress.message}"))
+                table.add(EpisodeOutcome(spec, success, seconds, note="" if success else "expert failed",
+                                         progress=progress))
                 if not success:
                     (args.out / "failed").mkdir(exist_ok=True)
                     shutil.move(str(recording.path), str(args.out / "failed" / recording.path.name))
-                print(f"episode {spec.index:4d} {spec.instruction!r}: {'ok' if success else 'FAILED'} "
+                verdict = "ok" if success else f"FAILED ({progress.message})"
+                print(f"episode {spec.index:4d} {spec.instruction!r}: {verdict} "
                       f"({seconds:.1f} s simulated, {expert.steps} steps, {time.monotonic() - started:.0f} s elapsed)",
                       flush=True)
     except KeyboardInterrupt:

@@ -172,9 +172,9 @@ def judge(task: Task, state: SceneState) -> TaskProgress:
     height apart in z, both slow), no finger touches it and the hand is open.
     """
     pos = state.cube_positions[task.cube]
-    lift = pos[2] - 0.5 * CUBE_SIZE - TABLE_HEIGHT
     others = [c for c in COLOURS if c != task.cube and state.held(c)]
     if task.skill == "pick":
+        lift = pos[2] - 0.5 * CUBE_SIZE - TABLE_HEIGHT
         if state.held(task.cube):
             if lift > PICK_LIFT_HEIGHT:
                 return TaskProgress(True, "success")
