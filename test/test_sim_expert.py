@@ -66,7 +66,7 @@ def test_close_starts_once_in_place_and_lift_waits_for_the_fingers(bed):
     expert.reset(task, obs)
     phases = []
     for _ in range(200):
-        arm, width = expert.act(obs)
+        arm, width, _ = expert.act(obs)
         phases.append((expert.phase, width, obs.gripper_width))
         sim.set_trajectory(FR3_ARM_JOINTS, [(0.1, arm)])
         sim.set_gripper(width)
@@ -90,3 +90,58 @@ def test_expert_validation(bed):
         ExpertConfig(rate_hz=0.0)
     with pytest.raises(ExpertError, match="noise_std"):
         run_episode(sim, ScriptedExpert(model=sim.model), Task("pick", "red"), 0, noise_std=-1.0)
+
+
+def _run_phases(sim, expert, task, seed, rng):
+    """Drive ``expert`` without noise; per step: (phase, action, TCP (3,), named cube position (3,))."""
+    sim.reset(seed)
+    obs = observe(sim)
+    expert.reset(task, obs, rng)
+    steps = []
+    for _ in range(300):
+        action = expert.act(obs)
+        steps.append((expert.phase, action, sim.tcp_position(), obs.cube_poses[task.cube].position))
+        sim.set_trajectory(FR3_ARM_JOINTS, [(0.1, action.executed_arm)])
+        sim.set_gripper(action.gripper)
+        sim.step(0.1)
+        obs = observe(sim)
+        if expert.done:
+            break
+    return steps
+
+
+def test_detour_leads_the_arm_off_centre_and_the_descent_steers_it_back(bed):
+    sim, _ = bed
+    expert = ScriptedExpert(ExpertConfig(detour=0.04), model=sim.model)
+    task = Task("pick", "green")
+    steps = _run_phases(sim, expert, task, 31, np.random.default_rng(4))
+    assert expert.done and sim.task_success(task)
+    phases = [phase for phase, *_ in steps]
+    approach = [s for s in steps if s[0] == "approach"]
+    # Off the true goal the recorded intent and the executed command part; elsewhere they are one.
+    assert any(not np.array_equal(a.arm, a.executed_arm) for _, a, _, _ in approach)
+    assert all(a.executed_arm is a.arm for p, a, _, _ in steps if p != "approach")
+    # The approach ended over the detoured point, well off the cube...
+    _, _, tcp, cube = steps[phases.index("descend")]
+    assert np.linalg.norm(tcp[:2] - cube[:2]) > 0.015
+    # ...and the gripper closed with the hand centred on it again.
+    _, _, tcp, cube = steps[phases.index("close")]
+    assert np.linalg.norm(tcp[:2] - cube[:2]) < 0.006
+
+
+def test_no_detour_means_executed_is_recorded(bed):
+    sim, expert = bed
+    task = Task("stack", "red", "blue")
+    steps = _run_phases(sim, expert, task, 32, np.random.default_rng(4))
+    assert expert.done and sim.task_success(task)
+    assert all(a.executed_arm is a.arm for _, a, _, _ in steps)
+    # The generator is not drawn from without a detour: the same rollout as without one.
+    again = _run_phases(sim, expert, task, 32, None)
+    assert len(again) == len(steps)
+    assert all(np.array_equal(a.arm, b.arm) for (_, a, _, _), (_, b, _, _) in zip(steps, again))
+
+
+@pytest.mark.parametrize("detour", [-0.01, 0.08, float("nan")])
+def test_detour_validation(detour):
+    with pytest.raises(ExpertError, match="detour"):
+        ExpertConfig(detour=detour)

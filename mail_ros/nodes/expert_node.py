@@ -7,7 +7,8 @@ for arm targets and a gripper width and sends them as the executor would:
 - /fr3_arm_controller/joint_trajectory: a one-point JointTrajectory reaching the target one
   period after the stamp of the joint state it answers (stamped with it, so the controller and
   the bag converter place it at the same time), with optional Gaussian noise on the EXECUTED
-  target (``noise_std``, radians) so demonstrations show recoveries;
+  target (``noise_std``, radians) and optional detours of the executed goals above a cube
+  (``detour``, metres; see :mod:`mail_ros.sim.expert`) so demonstrations show recoveries;
 - /fr3_gripper/joint_trajectory: fr3_finger_joint1 = width / 2, sent when the width changes.
 
 The clean intent is published alongside, for recording: /mail/expert/arm_target (same stamp and
@@ -64,12 +65,15 @@ class ExpertNode(Node):
         rate = declare(self, "rate_hz", 10.0, "Expert decisions per second of ROS time (the policy rate)")
         self.noise_std = declare(self, "noise_std", 0.0, "Std (rad) of Gaussian noise on the executed, not the "
                                  "recorded, arm targets")
-        self.seed = declare(self, "seed", 0, "Seed of the execution noise (combined with the episode number)")
+        detour = declare(self, "detour", 0.0, "Radius (m) of the random horizontal offset of the executed, not the "
+                         "recorded, goals above a cube (approach, carry), so demonstrations show the hand "
+                         "corrected back over the cube")
+        self.seed = declare(self, "seed", 0, "Seed of the execution noise and detours (combined with the episode number)")
         if not rate > 0 or not self.noise_std >= 0:
             raise ValueError(f"expert_node: rate_hz must be > 0 and noise_std >= 0, got {rate}, {self.noise_std}")
         self.period = 1.0 / rate
         self.privileged = privileged
-        self.expert = ScriptedExpert(ExpertConfig(rate_hz=rate), model=model)
+        self.expert = ScriptedExpert(ExpertConfig(rate_hz=rate, detour=detour), model=model)
         self._lock = threading.Lock()
         self._task: Task | None = None
         self._not_before = 0.0
@@ -121,17 +125,16 @@ class ExpertNode(Node):
             _, cubes = self.privileged()
             observation = ExpertObservation(positions, cubes)
             if self._next_tick is None:
-                self.expert.reset(self._task, observation)
+                self.expert.reset(self._task, observation, self._rng)
                 self._next_tick = stamp
-            arm, width = self.expert.act(observation)
+            arm, width, executed = self.expert.act(observation)
             # Behind by more than a period (a starved process): skip the missed ticks rather
             # than firing them back to back on the same state.
             self._next_tick = max(self._next_tick + self.period, stamp + 0.5 * self.period)
             self.steps += 1
             self.done = self.expert.done
-            executed = arm
             if self.noise_std > 0:
-                executed = arm + self._rng.normal(0.0, self.noise_std, size=arm.shape)
+                executed = executed + self._rng.normal(0.0, self.noise_std, size=executed.shape)
             executed = np.clip(executed, FR3_LIMITS.position_min, FR3_LIMITS.position_max)
             send_gripper = width != self._width
             self._width = width

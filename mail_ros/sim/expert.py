@@ -12,6 +12,13 @@ target cube) -> lower -> release -> retreat. The hand points down with its finge
 faces of the cube (the cube's yaw modulo 90 degrees, picked next to the arm's natural wrist
 angle), and the gripper closes as soon as the hand is in place: no waits a policy cannot see.
 
+Detours (``ExpertConfig.detour``, DART-style): an expert that always arrives exactly above the
+cube never shows a policy how to correct a hand that arrives off-centre, which is what a learned
+policy's hand does. With a detour, the EXECUTED free-space goals above a cube (approach, carry)
+are offset horizontally by a random vector drawn at reset, while the RECORDED action keeps aiming
+at the true goal; the descent (or lowering) that follows steers the hand back over the cube, so
+the demonstrations show the correction in both cameras.
+
 IK uses MuJoCo's own site Jacobian on a private ``MjData``, so it is consistent with the sim.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import mujoco
 import numpy as np
@@ -36,6 +44,7 @@ from mail_ros.spec import FR3_ARM_JOINTS, FR3_GRIPPER_MAX_WIDTH
 
 __all__ = [
     "EpisodeResult",
+    "ExpertAction",
     "ExpertConfig",
     "ExpertError",
     "ExpertObservation",
@@ -70,6 +79,7 @@ class ExpertConfig:
     width_settle: float = 0.0005  # opening change per step under which the fingers have stopped
     ik_damping: float = 0.02
     ik_iterations: int = 50
+    detour: float = 0.0  # radius of the random horizontal offset of executed approach/carry goals (0: none)
 
     def __post_init__(self) -> None:
         for name in (
@@ -88,6 +98,8 @@ class ExpertConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ExpertError(f"ExpertConfig.{name} must be positive, got {value}")
+        if not (math.isfinite(self.detour) and 0.0 <= self.detour < self.approach_height):
+            raise ExpertError(f"ExpertConfig.detour must be in [0, approach_height), got {self.detour}")
         if self.ik_iterations < 1:
             raise ExpertError(f"ExpertConfig.ik_iterations must be >= 1, got {self.ik_iterations}")
         if self.lift_height < CUBE_SIZE * 2 + self.approach_height:
@@ -99,6 +111,18 @@ class ExpertConfig:
     @property
     def period(self) -> float:
         return 1.0 / self.rate_hz
+
+
+class ExpertAction(NamedTuple):
+    """One step's decision: what to record and what to send to the arm.
+
+    ``arm`` (7,) and ``gripper`` (m) are the expert's intent, the demonstration's label;
+    ``executed_arm`` (7,) is what the arm is sent, which differs from ``arm`` only on a detour.
+    """
+
+    arm: np.ndarray
+    gripper: float
+    executed_arm: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -170,9 +194,18 @@ class ScriptedExpert:
         """Whether the last phase has converged."""
         return self._done
 
-    def reset(self, task: Task, observation: ExpertObservation) -> None:
-        """Start an episode of ``task`` from ``observation``; fixes the grasp yaw from the cube's pose."""
+    def reset(self, task: Task, observation: ExpertObservation, rng: np.random.Generator | None = None) -> None:
+        """Start an episode of ``task`` from ``observation``; fixes the grasp yaw from the cube's pose.
+
+        ``rng`` draws this episode's detours (uniform in a disc of radius ``config.detour``, one
+        for the approach and one for the carry); without it, or with ``detour`` 0, there are none.
+        """
         self._task = task
+        self._detours = {"approach": np.zeros(3), "carry": np.zeros(3)}
+        if rng is not None and self.config.detour > 0:
+            for phase in self._detours:
+                radius, angle = self.config.detour * math.sqrt(rng.uniform()), rng.uniform(0.0, 2 * math.pi)
+                self._detours[phase] = np.array([radius * math.cos(angle), radius * math.sin(angle), 0.0])
         self._phases = PICK_PHASES if task.skill == "pick" else STACK_PHASES
         self._phase = 0
         self._done = False
@@ -187,8 +220,8 @@ class ScriptedExpert:
         offset = (offset + math.pi / 4) % (math.pi / 2) - math.pi / 4
         self._rotation = _hand_rotation(natural + offset)
 
-    def act(self, observation: ExpertObservation) -> tuple[np.ndarray, float]:
-        """(arm joint targets (7,), gripper width in m) for this step; advances converged phases."""
+    def act(self, observation: ExpertObservation) -> ExpertAction:
+        """This step's :class:`ExpertAction`; advances converged phases."""
         if self._task is None:
             raise ExpertError("call reset(task, observation) before act()")
         q = np.asarray(observation.joint_positions[:7], dtype=np.float64)
@@ -196,7 +229,9 @@ class ScriptedExpert:
         width = observation.gripper_width
         while True:
             goal, gripper = self._goal(observation, position)
-            if self._done or not self._converged(goal, position, rotation, width):
+            # The arm is led to the detoured goal, so that is where the phase converges.
+            executed_goal = goal + self._detours.get(self.phase, 0.0)
+            if self._done or not self._converged(executed_goal, position, rotation, width):
                 break
             if self._phase == len(self._phases) - 1:
                 self._done = True
@@ -206,16 +241,23 @@ class ScriptedExpert:
                 self._frozen_goal = goal
                 self._entry_width = width
         self._previous_width = width
-        step = goal - position
-        distance = np.linalg.norm(step)
-        if distance > self.config.max_linear_step:
-            step *= self.config.max_linear_step / distance
         turn = _rotation_error(self._rotation, rotation)
         angle = np.linalg.norm(turn)
         if angle > self.config.max_angular_step:
             turn *= self.config.max_angular_step / angle
         command_rotation = self._rotate(rotation, turn)
-        return self._ik(q, position + step, command_rotation), gripper
+        arm = self._ik(q, position + self._linear_step(goal - position), command_rotation)
+        if np.array_equal(executed_goal, goal):
+            return ExpertAction(arm, gripper, arm)
+        executed = self._ik(q, position + self._linear_step(executed_goal - position), command_rotation)
+        return ExpertAction(arm, gripper, executed)
+
+    def _linear_step(self, step: np.ndarray) -> np.ndarray:
+        """``step`` (3,) shortened to at most ``max_linear_step``."""
+        distance = np.linalg.norm(step)
+        if distance > self.config.max_linear_step:
+            return step * (self.config.max_linear_step / distance)
+        return step
 
     # -- phases --------------------------------------------------------------------------------
 
@@ -324,7 +366,8 @@ def run_episode(
 
     With ``noise_std`` > 0 (radians) Gaussian noise, seeded by ``seed``, perturbs the EXECUTED arm
     targets while the clean ones are recorded, so demonstrations show recoveries from small
-    deviations. Returns after the expert's last phase converges or ``max_steps``.
+    deviations; the expert's detours (``config.detour``) are drawn from the same seeded generator.
+    Returns after the expert's last phase converges or ``max_steps``.
     """
     if noise_std < 0 or not math.isfinite(noise_std):
         raise ExpertError(f"noise_std must be >= 0, got {noise_std}")
@@ -332,15 +375,16 @@ def run_episode(
     dt = expert.config.period
     sim.reset(seed)
     obs = observe(sim)
-    expert.reset(task, obs)
+    expert.reset(task, obs, rng)
     actions, positions, images = [], [], []
     for _ in range(max_steps):
         if render:
             images.append(sim.render())
-        arm, width = expert.act(obs)
+        arm, width, executed = expert.act(obs)
         actions.append(np.append(arm, width))
         positions.append(obs.joint_positions)
-        executed = arm + rng.normal(0.0, noise_std, size=7) if noise_std > 0 else arm
+        if noise_std > 0:
+            executed = executed + rng.normal(0.0, noise_std, size=7)
         executed = np.clip(executed, FR3_LIMITS.position_min, FR3_LIMITS.position_max)
         sim.set_trajectory(FR3_ARM_JOINTS, [(dt, executed)])
         sim.set_gripper(width)
