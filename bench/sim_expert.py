@@ -36,13 +36,14 @@ def main() -> None:
     parser.add_argument("--rate-hz", type=float, default=10.0, help="expert control rate")
     parser.add_argument("--noise", type=float, default=0.0, help="std of executed joint-target noise, rad")
     parser.add_argument("--detour", type=float, default=0.0, help="radius (m) of the executed approach/carry detours")
+    parser.add_argument("--grasp-height", type=float, default=0.0, help="grasp point above the cube's centre, m")
     parser.add_argument("--image-size", type=int, default=128, help="square camera resolution")
     args = parser.parse_args()
 
     sim = FrankaSim(SimConfig(image_size=(args.image_size, args.image_size)))
     step_scale = 10.0 / args.rate_hz
     expert = ScriptedExpert(ExpertConfig(rate_hz=args.rate_hz, max_linear_step=0.035 * step_scale,
-                                       detour=args.detour), sim.model)
+                                       detour=args.detour, grasp_height=args.grasp_height), sim.model)
     steps_per_second = physics_steps_per_second(sim)
     sim.render()  # create the GL context outside the timings
 

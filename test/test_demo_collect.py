@@ -87,7 +87,8 @@ def test_collect_records_one_episode_that_reads_back_as_a_demo(tmp_path):
     out = tmp_path / "demos"
     result = subprocess.run(
         [sys.executable, "-m", "mail_ros.cli", "collect", str(out), "--instructions", "pick up the red cube",
-         "--episodes-per-instruction", "1", "--seed", "3", "--real-time-factor", "2", "--noise-std", "0"],
+         "--episodes-per-instruction", "1", "--seed", "3", "--real-time-factor", "2", "--noise-std", "0",
+         "--detour", "0.04"],
         capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "1/1" in result.stdout and "mail-ros convert" in result.stdout
@@ -109,7 +110,7 @@ def test_collect_records_one_episode_that_reads_back_as_a_demo(tmp_path):
     joints = episode.joint_positions[:, : len(FR3_ARM_JOINTS)]
     assert np.ptp(joints, axis=0).max() > 0.1
 
-    # The controller was sent the expert's detour (collect's default), the bag's labels are its
+    # The controller was sent the expert's detour, the bag's labels are its
     # intent: the two part on the way to the cube and agree from the descent on (no noise here).
     executed = read_bag(bags[0], BagConfig(observation=config.observation,
                                            arm_command_topic="/fr3_arm_controller/joint_trajectory",

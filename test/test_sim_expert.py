@@ -145,3 +145,22 @@ def test_no_detour_means_executed_is_recorded(bed):
 def test_detour_validation(detour):
     with pytest.raises(ExpertError, match="detour"):
         ExpertConfig(detour=detour)
+
+
+@pytest.mark.parametrize("instruction, seed", [("pick up the blue cube", 41), ("put the green cube on the red cube", 42)])
+def test_grasp_height_raises_the_grasp_and_the_task_still_succeeds(bed, instruction, seed):
+    sim, _ = bed
+    config = ExpertConfig(grasp_height=0.012)
+    expert = ScriptedExpert(config, model=sim.model)
+    task = Task.parse(instruction)
+    steps = _run_phases(sim, expert, task, seed, None)
+    assert expert.done and sim.task_success(task)
+    phases = [phase for phase, *_ in steps]
+    _, _, tcp, cube = steps[phases.index("close")]
+    assert tcp[2] - cube[2] == pytest.approx(0.012, abs=config.fine_tolerance)
+
+
+@pytest.mark.parametrize("grasp_height", [-0.001, 0.0225, float("inf")])
+def test_grasp_height_validation(grasp_height):
+    with pytest.raises(ExpertError, match="grasp_height"):
+        ExpertConfig(grasp_height=grasp_height)

@@ -52,9 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="test-bed instructions (default: all nine), e.g. 'pick up the red cube'")
     p.add_argument("--noise-std", type=float, default=0.005,
                    help="std (rad) of noise on the executed (not recorded) arm targets")
-    p.add_argument("--detour", type=float, default=0.04,
+    p.add_argument("--detour", type=float, default=0.0,
                    help="radius (m) of random horizontal detours of the executed (not recorded) goals above a "
                         "cube: the demonstrations then show the hand steered back over an off-centre cube")
+    p.add_argument("--grasp-height", type=float, default=0.0,
+                   help="height (m) of the expert's grasp point above the cube's centre: a higher grasp leaves a "
+                        "policy's fingertips more room above the table")
     p.add_argument("--max-seconds", type=float, default=20.0, help="simulated-time budget of one episode")
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="simulated seconds per wall second (0 = as fast as possible)")
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             expert = session.add(ExpertNode(session.sim.privileged_state, model=session.sim.sim.model,
                                             context=session.context, parameter_overrides=session.parameters(
                                                 noise_std=args.noise_std, detour=args.detour,
+                                                grasp_height=args.grasp_height,
                                                 seed=args.seed)))
             # One recorder for the whole run, writing each episode to its own bag: nodes are not
             # removed from a spinning executor (rclpy may still hold their handles).

@@ -68,12 +68,13 @@ class ExpertNode(Node):
         detour = declare(self, "detour", 0.0, "Radius (m) of the random horizontal offset of the executed, not the "
                          "recorded, goals above a cube (approach, carry), so demonstrations show the hand "
                          "corrected back over the cube")
+        grasp_height = declare(self, "grasp_height", 0.0, "Height (m) of the grasp point above the cube's centre")
         self.seed = declare(self, "seed", 0, "Seed of the execution noise and detours (combined with the episode number)")
         if not rate > 0 or not self.noise_std >= 0:
             raise ValueError(f"expert_node: rate_hz must be > 0 and noise_std >= 0, got {rate}, {self.noise_std}")
         self.period = 1.0 / rate
         self.privileged = privileged
-        self.expert = ScriptedExpert(ExpertConfig(rate_hz=rate, detour=detour), model=model)
+        self.expert = ScriptedExpert(ExpertConfig(rate_hz=rate, detour=detour, grasp_height=grasp_height), model=model)
         self._lock = threading.Lock()
         self._task: Task | None = None
         self._not_before = 0.0

@@ -10,7 +10,9 @@ after a fixed number of steps: the arm lags its commands by a variable amount.
 Phases. pick: approach (above the cube) -> descend -> close -> lift. stack adds: carry (over the
 target cube) -> lower -> release -> retreat. The hand points down with its fingers across two
 faces of the cube (the cube's yaw modulo 90 degrees, picked next to the arm's natural wrist
-angle), and the gripper closes as soon as the hand is in place: no waits a policy cannot see.
+angle), and the gripper closes as soon as the hand is in place: no waits a policy cannot see. The
+grasp point is the cube's centre, or ``grasp_height`` above it: fingertips then stay clear of the
+table by that much more, a margin for a learned policy that descends a little too far.
 
 Detours (``ExpertConfig.detour``, DART-style): an expert that always arrives exactly above the
 cube never shows a policy how to correct a hand that arrives off-centre, which is what a learned
@@ -71,6 +73,7 @@ class ExpertConfig:
     max_linear_step: float = 0.035  # TCP command step towards the phase goal
     max_angular_step: float = 0.3
     approach_height: float = 0.08  # TCP height above the cube's top face before descending
+    grasp_height: float = 0.0  # TCP height above the cube's centre when grasping (margin over the table)
     lift_height: float = 0.2  # TCP height above the table when lifting and carrying
     place_clearance: float = 0.006  # gap between the held cube and the target cube when released
     coarse_tolerance: float = 0.015  # convergence in free space (approach, lift, carry, retreat)
@@ -100,6 +103,8 @@ class ExpertConfig:
                 raise ExpertError(f"ExpertConfig.{name} must be positive, got {value}")
         if not (math.isfinite(self.detour) and 0.0 <= self.detour < self.approach_height):
             raise ExpertError(f"ExpertConfig.detour must be in [0, approach_height), got {self.detour}")
+        if not (math.isfinite(self.grasp_height) and 0.0 <= self.grasp_height < 0.5 * CUBE_SIZE):
+            raise ExpertError(f"ExpertConfig.grasp_height must be in [0, {0.5 * CUBE_SIZE}), got {self.grasp_height}")
         if self.ik_iterations < 1:
             raise ExpertError(f"ExpertConfig.ik_iterations must be >= 1, got {self.ik_iterations}")
         if self.lift_height < CUBE_SIZE * 2 + self.approach_height:
@@ -271,7 +276,7 @@ class ScriptedExpert:
         if phase == "approach":
             return np.array([cube[0], cube[1], cube[2] + 0.5 * CUBE_SIZE + cfg.approach_height]), opened
         if phase == "descend":
-            return cube.copy(), opened
+            return cube + np.array([0.0, 0.0, cfg.grasp_height]), opened
         if phase == "close":
             return self._frozen_goal, closed
         if phase == "lift":
