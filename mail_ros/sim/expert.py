@@ -34,6 +34,7 @@ import mujoco
 import numpy as np
 
 from mail_ros.sim.franka_sim import (
+    CUBE_MIN_DISTANCE,
     FR3_LIMITS,
     HOME_Q,
     TCP_SITE,
@@ -101,8 +102,9 @@ class ExpertConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ExpertError(f"ExpertConfig.{name} must be positive, got {value}")
-        if not (math.isfinite(self.detour) and 0.0 <= self.detour < self.approach_height):
-            raise ExpertError(f"ExpertConfig.detour must be in [0, approach_height), got {self.detour}")
+        # A detour past half the cube spacing would lead the hand closer to a neighbour than to its cube.
+        if not (math.isfinite(self.detour) and 0.0 <= self.detour < 0.5 * CUBE_MIN_DISTANCE):
+            raise ExpertError(f"ExpertConfig.detour must be in [0, {0.5 * CUBE_MIN_DISTANCE}), got {self.detour}")
         if not (math.isfinite(self.grasp_height) and 0.0 <= self.grasp_height < 0.5 * CUBE_SIZE):
             raise ExpertError(f"ExpertConfig.grasp_height must be in [0, {0.5 * CUBE_SIZE}), got {self.grasp_height}")
         if self.ik_iterations < 1:
