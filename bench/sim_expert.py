@@ -43,7 +43,8 @@ def main() -> None:
     sim = FrankaSim(SimConfig(image_size=(args.image_size, args.image_size)))
     step_scale = 10.0 / args.rate_hz
     expert = ScriptedExpert(ExpertConfig(rate_hz=args.rate_hz, max_linear_step=0.035 * step_scale,
-                                       detour=args.detour, grasp_height=args.grasp_height), sim.model)
+                                       detour=args.detour, grasp_height=args.grasp_height,
+                                       noise_std=args.noise), sim.model)
     steps_per_second = physics_steps_per_second(sim)
     sim.render()  # create the GL context outside the timings
 
@@ -54,7 +55,7 @@ def main() -> None:
         successes, steps, render_ms, wall = [], [], [], []
         for seed in range(args.episodes):
             start = time.perf_counter()
-            result = run_episode(sim, expert, tasks[seed % len(tasks)], seed, noise_std=args.noise)
+            result = run_episode(sim, expert, tasks[seed % len(tasks)], seed)
             wall.append(time.perf_counter() - start)
             successes.append(result.success)
             steps.append(result.steps)

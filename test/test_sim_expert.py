@@ -53,9 +53,19 @@ def test_episode_is_deterministic_and_noise_only_changes_execution(bed):
     a = run_episode(sim, expert, task, 7)
     b = run_episode(sim, expert, task, 7)
     np.testing.assert_array_equal(a.actions, b.actions)
-    noisy = run_episode(sim, expert, task, 7, noise_std=0.01)
+    noisy_expert = ScriptedExpert(ExpertConfig(noise_std=0.01), model=sim.model)
+    noisy = run_episode(sim, noisy_expert, task, 7)
     assert noisy.success
     assert noisy.actions.shape != a.actions.shape or not np.array_equal(noisy.actions, a.actions)
+    # The noise perturbs what is executed, within the limits, and never what is recorded.
+    sim.reset(7)
+    obs = observe(sim)
+    noisy_expert.reset(task, obs, np.random.default_rng(0))
+    action = noisy_expert.act(obs)
+    offset = action.executed_arm - action.arm
+    assert 0.0 < np.abs(offset).max() < 0.06
+    assert np.all(action.executed_arm >= FR3_LIMITS.position_min)
+    assert np.all(action.executed_arm <= FR3_LIMITS.position_max)
 
 
 def test_close_starts_once_in_place_and_lift_waits_for_the_fingers(bed):
@@ -89,7 +99,9 @@ def test_expert_validation(bed):
     with pytest.raises(ExpertError, match="rate_hz"):
         ExpertConfig(rate_hz=0.0)
     with pytest.raises(ExpertError, match="noise_std"):
-        run_episode(sim, ScriptedExpert(model=sim.model), Task("pick", "red"), 0, noise_std=-1.0)
+        ExpertConfig(noise_std=-1.0)
+    with pytest.raises(ExpertError, match="rng"):
+        ScriptedExpert(ExpertConfig(noise_std=0.01), model=sim.model).reset(Task("pick", "red"), observe(sim))
 
 
 def _run_phases(sim, expert, task, seed, rng):

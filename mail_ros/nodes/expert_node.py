@@ -38,7 +38,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mail_ros.nodes.common import COMMAND_QOS, declare, seconds_to_stamp, stamp_to_seconds
 from mail_ros.sim.expert import ExpertConfig, ExpertObservation, ScriptedExpert
-from mail_ros.sim.franka_sim import FR3_LIMITS, CubePose
+from mail_ros.sim.franka_sim import CubePose
 from mail_ros.sim.tasks import Task
 from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
                            GRIPPER_COMMAND_PER_WIDTH)
@@ -63,18 +63,17 @@ class ExpertNode(Node):
     def __init__(self, privileged: PrivilegedState, model=None, **kwargs):
         super().__init__("expert_node", **kwargs)
         rate = declare(self, "rate_hz", 10.0, "Expert decisions per second of ROS time (the policy rate)")
-        self.noise_std = declare(self, "noise_std", 0.0, "Std (rad) of Gaussian noise on the executed, not the "
+        noise_std = declare(self, "noise_std", 0.0, "Std (rad) of Gaussian noise on the executed, not the "
                                  "recorded, arm targets")
         detour = declare(self, "detour", 0.0, "Radius (m) of the random horizontal offset of the executed, not the "
                          "recorded, goals above a cube (approach, carry), so demonstrations show the hand "
                          "corrected back over the cube")
         grasp_height = declare(self, "grasp_height", 0.0, "Height (m) of the grasp point above the cube's centre")
         self.seed = declare(self, "seed", 0, "Seed of the execution noise and detours (combined with the episode number)")
-        if not rate > 0 or not self.noise_std >= 0:
-            raise ValueError(f"expert_node: rate_hz must be > 0 and noise_std >= 0, got {rate}, {self.noise_std}")
-        self.period = 1.0 / rate
+        config = ExpertConfig(rate_hz=rate, detour=detour, grasp_height=grasp_height, noise_std=noise_std)
+        self.expert = ScriptedExpert(config, model=model)
+        self.period = config.period
         self.privileged = privileged
-        self.expert = ScriptedExpert(ExpertConfig(rate_hz=rate, detour=detour, grasp_height=grasp_height), model=model)
         self._lock = threading.Lock()
         self._task: Task | None = None
         self._not_before = 0.0
@@ -134,9 +133,6 @@ class ExpertNode(Node):
             self._next_tick = max(self._next_tick + self.period, stamp + 0.5 * self.period)
             self.steps += 1
             self.done = self.expert.done
-            if self.noise_std > 0:
-                executed = executed + self._rng.normal(0.0, self.noise_std, size=executed.shape)
-            executed = np.clip(executed, FR3_LIMITS.position_min, FR3_LIMITS.position_max)
             send_gripper = width != self._width
             self._width = width
         header = Header(stamp=seconds_to_stamp(stamp))

@@ -84,6 +84,7 @@ class ExpertConfig:
     ik_damping: float = 0.02
     ik_iterations: int = 50
     detour: float = 0.0  # radius of the random horizontal offset of executed approach/carry goals (0: none)
+    noise_std: float = 0.0  # std (rad) of Gaussian noise on every executed arm target (0: none)
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,6 +106,8 @@ class ExpertConfig:
         # A detour past half the cube spacing would lead the hand closer to a neighbour than to its cube.
         if not (math.isfinite(self.detour) and 0.0 <= self.detour < 0.5 * CUBE_MIN_DISTANCE):
             raise ExpertError(f"ExpertConfig.detour must be in [0, {0.5 * CUBE_MIN_DISTANCE}), got {self.detour}")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0.0):
+            raise ExpertError(f"ExpertConfig.noise_std must be >= 0, got {self.noise_std}")
         if not (math.isfinite(self.grasp_height) and 0.0 <= self.grasp_height < 0.5 * CUBE_SIZE):
             raise ExpertError(f"ExpertConfig.grasp_height must be in [0, {0.5 * CUBE_SIZE}), got {self.grasp_height}")
         if self.ik_iterations < 1:
@@ -124,7 +127,8 @@ class ExpertAction(NamedTuple):
     """One step's decision: what to record and what to send to the arm.
 
     ``arm`` (7,) and ``gripper`` (m) are the expert's intent, the demonstration's label;
-    ``executed_arm`` (7,) is what the arm is sent, which differs from ``arm`` only on a detour.
+    ``executed_arm`` (7,) is what the arm is sent: ``arm`` itself unless a detour or execution
+    noise perturbs it, always within the FR3's position limits.
     """
 
     arm: np.ndarray
@@ -204,12 +208,17 @@ class ScriptedExpert:
     def reset(self, task: Task, observation: ExpertObservation, rng: np.random.Generator | None = None) -> None:
         """Start an episode of ``task`` from ``observation``; fixes the grasp yaw from the cube's pose.
 
-        ``rng`` draws this episode's detours (uniform in a disc of radius ``config.detour``, one
-        for the approach and one for the carry); without it, or with ``detour`` 0, there are none.
+        ``rng`` draws this episode's perturbations of the executed (never the recorded) targets:
+        the detours (uniform in a disc of radius ``config.detour``, one for the approach and one
+        for the carry), drawn here, then ``config.noise_std`` noise on each step's target, drawn
+        in :meth:`act`. It is required when either is configured.
         """
+        if rng is None and (self.config.detour > 0 or self.config.noise_std > 0):
+            raise ExpertError("ScriptedExpert.reset needs an rng when detour or noise_std is configured")
         self._task = task
+        self._rng = rng
         self._detours = {"approach": np.zeros(3), "carry": np.zeros(3)}
-        if rng is not None and self.config.detour > 0:
+        if self.config.detour > 0:
             for phase in self._detours:
                 radius, angle = self.config.detour * math.sqrt(rng.uniform()), rng.uniform(0.0, 2 * math.pi)
                 self._detours[phase] = np.array([radius * math.cos(angle), radius * math.sin(angle), 0.0])
@@ -254,9 +263,12 @@ class ScriptedExpert:
             turn *= self.config.max_angular_step / angle
         command_rotation = self._rotate(rotation, turn)
         arm = self._ik(q, position + self._linear_step(goal - position), command_rotation)
-        if np.array_equal(executed_goal, goal):
-            return ExpertAction(arm, gripper, arm)
-        executed = self._ik(q, position + self._linear_step(executed_goal - position), command_rotation)
+        executed = arm
+        if not np.array_equal(executed_goal, goal):
+            executed = self._ik(q, position + self._linear_step(executed_goal - position), command_rotation)
+        if self.config.noise_std > 0:
+            executed = np.clip(executed + self._rng.normal(0.0, self.config.noise_std, size=7),
+                               FR3_LIMITS.position_min, FR3_LIMITS.position_max)
         return ExpertAction(arm, gripper, executed)
 
     def _linear_step(self, step: np.ndarray) -> np.ndarray:
@@ -366,18 +378,15 @@ def run_episode(
     seed: int,
     *,
     max_steps: int = 300,
-    noise_std: float = 0.0,
     render: bool = False,
 ) -> EpisodeResult:
     """Reset ``sim`` with ``seed`` and let ``expert`` perform ``task`` until it is done.
 
-    With ``noise_std`` > 0 (radians) Gaussian noise, seeded by ``seed``, perturbs the EXECUTED arm
-    targets while the clean ones are recorded, so demonstrations show recoveries from small
-    deviations; the expert's detours (``config.detour``) are drawn from the same seeded generator.
-    Returns after the expert's last phase converges or ``max_steps``.
+    The arm is sent the expert's executed targets and the clean ones are recorded, so with the
+    expert's perturbations (``config.detour``, ``config.noise_std``, drawn from a generator
+    seeded by ``seed``) demonstrations show recoveries from deviations. Returns after the
+    expert's last phase converges or ``max_steps``.
     """
-    if noise_std < 0 or not math.isfinite(noise_std):
-        raise ExpertError(f"noise_std must be >= 0, got {noise_std}")
     rng = np.random.default_rng([seed, 1])
     dt = expert.config.period
     sim.reset(seed)
@@ -390,9 +399,6 @@ def run_episode(
         arm, width, executed = expert.act(obs)
         actions.append(np.append(arm, width))
         positions.append(obs.joint_positions)
-        if noise_std > 0:
-            executed = executed + rng.normal(0.0, noise_std, size=7)
-        executed = np.clip(executed, FR3_LIMITS.position_min, FR3_LIMITS.position_max)
         sim.set_trajectory(FR3_ARM_JOINTS, [(dt, executed)])
         sim.set_gripper(width)
         sim.step(dt)
