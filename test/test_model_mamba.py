@@ -323,6 +323,9 @@ def test_prefill_then_step_reuses_a_fixed_prefix(dtype, prefix):
             # The suffix as one sequence from the same states, without copying them.
             y_rest, _, _ = m.forward_with_state(x[:, prefix:], conv_state, ssm_state)
             torch.testing.assert_close(y_rest, full[:, prefix:], rtol=TOL[dtype], atol=TOL[dtype])
+            # ...and without computing the final states (a denoising step's continuation).
+            y_rest = m(x[:, prefix:], conv_state, ssm_state)
+            torch.testing.assert_close(y_rest, full[:, prefix:], rtol=TOL[dtype], atol=TOL[dtype])
     assert torch.equal(conv_state, saved[0]) and torch.equal(ssm_state, saved[1])
 
 
@@ -354,6 +357,10 @@ def test_inference_inputs_are_validated():
         m.forward_with_state(torch.randn(2, 3, 8), conv_state[..., :2], ssm_state)
     with pytest.raises(ValueError, match="both conv_state and ssm_state"):
         m.forward_with_state(torch.randn(2, 3, 8), conv_state, None)
+    with pytest.raises(ValueError, match="both conv_state and ssm_state"):
+        m(torch.randn(2, 3, 8), None, ssm_state)
+    with pytest.raises(ValueError, match="ssm_state must have shape"):
+        m(torch.randn(2, 3, 8), conv_state, ssm_state[..., :2])
 
 
 def test_allocate_inference_cache_honours_dtype_and_device():
@@ -435,6 +442,8 @@ def test_cuda_kernels_match_cpu_scan(use_fast_path):
         torch.testing.assert_close(conv_gpu.cpu(), conv_cpu, rtol=1e-4, atol=1e-4)
         y_rest_gpu, _, _ = gpu.forward_with_state(x[:, 30:].cuda(), conv_gpu, ssm_gpu)
         torch.testing.assert_close(y_rest_gpu.cpu(), y_rest_cpu, rtol=1e-4, atol=1e-4)
+        # The continuation without final states (the fused path must not start from zeros).
+        torch.testing.assert_close(gpu(x[:, 30:].cuda(), conv_gpu, ssm_gpu).cpu(), y_rest_cpu, rtol=1e-4, atol=1e-4)
         for t in range(30, 41):
             y_step, _, _ = gpu.step(x[:, t:t + 1].cuda(), conv_gpu, ssm_gpu)
             torch.testing.assert_close(y_step[:, 0].cpu(), y_cpu[:, t].detach(), rtol=1e-4,

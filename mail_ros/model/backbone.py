@@ -67,7 +67,7 @@ class DecoderOnly(SequenceModel):
         return self.stack.prefill(context)[1]
 
     def extend(self, actions: torch.Tensor, state: Any) -> torch.Tensor:
-        return self.stack.extend(actions, state)[0]
+        return self.stack.extend(actions, state, return_states=False)[0]
 
 
 class MambaAggregationED(SequenceModel):
@@ -112,7 +112,7 @@ class MambaAggregationED(SequenceModel):
 
     def extend(self, actions: torch.Tensor, state: Any) -> torch.Tensor:
         decoder_state, memory = state
-        return self.decoder.extend(actions, decoder_state, memory=memory)[0]
+        return self.decoder.extend(actions, decoder_state, memory=memory, return_states=False)[0]
 
 
 class CrossAttentionED(SequenceModel):

@@ -181,10 +181,17 @@ class Mamba(nn.Module):
 
     # ------------------------------------------------------------------ public API
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-sequence forward from zero state: (B, L, D) -> (B, L, D)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D), from zero state or continuing from the given states (which
+        are not modified): :meth:`forward_with_state` without computing the final states."""
         self._check_input(x, "x")
-        return self._sequence(x, None, None, return_state=False)[0]
+        self._check_optional_states(x.shape[0], conv_state, ssm_state)
+        return self._sequence(x, conv_state, ssm_state, return_state=False)[0]
 
     def forward_with_state(
         self,
@@ -207,10 +214,7 @@ class Mamba(nn.Module):
             differentiable; on CUDA mamba_ssm gives no gradient through the returned states.
         """
         self._check_input(x, "x")
-        if (conv_state is None) != (ssm_state is None):
-            raise ValueError("Mamba.forward_with_state needs both conv_state and ssm_state, or neither")
-        if conv_state is not None:
-            self._check_states(x.shape[0], conv_state, ssm_state)
+        self._check_optional_states(x.shape[0], conv_state, ssm_state)
         return self._sequence(x, conv_state, ssm_state, return_state=True)
 
     def allocate_inference_cache(
@@ -278,6 +282,14 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba expects {name} of shape (B, L >= 1, {self.d_model}), "
                              f"got {tuple(x.shape)}")
 
+    def _check_optional_states(
+        self, batch: int, conv_state: torch.Tensor | None, ssm_state: torch.Tensor | None
+    ) -> None:
+        if (conv_state is None) != (ssm_state is None):
+            raise ValueError("Mamba needs both conv_state and ssm_state, or neither")
+        if conv_state is not None:
+            self._check_states(batch, conv_state, ssm_state)
+
     def _check_states(self, batch: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
         for name, state, expected in (
             ("conv_state", conv_state, (batch, self.d_inner, self.d_conv)),
@@ -299,7 +311,8 @@ class Mamba(nn.Module):
         if kernels is None:
             y, window, last = self._sequence_torch(x, conv_state, ssm_state)
         else:
-            if not return_state and self.use_fast_path and kernels.causal_conv1d_fn is not None:
+            fused = self.use_fast_path and kernels.causal_conv1d_fn is not None
+            if fused and not return_state and conv_state is None:
                 return self._sequence_fused(x, kernels), None, None
             y, window, last = self._sequence_cuda(x, kernels, conv_state, ssm_state)
         if not return_state:
@@ -318,13 +331,33 @@ class Mamba(nn.Module):
             context = conv_state[..., 1:].to(u.dtype)
         return torch.cat([context, u], dim=-1)
 
+    def _causal_conv(self, window: torch.Tensor) -> torch.Tensor:
+        """Depthwise convolution of a window (B, E, K - 1 + L) -> (B, E, L), before the activation.
+
+        Written as K shifted multiply-adds rather than conv1d. Measured on the 2-core development
+        CPU (one thread, E = 256, K = 4): the library convolution costs 40-60 us a call even for
+        the 11 steps a denoising step runs (multiply-adds: 18 us), a quarter of the paper-size
+        D-Ma's per-step time; fine for single sequences up to ~200 steps (52 vs 111 us) and
+        slower only for large inference batches (B = 16, L = 201: 250 vs 800 us); forward and
+        backward at training sizes are faster (B = 64, L = 20: 3.9 vs 4.7 ms).
+        """
+        weight = self.conv1d.weight[:, 0].unsqueeze(-1)  # (E, K, 1)
+        length = window.shape[-1] - self.d_conv + 1
+        if self.conv1d.bias is None:
+            y = window[..., :length] * weight[:, 0]
+        else:
+            y = torch.addcmul(self.conv1d.bias.unsqueeze(-1), window[..., :length], weight[:, 0])
+        for k in range(1, self.d_conv):
+            y = y.addcmul_(window[..., k : k + length], weight[:, k])
+        return y
+
     def _sequence_torch(
         self, x: torch.Tensor, conv_state: torch.Tensor | None, ssm_state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y, conv window, last scan state) on the PyTorch scan."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
         window = self._conv_window(u.transpose(1, 2), conv_state)  # (B, E, K - 1 + L)
-        u = F.silu(self.conv1d(window)).transpose(1, 2)  # (B, L, E)
+        u = F.silu(self._causal_conv(window)).transpose(1, 2)  # (B, L, E)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))  # (B, L, E)
         y, last = selective_scan(u, delta, -torch.exp(self.A_log), B, C, self.D, h0=ssm_state)
@@ -359,7 +392,7 @@ class Mamba(nn.Module):
             u = kernels.causal_conv1d_fn(u, self.conv1d.weight[:, 0], self.conv1d.bias,
                                          activation="silu")
         else:
-            u = F.silu(self.conv1d(window))
+            u = F.silu(self._causal_conv(window))
         dt, B, C = self.x_proj(u.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R), (B, L, N) x2
         dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (B, E, L), bias in kernel

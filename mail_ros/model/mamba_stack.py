@@ -53,19 +53,28 @@ class MambaStack(nn.Module):
         return self.extend(x, None, memory)
 
     def extend(
-        self, x: torch.Tensor, states: MambaStates | None, memory: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MambaStates]:
+        self,
+        x: torch.Tensor,
+        states: MambaStates | None,
+        memory: torch.Tensor | None = None,
+        return_states: bool = True,
+    ) -> tuple[torch.Tensor, MambaStates | None]:
         """Continue the sequence whose states are ``states`` (zeros when None) with ``x`` (B, L, D).
 
         Outputs equal the matching positions of :meth:`forward` over the whole sequence;
-        ``memory`` holds the memory rows of these positions only. Returns new states.
+        ``memory`` holds the memory rows of these positions only. Returns the new states, or
+        None with ``return_states=False`` (a continuation nothing extends further, such as a
+        denoising step, saves computing them).
         """
         new_states: MambaStates = []
         for index, layer in enumerate(self.layers):
             conv_state, ssm_state = (None, None) if states is None else states[index]
-            y, conv_state, ssm_state = layer.mixer.forward_with_state(layer.norm(x), conv_state, ssm_state)
+            if return_states:
+                y, conv_state, ssm_state = layer.mixer.forward_with_state(layer.norm(x), conv_state, ssm_state)
+                new_states.append((conv_state, ssm_state))
+            else:
+                y = layer.mixer(layer.norm(x), conv_state, ssm_state)
             x = x + y
             if memory is not None:
                 x = x + memory
-            new_states.append((conv_state, ssm_state))
-        return self.norm(x), new_states
+        return self.norm(x), new_states if return_states else None

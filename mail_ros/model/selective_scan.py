@@ -24,7 +24,7 @@ is fastest at length 1 (0.9 ms; 14.6 ms at 64) and so is B=256/L=16 (127 ms; 660
 The CPU default therefore sizes chunks by bytes (CPU_CHUNK_BYTES).
 
 Inference (no gradient needed) never materialises the whole (B, L, E, N) terms: they are built,
-scanned and contracted with C block by block (about CPU_BLOCK_BYTES per tensor on CPU, whole
+scanned in place and contracted with C block by block (about CPU_BLOCK_BYTES per tensor on CPU, whole
 chunks), carrying the state between blocks; the arithmetic is the same as the full-sequence
 path. Measured on the same CPU (one thread, E=256, N=16, whole selective_scan call, best of
 several runs): B=16/L=201 (the K=16 batched DDPM contexts at T=200) 120 ms -> 26 ms (blocks
@@ -68,19 +68,28 @@ def _chunk_len(device: torch.device, step_bytes: int) -> int:
     return chunk
 
 
-def _linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_len: int) -> torch.Tensor:
-    """States h_t = a_t * h_{t-1} + b_t for all t; a, b (B, L, E, N), h0 (B, E, N)."""
+def _linear_scan(
+    a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_len: int, overwrite: bool = False
+) -> torch.Tensor:
+    """States h_t = a_t * h_{t-1} + b_t for all t; a, b (B, L, E, N), h0 (B, E, N).
+
+    ``overwrite=True`` scans in the caller's temporaries: the states are written into ``b``
+    (which is returned) and ``a`` is clobbered, saving two copies per chunk.
+    """
     length = a.shape[1]
-    h = torch.empty_like(b)
+    h = b if overwrite else torch.empty_like(b)
     carry = h0
     for start in range(0, length, chunk_len):
         stop = min(start + chunk_len, length)
         h_chunk = h[:, start:stop]  # (B, Q, E, N) view, scanned in place
-        h_chunk.copy_(b[:, start:stop])
+        if not overwrite:
+            h_chunk.copy_(b[:, start:stop])
         # Folding the carried state into the first step lets the chunk scan start from zero.
         h_chunk[:, 0].addcmul_(a[:, start], carry)
         # Decays are only updated (in place, hence the copy) in chunks of more than 2 steps.
-        decay = a[:, start:stop].clone() if stop - start > 2 else a[:, start:stop]
+        decay = a[:, start:stop]
+        if stop - start > 2 and not overwrite:
+            decay = decay.clone()
         offset = 1
         while offset < stop - start:
             # Hillis-Steele pass: afterwards each h_chunk[t] covers the 2 * offset steps up to t
@@ -112,7 +121,7 @@ class _LinearScanFn(torch.autograd.Function):
         # forward recurrence in reversed time with the decays shifted by one step.
         next_decay = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
         g = _linear_scan(
-            next_decay.flip(1), grad_h.flip(1), torch.zeros_like(h0), ctx.chunk_len
+            next_decay.flip(1), grad_h.flip(1), torch.zeros_like(h0), ctx.chunk_len, overwrite=True
         ).flip(1)
         h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
         return g * h_prev, g, a[:, 0] * g[:, 0], None
@@ -181,7 +190,7 @@ def selective_scan(
         if needs_grad:
             h = _LinearScanFn.apply(a, b, carry, chunk_len)
         else:
-            h = _linear_scan(a, b, carry, chunk_len)
+            h = _linear_scan(a, b, carry, chunk_len, overwrite=True)
         ys.append(torch.einsum("bqen,bqn->bqe", h, C_[:, steps]))  # (B, Q, E)
         carry = h[:, -1]
     y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]

@@ -100,13 +100,19 @@ class TransformerStack(nn.Module):
         """Run a whole sequence; also return every layer's keys/values for :meth:`extend`."""
         return self.extend(x, None)
 
-    def extend(self, x: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
-        """Run ``x`` (B, L, D) as the continuation of the cached prefix; the cache is not modified."""
+    def extend(
+        self, x: torch.Tensor, cache: KVCache | None, return_states: bool = True
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """Run ``x`` (B, L, D) as the continuation of the cached prefix; the cache is not modified.
+
+        Returns the extended cache, or None with ``return_states=False`` (as
+        :meth:`MambaStack.extend`; here the cache is a by-product of attention, so nothing is saved).
+        """
         new_cache: KVCache = []
         for index, layer in enumerate(self.layers):
             x, kv = layer(x, None if cache is None else cache[index])
             new_cache.append(kv)
-        return self.norm(x), new_cache
+        return self.norm(x), new_cache if return_states else None
 
 
 class CrossAttentionBlock(nn.Module):
