@@ -251,16 +251,14 @@ class Mamba(nn.Module):
         self._check_states(x.shape[0], conv_state, ssm_state)
         kernels = _cuda_kernels(x.device)
         u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
-        weight = self.conv1d.weight[:, 0]  # (E, K)
         if kernels is not None and kernels.causal_conv1d_update is not None:
-            u = kernels.causal_conv1d_update(u, conv_state, weight, self.conv1d.bias, "silu")
+            u = kernels.causal_conv1d_update(u, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                             "silu")
         else:
             conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
             conv_state[:, :, -1] = u
-            u = torch.sum(conv_state.to(u.dtype) * weight, dim=-1)  # (B, E)
-            if self.conv1d.bias is not None:
-                u = u + self.conv1d.bias
-            u = F.silu(u)
+            # The state is the K-step window ending at this token: one output step.
+            u = F.silu(self._causal_conv(conv_state.to(u.dtype))[..., 0])  # (B, E)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if kernels is not None:
             A = -torch.exp(self.A_log.float())  # (E, N)

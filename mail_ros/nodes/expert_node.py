@@ -64,7 +64,7 @@ class ExpertNode(Node):
         super().__init__("expert_node", **kwargs)
         rate = declare(self, "rate_hz", 10.0, "Expert decisions per second of ROS time (the policy rate)")
         noise_std = declare(self, "noise_std", 0.0, "Std (rad) of Gaussian noise on the executed, not the "
-                                 "recorded, arm targets")
+                            "recorded, arm targets")
         detour = declare(self, "detour", 0.0, "Radius (m) of the random horizontal offset of the executed, not the "
                          "recorded, goals above a cube (approach, carry), so demonstrations show the hand "
                          "corrected back over the cube")
