@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.0, help="std of executed joint-target noise, rad")
     parser.add_argument("--detour", type=float, default=0.0, help="radius (m) of the executed approach/carry detours")
     parser.add_argument("--grasp-height", type=float, default=0.0, help="grasp point above the cube's centre, m")
+    parser.add_argument("--retreat", action="store_true", help="stack: lift the open hand after the release")
     parser.add_argument("--image-size", type=int, default=128, help="square camera resolution")
     args = parser.parse_args()
 
@@ -44,7 +45,7 @@ def main() -> None:
     step_scale = 10.0 / args.rate_hz
     expert = ScriptedExpert(ExpertConfig(rate_hz=args.rate_hz, max_linear_step=0.035 * step_scale,
                                        detour=args.detour, grasp_height=args.grasp_height,
-                                       noise_std=args.noise), sim.model)
+                                       noise_std=args.noise, retreat=args.retreat), sim.model)
     steps_per_second = physics_steps_per_second(sim)
     sim.render()  # create the GL context outside the timings
 

@@ -176,3 +176,23 @@ def test_grasp_height_raises_the_grasp_and_the_task_still_succeeds(bed, instruct
 def test_grasp_height_validation(grasp_height):
     with pytest.raises(ExpertError, match="grasp_height"):
         ExpertConfig(grasp_height=grasp_height)
+
+
+@pytest.mark.parametrize("retreat", [False, True])
+def test_stack_ends_at_the_release_unless_a_retreat_is_asked_for(bed, retreat):
+    sim, _ = bed
+    expert = ScriptedExpert(ExpertConfig(grasp_height=0.012, retreat=retreat), model=sim.model)
+    task = Task("stack", "blue", "green")
+    steps = _run_phases(sim, expert, task, 43, None)
+    assert expert.done and sim.task_success(task)
+    phases = [phase for phase, *_ in steps]
+    assert phases[-1] == ("retreat" if retreat else "release")
+    release_height = steps[phases.index("release")][2][2]
+    final_height = sim.tcp_position()[2]
+    if retreat:
+        assert final_height > release_height + 0.1
+    else:
+        # The open hand is still around the placed cube, and the stack stands on its own.
+        assert abs(final_height - release_height) < 0.01
+        sim.step(1.0)
+        assert sim.task_success(task)

@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grasp-height", type=float, default=0.0,
                    help="height (m) of the expert's grasp point above the cube's centre: a higher grasp leaves a "
                         "policy's fingertips more room above the table")
+    p.add_argument("--retreat", action="store_true",
+                   help="stack demonstrations end with the open hand lifted off the stacked cube (default: they "
+                        "end when the fingers have opened; a policy trained on retreats learned to rise from "
+                        "a cube it should grasp)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="simulated-time budget of one episode")
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="simulated seconds per wall second (0 = as fast as possible)")
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             expert = session.add(ExpertNode(session.sim.privileged_state, model=session.sim.sim.model,
                                             context=session.context, parameter_overrides=session.parameters(
                                                 noise_std=args.noise_std, detour=args.detour,
-                                                grasp_height=args.grasp_height,
+                                                grasp_height=args.grasp_height, retreat=args.retreat,
                                                 seed=args.seed)))
             # One recorder for the whole run, writing each episode to its own bag: nodes are not
             # removed from a spinning executor (rclpy may still hold their handles).

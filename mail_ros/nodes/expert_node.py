@@ -69,8 +69,11 @@ class ExpertNode(Node):
                          "recorded, goals above a cube (approach, carry), so demonstrations show the hand "
                          "corrected back over the cube")
         grasp_height = declare(self, "grasp_height", 0.0, "Height (m) of the grasp point above the cube's centre")
+        retreat = declare(self, "retreat", False, "Stack: lift the open hand after the release (otherwise the "
+                          "episode ends when the fingers have opened)")
         self.seed = declare(self, "seed", 0, "Seed of the execution noise and detours (combined with the episode number)")
-        config = ExpertConfig(rate_hz=rate, detour=detour, grasp_height=grasp_height, noise_std=noise_std)
+        config = ExpertConfig(rate_hz=rate, detour=detour, grasp_height=grasp_height, noise_std=noise_std,
+                              retreat=retreat)
         self.expert = ScriptedExpert(config, model=model)
         self.period = config.period
         self.privileged = privileged

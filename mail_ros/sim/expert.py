@@ -8,7 +8,10 @@ CONVERGED to the goal (or, for the gripper phases, when the measured opening sto
 after a fixed number of steps: the arm lags its commands by a variable amount.
 
 Phases. pick: approach (above the cube) -> descend -> close -> lift. stack adds: carry (over the
-target cube) -> lower -> release -> retreat. The hand points down with its fingers across two
+target cube) -> lower -> release, and a retreat (the open hand rising back to the lift height) only
+when ``ExpertConfig.retreat`` asks for it: in a demonstration, an open hand rising from a cube is
+what a learned policy also sees just before it grasps one, and behaviour cloning mixed the two
+("go up" where it should close; checkpoints/demo/README.md, lesson 13). The hand points down with its fingers across two
 faces of the cube (the cube's yaw modulo 90 degrees, picked next to the arm's natural wrist
 angle), and the gripper closes as soon as the hand is in place: no waits a policy cannot see. The
 grasp point is the cube's centre, or ``grasp_height`` above it: fingertips then stay clear of the
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 PICK_PHASES = ("approach", "descend", "close", "lift")
-STACK_PHASES = PICK_PHASES + ("carry", "lower", "release", "retreat")
+STACK_PHASES = PICK_PHASES + ("carry", "lower", "release")
 # Keep IK solutions off the hard limits, where the position servos would press against them.
 _LIMIT_MARGIN = 0.02
 
@@ -85,6 +88,7 @@ class ExpertConfig:
     ik_iterations: int = 50
     detour: float = 0.0  # radius of the random horizontal offset of executed approach/carry goals (0: none)
     noise_std: float = 0.0  # std (rad) of Gaussian noise on every executed arm target (0: none)
+    retreat: bool = False  # stack: lift the open hand after the release (otherwise the episode ends there)
 
     def __post_init__(self) -> None:
         for name in (
@@ -222,7 +226,7 @@ class ScriptedExpert:
             for phase in self._detours:
                 radius, angle = self.config.detour * math.sqrt(rng.uniform()), rng.uniform(0.0, 2 * math.pi)
                 self._detours[phase] = np.array([radius * math.cos(angle), radius * math.sin(angle), 0.0])
-        self._phases = PICK_PHASES if task.skill == "pick" else STACK_PHASES
+        self._phases = PICK_PHASES if task.skill == "pick" else STACK_PHASES + ("retreat",) * self.config.retreat
         self._phase = 0
         self._done = False
         self._frozen_goal: np.ndarray | None = None
