@@ -9,13 +9,15 @@ after a fixed number of steps: the arm lags its commands by a variable amount.
 
 Phases. pick: approach (above the cube) -> descend -> close -> lift. stack adds: carry (over the
 target cube) -> lower -> release, and a retreat (the open hand rising back to the lift height) only
-when ``ExpertConfig.retreat`` asks for it: in a demonstration, an open hand rising from a cube is
-what a learned policy also sees just before it grasps one, and behaviour cloning mixed the two
-("go up" where it should close; checkpoints/demo/README.md, lesson 13). The hand points down with its fingers across two
-faces of the cube (the cube's yaw modulo 90 degrees, picked next to the arm's natural wrist
-angle), and the gripper closes as soon as the hand is in place: no waits a policy cannot see. The
-grasp point is the cube's centre, or ``grasp_height`` above it: fingertips then stay clear of the
-table by that much more, a margin for a learned policy that descends a little too far.
+when ``ExpertConfig.retreat`` asks for it: in a demonstration, an open hand rising from a cube
+looks like what a learned policy sees just before it grasps one, and behaviour cloning mixed the
+two ("go up" where it should close; checkpoints/demo/README.md, lessons 11 to 14).
+
+The hand points down with its fingers across two faces of the cube (the cube's yaw modulo 90
+degrees, picked next to the arm's natural wrist angle), and the gripper closes as soon as the hand
+is in place: no waits a policy cannot see. The grasp point is the cube's centre, or
+``grasp_height`` above it: fingertips then stay clear of the table by that much more, a margin for
+a learned policy that descends a little too far.
 
 Detours (``ExpertConfig.detour``, DART-style): an expert that always arrives exactly above the
 cube never shows a policy how to correct a hand that arrives off-centre, which is what a learned
