@@ -14,9 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mail_ros.data.bags import BagConfig, read_bag
+from mail_ros.nodes.expert_node import ExpertNode
 from mail_ros.sim.collect import CollectError, EpisodeOutcome, EpisodeSpec, SuccessTable, percentiles_ms, schedule
+from mail_ros.sim.franka_sim import FrankaSim
 from mail_ros.sim.tasks import STAGES, Task, TaskProgress, all_tasks
 from mail_ros.spec import FR3_ARM_JOINTS, ObservationSpec
+from ros_harness import RosGraph, overrides
 
 TASKS = all_tasks()
 
@@ -118,3 +121,24 @@ def test_collect_records_one_episode_that_reads_back_as_a_demo(tmp_path):
     gap = np.abs(executed.actions[:, :7] - episode.actions[:, :7]).max(axis=1)
     assert gap.max() > 0.01
     assert np.all(gap[-10:] == 0.0)
+
+
+@pytest.mark.ros
+def test_expert_node_builds_its_expert_from_its_parameters():
+    sim = FrankaSim()
+    graph = RosGraph()
+    try:
+        node = graph.add(ExpertNode(lambda: (0.0, sim.cube_poses()), model=sim.model, context=graph.context,
+                                    parameter_overrides=overrides(rate_hz=20.0, noise_std=0.003, detour=0.02,
+                                                                  grasp_height=0.01, retreat=True)))
+        config = node.expert.config
+        assert (config.rate_hz, config.noise_std, config.detour, config.grasp_height, config.retreat) == (
+            20.0, 0.003, 0.02, 0.01, True)
+        assert node.period == pytest.approx(0.05)
+        # Stack demonstrations end at the release unless the retreat is asked for.
+        default = graph.add(ExpertNode(lambda: (0.0, sim.cube_poses()), model=sim.model, context=graph.context,
+                                       namespace="defaults"))
+        assert default.expert.config.retreat is False
+    finally:
+        graph.shutdown()
+        sim.close()
