@@ -228,7 +228,10 @@ class ScriptedExpert:
             for phase in self._detours:
                 radius, angle = self.config.detour * math.sqrt(rng.uniform()), rng.uniform(0.0, 2 * math.pi)
                 self._detours[phase] = np.array([radius * math.cos(angle), radius * math.sin(angle), 0.0])
-        self._phases = PICK_PHASES if task.skill == "pick" else STACK_PHASES + ("retreat",) * self.config.retreat
+        if task.skill == "pick":
+            self._phases = PICK_PHASES
+        else:
+            self._phases = STACK_PHASES + (("retreat",) if self.config.retreat else ())
         self._phase = 0
         self._done = False
         self._frozen_goal: np.ndarray | None = None
