@@ -24,9 +24,9 @@ is fastest at length 1 (0.9 ms; 14.6 ms at 64) and so is B=256/L=16 (127 ms; 660
 The CPU default therefore sizes chunks by bytes (CPU_CHUNK_BYTES).
 
 Inference (no gradient needed) never materialises the whole (B, L, E, N) terms: they are built,
-scanned in place and contracted with C block by block (about CPU_BLOCK_BYTES per tensor on CPU, whole
-chunks), carrying the state between blocks; the arithmetic is the same as the full-sequence
-path. Measured on the same CPU (one thread, E=256, N=16, whole selective_scan call, best of
+scanned in place and contracted with C block by block (about CPU_BLOCK_BYTES per tensor on CPU,
+whole chunks), carrying the state between blocks; the arithmetic is the same as the
+full-sequence path. Measured on the same CPU (one thread, E=256, N=16, whole selective_scan call, best of
 several runs): B=16/L=201 (the K=16 batched DDPM contexts at T=200) 120 ms -> 26 ms (blocks
 of 256 KiB to 2 MiB: 24 to 32 ms), B=1/L=201 2.2 ms and B=1/L=6 0.10 ms either way.
 
@@ -86,7 +86,8 @@ def _linear_scan(
             h_chunk.copy_(b[:, start:stop])
         # Folding the carried state into the first step lets the chunk scan start from zero.
         h_chunk[:, 0].addcmul_(a[:, start], carry)
-        # Decays are only updated (in place, hence the copy) in chunks of more than 2 steps.
+        # Decays are updated in place, only in chunks of more than 2 steps; the caller's are
+        # copied first unless they may be clobbered.
         decay = a[:, start:stop]
         if stop - start > 2 and not overwrite:
             decay = decay.clone()
