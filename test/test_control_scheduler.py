@@ -171,6 +171,34 @@ def test_rejections_are_counted():
         sched.add_chunk(Chunk(6, 2.0, DT, np.zeros((4, 3)), "g"), now=2.0)
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from(["receding_horizon", "temporal_ensemble", "latency_compensation"]),
+    st.floats(0.06, 1e6),  # how far ahead of the receiver's clock the bad chunk is stamped
+    st.floats(0.0, 0.049),  # skew of a good chunk, within the tolerance
+)
+def test_a_chunk_from_the_future_is_rejected_and_blocks_nothing(mode, lead, skew):
+    sched = ChunkScheduler(mode, 2, max_chunk_lead=0.05)
+    assert not sched.add_chunk(tagged(0, 1.0 + lead, 4), now=1.0)
+    assert sched.counters["rejected:from_future"] == 1
+    assert sched.next_action(1.0) is None
+    # The next chunk with a sane stamp is executed at once, not after the bad stamp has passed.
+    assert sched.add_chunk(tagged(1, 1.0 + skew, 4), now=1.0)
+    assert tuple(sched.next_action(1.0 + skew + 0.01)) == (1, 0)
+
+
+@pytest.mark.parametrize("mode", ["receding_horizon", "temporal_ensemble", "latency_compensation"])
+def test_a_chunk_spanning_too_long_is_rejected(mode):
+    # dt sent in milliseconds: 8 actions 100 "s" apart would hold one chunk for 13 minutes.
+    sched = ChunkScheduler(mode, 2, max_chunk_span=3.0)
+    assert not sched.add_chunk(tagged(0, 1.0, 8, dt=100.0), now=1.0)
+    assert sched.counters["rejected:too_long"] == 1
+    assert sched.add_chunk(tagged(1, 1.0, 8, dt=0.375), now=1.0)  # exactly 3 s
+    # Only the executed actions count: 4 of 8 at dt = 0.5 span 2 s.
+    limited = ChunkScheduler(mode, 2, execute_steps=4, max_chunk_span=3.0)
+    assert limited.add_chunk(tagged(0, 1.0, 8, dt=0.5), now=1.0)
+
+
 def test_linear_interpolation_between_due_times():
     sched = ChunkScheduler("receding_horizon", 1, interpolation="linear")
     sched.add_chunk(Chunk(0, 0.0, DT, np.array([[0.0], [1.0], [3.0]]), "g"), now=0.0)
@@ -191,6 +219,10 @@ def test_bad_configuration_and_chunks():
         ChunkScheduler("fifo", 2)
     with pytest.raises(ChunkError, match="execute_steps"):
         ChunkScheduler("receding_horizon", 2, execute_steps=0)
+    with pytest.raises(ChunkError, match="max_chunk_span must be positive"):
+        ChunkScheduler("receding_horizon", 2, max_chunk_span=0.0)
+    with pytest.raises(ChunkError, match="max_chunk_lead must be >= 0"):
+        ChunkScheduler("receding_horizon", 2, max_chunk_lead=math.nan)
     with pytest.raises(ChunkError, match="actions must be"):
         Chunk(0, 0.0, DT, np.zeros(4), "g")
     with pytest.raises(ChunkError, match="dt must be positive"):

@@ -15,11 +15,12 @@ import pytest
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
+from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from mail_ros.control.limits import fr3_limits
 from mail_ros.msg import ActionChunk, InstructionEmbedding
-from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS
+from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, PIPELINE_QOS, now_seconds, seconds_to_stamp
 from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
 from mail_ros.spec import FR3_ARM_JOINTS, GRIPPER_ACTION_NAME
 from ros_harness import RosGraph, overrides, wait_for
@@ -33,6 +34,9 @@ CHUNK_TIMEOUT = 0.3
 JOINT_STATE_TIMEOUT = 0.5  # generous: the 2-core test machine is busy
 # A gap between two received commands longer than this many ticks is taken as a skipped tick.
 SKIPPED_TICK_GAP = 1.75
+# Across a gap this long the executor may have found its tick late (LATE_TICK_PERIODS by its own
+# clock) and restarted from rest: no acceleration is taken across it.
+LATE_TICK_GAP = 1.5
 # The recorder keeps every command (a controller needs only the newest; this test audits them all).
 RECORDER_QOS = QoSProfile(depth=1000, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                           durability=DurabilityPolicy.VOLATILE)
@@ -46,11 +50,13 @@ class FakeRobotAndPolicy:
         self.node = graph.node("fake_robot_and_policy")
         self.q = np.asarray(FR3_HOME, dtype=float)
         self.commands: list[tuple[float, np.ndarray]] = []
+        self.trajectories: list[np.ndarray] = []  # multi-point commands (homing), (N, 7) each
         self.gripper_commands: list[float] = []
         self.lock = threading.Lock()
         self.publish_states = True
         self.state_value = None  # override published positions (e.g. NaN)
         self.tracking = 1.0  # fraction of each command's step the robot makes (1 = perfect tracking)
+        self.stamp_offset = 0.0  # s added to the joint states' stamps (their clock vs the executor's)
         self.joint_pub = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
         self.goal_pub = self.node.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
         self.chunk_pub = self.node.create_publisher(ActionChunk, "/mail/action_chunk", PIPELINE_QOS)
@@ -70,14 +76,16 @@ class FakeRobotAndPolicy:
             self.commands.append((time.monotonic(), q))
             if len(msg.points) == 1:
                 self.q = self.q + self.tracking * (q - self.q)
+            else:
+                self.trajectories.append(np.array([p.positions for p in msg.points]))
 
     def _publish_state(self) -> None:
         if not self.publish_states:
             return
         with self.lock:
             q = self.q if self.state_value is None else np.full(7, self.state_value)
-        self.joint_pub.publish(JointState(header=Header(stamp=self.node.get_clock().now().to_msg()),
-                                          name=list(FR3_ARM_JOINTS), position=q.tolist(),
+        stamp = seconds_to_stamp(now_seconds(self.node) + self.stamp_offset)
+        self.joint_pub.publish(JointState(header=Header(stamp=stamp), name=list(FR3_ARM_JOINTS), position=q.tolist(),
                                           velocity=[0.0] * 7, effort=[0.0] * 7))
 
     def set_goal(self, text: str) -> InstructionEmbedding:
@@ -87,14 +95,14 @@ class FakeRobotAndPolicy:
         return self.goal
 
     def send_chunk(self, target: np.ndarray, goal=None, horizon: int = 8, width: float = 0.08,
-                   values: np.ndarray | None = None) -> None:
+                   values: np.ndarray | None = None, stamp_offset: float = 0.0, dt: float = 0.1) -> None:
         goal = goal or self.goal
         self.chunk_id += 1
         actions = np.tile(np.append(target, width), (horizon, 1)) if values is None else values
         self.chunk_pub.publish(ActionChunk(
-            header=Header(stamp=self.node.get_clock().now().to_msg()), chunk_id=self.chunk_id,
+            header=Header(stamp=seconds_to_stamp(now_seconds(self.node) + stamp_offset)), chunk_id=self.chunk_id,
             instruction=goal.text, instruction_stamp=goal.header.stamp, action_space="joint_position",
-            names=list(FR3_ARM_JOINTS) + [GRIPPER_ACTION_NAME], dt=0.1, horizon=horizon,
+            names=list(FR3_ARM_JOINTS) + [GRIPPER_ACTION_NAME], dt=dt, horizon=horizon,
             actions=[float(v) for v in np.asarray(actions, np.float32).reshape(-1)]))
 
     def stream_chunks(self, target, seconds: float, **kwargs) -> None:
@@ -127,13 +135,17 @@ class FakeRobotAndPolicy:
             return self.commands[-1][0] if self.commands else -1.0
 
 
+MAX_TRACKING_ERROR = 0.25
+
+
 @pytest.fixture
 def rig():
     graph = RosGraph()
     robot = FakeRobotAndPolicy(graph)
     executor = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(
         control_rate_hz=RATE, max_step_delta=MAX_STEP, chunk_timeout=CHUNK_TIMEOUT,
-        joint_state_timeout=JOINT_STATE_TIMEOUT, gripper_mode="trajectory", mode="receding_horizon")))
+        joint_state_timeout=JOINT_STATE_TIMEOUT, gripper_mode="trajectory", mode="receding_horizon",
+        max_tracking_error=MAX_TRACKING_ERROR)))
     wait_for(lambda: executor.count_subscribers("/mail/action_chunk") and robot.node.count_subscribers(
         "/fr3_arm_controller/joint_trajectory") == 0 or True, 5, "discovery")
     wait_for(lambda: robot.chunk_pub.get_subscription_count() > 0
@@ -148,7 +160,8 @@ def assert_within_limits(commands: np.ndarray, arrivals: np.ndarray) -> None:
     The recorder's queue is deep (RECORDER_QOS), so every command the executor sends arrives and
     consecutive messages are consecutive ticks. Arrival times only flag a gap too long to be
     delivery jitter (a tick the executor's timer skipped, or a message lost in transport): the step
-    bound then scales with the ticks the gap could hold, and no acceleration is taken across it.
+    bound then scales with the ticks the gap could hold, and no acceleration is taken across it
+    (nor across a gap the executor may have taken for a late tick, LATE_TICK_GAP).
     Inferring the tick count from every arrival interval instead fails on a loaded machine, where a
     late message followed by a punctual one looks like two ticks and then one.
     """
@@ -162,7 +175,7 @@ def assert_within_limits(commands: np.ndarray, arrivals: np.ndarray) -> None:
     assert np.all(np.abs(steps) <= ticks * MAX_STEP + tol)
     velocity = steps / (ticks * PERIOD)
     assert np.all(np.abs(velocity) <= LIMITS.velocity_max + tol)
-    consecutive = (ticks[:-1, 0] == 1) & (ticks[1:, 0] == 1)
+    consecutive = (gaps[:-1] <= LATE_TICK_GAP) & (gaps[1:] <= LATE_TICK_GAP)
     acceleration = np.diff(velocity, axis=0)[consecutive] / PERIOD
     assert np.all(np.abs(acceleration) <= LIMITS.acceleration_max + 1e-3)
 
@@ -267,12 +280,18 @@ def test_stale_joint_states_stop_commanding(rig):
     assert robot.last_command_time() <= t_stop + JOINT_STATE_TIMEOUT + 2 * PERIOD + 0.05
 
 
-def test_non_finite_joint_states_stop_commanding(rig):
+@pytest.mark.parametrize("reading", ["nan", "beyond_limits", "old_stamp", "future_stamp"])
+def test_implausible_joint_states_stop_commanding(rig, reading):
     robot, _ = rig
     robot.set_goal("pick up the red cube")
     time.sleep(0.3)
     robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
-    robot.state_value = float("nan")
+    if reading == "nan":
+        robot.state_value = float("nan")
+    elif reading == "beyond_limits":
+        robot.state_value = 0.5  # joint 4's upper limit is -0.1518: a broken reading
+    else:
+        robot.stamp_offset = -10.0 if reading == "old_stamp" else 10.0  # arriving now, stamped far off
     t_bad = time.monotonic()
     robot.stream_chunks(np.asarray(FR3_HOME) + 0.05, 1.0)
     assert robot.last_command_time() <= t_bad + JOINT_STATE_TIMEOUT + 2 * PERIOD + 0.05
@@ -290,7 +309,8 @@ def test_second_publisher_on_the_command_topic_stops_commanding(rig):
     assert intruder.get_subscription_count() >= 1  # (destroyed with the node: not while spinning)
 
 
-@pytest.mark.parametrize("bad", ["nan", "short", "wrong_names", "other_goal"])
+@pytest.mark.parametrize("bad", ["nan", "short", "wrong_names", "duplicate_names", "other_goal", "future",
+                                 "dt_in_ms"])
 def test_bad_chunks_never_command(rig, bad):
     robot, executor = rig
     goal = robot.set_goal("pick up the red cube")
@@ -301,12 +321,17 @@ def test_bad_chunks_never_command(rig, bad):
     elif bad == "short":
         values = values[:, :5]
     for _ in range(10):
-        if bad == "wrong_names":
+        if bad in ("wrong_names", "duplicate_names"):
+            names = ["a"] * 8 if bad == "wrong_names" else list(FR3_ARM_JOINTS) + [GRIPPER_ACTION_NAME, "fr3_joint1"]
             robot.chunk_id += 1
             robot.chunk_pub.publish(ActionChunk(
                 header=Header(stamp=robot.node.get_clock().now().to_msg()), chunk_id=robot.chunk_id,
                 instruction=goal.text, instruction_stamp=goal.header.stamp, action_space="joint_position",
-                names=["a"] * 8, dt=0.1, horizon=8, actions=[0.0] * 64))
+                names=names, dt=0.1, horizon=8, actions=[0.0] * 8 * len(names)))
+        elif bad == "future":
+            robot.send_chunk(np.asarray(FR3_HOME) + 0.2, stamp_offset=3600.0)
+        elif bad == "dt_in_ms":
+            robot.send_chunk(np.asarray(FR3_HOME) + 0.2, dt=100.0)
         elif bad == "other_goal":
             other = InstructionEmbedding(header=Header(stamp=robot.node.get_clock().now().to_msg()),
                                          text="another goal")
@@ -316,3 +341,97 @@ def test_bad_chunks_never_command(rig, bad):
         time.sleep(0.1)
     assert robot.commands_since(0.0).size == 0
     assert executor.counters["chunks_rejected"] >= 5
+
+
+def test_a_future_chunk_does_not_block_the_next_ones(rig):
+    robot, executor = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    target = np.asarray(FR3_HOME) + np.array([0.1, 0, 0, 0, 0, 0, 0])
+    robot.send_chunk(target + 0.3, stamp_offset=3600.0)
+    time.sleep(0.2)
+    robot.stream_until(target, target, 5.0)
+    assert executor.scheduler.counters["rejected:from_future"] == 1
+
+
+def test_commands_never_run_away_from_an_arm_that_does_not_follow(rig):
+    # The controller is inactive (or the arm is in a reflex): the measured position stays put.
+    robot, executor = rig
+    robot.tracking = 0.0
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    robot.stream_chunks(np.asarray(FR3_HOME) + np.array([0.8, 0, 0, 0, 0, 0, 0]), 4.0)
+    commands = robot.commands_since(t0)
+    assert commands.size, "the executor never tried"
+    # At most one tick's step beyond the tolerated lag, then it stops and starts over from the arm.
+    assert np.abs(commands - np.asarray(FR3_HOME)).max() <= MAX_TRACKING_ERROR + MAX_STEP + 1e-6
+    assert executor.last_verdict is not None
+
+
+def test_a_ramp_interrupted_by_a_hold_is_not_resumed(rig):
+    robot, _ = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    far = np.asarray(FR3_HOME) + np.array([0.8, 0, 0, 0, 0, 0, 0])  # a ramp of well over a second
+    robot.stream_chunks(far, 0.5)
+    time.sleep(CHUNK_TIMEOUT + 0.7)  # the policy stalls mid-ramp: hold
+    with robot.lock:
+        here = robot.q.copy()
+    assert 0.01 < here[0] - FR3_HOME[0] < 0.7, "the stall did not interrupt the ramp"
+    t_resume = time.monotonic()
+    robot.stream_chunks(here, 1.5)  # the policy now wants the arm to stay where it is
+    resumed = robot.commands_since(t_resume)
+    assert np.abs(resumed[:, 0] - here[0]).max() < 0.02
+
+
+def call_home(robot: FakeRobotAndPolicy, executor: ExecutorNode) -> Trigger.Response:
+    client = robot.node.create_client(Trigger, f"/{executor.get_name()}/home")
+    wait_for(client.service_is_ready, 10, "the home service")
+    future = client.call_async(Trigger.Request())
+    wait_for(future.done, 10, "the home service's answer")
+    return future.result()
+
+
+def test_home_ramps_from_the_commanded_motion_to_the_home_pose(rig):
+    robot, executor = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    away = np.asarray(FR3_HOME) + np.array([0.3, -0.2, 0.0, 0.2, 0.0, 0.0, 0.1])
+    robot.stream_until(away, away, 10.0)
+    answer = call_home(robot, executor)
+    assert answer.success, answer.message
+    wait_for(lambda: robot.trajectories, 5, "the homing trajectory")
+    with robot.lock:
+        last_command = robot.commands[-2][1]  # the one before the homing trajectory's first point
+        (trajectory,) = robot.trajectories
+    # It continues from the last command (braking first if it was moving) and ends at home,
+    # within every limit, as if it had been streamed tick by tick.
+    assert np.abs(trajectory[0] - last_command).max() <= MAX_STEP + 1e-6
+    np.testing.assert_allclose(trajectory[-1], FR3_HOME)
+    assert_within_limits(np.vstack([last_command, trajectory]), np.arange(len(trajectory) + 1) * PERIOD)
+    assert not executor.enabled  # paused until re-enabled
+    # A second call is allowed: the operator did not disable the executor, homing paused it.
+    assert call_home(robot, executor).success
+
+
+def test_home_is_refused_when_disabled_or_without_fresh_joint_states(rig):
+    robot, executor = rig
+    wait_for(lambda: executor.measured is not None, 5, "joint states")
+    robot.publish_states = False
+    time.sleep(JOINT_STATE_TIMEOUT + 0.3)
+    answer = call_home(robot, executor)
+    assert not answer.success and "joint_states stale" in answer.message
+    robot.publish_states = True
+    executor.set_parameters(overrides(enabled=False))
+    time.sleep(0.3)
+    answer = call_home(robot, executor)
+    assert not answer.success and "enabled:=false" in answer.message
+    assert robot.commands_since(0.0).size == 0
+
+
+def test_a_home_position_outside_the_limits_is_refused_at_start_up(rig):
+    robot, _ = rig
+    with pytest.raises(SystemExit, match="home_position must be 7 joint positions"):
+        ExecutorNode(context=robot.node.context, parameter_overrides=overrides(
+            home_position=[0.0, -0.785, 0.0, 0.5, 0.0, 1.571, 0.785], gripper_mode="none"))

@@ -113,6 +113,8 @@ class ChunkScheduler:
         *,
         action_offset: float = 0.0,
         max_chunk_age: float = 1.0,
+        max_chunk_lead: float = 0.05,
+        max_chunk_span: float = 5.0,
         interpolation: str = "hold",
         instruction_id: str | None = None,
     ) -> None:
@@ -124,6 +126,11 @@ class ChunkScheduler:
             ensemble_decay: m in the temporal-ensemble weights exp(-m * i).
             action_offset: action i is due at stamp + (i + action_offset) * dt.
             max_chunk_age: chunks whose stamp is older than this (s) when added are rejected.
+            max_chunk_lead: chunks stamped further than this (s) after ``now`` are rejected: the
+                clocks disagree, and such a chunk would block every later one until ``now``
+                caught up with it.
+            max_chunk_span: chunks whose executable actions span more than this (s) are
+                rejected (a dt in the wrong unit would keep one chunk running for minutes).
             interpolation: ``"hold"`` or ``"linear"`` between due times.
             instruction_id: the current goal; None accepts chunks of any goal.
         """
@@ -137,8 +144,11 @@ class ChunkScheduler:
             raise ChunkError(f"ensemble_decay must be >= 0, got {ensemble_decay}")
         if not math.isfinite(action_offset):
             raise ChunkError(f"action_offset must be finite, got {action_offset}")
-        if not (math.isfinite(max_chunk_age) and max_chunk_age > 0):
-            raise ChunkError(f"max_chunk_age must be positive, got {max_chunk_age}")
+        for name, value in (("max_chunk_age", max_chunk_age), ("max_chunk_span", max_chunk_span)):
+            if not (math.isfinite(value) and value > 0):
+                raise ChunkError(f"{name} must be positive, got {value}")
+        if not (math.isfinite(max_chunk_lead) and max_chunk_lead >= 0):
+            raise ChunkError(f"max_chunk_lead must be >= 0, got {max_chunk_lead}")
         if interpolation not in INTERPOLATIONS:
             raise ChunkError(f"unknown interpolation {interpolation!r}; expected one of {list(INTERPOLATIONS)}")
         self.mode = mode
@@ -147,6 +157,8 @@ class ChunkScheduler:
         self.ensemble_decay = ensemble_decay
         self.action_offset = action_offset
         self.max_chunk_age = max_chunk_age
+        self.max_chunk_lead = max_chunk_lead
+        self.max_chunk_span = max_chunk_span
         self.interpolation = interpolation
         self.counters: Counter[str] = Counter()  # "accepted", "rejected:<reason>", "superseded", "expired"
         self.reset(instruction_id)
@@ -233,6 +245,10 @@ class ChunkScheduler:
             return "instruction_mismatch"
         if not np.isfinite(chunk.actions).all():
             return "non_finite"
+        if chunk.stamp - now > self.max_chunk_lead:
+            return "from_future"
+        if scheduled.end * chunk.dt > self.max_chunk_span:
+            return "too_long"
         if chunk.stamp < self._not_before:
             return "predates_reset"
         if chunk.stamp <= self._newest_stamp:

@@ -4,8 +4,14 @@ Once per control tick: the watchdog decides whether commanding is allowed (fresh
 fresh chunks, nobody else on the command topic); the core ChunkScheduler picks the action due
 now (receding horizon, ACT temporal ensembling or latency compensation); the core SafetyFilter
 clips it to the FR3 limits with margins and bounds velocity, acceleration and the per-tick
-step; the result goes out as a one-point JointTrajectory. The first chunk and every goal change
-start with a min-jerk ramp from the measured joint state. When in doubt, it holds.
+step; the result goes out as a one-point JointTrajectory. The first chunk, every goal change and
+every restart after a stop begin with a min-jerk ramp from the measured joint state (a ramp cut
+short by a hold is planned anew). When in doubt, it holds; when the arm stops following its
+commands, it stops.
+
+Joint states count as fresh by their header stamp (not by when they arrived), and must lie
+within the FR3's position limits; chunks and joint states stamped ahead of the node clock by more
+than ``max_clock_skew`` are refused.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ from mail_ros.nodes.gripper import GripperBridge
 from mail_ros.spec import GRIPPER_ACTION_NAME
 
 FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
+# A measured position this far (rad) beyond a hard limit is a broken reading, not the arm.
+MEASURED_LIMIT_TOLERANCE = 0.05
+# A control tick this many periods after the previous command finds the controller at rest (it
+# reached that command a period after sending); closer to 1 would mistake timer jitter for it.
+LATE_TICK_PERIODS = 2.0
 
 
 def _duration(seconds: float) -> Duration:
@@ -54,6 +65,13 @@ class ExecutorNode(Node):
                                 "towards the next action, for ticks faster than the chunk dt) or hold")
         self.max_chunk_age = declare(self, "max_chunk_age", 0.5, "Chunks whose newest observation is older "
                                      "than this (s) are discarded")
+        self.max_clock_skew = declare(self, "max_clock_skew", 0.05, "Chunks and joint states stamped further "
+                                      "than this (s) ahead of the node clock are refused: the clocks disagree")
+        max_chunk_span = declare(self, "max_chunk_span", 3.0, "Chunks whose executed actions span more than "
+                                 "this (s) are refused (e.g. a dt sent in ms)")
+        self.max_tracking_error = declare(self, "max_tracking_error", 0.25, "Stop commanding (then ramp in "
+                                          "again from the measured state) when a joint is farther than this "
+                                          "(rad) from its last command: the arm is not following")
         rate = declare(self, "control_rate_hz", 20.0, "Control tick rate (JointTrajectory messages per second)")
         self.command_topic = declare(self, "command_topic", "/fr3_arm_controller/joint_trajectory",
                                      "JointTrajectory topic of the arm's joint trajectory controller")
@@ -67,7 +85,8 @@ class ExecutorNode(Node):
         close_below = declare(self, "gripper_close_below", 0.03, "Close (grasp) when the commanded width drops "
                               "below this (m)")
         open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)")
-        self.home = declare(self, "home_position", FR3_HOME, "Joint positions (rad) of the homing pose")
+        self.home = np.asarray(declare(self, "home_position", FR3_HOME, "Joint positions (rad) of the homing "
+                                       "pose, inside the margined position limits"), dtype=np.float64)
         self.moveit_group = declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing "
                                     "when moveit_py is installed")
         safety = SafetyConfig(
@@ -86,6 +105,10 @@ class ExecutorNode(Node):
         self.limits = fr3_limits()
         self.arm_joints = list(self.limits.names)
         self.safety = SafetyFilter(safety, self.limits)
+        if self.home.shape != (len(self.arm_joints),) or not self.safety.limits.contains(self.home):
+            raise SystemExit(f"home_position must be {len(self.arm_joints)} joint positions inside the margined "
+                             f"limits {self.safety.limits.position_min.round(3).tolist()} .. "
+                             f"{self.safety.limits.position_max.round(3).tolist()}, got {self.home.tolist()}")
         self.watchdog = Watchdog(safety)
         self.diagnostics = Diagnostics(self)
         self.gripper = GripperBridge(self, gripper_mode, gripper_topic, gripper_action_ns, close_below, open_above)
@@ -93,12 +116,14 @@ class ExecutorNode(Node):
         self.action_names = self.arm_joints + ([] if self.gripper.mode == "none" else [GRIPPER_ACTION_NAME])
         self.scheduler = ChunkScheduler(mode=mode, action_dim=len(self.action_names),
                                         execute_steps=execute_steps or None, ensemble_decay=ensemble_decay,
-                                        max_chunk_age=self.max_chunk_age, interpolation=interpolation,
+                                        max_chunk_age=self.max_chunk_age, max_chunk_lead=self.max_clock_skew,
+                                        max_chunk_span=max_chunk_span, interpolation=interpolation,
                                         instruction_id="")  # accept nothing before the first goal
 
         self.measured: np.ndarray | None = None  # (7,) latest valid measured arm position
         self.q_cmd: np.ndarray | None = None  # (7,) last commanded position (None: not commanding)
         self.v_cmd = np.zeros(len(self.arm_joints))
+        self.last_command_time = -math.inf  # node clock time of the last command sent
         self.ramp: deque[np.ndarray] = deque()
         self.needs_ramp = True
         self.goal_id: str | None = None
@@ -135,12 +160,20 @@ class ExecutorNode(Node):
                                     f"{list(msg.name)}", throttle_duration_sec=2.0)
             return
         q = np.array([msg.position[index[name]] for name in self.arm_joints])
+        # An ignored state is not fresh: the watchdog sees the joint states go stale and stops commanding.
+        problem = ""
+        stamp, now = stamp_to_seconds(msg.header.stamp), now_seconds(self)
         if not np.all(np.isfinite(q)):
-            # Not fresh: the watchdog sees the joint states go stale and stops commanding.
-            self.get_logger().error("ignoring joint state with non-finite positions", throttle_duration_sec=2.0)
+            problem = "non-finite positions"
+        elif not self.limits.contains(q, atol=MEASURED_LIMIT_TOLERANCE):
+            problem = f"positions outside the FR3 limits: {np.round(q, 3).tolist()}"
+        elif stamp - now > self.max_clock_skew:
+            problem = f"stamped {stamp - now:.3f} s ahead of this node's clock"
+        if problem:
+            self.get_logger().error(f"ignoring joint state with {problem}", throttle_duration_sec=2.0)
             return
         self.measured = q
-        self.watchdog.joint_state_received(now_seconds(self))
+        self.watchdog.joint_state_received(min(stamp, now))
 
     def _on_goal(self, msg: InstructionEmbedding) -> None:
         goal_id = self._goal_id(msg.text, msg.header.stamp)
@@ -168,7 +201,7 @@ class ExecutorNode(Node):
             return
         names = list(msg.names)
         missing = [name for name in self.action_names if name not in names]
-        if missing or msg.horizon == 0 or len(msg.actions) != msg.horizon * len(names):
+        if missing or len(set(names)) != len(names) or msg.horizon == 0 or len(msg.actions) != msg.horizon * len(names):
             self._reject_chunk(f"malformed: names {names}, horizon {msg.horizon}, {len(msg.actions)} values")
             return
         if not (math.isfinite(msg.dt) and msg.dt > 0):
@@ -192,35 +225,63 @@ class ExecutorNode(Node):
         self.watchdog.chunk_received(now)
 
     def _on_home(self, request, response):
-        if self.measured is None:
-            response.success, response.message = False, "no joint state received: cannot home"
+        decision = self.watchdog.decide(now_seconds(self), self.count_publishers(self.command_topic))
+        refusal = ""
+        # The parameter, not self.enabled: homing itself pauses the executor, and may be repeated.
+        if not self.get_parameter("enabled").value:
+            refusal = "the executor is disabled (enabled:=false), so it sends no commands at all"
+        elif self.measured is None:
+            refusal = "no joint state received"
+        elif decision.verdict is Verdict.STOP:
+            refusal = decision.reason
+        if refusal:
+            response.success, response.message = False, f"not homing: {refusal}"
+            self.get_logger().error(response.message)
             return response
-        self.enabled = False
-        self._stop_commanding("homing")
-        target = np.asarray(self.home, dtype=np.float64)
         try:
             from moveit.core.robot_state import RobotState
             from moveit.planning import MoveItPy
         except ImportError:
-            points = self.safety.ramp(self.measured, target, self.period)
+            try:
+                points = self._homing_trajectory()
+            except SafetyError as exc:
+                response.success, response.message = False, f"not homing: {exc}"
+                self.get_logger().error(response.message)
+                return response
+            self.enabled = False
+            self._stop_commanding("homing")
             self._publish_points(points, self.period)
             response.success = True
             response.message = (f"moveit_py not installed: homing with a {len(points) * self.period:.1f} s "
-                                "min-jerk trajectory; executor disabled until 'enabled' is set again")
+                                "min-jerk trajectory; executor paused until 'enabled' is set again")
             return response
+        self.enabled = False
+        self._stop_commanding("homing")
         robot = MoveItPy(node_name="mail_ros_homing")
         arm = robot.get_planning_component(self.moveit_group)
         arm.set_start_state_to_current_state()
         goal = RobotState(robot.get_robot_model())
-        goal.set_joint_group_positions(self.moveit_group, target)
+        goal.set_joint_group_positions(self.moveit_group, self.home)
         arm.set_goal_state(robot_state=goal)
         plan = arm.plan()
         if not plan:
             response.success, response.message = False, "moveit_py found no plan to the home pose"
             return response
         robot.execute(plan.trajectory, controllers=[])
-        response.success, response.message = True, "homed with moveit_py; executor disabled until re-enabled"
+        response.success, response.message = True, "homed with moveit_py; executor paused until re-enabled"
         return response
+
+    def _homing_trajectory(self) -> np.ndarray:
+        """(N, 7) targets one period apart: brake the commanded motion to rest, then a min-jerk ramp home."""
+        if self.q_cmd is None:
+            return self.safety.ramp(self.measured, self.home, self.period)
+        q, v = self.q_cmd, self.v_cmd
+        braking = []
+        while np.any(v != 0.0):  # hold() takes at least amax * dt off every joint's speed per tick
+            safe = self.safety.hold(q, v, self.period)
+            q, v = safe.position, safe.velocity
+            braking.append(q)
+        return np.vstack(braking + [self.safety.ramp(q, self.home, self.period)])
 
     # --- control tick ---------------------------------------------------------------------------
     def _stop_commanding(self, reason: str) -> None:
@@ -248,6 +309,19 @@ class ExecutorNode(Node):
                 self._stop_commanding(f"stopped: {decision.reason}")
             self.diagnostics.set(ERROR, f"stopped: {decision.reason}")
             return
+        if self.q_cmd is not None:
+            lag = np.abs(self.q_cmd - self.measured)
+            if lag.max() > self.max_tracking_error:
+                joint = self.arm_joints[int(lag.argmax())]
+                reason = (f"the arm is not following: {joint} is {lag.max():.3f} rad from its command "
+                          f"(max_tracking_error {self.max_tracking_error})")
+                self.get_logger().error(reason, throttle_duration_sec=2.0)
+                self._stop_commanding(f"stopped: {reason}")
+                self.diagnostics.set(ERROR, f"stopped: {reason}")
+                return
+            if now - self.last_command_time > LATE_TICK_PERIODS * self.period:
+                # This tick is late: the controller reached the last command and stopped there.
+                self.v_cmd[:] = 0.0
         action = self.scheduler.next_action(now) if decision.command else None
         if action is None:
             if self.q_cmd is None:
@@ -284,6 +358,10 @@ class ExecutorNode(Node):
         self.diagnostics.set(OK, "ramping" if self.ramp else "commanding")
 
     def _hold(self, reason: str) -> None:
+        if self.ramp:
+            # The rest of this ramp leads to a target of the past: plan a new one on resuming.
+            self.ramp.clear()
+            self.needs_ramp = True
         safe = self.safety.hold(self.q_cmd, self.v_cmd, self.period, reason=reason)
         self.counters["holds"] += 1
         self._command(safe)
@@ -292,6 +370,7 @@ class ExecutorNode(Node):
     def _command(self, safe) -> None:
         self.q_cmd, self.v_cmd = safe.position, safe.velocity
         self._publish_points([safe.position], self.period)
+        self.last_command_time = now_seconds(self)
         self.counters["commands"] += 1
 
     def _publish_points(self, points, spacing: float) -> None:

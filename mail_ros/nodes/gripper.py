@@ -81,6 +81,16 @@ class GripperBridge:
             goal = Move.Goal(width=target, speed=self.speed)
             client = self.move_client
         if not client.server_is_ready():
-            self.node.get_logger().error(f"franka_gripper {change.value} action server is not available")
+            self.node.get_logger().error(f"franka_gripper {change.value} action server is not available",
+                                         throttle_duration_sec=2.0)
+            self.hysteresis.reset()  # not sent: the next tick that still wants it tries again
             return
         self._pending = client.send_goal_async(goal)
+        self._pending.add_done_callback(lambda future: self._on_goal_response(future, change))
+
+    def _on_goal_response(self, future, change: GripperCommand) -> None:
+        handle = None if future.exception() is not None else future.result()
+        if handle is None or not handle.accepted:
+            self.node.get_logger().error(f"franka_gripper refused the {change.value} goal", throttle_duration_sec=2.0)
+            if self.hysteresis.state is change:
+                self.hysteresis.reset()
