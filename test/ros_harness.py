@@ -24,9 +24,10 @@ class RosGraph(InProcessGraph):
 
     error_type = AssertionError
 
-    def node(self, name: str) -> Node:
-        """A plain node (publishers, subscriptions of the test) spun with the others."""
-        return self.add(rclpy.create_node(name, context=self.context))
+    def node(self, name: str, **kwargs) -> Node:
+        """A plain node (publishers, subscriptions of the test) spun with the others; ``kwargs`` go
+        to ``rclpy.create_node`` (e.g. parameter_overrides)."""
+        return self.add(rclpy.create_node(name, context=self.context, **kwargs))
 
     def shutdown(self) -> None:
         """Close the graph; fail if a node callback raised while it ran."""

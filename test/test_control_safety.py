@@ -223,6 +223,11 @@ def test_watchdog_decisions():
     assert decision.verdict is Verdict.HOLD and "no fresh action chunk" in decision.reason
     dog.chunk_received(0.61)
     assert dog.decide(0.605).command  # a callback racing the tick is still fresh
-    assert "backwards" in dog.decide(0.3).reason
-    dog.reset()
-    assert dog.decide(0.3).verdict is Verdict.STOP
+    jump = dog.decide(0.3)
+    assert jump.verdict is Verdict.STOP and jump.clock_jump and "backwards" in jump.reason
+    # Everything timed before the jump is forgotten: fresh messages after it allow commanding again.
+    after = dog.decide(0.31)
+    assert after.verdict is Verdict.STOP and not after.clock_jump and "no joint_states" in after.reason
+    dog.joint_state_received(0.32)
+    dog.chunk_received(0.32)
+    assert dog.decide(0.33).command

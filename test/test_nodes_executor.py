@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
@@ -46,8 +47,8 @@ LIMITS = fr3_limits().with_margins(position_margin=0.05, velocity_scale=0.5, acc
 class FakeRobotAndPolicy:
     """Joint states that track the executor's commands; goals and chunks on demand."""
 
-    def __init__(self, graph: RosGraph):
-        self.node = graph.node("fake_robot_and_policy")
+    def __init__(self, graph: RosGraph, use_sim_time: bool = False):
+        self.node = graph.node("fake_robot_and_policy", parameter_overrides=overrides(use_sim_time=use_sim_time))
         self.q = np.asarray(FR3_HOME, dtype=float)
         self.commands: list[tuple[float, np.ndarray]] = []
         self.trajectories: list[np.ndarray] = []  # multi-point commands (homing), (N, 7) each
@@ -435,3 +436,52 @@ def test_a_home_position_outside_the_limits_is_refused_at_start_up(rig):
     with pytest.raises(SystemExit, match="home_position must be 7 joint positions"):
         ExecutorNode(context=robot.node.context, parameter_overrides=overrides(
             home_position=[0.0, -0.785, 0.0, 0.5, 0.0, 1.571, 0.785], gripper_mode="none"))
+
+
+def test_a_clock_jump_back_stops_then_recovers_with_fresh_messages():
+    # Simulated time (a restarted simulator, a looping bag) jumps 10 s back: everything timed
+    # before is void, and commanding resumes from fresh joint states and chunks, not 10 s later.
+    graph = RosGraph()
+    clock = {"now": 1000.0}
+    clock_node = graph.node("sim_clock")
+    clock_pub = clock_node.create_publisher(Clock, "/clock", 10)
+
+    def advance():
+        clock["now"] += 0.01
+        clock_pub.publish(Clock(clock=seconds_to_stamp(clock["now"])))
+
+    clock_node.create_timer(0.01, advance)  # wall-clock timer: the test's node owns sim time
+    robot = FakeRobotAndPolicy(graph, use_sim_time=True)
+    executor = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(
+        use_sim_time=True, control_rate_hz=RATE, max_step_delta=MAX_STEP, chunk_timeout=CHUNK_TIMEOUT,
+        joint_state_timeout=JOINT_STATE_TIMEOUT, gripper_mode="none")))
+    try:
+        wait_for(lambda: robot.chunk_pub.get_subscription_count() > 0 and now_seconds(executor) > 1000.0,
+                 10, "executor subscriptions and sim time")
+        robot.set_goal("pick up the red cube")
+        time.sleep(0.3)
+        target = np.asarray(FR3_HOME) + np.array([0.03, 0, 0, 0, 0, 0, 0])
+        robot.stream_until(target, target, 10.0)
+        clock["now"] -= 10.0
+        t_jump = time.monotonic()
+        time.sleep(0.3)
+        robot.stream_chunks(target, 1.5)
+        assert executor.scheduler.counters["accepted"] > 0
+        resumed = robot.arrivals_since(t_jump + 0.5)
+        assert len(resumed) > 10, "commanding did not resume after the clock jump"
+        assert np.abs(robot.commands_since(t_jump) - target).max() < 1e-6
+    finally:
+        graph.shutdown()
+
+
+def test_re_asserting_enabled_does_not_interrupt_a_motion(rig):
+    robot, executor = rig
+    robot.set_goal("pick up the red cube")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    far = np.asarray(FR3_HOME) + np.array([0.6, 0, 0, 0, 0, 0, 0])
+    robot.stream_chunks(far, 1.4)  # the ramp in (about 2.9 s) is near its peak speed now
+    assert executor.set_parameters(overrides(enabled=True))[0].successful  # already enabled: nothing changes
+    robot.stream_until(far, far, 10.0)
+    # One continuous motion: no restart from rest half-way (which would brake beyond the limits).
+    assert_within_limits(robot.commands_since(t0), robot.arrivals_since(t0))

@@ -307,6 +307,7 @@ class Decision:
 
     verdict: Verdict
     reason: str = ""
+    clock_jump: bool = False  # time went backwards: everything timed before it is void
 
     @property
     def command(self) -> bool:
@@ -344,7 +345,10 @@ class Watchdog:
         ``command_publishers`` is the number of publishers on the command topic including the
         executor's own (the node passes ``Node.count_publishers(topic)``); more than one means
         another node drives the robot. Receipt times slightly after ``now`` (callbacks racing the
-        tick) count as fresh; a jump back by more than ``joint_state_timeout`` is a clock reset.
+        tick) count as fresh; a jump back by more than ``joint_state_timeout`` is a clock reset
+        (a restarted simulator, a looping bag, a stepped system clock): the watchdog forgets all
+        timing and the decision says so (``clock_jump``), so the caller can drop what it timed
+        before; fresh messages after the jump make commanding possible again.
         """
         if not math.isfinite(now):
             raise SafetyError(f"watchdog time must be finite, got {now}")
@@ -355,7 +359,9 @@ class Watchdog:
                 f"{command_publishers} publishers on the command topic; another node is commanding the robot",
             )
         if now < self._latest - cfg.joint_state_timeout:
-            return Decision(Verdict.STOP, f"clock went backwards by {self._latest - now:.3f} s")
+            jump = self._latest - now
+            self.reset()
+            return Decision(Verdict.STOP, f"clock went backwards by {jump:.3f} s", clock_jump=True)
         if self._last_joint_state is None:
             return Decision(Verdict.STOP, "no joint_states received yet")
         age = now - self._last_joint_state

@@ -73,6 +73,8 @@ class ExecutorNode(Node):
                                           "again from the measured state) when a joint is farther than this "
                                           "(rad) from its last command: the arm is not following")
         rate = declare(self, "control_rate_hz", 20.0, "Control tick rate (JointTrajectory messages per second)")
+        if not (math.isfinite(rate) and rate > 0):
+            raise SystemExit(f"control_rate_hz must be positive, got {rate}")
         self.command_topic = declare(self, "command_topic", "/fr3_arm_controller/joint_trajectory",
                                      "JointTrajectory topic of the arm's joint trajectory controller")
         gripper_mode = declare(self, "gripper_mode", "auto", "Gripper output: franka (franka_gripper Move/Grasp "
@@ -147,6 +149,8 @@ class ExecutorNode(Node):
     def _on_parameters(self, params) -> SetParametersResult:
         for param in params:
             if param.name == "enabled":
+                if bool(param.value) == self.enabled:
+                    continue  # re-asserting the current state must not interrupt a motion
                 self.enabled = bool(param.value)
                 self._stop_commanding("disabled" if not self.enabled else "enabled: waiting to ramp in")
             elif param.name not in ("use_sim_time",):
@@ -304,6 +308,9 @@ class ExecutorNode(Node):
             else:
                 self.get_logger().warning(f"{decision.verdict.value}: {decision.reason}")
             self.last_verdict = decision.verdict
+        if decision.clock_jump:
+            # Chunks accepted (and the newest stamp seen) before the jump belong to another timeline.
+            self.scheduler.reset(instruction_id=self.scheduler.instruction_id, now=now)
         if decision.verdict is Verdict.STOP:
             if self.q_cmd is not None:
                 self._stop_commanding(f"stopped: {decision.reason}")
