@@ -375,15 +375,15 @@ def test_a_ramp_interrupted_by_a_hold_is_not_resumed(rig):
     robot.set_goal("pick up the red cube")
     time.sleep(0.3)
     far = np.asarray(FR3_HOME) + np.array([0.8, 0, 0, 0, 0, 0, 0])  # a ramp of well over a second
-    robot.stream_chunks(far, 0.5)
+    robot.stream_chunks(far, 1.0)
     time.sleep(CHUNK_TIMEOUT + 0.7)  # the policy stalls mid-ramp: hold
     with robot.lock:
         here = robot.q.copy()
-    assert 0.01 < here[0] - FR3_HOME[0] < 0.7, "the stall did not interrupt the ramp"
+    assert 0.05 < here[0] - FR3_HOME[0] < 0.7, f"the stall did not interrupt the ramp: {here[0] - FR3_HOME[0]:.3f}"
     t_resume = time.monotonic()
     robot.stream_chunks(here, 1.5)  # the policy now wants the arm to stay where it is
     resumed = robot.commands_since(t_resume)
-    assert np.abs(resumed[:, 0] - here[0]).max() < 0.02
+    assert np.abs(resumed[:, 0] - here[0]).max() < 0.02, np.round(resumed[:, 0] - here[0], 4).tolist()
 
 
 def call_home(robot: FakeRobotAndPolicy, executor: ExecutorNode) -> Trigger.Response:
