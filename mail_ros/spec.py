@@ -10,6 +10,7 @@ B batch, T observation steps, A action steps, C cameras, H/W image size, D model
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +33,22 @@ class SpecError(ValueError):
     """An observation/action spec, or data checked against it, is inconsistent."""
 
 
+def is_integer(value: Any) -> bool:
+    """Whether ``value`` is an integer as configs need it (Python or NumPy): a float like 2.0 (a
+    JSON "2.0") is not, and neither is a bool (an int subclass in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite real number (Python or NumPy; not a bool or a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_names(names: tuple, what: str) -> None:
+    if not all(isinstance(name, str) and name for name in names):
+        raise SpecError(f"{what} must be non-empty strings, got {list(names)}")
+
+
 @dataclass(frozen=True)
 class ObservationSpec:
     """What the policy observes at each step."""
@@ -43,21 +60,28 @@ class ObservationSpec:
     rate_hz: float = 10.0  # policy rate: one observation every 1 / rate_hz seconds
 
     def __post_init__(self) -> None:
+        for name in ("cameras", "image_size", "joint_names"):
+            if isinstance(getattr(self, name), str):
+                raise SpecError(f"{name} must be a list, got the string {getattr(self, name)!r}")
         object.__setattr__(self, "cameras", tuple(self.cameras))
-        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "image_size", tuple(self.image_size))
         object.__setattr__(self, "joint_names", tuple(self.joint_names))
         if not self.cameras:
             raise SpecError("observation spec needs at least one camera")
+        _check_names(self.cameras, "camera names")
         if len(set(self.cameras)) != len(self.cameras):
             raise SpecError(f"camera names must be unique, got {list(self.cameras)}")
-        if len(self.image_size) != 2 or min(self.image_size) < 8:
-            raise SpecError(f"image_size must be [height, width] >= 8, got {list(self.image_size)}")
+        if len(self.image_size) != 2 or not all(is_integer(v) and v >= 8 for v in self.image_size):
+            raise SpecError(f"image_size must be [height, width], integers >= 8, got {list(self.image_size)}")
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))  # NumPy ints -> JSON-safe
+        _check_names(self.joint_names, "joint names")
         if len(set(self.joint_names)) != len(self.joint_names):
             raise SpecError(f"joint names must be unique, got {list(self.joint_names)}")
-        if self.obs_horizon < 1:
-            raise SpecError(f"obs_horizon must be >= 1, got {self.obs_horizon}")
-        if not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
-            raise SpecError(f"rate_hz must be positive, got {self.rate_hz}")
+        if not (is_integer(self.obs_horizon) and self.obs_horizon >= 1):
+            raise SpecError(f"obs_horizon must be >= 1 and an integer, got {self.obs_horizon!r}")
+        object.__setattr__(self, "obs_horizon", int(self.obs_horizon))
+        if not (is_finite_number(self.rate_hz) and self.rate_hz > 0):
+            raise SpecError(f"rate_hz must be positive, got {self.rate_hz!r}")
 
     @property
     def period(self) -> float:
@@ -74,15 +98,19 @@ class ActionSpec:
     dt: float = 0.1
 
     def __post_init__(self) -> None:
+        if isinstance(self.names, str):
+            raise SpecError(f"action names must be a list, got the string {self.names!r}")
         object.__setattr__(self, "names", tuple(self.names))
         if self.action_space not in ACTION_SPACES:
             raise SpecError(f"unknown action_space {self.action_space!r}; known: {list(ACTION_SPACES)}")
+        _check_names(self.names, "action names")
         if not self.names or len(set(self.names)) != len(self.names):
             raise SpecError(f"action names must be non-empty and unique, got {list(self.names)}")
-        if self.horizon < 1:
-            raise SpecError(f"action horizon must be >= 1, got {self.horizon}")
-        if not (math.isfinite(self.dt) and self.dt > 0):
-            raise SpecError(f"dt must be positive, got {self.dt}")
+        if not (is_integer(self.horizon) and self.horizon >= 1):
+            raise SpecError(f"action horizon must be >= 1 and an integer, got {self.horizon!r}")
+        object.__setattr__(self, "horizon", int(self.horizon))
+        if not (is_finite_number(self.dt) and self.dt > 0):
+            raise SpecError(f"dt must be positive, got {self.dt!r}")
 
     @property
     def dim(self) -> int:

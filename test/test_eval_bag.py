@@ -218,10 +218,14 @@ def test_observation_history_follows_policy_node_rules():
     def obs(t):
         return Observation(t, {}, np.zeros(1))
 
-    outcomes = [history.add(obs(t)) for t in (1.0, 1.1, 1.1, 1.05, 1.2, 1.3)]
-    assert outcomes == [None, None, "duplicate", "duplicate", None, None]
+    outcomes = [history.add(obs(t)) for t in (1.0, 1.1, 1.1, 1.2, 1.3)]
+    assert outcomes == [None, None, "duplicate", None, None]
     assert [o.stamp for o in history.window()] == [1.1, 1.2, 1.3]
     assert history.add(obs(1.61)) == "restart" and [o.stamp for o in history.window()] == [1.61]
+    # Time went backwards (a simulator restart): the history restarts rather than waiting for 1.61.
+    assert history.add(obs(0.2)) == "backwards" and [o.stamp for o in history.window()] == [0.2]
+    assert [history.add(obs(t)) for t in (0.3, 0.3)] == [None, "duplicate"]
+    assert [o.stamp for o in history.window()] == [0.2, 0.3]
 
 
 def test_compressed_cameras_are_found_by_name(tmp_path, checkpoint):

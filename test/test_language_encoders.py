@@ -25,6 +25,7 @@ from mail_ros.language import (
     embed_instructions,
     load_text_encoder,
 )
+from mail_ros.language.encoders import same_encoder
 
 torch.set_num_threads(1)
 
@@ -275,6 +276,24 @@ def test_non_clip_folder_is_rejected():
 def test_unknown_specs_are_rejected(spec):
     with pytest.raises(TextEncoderError, match="minilm"):
         load_text_encoder(spec)
+
+
+@pytest.mark.parametrize(
+    "a,b,same",
+    [
+        ("minilm", MINILM_NAME, True),
+        (MINILM_NAME, MINILM_NAME, True),
+        ("minilm", "minilm", True),
+        ("minilm:paraphrase-MiniLM-L3-v2", MINILM_NAME, False),
+        ("minilm", "minilm:multi-qa-MiniLM-L6-cos-v1", False),
+        ("minilm:paraphrase-MiniLM-L3-v2", "minilm:paraphrase-MiniLM-L3-v2", False),
+        ("minilm", "clip", False),
+        ("clip", "clip:openai/clip-vit-base-patch32", True),
+        ("clip:openai/clip-vit-base-patch32", "clip:openai/clip-vit-large-patch14", False),
+    ],
+)
+def test_same_encoder(a, b, same):
+    assert same_encoder(a, b) is same and same_encoder(b, a) is same
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

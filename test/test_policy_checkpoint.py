@@ -147,6 +147,30 @@ BAD_JSON = {
     "stats disagree": (_set(["normalization", "action", "mean", 0], 7.0), r"'normalization.action' disagrees"),
     "language stats disagree": (_set(["normalization", "language", "std", 2], 0.3), r"'normalization.language' disagrees"),
     "no language stats": (_set(["normalization", "language"], None), r"normalization.language' must be an object"),
+    # Every config field is checked for its type too: JSON gives 2.0, Infinity or "false" as readily.
+    "float n_layers": (_set(["policy", "backbone", "n_layers"], 2.0), r"backbone.n_layers must be an integer >= 1, got 2.0"),
+    "float d_state": (_set(["policy", "backbone", "d_state"], 4.5), r"backbone.d_state must be an integer >= 1, got 4.5"),
+    "bool heads": (_set(["policy", "backbone", "heads"], True), r"backbone.heads must be an integer >= 1, got True"),
+    "nan dropout": (_set(["policy", "backbone", "dropout"], float("nan")), r"backbone.dropout must be a finite number, got nan"),
+    "float steps": (_set(["policy", "head", "steps"], 16.0), r"head.steps must be an integer >= 2, got 16.0"),
+    "infinite cosine_s": (_set(["policy", "head", "cosine_s"], float("inf")), r"head.cosine_s must be a finite number, got inf"),
+    "string max_beta": (_set(["policy", "head", "max_beta"], "0.9"), r"head.max_beta must be a finite number, got '0.9'"),
+    "infinite temperature": (_set(["policy", "vision", "temperature"], float("inf")), r"vision.temperature must be a finite number, got inf"),
+    "float resnet_width": (_set(["policy", "vision", "resnet_width"], 8.0), r"vision.resnet_width must be an integer >= 1, got 8.0"),
+    "float resnet_stages": (_set(["policy", "vision", "resnet_stages"], 3.0), r"vision.resnet_stages must be 1, 2, 3 or 4, got 3.0"),
+    "string stem_pool": (_set(["policy", "vision", "stem_pool"], "false"), r"vision.stem_pool must be true or false, got 'false'"),
+    "int shared_encoder": (_set(["policy", "vision", "shared_encoder"], 0), r"vision.shared_encoder must be true or false, got 0"),
+    "float language dim": (_set(["policy", "language", "dim"], 8.0), r"language.dim must be an integer >= 0, got 8.0"),
+    "empty language encoder": (_set(["policy", "language", "encoder"], " "), r"language.encoder must be null or a non-empty"),
+    "string proprio": (_set(["policy", "proprio"], "true"), r"proprio must be true or false, got 'true'"),
+    "float obs_horizon": (_set(["policy", "spec", "observation", "obs_horizon"], 2.0), r"obs_horizon must be >= 1 and an integer, got 2.0"),
+    "float image_size": (_set(["policy", "spec", "observation", "image_size"], [64.0, 64]), r"image_size must be \[height, width\], integers"),
+    "cameras as a string": (_set(["policy", "spec", "observation", "cameras"], "agentview"), r"cameras must be a list, got the string"),
+    "string rate": (_set(["policy", "spec", "observation", "rate_hz"], "10"), r"rate_hz must be positive, got '10'"),
+    "float action horizon": (_set(["policy", "spec", "action", "horizon"], 4.0), r"action horizon must be >= 1 and an integer, got 4.0"),
+    "infinite dt": (_set(["policy", "spec", "action", "dt"], float("inf")), r"dt must be positive, got inf"),
+    # Valid field by field, but the model cannot be built from it: still a CheckpointError.
+    "degenerate schedule": (_set(["policy", "head", "cosine_s"], 1e300), r"key 'policy' does not build a model: ValueError: DDPM schedule"),
 }
 
 

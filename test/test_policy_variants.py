@@ -180,6 +180,23 @@ def test_each_frame_is_encoded_once_across_calls():
     assert encoded[-1] == 3
 
 
+def test_new_frames_under_seen_stamps_are_encoded_again():
+    # After a clock jump (or a caller reusing stamps) other images arrive under stamps the cache
+    # has seen: they must be encoded, not answered with the old frames' tokens.
+    policy = make_policy("tiny-d_ma-bc", {"spec.observation.obs_horizon": 3})
+    encoded = []
+    policy.encoder.register_forward_hook(lambda m, args, out: encoded.append(out.shape[0]))
+    old, new = make_history(policy, 3, seed=1), make_history(policy, 3, seed=2)
+    policy.predict_chunk(old)
+    chunk = policy.predict_chunk(new)
+    assert encoded == [3, 3]
+    policy.reset()
+    np.testing.assert_allclose(chunk, policy.predict_chunk(new), atol=1e-6)
+    # The very same objects again: all cached.
+    policy.predict_chunk(new)
+    assert encoded == [3, 3, 3]
+
+
 def test_cached_frames_give_the_same_answer_as_fresh_encoding():
     policy = make_policy("tiny-ed_ma-ddpm", {"spec.observation.obs_horizon": 3})
     history = make_history(policy, 4)

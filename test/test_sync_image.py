@@ -1,6 +1,8 @@
 """Image conversion: every encoding with real arrays, row padding, byte order and each bad input."""
 
 import array
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -152,6 +154,19 @@ def test_compressed_grey_png_becomes_rgb():
 def test_bad_compressed(fmt, data, match):
     with pytest.raises(ImageConversionError, match=match):
         compressed_to_rgb(fmt, data)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_png_declaring_a_huge_size_is_a_conversion_error():
+    # 69 bytes whose header claims 60000 x 60000 RGB pixels: OpenCV raises cv2.error for these
+    # instead of returning None; a camera node must see an invalid frame, not an exception.
+    bomb = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + _png_chunk(b"IEND", b""))
+    with pytest.raises(ImageConversionError, match=r"could not decode 69 bytes as 'png'"):
+        compressed_to_rgb("png", bomb)
 
 
 def test_resize_shrink_uses_area_average():

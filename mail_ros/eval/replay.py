@@ -11,7 +11,8 @@ What runs is what the robot runs, in the order the robot would see it:
   latency_allowance``;
 * each aligned observation is handled as policy_node handles one: refused when older than
   ``max_observation_age`` at the time it was decided, appended to an :class:`ObservationHistory`
-  of T observations (a gap longer than ``max_gap_periods`` periods restarts it), and a new
+  of T observations (a gap longer than ``max_gap_periods`` periods, or a stamp earlier than the
+  last one, restarts it; a repeated stamp is ignored), and a new
   instruction on ``/mail/instruction`` starts a new episode: history cleared and
   ``policy.reset(seed)``;
 * a chunk is predicted for every aligned observation that has a goal (or every k-th, ``every``).
@@ -278,6 +279,8 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
             return
         if outcome == "restart":
             result.observations["history_restarts"] += 1
+        elif outcome == "backwards":
+            result.observations["history_restarts_backwards"] += 1
         if language and goal_embedding is None:
             result.observations["no_goal"] += 1
             return

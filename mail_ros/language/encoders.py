@@ -238,7 +238,8 @@ def same_encoder(a: str, b: str) -> bool:
     if kind_a != kind_b:
         return False
     if kind_a == "minilm":
-        return True
+        # Only one MiniLM is packaged; any other "minilm:<model>" names a different model.
+        return {ref_a, ref_b} <= {"", MINILM_NAME.partition(":")[2]}
     ref_a, ref_b = ref_a or DEFAULT_CLIP_MODEL, ref_b or DEFAULT_CLIP_MODEL
     if _MODEL_ID.match(ref_a) and _MODEL_ID.match(ref_b) and not (Path(ref_a).is_dir() or Path(ref_b).is_dir()):
         return ref_a == ref_b

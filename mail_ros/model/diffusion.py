@@ -69,6 +69,16 @@ class CosineDDPM(nn.Module):
             "coef_xt": (1 - alpha_bar_prev) * alphas.sqrt() / (1 - alpha_bar),
             "noise_std": (0.5 * posterior_log_var).exp(),
         }
+        # A huge cosine_s flattens the cosine to zero: alpha_bar 0/0 and NaN samples forever after.
+        # (A model built on the meta device, to count parameters, has no values to check.)
+        degenerate = [] if t.is_meta else sorted(
+            name for name, value in tables.items() if not torch.isfinite(value.float()).all()
+        )
+        if degenerate:
+            raise ValueError(
+                f"DDPM schedule with steps={steps}, cosine_s={cosine_s}, max_beta={max_beta} is degenerate "
+                f"(non-finite {degenerate})"
+            )
         # Schedules are derived from ``steps``, so they are not saved with the weights.
         for name, value in tables.items():
             self.register_buffer(name, value.float(), persistent=False)

@@ -67,6 +67,10 @@ class LanguageNode(Node):
             self.get_logger().error(f"cannot encode {text!r}: {exc}")
             self.diagnostics.set(WARN, f"cannot encode instruction: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this instruction is lost, not the node
+            self.get_logger().error(f"text encoder failed on {text!r}: {type(exc).__name__}: {exc}")
+            self.diagnostics.set(ERROR, f"text encoder failed: {type(exc).__name__}: {exc}")
+            return
         out = InstructionEmbedding(header=Header(stamp=self.get_clock().now().to_msg()), text=text,
                                    encoder=self.encoder.name, embedding=[float(v) for v in vector])
         self.publisher.publish(out)

@@ -2,8 +2,12 @@
 
 Subscriptions only validate and store; inference runs on a worker thread, so a slow chunk
 never blocks message handling. Every refusal (wrong cameras or resolution, wrong embedding
-dimension or encoder, stale or non-finite observations) is logged, counted on /diagnostics, and
-results in no chunk: downstream, the executor holds.
+dimension or encoder, stale, future-stamped or non-finite observations) is logged, counted on
+/diagnostics, and results in no chunk: downstream, the executor holds. A refused goal also
+drops the current one, so the robot never keeps executing an instruction that was replaced.
+Observations not newer than the last are counted (out_of_order_observations); one stamped
+before the last restarts the history (time went backwards, e.g. a simulator restart). The
+/diagnostics level reflects the last report period: WARN or ERROR only while problems recur.
 
 For RViz, each chunk of FR3 joint targets is also drawn as the path of the hand's tool-centre
 point (forward kinematics from the current joints through the A targets) on
@@ -35,6 +39,13 @@ from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
 
 
+def as_published(actions: np.ndarray) -> np.ndarray:
+    """``actions`` in ActionChunk's float32; check finiteness on this, as a finite float64 beyond
+    the float32 range becomes inf here."""
+    with np.errstate(over="ignore"):
+        return np.asarray(actions, np.float32)
+
+
 class PolicyNode(Node):
     def __init__(self, **kwargs):
         super().__init__("policy_node", **kwargs)
@@ -42,13 +53,19 @@ class PolicyNode(Node):
         device = declare(self, "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda, cuda:N")
         self.max_age = declare(self, "max_observation_age", 0.3, "Observations older than this (s, by the node "
                                "clock) are refused")
+        self.max_lead = declare(self, "max_observation_lead", 0.05, "Observations stamped further ahead of the "
+                                "node clock than this (s) are refused: the clocks are out of sync")
         self.max_gap_periods = declare(self, "max_gap_periods", 3.0, "A gap between consecutive observations "
                                        "longer than this many policy periods restarts the history")
         self.seed = declare(self, "seed", 0, "Seed of the policy's sampler (DDPM); reset with every new goal")
         self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
                                   "arm's base link (with any prefix your robot description uses)")
         self.diagnostics = Diagnostics(self)
-        self.counters = {"chunks": 0, "refused_observations": 0, "refused_embeddings": 0, "inference_errors": 0}
+        self.counters = {"chunks": 0, "refused_observations": 0, "refused_embeddings": 0, "inference_errors": 0,
+                         "non_finite_chunks": 0, "out_of_order_observations": 0, "history_restarts": 0}
+        # level -> latest message of the problems since the last report (see _problem)
+        self._problems: dict[int, str] = {}
+        self._problems_lock = threading.Lock()
         self.latencies: deque[float] = deque(maxlen=200)
 
         self._lock = threading.Lock()
@@ -88,7 +105,8 @@ class PolicyNode(Node):
                 raise CheckpointError("no checkpoint given (parameter 'checkpoint')")
             self.config = read_checkpoint_config(self.checkpoint_dir)
             self.policy = load_checkpoint(self.checkpoint_dir, device=device)
-        except (CheckpointError, RuntimeError, ValueError) as exc:
+            latency = self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the node must stay up to say so
             # Stay up in a safe state: no chunk is ever published, and the reason is visible.
             self.policy = None
             self.get_logger().error(f"cannot load policy: {exc}")
@@ -102,7 +120,6 @@ class PolicyNode(Node):
                 self._arm_columns = (action_columns, joint_columns)
         self._history = ObservationHistory(self.config["obs_horizon"], 1.0 / self.config["rate_hz"],
                                            self.max_gap_periods)
-        latency = self._warm_up()
         memory = ""
         if device.startswith("cuda"):
             memory = f", GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
@@ -114,7 +131,13 @@ class PolicyNode(Node):
                              warmup_ms=f"{latency * 1e3:.1f}")
 
     def _warm_up(self) -> float:
-        """Run a few chunks on synthetic input (allocations, kernels) and return the last latency."""
+        """Run a few chunks on synthetic input (allocations, kernels) and return the last latency.
+
+        Raises CheckpointError when a chunk is not finite in the published precision: such a
+        checkpoint (e.g. overflowing weights) would never produce a usable chunk.
+        """
+        from mail_ros.policy.checkpoint import CheckpointError
+
         height, width = self.config["image_size"]
         history = [
             Observation(stamp=(k + 1) / self.config["rate_hz"],
@@ -126,43 +149,64 @@ class PolicyNode(Node):
         latency = 0.0
         for _ in range(3):
             start = time.perf_counter()
-            self.policy.predict_chunk(history, embedding)
+            actions = self.policy.predict_chunk(history, embedding)
             latency = time.perf_counter() - start
+            if not np.all(np.isfinite(as_published(actions))):
+                raise CheckpointError(f"{self.checkpoint_dir} predicts non-finite actions on a blank warm-up input")
         self.policy.reset(seed=self.seed)
         return latency
 
     # --- subscriptions: validate and store ------------------------------------------------------
+    def _problem(self, level: int, message: str) -> None:
+        """Show a problem on /diagnostics now; _report keeps it there until a period passes without one."""
+        with self._problems_lock:
+            self._problems[level] = message
+            worst = max(self._problems)
+            self.diagnostics.set(worst, self._problems[worst], last_problem=message)
+
     def _refuse(self, kind: str, reason: str) -> None:
         self.counters[f"refused_{kind}"] += 1
         self.get_logger().error(f"refused {kind[:-1]}: {reason}", throttle_duration_sec=2.0)
-        self.diagnostics.set(WARN, f"refusing {kind}: {reason}")
+        self._problem(WARN, f"refusing {kind}: {reason}")
+
+    def _refusal(self, msg: InstructionEmbedding, vector: np.ndarray) -> str | None:
+        """Why the goal ``msg`` cannot be used, or None."""
+        expected_encoder = self.config["language_encoder"]
+        if expected_encoder is None:
+            return None  # a policy without language: the goal only starts an episode
+        if not same_encoder(msg.encoder, expected_encoder):
+            return f"encoder {msg.encoder!r}, checkpoint expects {expected_encoder!r}"
+        if vector.shape != (self.config["language_dim"],):
+            return f"dimension {vector.size}, checkpoint expects {self.config['language_dim']}"
+        if not np.all(np.isfinite(vector)):
+            return "non-finite values"
+        return None
 
     def _on_embedding(self, msg: InstructionEmbedding) -> None:
         if self.policy is None:
             return
         vector = np.asarray(msg.embedding, dtype=np.float32)
-        expected_encoder = self.config["language_encoder"]
-        if expected_encoder is None:
-            # A policy without language: the goal only starts an episode; its vector is unused.
-            vector = np.zeros(0, np.float32)
-        elif not same_encoder(msg.encoder, expected_encoder):
-            self._refuse("embeddings", f"encoder {msg.encoder!r}, checkpoint expects {expected_encoder!r}")
-            return
-        elif vector.shape != (self.config["language_dim"],):
-            self._refuse("embeddings", f"dimension {vector.size}, checkpoint expects {self.config['language_dim']}")
-            return
-        elif not np.all(np.isfinite(vector)):
-            self._refuse("embeddings", "non-finite values")
-            return
+        if self.config["language_encoder"] is None:
+            vector = np.zeros(0, np.float32)  # unused by the policy
+        reason = self._refusal(msg, vector)
+        if reason is not None:
+            self._refuse("embeddings", reason)
+            msg, vector = None, None
         with self._lock:
+            previous = self._goal
             self._goal, self._goal_vector = msg, vector
             # A new goal starts a new episode: no observation of the old one conditions the new one.
+            # A refused one ends the old episode all the same: the operator has moved on from it.
             # The policy itself is reset by the inference thread, the only one that uses it (it may
             # be in the middle of a chunk now).
             self._history.clear()
             self._fresh = False
             self._reset_pending = True
-        self.get_logger().info(f"new goal: {msg.text!r}")
+        if msg is not None:
+            self.get_logger().info(f"new goal: {msg.text!r}")
+        elif previous is not None:
+            self.get_logger().warning(f"goal {previous.text!r} dropped: its replacement was refused ({reason}); "
+                                      "no chunk until a valid goal arrives")
 
     def _on_observation(self, msg: ObservationMsg) -> None:
         if self.policy is None:
@@ -177,14 +221,32 @@ class PolicyNode(Node):
             self._refuse("observations", f"observation is {age * 1e3:.0f} ms old (max_observation_age "
                                          f"{self.max_age * 1e3:.0f} ms)")
             return
+        if -age > self.max_lead:
+            # Accepted, it would outrank every correctly stamped frame after it (the history
+            # only moves forward), and its chunk would look fresh to the executor for as long.
+            self._refuse("observations", f"observation is stamped {-age * 1e3:.0f} ms ahead of the node clock "
+                                         f"(max_observation_lead {self.max_lead * 1e3:.0f} ms): the clocks are out "
+                                         "of sync")
+            return
         with self._lock:
             outcome = self._history.add(observation)
-            if outcome == "duplicate":
-                return  # not newer than the last one: the history only moves forward
-            if outcome == "restart":
-                self.get_logger().warning("observation gap; restarting the history")
-            self._fresh = True
-            self._wake.notify()
+            if outcome != "duplicate":
+                self._fresh = True
+                self._wake.notify()
+        if outcome in ("duplicate", "backwards"):
+            self.counters["out_of_order_observations"] += 1
+        if outcome == "duplicate":
+            self.get_logger().warning(f"ignoring an observation stamped {observation.stamp:.3f} s like the last one",
+                                      throttle_duration_sec=2.0)
+            self._problem(WARN, "ignoring observations stamped like the last one")
+        elif outcome == "backwards":
+            self.counters["history_restarts"] += 1
+            self.get_logger().warning(f"observation stamped {observation.stamp:.3f} s, before the last one: time "
+                                      "went backwards; restarting the history", throttle_duration_sec=2.0)
+            self._problem(WARN, "time went backwards; history restarted")
+        elif outcome == "restart":
+            self.counters["history_restarts"] += 1
+            self.get_logger().warning("observation gap; restarting the history")
 
     def _to_observation(self, msg: ObservationMsg) -> Observation:
         cameras = list(self.config["cameras"])
@@ -227,22 +289,26 @@ class PolicyNode(Node):
                 # No chunk: the executor holds once the last one goes stale. The next chunk starts
                 # from a reset policy, in case the failure left a cache half-written.
                 self.get_logger().error(f"inference failed: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
-                self.diagnostics.set(ERROR, f"inference failed: {type(exc).__name__}: {exc}")
+                self._problem(ERROR, f"inference failed: {type(exc).__name__}: {exc}")
                 with self._lock:
                     self.counters["inference_errors"] += 1
                     self._reset_pending = True
                 continue
             latency = time.perf_counter() - start
+            published = as_published(actions)
+            if not np.all(np.isfinite(published)):
+                self.counters["non_finite_chunks"] += 1
+                self.get_logger().error("policy produced non-finite actions (or beyond the float32 range); "
+                                        "chunk dropped", throttle_duration_sec=2.0)
+                self._problem(ERROR, "policy produced non-finite actions; chunks dropped")
+                continue
             with self._lock:
                 if goal is not self._goal:
                     continue  # the goal changed during inference: this chunk belongs to the old one
                 self._chunk_id += 1
                 chunk_id = self._chunk_id
-            if not np.all(np.isfinite(actions)):
-                self.get_logger().error("policy produced non-finite actions; chunk dropped")
-                continue
             self.latencies.append(latency)
-            self.publisher.publish(self._chunk_msg(chunk_id, goal, history, actions, latency))
+            self.publisher.publish(self._chunk_msg(chunk_id, goal, history, published, latency))
             self.counters["chunks"] += 1
             if self._arm_columns is not None:
                 self.path_publisher.publish(self._path_marker(history[-1], actions))
@@ -257,7 +323,7 @@ class PolicyNode(Node):
             names=list(self.config["action_names"]),
             dt=float(self.config["dt"]),
             horizon=int(actions.shape[0]),
-            actions=[float(v) for v in np.asarray(actions, np.float32).reshape(-1)],
+            actions=[float(v) for v in actions.reshape(-1)],
             history_length=len(history),
             inference_time=float(latency),
             checkpoint=str(self.checkpoint_dir),
@@ -285,12 +351,14 @@ class PolicyNode(Node):
         if self.latencies:
             ms = np.asarray(self.latencies) * 1e3
             values.update(latency_p50_ms=f"{np.percentile(ms, 50):.1f}", latency_p99_ms=f"{np.percentile(ms, 99):.1f}")
-        level, message = OK, "running"
-        if self._goal is None:
-            message = "waiting for a goal"
-        elif self.diagnostics.level != OK:
-            level, message = self.diagnostics.level, self.diagnostics.message
-        self.diagnostics.set(level, message, **values)
+        with self._problems_lock:
+            problems, self._problems = self._problems, {}
+            if problems:
+                level = max(problems)
+                message = problems[level]
+            else:
+                level, message = OK, "running" if self._goal is not None else "waiting for a goal"
+            self.diagnostics.set(level, message, **values)
 
     def destroy_node(self):
         with self._wake:

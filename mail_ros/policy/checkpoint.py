@@ -186,9 +186,14 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from exc
-    # Building the model draws random initial weights; keep the caller's RNG stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        policy = MaILPolicy(PolicyConfig.from_dict(data["policy"]))
+    try:
+        # Building the model draws random initial weights; keep the caller's RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            policy = MaILPolicy(PolicyConfig.from_dict(data["policy"]))
+    except Exception as exc:  # noqa: BLE001 - whatever the model makes of the config, the checkpoint is unusable
+        raise CheckpointError(
+            f"{root / CONFIG_FILE} key 'policy' does not build a model: {type(exc).__name__}: {exc}"
+        ) from exc
     expected = policy.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -205,7 +210,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
             raise CheckpointError(f"{weights} tensor {key!r} has dtype {tensors[key].dtype}, expected {value.dtype}")
         if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
             raise CheckpointError(f"{weights} tensor {key!r} contains NaN or infinite values")
-    policy.load_state_dict(tensors, strict=True)
+    try:
+        policy.load_state_dict(tensors, strict=True)
+    except Exception as exc:  # noqa: BLE001 - past the checks above, still a checkpoint that does not load
+        raise CheckpointError(f"{weights} does not load into the model: {type(exc).__name__}: {exc}") from exc
     for key, attr in NORMALIZERS.items():
         normalizer = getattr(policy, attr)
         try:
@@ -217,4 +225,9 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
             raise CheckpointError(
                 f"{root / CONFIG_FILE} key 'normalization.{key}' disagrees with the statistics in {weights}"
             )
-    return policy.to(device).eval()
+    try:
+        return policy.to(device).eval()
+    except Exception as exc:  # noqa: BLE001 - e.g. an unknown device or one without the memory for it
+        raise CheckpointError(
+            f"cannot move the policy of {root} to device {device!r}: {type(exc).__name__}: {exc}"
+        ) from exc

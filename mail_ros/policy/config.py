@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mail_ros.spec import PolicySpec, SpecError
+from mail_ros.spec import PolicySpec, SpecError, is_finite_number, is_integer
 
 __all__ = [
     "ConfigError",
@@ -43,6 +43,21 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+# JSON gives 2.0 for an int field and Infinity or "false" as readily as the right value; each
+# would build a broken model (a TypeError deep in torch, NaN or image-blind policies, a
+# truthy "false"), so every field is checked for its type as well as its range.
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    _check(is_integer(value) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(value: Any, name: str) -> None:
+    _check(is_finite_number(value), f"{name} must be a finite number, got {value!r}")
+
+
+def _check_bool(value: Any, name: str) -> None:
+    _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -79,13 +94,17 @@ class VisionConfig:
     film: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.film, bool), f"vision.film must be true or false, got {self.film!r}")
-        _check(self.resnet_width >= 1, f"vision.resnet_width must be >= 1, got {self.resnet_width}")
-        _check(self.resnet_stages in (1, 2, 3, 4), f"vision.resnet_stages must be 1, 2, 3 or 4, got {self.resnet_stages!r}")
+        for name in ("shared_encoder", "stem_pool", "film"):
+            _check_bool(getattr(self, name), f"vision.{name}")
+        for name in ("resnet_width", "num_keypoints", "feature_dim"):
+            _check_int(getattr(self, name), f"vision.{name}", 1)
+        _check(
+            is_integer(self.resnet_stages) and self.resnet_stages in (1, 2, 3, 4),
+            f"vision.resnet_stages must be 1, 2, 3 or 4, got {self.resnet_stages!r}",
+        )
         _check(self.norm in ("group", "batch"), f"vision.norm must be 'group' or 'batch', got {self.norm!r}")
-        _check(self.num_keypoints >= 1, f"vision.num_keypoints must be >= 1, got {self.num_keypoints}")
+        _check_float(self.temperature, "vision.temperature")
         _check(self.temperature > 0, f"vision.temperature must be positive, got {self.temperature}")
-        _check(self.feature_dim >= 1, f"vision.feature_dim must be >= 1, got {self.feature_dim}")
 
 
 @dataclass
@@ -114,7 +133,8 @@ class BackboneConfig:
             f"backbone.layout must be 'decoder' or 'encoder_decoder', got {self.layout!r}",
         )
         for name in ("d_model", "n_layers", "n_enc", "n_dec", "d_state", "d_conv", "d_conv_dec", "expand", "heads"):
-            _check(getattr(self, name) >= 1, f"backbone.{name} must be >= 1, got {getattr(self, name)}")
+            _check_int(getattr(self, name), f"backbone.{name}", 1)
+        _check_float(self.dropout, "backbone.dropout")
         _check(0.0 <= self.dropout < 1.0, f"backbone.dropout must be in [0, 1), got {self.dropout}")
         if self.kind == "transformer":
             _check(
@@ -150,7 +170,9 @@ class HeadConfig:
             self.time_token in TIME_TOKENS,
             f"head.time_token must be one of {list(TIME_TOKENS)}, got {self.time_token!r}",
         )
-        _check(self.steps >= 2, f"head.steps must be >= 2, got {self.steps}")
+        _check_int(self.steps, "head.steps", 2)
+        for name in ("cosine_s", "max_beta"):
+            _check_float(getattr(self, name), f"head.{name}")
         _check(self.cosine_s > 0, f"head.cosine_s must be positive, got {self.cosine_s}")
         _check(0 < self.max_beta < 1, f"head.max_beta must be in (0, 1), got {self.max_beta}")
 
@@ -163,7 +185,11 @@ class LanguageConfig:
     dim: int = 0  # embedding size (512 for CLIP ViT-B/32); 0 = no language token
 
     def __post_init__(self) -> None:
-        _check(self.dim >= 0, f"language.dim must be >= 0, got {self.dim}")
+        _check_int(self.dim, "language.dim", 0)
+        _check(
+            self.encoder is None or (isinstance(self.encoder, str) and self.encoder.strip() != ""),
+            f"language.encoder must be null or a non-empty encoder spec, got {self.encoder!r}",
+        )
         _check(
             (self.encoder is None) == (self.dim == 0),
             f"language.encoder and language.dim must be set together, got encoder={self.encoder!r} dim={self.dim}",
@@ -195,11 +221,12 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
         _check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
-        _check(isinstance(self.proprio, bool), f"proprio must be true or false, got {self.proprio!r}")
-        _check(
-            isinstance(self.relative_actions, bool),
-            f"relative_actions must be true or false, got {self.relative_actions!r}",
-        )
+        for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("head", HeadConfig),
+                            ("language", LanguageConfig)):
+            _check(isinstance(getattr(self, name), group),
+                   f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
+        _check_bool(self.proprio, "proprio")
+        _check_bool(self.relative_actions, "relative_actions")
         if self.relative_actions:
             observed = set(self.spec.observation.joint_names)
             _check(

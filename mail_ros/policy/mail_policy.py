@@ -23,9 +23,12 @@ T - T' .. T - 1, so the current observation and the actions keep their slots wha
 The time token has no positional embedding in either layout.
 
 Inference reuse (exact, tested against the plain path):
-* every camera frame is encoded once: per-step tokens are cached by observation stamp across
-  calls (frames are immutable; call :meth:`reset` at an episode start or after loading weights;
-  FiLM policies re-encode when the instruction changes);
+* every camera frame is encoded once: tokens are cached per :class:`Observation` OBJECT across
+  calls, so callers pass the same objects again (policy_node and replay keep theirs in an
+  :class:`ObservationHistory`); a different object is encoded anew even under a stamp seen
+  before (a clock jump, a reused stamp). Frames must not be modified in place; call
+  :meth:`reset` at an episode start or after loading weights; FiLM policies re-encode when the
+  instruction changes;
 * the language token and the K time tokens are computed once per chunk;
 * DDPM, ``use_prefix_cache=True``, time token "after_observations": the prefix
   [language?, observations] does not depend on the step, so it is prefilled ONCE per chunk
@@ -138,7 +141,8 @@ class MaILPolicy(nn.Module):
         self.use_prefix_cache = True
         self._seed = 0
         self._generator: torch.Generator | None = None
-        self._frames: dict[float, torch.Tensor] = {}  # stamp -> (D,) observation token
+        # stamp -> (the Observation, its (D,) token); the object is kept so that its identity can be checked.
+        self._frames: dict[float, tuple[Observation, torch.Tensor]] = {}
         # With FiLM the tokens depend on the instruction too: the (1, L) normalised one they were encoded under.
         self._frames_instruction: torch.Tensor | None = None
 
@@ -392,13 +396,13 @@ class MaILPolicy(nn.Module):
         return self.diffusion.sample(predict_noise, (B, self.A, self.action_dim), low, high, generator)
 
     def _history_tokens(self, history: list[Observation], instruction: torch.Tensor | None) -> torch.Tensor:
-        """(1, T', D) observation tokens, encoding only frames not seen in earlier calls
+        """(1, T', D) observation tokens, encoding only Observation objects not seen in earlier calls
         (under the same (1, L) normalised instruction, when the encoders are FiLM-conditioned on it)."""
         film = self.config.vision.film
         if film and (self._frames_instruction is None or not torch.equal(self._frames_instruction, instruction)):
             self._frames.clear()
             self._frames_instruction = instruction.clone()
-        new = [obs for obs in history if obs.stamp not in self._frames]
+        new = [obs for obs in history if self._frames.get(obs.stamp, (None,))[0] is not obs]
         if new:
             images = {
                 name: torch.from_numpy(np.stack([obs.images[name] for obs in new])).to(self.device)
@@ -407,10 +411,10 @@ class MaILPolicy(nn.Module):
             joints = torch.from_numpy(np.stack([obs.joint_positions for obs in new])).float().to(self.device)
             condition = instruction.expand(len(new), -1) if film else None
             for obs, token in zip(new, self._observation_tokens(images, joints, condition)):
-                self._frames[obs.stamp] = token
-        # Older frames can never come back into a window that only moves forward.
+                self._frames[obs.stamp] = (obs, token)
+        # A window only moves forward (or restarts with new objects): older frames never come back.
         self._frames = {obs.stamp: self._frames[obs.stamp] for obs in history}
-        return torch.stack([self._frames[obs.stamp] for obs in history]).unsqueeze(0)
+        return torch.stack([self._frames[obs.stamp][1] for obs in history]).unsqueeze(0)
 
     def _check_history(self, history: Sequence[Observation]) -> list[Observation]:
         history = list(history)

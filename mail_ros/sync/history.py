@@ -10,9 +10,11 @@ from mail_ros.spec import Observation
 class ObservationHistory:
     """The last T observations the policy conditions on, shared by policy_node and offline replay.
 
-    An observation not newer than the last one is ignored (duplicate or out of order); one that
-    follows the last by more than ``max_gap_periods`` policy periods restarts the history (a
-    stream outage must not leave stale frames in the window).
+    An observation stamped like the last one is ignored (a duplicate). One stamped earlier
+    restarts the history with it: time went backwards (a simulator or bag restarted, a clock
+    was reset), and waiting for the stream to pass the old stamps again would block the policy.
+    One that follows the last by more than ``max_gap_periods`` policy periods also restarts the
+    history (a stream outage must not leave stale frames in the window).
     """
 
     def __init__(self, obs_horizon: int, period: float, max_gap_periods: float = 3.0) -> None:
@@ -30,15 +32,19 @@ class ObservationHistory:
         self._window.clear()
 
     def add(self, observation: Observation) -> str | None:
-        """Append ``observation``; returns ``"duplicate"`` (ignored), ``"restart"`` or None."""
+        """Append ``observation``; returns ``"duplicate"`` (ignored), ``"backwards"`` (restarted:
+        stamped before the last), ``"restart"`` (restarted after a gap) or None."""
         outcome = None
         if self._window:
             last = self._window[-1].stamp
-            if observation.stamp <= last:
+            if observation.stamp == last:
                 return "duplicate"
-            if observation.stamp - last > self.max_gap:
-                self._window.clear()
+            if observation.stamp < last:
+                outcome = "backwards"
+            elif observation.stamp - last > self.max_gap:
                 outcome = "restart"
+        if outcome is not None:
+            self._window.clear()
         self._window.append(observation)
         return outcome
 

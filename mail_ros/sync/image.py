@@ -138,7 +138,13 @@ def compressed_to_rgb(format: str, data: bytes | memoryview | np.ndarray) -> np.
     raw = _as_bytes_array(data)
     if raw.size == 0:
         raise ImageConversionError(f"compressed image ({format!r}) has no data")
-    bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # always 8-bit, 3-channel BGR
+    try:
+        bgr = cv2.imdecode(raw, cv2.IMREAD_COLOR)  # always 8-bit, 3-channel BGR
+    except cv2.error as exc:
+        # OpenCV raises rather than returning None for some malformed payloads, e.g. a header
+        # declaring more pixels than it will allocate: still just a bad frame.
+        reason = " ".join(str(exc).split())
+        raise ImageConversionError(f"could not decode {raw.size} bytes as {format!r}: {reason}") from None
     if bgr is None:
         raise ImageConversionError(f"could not decode {raw.size} bytes as {format!r}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
