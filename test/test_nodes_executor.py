@@ -367,7 +367,8 @@ def test_commands_never_run_away_from_an_arm_that_does_not_follow(rig):
     assert commands.size, "the executor never tried"
     # At most one tick's step beyond the tolerated lag, then it stops and starts over from the arm.
     assert np.abs(commands - np.asarray(FR3_HOME)).max() <= MAX_TRACKING_ERROR + MAX_STEP + 1e-6
-    assert executor.last_verdict is not None
+    # /diagnostics shows the lag of the last report period (while streaming), for tuning on the real arm.
+    assert 0.0 < float(executor.diagnostics.values["tracking_error_max_rad"]) <= MAX_TRACKING_ERROR + MAX_STEP
 
 
 def test_a_ramp_interrupted_by_a_hold_is_not_resumed(rig):

@@ -133,6 +133,7 @@ class ExecutorNode(Node):
         self.counters = {"chunks_accepted": 0, "chunks_rejected": 0, "commands": 0, "clipped_ticks": 0,
                          "holds": 0}
         self.tick_times: deque[float] = deque(maxlen=500)
+        self.worst_lag = 0.0  # rad, largest |command - measured| since the last report (to tune max_tracking_error)
 
         self.publisher = self.create_publisher(JointTrajectory, self.command_topic, COMMAND_QOS)
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos_profile_sensor_data)
@@ -318,6 +319,7 @@ class ExecutorNode(Node):
             return
         if self.q_cmd is not None:
             lag = np.abs(self.q_cmd - self.measured)
+            self.worst_lag = max(self.worst_lag, float(lag.max()))
             if lag.max() > self.max_tracking_error:
                 joint = self.arm_joints[int(lag.argmax())]
                 reason = (f"the arm is not following: {joint} is {lag.max():.3f} rad from its command "
@@ -387,7 +389,9 @@ class ExecutorNode(Node):
         self.publisher.publish(msg)
 
     def _report(self) -> None:
-        values = dict(self.counters, mode=self.scheduler.mode, enabled=self.enabled)
+        values = dict(self.counters, mode=self.scheduler.mode, enabled=self.enabled,
+                      tracking_error_max_rad=f"{self.worst_lag:.3f}")
+        self.worst_lag = 0.0
         values.update({f"scheduler.{key}": count for key, count in self.scheduler.counters.items()})
         if len(self.tick_times) > 2:
             intervals = np.diff(np.asarray(self.tick_times)) * 1e3
