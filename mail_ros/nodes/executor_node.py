@@ -42,7 +42,9 @@ FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
 # A measured position this far (rad) beyond a hard limit is a broken reading, not the arm.
 MEASURED_LIMIT_TOLERANCE = 0.05
 # A control tick this many periods after the previous command finds the controller at rest (it
-# reached that command a period after sending); closer to 1 would mistake timer jitter for it.
+# reached that command a period after sending), so the next command starts from rest. A tick
+# between one and two periods late also finds it at rest, for part of a period, which is not
+# modelled: nearer 1 this would mistake timer jitter on a busy computer for a late tick.
 LATE_TICK_PERIODS = 2.0
 
 
