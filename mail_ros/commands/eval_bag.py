@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mail_ros.commands import parse_pairs
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW
 
 PROG = "mail-ros eval-bag"
 
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 folders (MCAP or SQLite3)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--out", default="eval_report", help="report directory (created; files replaced)")
-    p.add_argument("--max-skew", type=float, default=0.02, help="max |member stamp - reference stamp| in s")
+    p.add_argument("--max-skew", type=float, default=DEFAULT_MAX_SKEW, help="max |member stamp - reference stamp| in s")
     p.add_argument("--latency-allowance", type=float, default=0.05, help="s to wait past ref + max skew")
     p.add_argument("--encoder", default=None,
                    help="text encoder spec (e.g. clip:<folder>); default: the checkpoint's language_encoder")

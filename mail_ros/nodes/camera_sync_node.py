@@ -4,8 +4,14 @@ Each incoming message is converted on arrival (decode, rgb8, resize to the model
 joints selected by name) by the core ObservationBuilder, then aligned by header stamp by the
 core StreamAligner: the same two pieces the bag converter and offline replay use, so training,
 replay and deployment see identical observations. Every message is accounted for: used, or
-dropped with a reason (invalid, no match within max_skew, decimated to the policy rate, late,
-unused), reported on /diagnostics.
+dropped with a reason (invalid, stamped ahead of this node's clock, no match within max_skew,
+decimated to the policy rate, late, unused), reported on /diagnostics, whose level and rates
+describe the last report period.
+
+A message stamped further ahead of the node clock than ``max_stamp_lead`` is refused: its
+clock disagrees, and aligned by stamp it would pair an image with joints from another moment.
+When the node clock goes backwards (a restarted simulator, a looping bag under sim time), the
+aligner starts afresh instead of waiting for stamps to pass the old ones again.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, P
                                    now_seconds, run_node, seconds_to_stamp, stamp_to_seconds)
 from mail_ros.policy.checkpoint import CheckpointError, read_checkpoint_config
 from mail_ros.spec import ObservationSpec
-from mail_ros.sync.alignment import AlignedSet, AlignerConfig, StreamAligner
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
 from mail_ros.sync.image import rgb_to_image_fields
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
 
@@ -41,8 +47,11 @@ class CameraSyncNode(Node):
         height = declare(self, "image_height", 0, "Model image height when no checkpoint is given (0 = 128)")
         width = declare(self, "image_width", 0, "Model image width when no checkpoint is given (0 = 128)")
         rate = declare(self, "rate_hz", 0.0, "Observation rate; 0 = the checkpoint's policy rate")
-        self.max_skew = declare(self, "max_skew", 0.025, "Largest allowed |stamp difference| (s) between a "
-                                "member of a set and the reference camera")
+        self.max_skew = declare(self, "max_skew", DEFAULT_MAX_SKEW, "Largest allowed |stamp difference| (s) "
+                                "between a member of a set and the reference camera (as `mail-ros convert` "
+                                "used for the training data)")
+        self.max_stamp_lead = declare(self, "max_stamp_lead", 0.05, "Messages stamped further than this (s) "
+                                      "ahead of the node clock are refused: their clock disagrees")
         latency = declare(self, "latency_allowance", 0.05, "How long (s) past ref stamp + max_skew to wait for "
                           "late messages before deciding a set")
         compressed = declare(self, "compressed", False, "Subscribe to <camera>/image_raw/compressed "
@@ -75,7 +84,11 @@ class CameraSyncNode(Node):
         self.invalid: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
         self.published = 0
-        self._started = time.monotonic()
+        self.clock_resets = 0
+        self._latest_now = -math.inf  # the node clock's high-water mark, to notice it going backwards
+        self._backwards_tolerance = latency
+        # Totals at the previous report: the report describes the period since then.
+        self._last_report = (time.monotonic(), 0, Counter(), Counter())
 
         self.publisher = self.create_publisher(ObservationMsg, "mail/observation", PIPELINE_QOS)
         for camera in spec.cameras:
@@ -99,6 +112,11 @@ class CameraSyncNode(Node):
         if stamp <= 0.0:
             self._reject(stream, "unstamped", "message has a zero header stamp")
             return
+        lead = stamp - self._now()
+        if lead > self.max_stamp_lead:
+            self._reject(stream, "future", f"stamped {lead:.3f} s ahead of this node's clock (max_stamp_lead "
+                                           f"{self.max_stamp_lead} s): the clocks disagree")
+            return
         try:
             payload = self.builder.prepare(stream, msg)
         except ObservationError as exc:
@@ -112,8 +130,20 @@ class CameraSyncNode(Node):
         self.get_logger().warning(f"dropping {stream} message ({reason}): {detail}", throttle_duration_sec=2.0)
         self.diagnostics.set(WARN, f"dropping {stream} messages: {reason}")
 
+    def _now(self) -> float:
+        """The node clock; a jump back restarts the alignment (see the module docstring)."""
+        now = now_seconds(self)
+        if now < self._latest_now - self._backwards_tolerance:
+            self.get_logger().warning(f"the clock went back {self._latest_now - now:.3f} s: restarting the "
+                                      "alignment", throttle_duration_sec=2.0)
+            self.aligner.reset()
+            self.clock_resets += 1
+            self._latest_now = now
+        self._latest_now = max(self._latest_now, now)
+        return now
+
     def _poll(self) -> None:
-        for aligned in self.aligner.poll(now_seconds(self)):
+        for aligned in self.aligner.poll(self._now()):
             self.publisher.publish(self._to_msg(aligned))
             self.published += 1
 
@@ -142,21 +172,26 @@ class CameraSyncNode(Node):
         return msg
 
     def _report(self) -> None:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        stats = self.aligner.stats.to_dict()
-        values = {"observations_published": self.published, "observation_rate_hz": f"{self.published / elapsed:.2f}"}
+        then, published, received, invalid = self._last_report
+        now = time.monotonic()
+        elapsed = max(now - then, 1e-9)
+        new_received, new_invalid = self.received - received, self.invalid - invalid
+        new_published = self.published - published
+        self._last_report = (now, self.published, self.received.copy(), self.invalid.copy())
+        values = {"observations_published": self.published, "observation_rate_hz": f"{new_published / elapsed:.2f}",
+                  "clock_resets": self.clock_resets}
         for stream in self.builder.streams:
-            values[f"{stream}.rate_hz"] = f"{self.received[stream] / elapsed:.2f}"
+            values[f"{stream}.rate_hz"] = f"{new_received[stream] / elapsed:.2f}"
         for key, count in self.invalid.items():
             values[f"{key}.dropped"] = count
-        values["sync"] = stats
-        silent = [s for s in self.builder.streams if self.received[s] == 0]
+        values["sync"] = self.aligner.stats.to_dict()
+        silent = [s for s in self.builder.streams if new_received[s] == 0]
         if silent:
-            self.diagnostics.set(ERROR, f"no messages from {silent}", **values)
-        elif self.published == 0:
-            self.diagnostics.set(WARN, "receiving, but no aligned set yet", **values)
-        elif self.invalid:
-            self.diagnostics.set(WARN, f"publishing; invalid messages dropped: {dict(self.invalid)}", **values)
+            self.diagnostics.set(ERROR, f"no messages from {silent} in the last {elapsed:.1f} s", **values)
+        elif new_published == 0:
+            self.diagnostics.set(WARN, f"receiving, but no aligned set in the last {elapsed:.1f} s", **values)
+        elif new_invalid:
+            self.diagnostics.set(WARN, f"publishing; invalid messages dropped: {dict(new_invalid)}", **values)
         else:
             self.diagnostics.set(OK, "publishing aligned observations", **values)
 

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_SKEW",
     "AlignedSet",
     "AlignerConfig",
     "StreamAligner",
@@ -68,6 +69,9 @@ NS_PER_SECOND = 1_000_000_000
 SKEW_SAMPLES_KEPT = 10_000
 # Number of reference intervals whose median estimates the camera interval (the default tolerance).
 INTERVAL_WINDOW = 15
+# Default max_skew (s) of every aligner: camera_sync_node, `mail-ros convert` and replay must pair
+# the same messages, or the robot sees observations that training and offline evaluation never had.
+DEFAULT_MAX_SKEW = 0.02
 
 
 class SyncError(ValueError):
