@@ -174,6 +174,8 @@ class ExecutorNode(Node):
             problem = "non-finite positions"
         elif not self.limits.contains(q, atol=MEASURED_LIMIT_TOLERANCE):
             problem = f"positions outside the FR3 limits: {np.round(q, 3).tolist()}"
+        elif stamp <= 0.0:
+            problem = "no header stamp (its age cannot be known)"
         elif stamp - now > self.max_clock_skew:
             problem = f"stamped {stamp - now:.3f} s ahead of this node's clock"
         if problem:
