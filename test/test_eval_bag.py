@@ -24,7 +24,7 @@ from bag_factory import Camera, DemoBag, arm_target, gripper_target, write_demo_
 from mail_ros import cli
 from mail_ros.commands.checkpoint import limit_stats
 from mail_ros.data.ros_types import typestore
-from mail_ros.eval.replay import ObservationHistory, ReplayConfig, replay_bag
+from mail_ros.eval.replay import ObservationHistory, ReplayConfig, ReplayError, replay_bag
 from mail_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from mail_ros.spec import Observation
 
@@ -293,3 +293,45 @@ def test_instruction_is_embedded_with_the_checkpoint_encoder(tmp_path, capsys):
     assert report["chunks"] == report["frames"] > 5
     assert report["bags"][0]["instructions"][0]["text"] == "put the cube in the bowl"
     assert report["checkpoint"]["language_encoder"] == "minilm:all-MiniLM-L6-v2"
+
+
+def shift_sensors(src: Path, dst: Path, seconds: float) -> None:
+    """Copy bag ``src`` to ``dst`` with every camera and joint-state message received ``seconds``
+    earlier: their header stamps then lead the receiving clock (a sensor clock running ahead)."""
+    with AnyReader([src], default_typestore=typestore()) as reader:
+        records = [(ns - int(round(seconds * 1e9)) if c.topic.startswith("/cameras/") or c.topic == "/joint_states"
+                    else ns, c.topic, c.msgtype, bytes(raw)) for c, ns, raw in reader.messages()]
+    records.sort(key=lambda r: r[0])
+    with Writer(dst, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = {}
+        for ns, topic, msgtype, raw in records:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, msgtype, typestore=typestore())
+            writer.write(connections[topic], ns, raw)
+
+
+def test_stamps_ahead_of_the_receiving_clock_are_refused_as_the_nodes_refuse_them(tmp_path, checkpoint):
+    shift_sensors(write_demo_bag(tmp_path / "src", DemoBag(duration=1.5)).path, tmp_path / "bag", 0.25)
+    policy = load_checkpoint(checkpoint)
+    # camera_sync_node refuses every message stamped 0.25 s ahead: nothing to align.
+    with pytest.raises(ReplayError, match="future"):
+        replay_bag(tmp_path / "bag", policy, ReplayConfig())
+    # Past camera_sync_node (a lead it tolerates), policy_node refuses each observation instead.
+    tolerant = replay_bag(tmp_path / "bag", policy, ReplayConfig(max_stamp_lead=1.0))
+    # (The last set is decided by the end-of-bag flush, as the node's timer would, not early.)
+    assert tolerant.observations["refused_future"] >= tolerant.frames - 1 > 0
+    assert all(c.stamp - c.decided <= 0.05 for c in tolerant.chunks)
+
+
+def test_like_policy_node_no_chunk_before_the_first_instruction(tmp_path, checkpoint):
+    policy = load_checkpoint(checkpoint)  # no language: the goal only starts the episode
+    late = write_demo_bag(tmp_path / "late", DemoBag(duration=2.0, instruction=None,
+                                                     instructions=((101.05, "pick up the cube"),))).path
+    replay = replay_bag(late, policy, ReplayConfig())
+    assert replay.chunks and min(c.decided for c in replay.chunks) >= 101.05
+    assert replay.observations["no_goal"] > 0
+    assert all(len(skews) == replay.frames for skews in replay.skews.values())  # every emitted set's
+    # A bag without the instruction topic: a goal from the start.
+    untold = write_demo_bag(tmp_path / "untold", DemoBag(duration=2.0, instruction=None)).path
+    replay = replay_bag(untold, policy, ReplayConfig())
+    assert len(replay.chunks) == replay.frames and replay.observations["no_goal"] == 0

@@ -4,18 +4,23 @@ What runs is what the robot runs, in the order the robot would see it:
 
 * every camera and joint-state message, in LOG order, goes through
   :meth:`ObservationBuilder.prepare` (decode, resize, joint selection; a zero stamp or a bad
-  message is dropped as ``"unstamped"`` / ``"invalid"``, as camera_sync_node does) and is pushed
+  message is dropped as ``"unstamped"`` / ``"invalid"``, and one stamped more than
+  ``max_stamp_lead`` after its receive time as ``"future"``, as camera_sync_node does) and is pushed
   into a :class:`StreamAligner` at the checkpoint's policy rate, keyed by HEADER stamps, and
   polled with the message's log (receive) time as ``now``. Sets still pending at the end of the
   bag are decided by ``flush`` as if the node's poll timer fired at ``ref + max_skew +
   latency_allowance``;
 * each aligned observation is handled as policy_node handles one: refused when older than
-  ``max_observation_age`` at the time it was decided, appended to an :class:`ObservationHistory`
+  ``max_observation_age`` at the time it was decided (or stamped more than
+  ``max_observation_lead`` after it), appended to an :class:`ObservationHistory`
   of T observations (a gap longer than ``max_gap_periods`` periods, or a stamp earlier than the
   last one, restarts it; a repeated stamp is ignored), and a new
   instruction on ``/mail/instruction`` starts a new episode: history cleared and
   ``policy.reset(seed)``;
 * a chunk is predicted for every aligned observation that has a goal (or every k-th, ``every``).
+  As policy_node waits for a goal whether or not the policy reads language, observations before
+  the bag's first instruction have none; only a bag without the instruction topic (and no
+  ``instruction`` override) is replayed with a goal from the start, for policies without language.
   Unlike the node, which skips observations while inference is busy, nothing is skipped for
   latency: the replay is deterministic.
 
@@ -47,7 +52,7 @@ from mail_ros.data import bags
 from mail_ros.data.bags import BagConfig, DemonstratedActions, Trajectory
 from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
-from mail_ros.sync.alignment import AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
 
@@ -78,12 +83,14 @@ class CameraMismatchError(ReplayError):
 class ReplayConfig:
     """How to replay: sync tolerances, the node's history rules, what to compare; times in seconds."""
 
-    max_skew: float = 0.02  # as `mail-ros convert`, so replayed frames are the training frames
+    max_skew: float = DEFAULT_MAX_SKEW  # as `mail-ros convert`, so replayed frames are the training frames
     latency_allowance: float = 0.05
     buffer_seconds: float = 2.0
     every: int = 1  # predict on every k-th observation that has a goal
     seed: int = 0  # policy.reset(seed) at the start and at every new instruction, as policy_node
     max_observation_age: float = 0.3  # policy_node's max_observation_age
+    max_observation_lead: float = 0.05  # policy_node's max_observation_lead
+    max_stamp_lead: float = 0.05  # camera_sync_node's max_stamp_lead
     max_gap_periods: float = 3.0  # policy_node's max_gap_periods
     instruction: str | None = None  # overrides /mail/instruction: one goal from the start
     camera_topics: tuple[tuple[str, str], ...] = ()  # camera -> topic; default: found by name
@@ -97,6 +104,9 @@ class ReplayConfig:
             raise ValueError(f"every must be >= 1, got {self.every}")
         if not self.max_observation_age > 0:
             raise ValueError(f"max_observation_age must be positive, got {self.max_observation_age}")
+        for name in ("max_observation_lead", "max_stamp_lead"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         if self.instruction is not None and not self.instruction.strip():
             raise ValueError("instruction override is empty")
 
@@ -255,6 +265,9 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
     ))
     history = ObservationHistory(spec.observation.obs_horizon, spec.observation.period, config.max_gap_periods)
     invalid: dict[str, Counter[str]] = {s: Counter() for s in builder.streams}
+    # Every emitted set's skews (the aligner's own statistics keep only the most recent ones).
+    result.skews = {name: [] for name in builder.streams[1:]}
+    waits_for_goal = language or (config.instruction is None and bag_config.instruction_topic in topics)
     goal_text: str | None = None
     goal_embedding: np.ndarray | None = None
     eligible = 0
@@ -269,9 +282,15 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         nonlocal eligible, last_frame
         result.frames += 1
         last_frame = max(last_frame, aligned.stamp)
+        for name, skew in aligned.skew.items():
+            if name in result.skews:
+                result.skews[name].append(skew)
         observation = builder.build(aligned)
         if decided - observation.stamp > config.max_observation_age:
             result.observations["refused_stale"] += 1
+            return
+        if observation.stamp - decided > config.max_observation_lead:
+            result.observations["refused_future"] += 1
             return
         outcome = history.add(observation)
         if outcome == "duplicate":
@@ -281,7 +300,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
             result.observations["history_restarts"] += 1
         elif outcome == "backwards":
             result.observations["history_restarts_backwards"] += 1
-        if language and goal_embedding is None:
+        if waits_for_goal and goal_text is None:
             result.observations["no_goal"] += 1
             return
         eligible += 1
@@ -323,6 +342,9 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
             if stamp <= 0.0:
                 invalid[stream]["unstamped"] += 1
                 continue
+            if stamp - now > config.max_stamp_lead:
+                invalid[stream]["future"] += 1
+                continue
             try:
                 payload = builder.prepare(stream, msg)
             except ObservationError:
@@ -335,7 +357,6 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
             on_observation(aligned, aligned.stamp + config.max_skew + config.latency_allowance)
 
     result.sync = _sync_summary(aligner, invalid)
-    result.skews = {name: list(aligner.stats[name].skews) for name in builder.streams[1:]}
     if result.frames == 0:
         dropped = result.sync["streams"][builder.streams[0]]["dropped"]
         reference = builder.streams[0]
