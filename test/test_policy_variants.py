@@ -7,6 +7,7 @@ import torch
 
 from mail_ros.policy.config import ConfigError
 from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
+from mail_ros.policy.normalizer import STD_FLOOR
 from mail_ros.policy.presets import get_preset
 from mail_ros.spec import Observation
 
@@ -214,6 +215,28 @@ def test_bc_predicts_denormalised_actions():
         policy.action_out.bias.zero_()
     chunk = policy.predict_chunk(make_history(policy, 2))
     np.testing.assert_allclose(chunk, np.broadcast_to(policy.action_norm.mean.numpy(), chunk.shape), atol=1e-6)
+
+
+def test_a_joint_that_never_moved_in_training_is_ignored_at_run_time():
+    # The fingers stayed open in every demonstration: their normalised value was always 0, so a
+    # run-time deviation must not enter amplified by the floored std (z = 5 for half a millimetre).
+    policy = make_policy("tiny-d_ma-bc", {"proprio": True})
+    dims = policy.joint_dim
+    mean, std = np.zeros(dims), np.ones(dims)
+    mean[-1], std[-1] = 0.04, STD_FLOOR
+    low, high = mean - 1.0, mean + 1.0
+    low[-1] = high[-1] = 0.04
+    policy.set_normalization(policy.action_norm.stats(), proprio_stats={"mean": mean, "std": std, "min": low, "max": high})
+    history = make_history(policy, 2)
+    for obs in history:
+        obs.joint_positions[-1] = 0.04
+    base = policy.predict_chunk(history)
+    policy.reset()
+    nudged = [Observation(o.stamp, o.images, o.joint_positions + np.eye(dims)[-1] * 5e-4) for o in history]
+    np.testing.assert_array_equal(policy.predict_chunk(nudged), base)
+    policy.reset()
+    moved = [Observation(o.stamp, o.images, o.joint_positions + np.eye(dims)[0] * 0.1) for o in history]
+    assert not np.allclose(policy.predict_chunk(moved), base)  # a joint that did vary still counts
 
 
 def test_proprio_and_language_tokens_change_the_output():

@@ -214,7 +214,7 @@ class MaILPolicy(nn.Module):
         instructions for FiLM encoders, else None -> (N, D)."""
         tokens = self.encoder(images, film)
         if self.proprio_proj is not None:
-            tokens = tokens + self.proprio_proj(self.proprio_norm.normalize(joints))
+            tokens = tokens + self.proprio_proj(self.proprio_norm.normalize_input(joints))
         return tokens
 
     def _normalized_instruction(self, embedding: torch.Tensor | None) -> torch.Tensor | None:

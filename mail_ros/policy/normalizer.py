@@ -91,6 +91,13 @@ class Normalizer(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` for network inputs: a dimension that never varied in the statistics
+        (min == max, e.g. fingers that stayed open in every demonstration) gives 0 whatever ``x``
+        is. The network never saw it vary, and at its floored std a run-time deviation of half a
+        millimetre would enter as a z-score of 5."""
+        return torch.where(self.max > self.min, self.normalize(x), torch.zeros_like(x))
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.std + self.mean
 
