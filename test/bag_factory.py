@@ -3,9 +3,9 @@
 ``write_demo_bag(path, DemoBag(...))`` records what a teleoperated FR3 demo bag holds: cameras
 (raw ``sensor_msgs/Image`` or ``CompressedImage``) at their own rates with stamp jitter and
 dropped frames, ``/joint_states`` with the joints in a scrambled order plus an unrelated joint,
-arm (and optionally gripper) ``JointTrajectory`` commands, an instruction and optional episode
-markers. Every value comes from a closed-form function of time, so tests can compute exactly
-what a converter must produce:
+arm (and optionally gripper) ``JointTrajectory`` commands, instructions and optional episode
+markers (given, or as ``mail-ros record`` writes them). Every value comes from a closed-form
+function of time, so tests can compute exactly what a converter must produce:
 
 - ``arm_target(t)`` / ``gripper_target(t)``: the commanded targets, LINEAR in t, so linear
   interpolation between trajectory points reproduces them exactly;
@@ -107,9 +107,12 @@ class DemoBag:
     command_topic: str = "/fr3_arm_controller/joint_trajectory"
     gripper_topic: str | None = "/fr3_gripper/joint_trajectory"
     zero_command_stamps: bool = False  # header stamp 0: the trajectory starts when received
-    instruction: str | None = "put the cube in the bowl"
+    instruction: str | None = "put the cube in the bowl"  # received at start - 0.5
     instruction_topic: str = "/mail/instruction"
+    instructions: tuple[tuple[float, str], ...] = ()  # more (receive time, text)
     episodes: tuple[tuple[float, float], ...] = ()  # (start, stop) markers on episode_topic
+    # markers as `mail-ros record` writes them: a "start" with every instruction, a "stop" at the end
+    recorder_markers: bool = False
     episode_topic: str = "/mail/episode"
     nan_command_at: float | None = None  # first command at or after this time carries NaN
     seed: int = 0
@@ -236,15 +239,20 @@ def write_demo_bag(path: str | Path, demo: DemoBag = DemoBag()) -> BagTruth:
     if demo.zero_command_stamps:
         command_start = command_receive.copy()
 
-    if demo.instruction is not None:
-        msg = ts.types["std_msgs/msg/String"](data=demo.instruction)
-        records.append((demo.start - 0.5, demo.instruction_topic, "std_msgs/msg/String", msg))
+    string = ts.types["std_msgs/msg/String"]
+    instructions = [(demo.start - 0.5, demo.instruction)] if demo.instruction is not None else []
+    instructions += list(demo.instructions)
+    for t, text in instructions:
+        records.append((t, demo.instruction_topic, "std_msgs/msg/String", string(data=text)))
+        if demo.recorder_markers:
+            records.append((t, demo.episode_topic, "std_msgs/msg/String", string(data="start")))
     for start, stop in demo.episodes:
         for t, word in ((start, "start"), (stop, "stop")):
-            msg = ts.types["std_msgs/msg/String"](data=word)
-            records.append((t, demo.episode_topic, "std_msgs/msg/String", msg))
+            records.append((t, demo.episode_topic, "std_msgs/msg/String", string(data=word)))
 
     records.sort(key=lambda r: r[0])
+    if demo.recorder_markers and instructions:
+        records.append((records[-1][0], demo.episode_topic, "std_msgs/msg/String", string(data="stop")))
     plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[demo.storage]
     with Writer(path, version=Writer.VERSION_LATEST, storage_plugin=plugin) as writer:
         connections = {}

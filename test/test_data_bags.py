@@ -112,6 +112,46 @@ def test_episode_markers_split_one_bag(tmp_path):
     assert len(truth.camera_stamps["agentview"]) > sum(len(ep) for ep in readout.episodes)
 
 
+@pytest.mark.parametrize("switch", [102.005, 102.02])
+def test_recorded_episodes_keep_their_own_instruction(tmp_path, switch):
+    # The second instruction arrives with agentview frame 20 (stamp 102.0 +- 4 ms, received 10 ms
+    # later): at 102.005 between its capture and its receipt, at 102.02 after both.
+    demo = bf.DemoBag(duration=4.0, instruction=None, recorder_markers=True,
+                      instructions=((99.5, "pick up the red cube"), (switch, "open the drawer")))
+    truth = bf.write_demo_bag(tmp_path / "bag", demo)
+    readout = read_bag(tmp_path / "bag", config())
+    assert readout.failures == []
+    first, second = readout.episodes
+    assert (first.instruction, second.instruction) == ("pick up the red cube", "open the drawer")
+    ref = truth.camera_stamps["agentview"]
+    latency = demo.cameras[0].latency
+    # Frames go to the episode open when they were received; one captured before the instruction
+    # and received after it is in neither: the runtime never acts on it with the new goal.
+    straddling = (ref < switch) & (ref + latency >= switch)
+    assert straddling.sum() == (1 if switch == 102.005 else 0)
+    np.testing.assert_allclose(first.timestamps, ref[ref + latency < switch], atol=1e-8)
+    np.testing.assert_allclose(second.timestamps, ref[ref >= switch], atol=1e-8)
+    assert second.sync_stats["frames_dropped"] == ({"predates_instruction": 1} if straddling.any() else {})
+    assert first.sync_stats["frames_dropped"] == {}
+    for ep in readout.episodes:
+        for t, action in zip(ep.timestamps, ep.actions):
+            np.testing.assert_allclose(action, np.append(bf.arm_target(t + DT), bf.gripper_target(t + DT)), atol=1e-6)
+
+
+def test_instruction_in_effect_when_observations_start(tmp_path):
+    # Without markers the bag is one episode; a correction sent before the cameras start wins.
+    bf.write_demo_bag(tmp_path / "corrected", bf.DemoBag(instructions=((99.8, "put the cube in the box"),)))
+    (ep,) = read_bag(tmp_path / "corrected", config()).episodes
+    assert ep.instruction == "put the cube in the box" and ep.sync_stats["frames_dropped"] == {}
+    # The only instruction arrives mid-bag: the frames captured before it had no goal at run time.
+    truth = bf.write_demo_bag(tmp_path / "late", bf.DemoBag(instruction=None, instructions=((101.05, "wave"),)))
+    (ep,) = read_bag(tmp_path / "late", config()).episodes
+    ref = truth.camera_stamps["agentview"]
+    assert ep.instruction == "wave"
+    np.testing.assert_allclose(ep.timestamps, ref[ref >= 101.05], atol=1e-8)
+    assert ep.sync_stats["frames_dropped"] == {"predates_instruction": int(np.sum(ref < 101.05))}
+
+
 def test_missing_topic_names_file_and_topic(tmp_path):
     bf.write_demo_bag(tmp_path / "bag", bf.DemoBag())
     with pytest.raises(DataError, match=r"bag: missing topics \['/cameras/side/image_raw'\]"):

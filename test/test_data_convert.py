@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import bag_factory as bf
 from mail_ros.cli import main
-from mail_ros.data.hdf5 import read_hdf5
+from mail_ros.data.hdf5 import read_hdf5, write_hdf5
 
 ARGS = ["--image-size", "24", "32", "--max-skew", "0.03", "--rate", "10"]
 
@@ -38,3 +40,28 @@ def test_convert_bags_and_merge(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nan"), "-o", str(out), *ARGS]) == 1
     assert "no usable episode" in capsys.readouterr().err and out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_merge_keeps_the_inputs_action_space(tmp_path, capsys):
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag())
+    joint = tmp_path / "joint.hdf5"
+    assert main(["convert", str(tmp_path / "bag"), "-o", str(joint), *ARGS]) == 0
+    assert read_hdf5(joint).action_space == "joint_position"
+    ee = tmp_path / "ee.hdf5"
+    write_hdf5(ee, dataclasses.replace(read_hdf5(joint), action_space="ee_delta"))
+    merged = tmp_path / "merged.hdf5"
+    assert main(["convert", str(ee), str(ee), "-o", str(merged), *ARGS]) == 0
+    assert read_hdf5(merged).action_space == "ee_delta" and len(read_hdf5(merged).episodes) == 2
+    assert "action space ee_delta" in capsys.readouterr().out
+
+    # The first input written decides; HDF5 files and bags of another action space are refused.
+    assert main(["convert", str(ee), str(joint), str(tmp_path / "bag"), "-o", str(merged), *ARGS]) == 0
+    text = capsys.readouterr().out
+    assert "1 episodes" in text and "skipped episodes/inputs: 2" in text
+    assert f"{joint}: action space 'joint_position' differs from the earlier inputs' 'ee_delta'" in text
+    bag = tmp_path / "bag"
+    assert f"{bag}: action space 'joint_position' (a bag) differs from the earlier inputs' 'ee_delta'" in text
+    demos = read_hdf5(merged)
+    assert demos.action_space == "ee_delta" and len(demos.episodes) == 1
+    assert main(["convert", str(tmp_path / "bag"), str(ee), "-o", str(merged), *ARGS]) == 0
+    assert read_hdf5(merged).action_space == "joint_position" and "'ee_delta' differs" in capsys.readouterr().out

@@ -52,6 +52,8 @@ def test_short_episodes_skipped_or_error(caplog):
     assert len(ds) == 9 - 5 + 1 and "ep100 (3 frames)" in caplog.text
     with pytest.raises(DataError, match=r"a window needs T \+ A - 1 = 5 frames but the episodes are ep0 \(3 frames\)"):
         DemoWindows([counting_episode(3, 0)], ("agentview",), 2, 4)
+    with pytest.raises(DataError, match=r"no validation window: a window needs"):
+        DemoWindows([counting_episode(3, 0)], ("agentview",), 2, 4, split="validation")
     with pytest.raises(DataError, match=r"no images for cameras \['side'\]"):
         DemoWindows([counting_episode(9, 0)], ("side",), 2, 4)
 

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mail_ros.data.hdf5 import DataError, DemoSet, DemoWriter, Episode, read_hdf5, write_hdf5
+from mail_ros.data.hdf5 import (UNDECLARED_ACTION_SPACE, DataError, DemoSet, DemoWriter, Episode, fingerprint_hdf5,
+                                read_hdf5, write_hdf5)
 
 
 def episode(n: int, seed: int, size=(16, 20), cams=("agentview", "wrist"), instruction="stack", source=None) -> Episode:
@@ -77,6 +78,7 @@ def test_libero_layout_with_camera_map(tmp_path):
     assert [len(ep) for ep in demos.episodes] == [6, 4]
     assert demos.episodes[0].instruction == "open the top drawer"
     assert demos.joint_names[0] == "joint_0" and demos.action_names[-1] == "action_6"
+    assert demos.action_space == UNDECLARED_ACTION_SPACE  # LIBERO does not say (its actions are OSC deltas)
     np.testing.assert_allclose(demos.episodes[1].timestamps, np.arange(4) / 20.0)
     with pytest.raises(DataError, match=r"cameras \['wrist'\] not found; the file has \['agentview', 'eye_in_hand'\]"):
         read_hdf5(path, cameras=("agentview", "wrist"))
@@ -91,3 +93,41 @@ def test_bad_inputs(tmp_path):
         Episode(ep.images, ep.joint_positions, ep.actions, "x", ep.timestamps, "bag0")
     with pytest.raises(DataError, match="mismatched image sizes: bag1 camera 'agentview' is \\(8, 8\\)"):
         demo_set([episode(5, 0), episode(5, 1, size=(8, 8))])
+
+
+def _edit_episode(ep: Episode, what: str) -> None:
+    if what == "actions":
+        ep.actions[2, 3] += 1e-3
+    elif what == "joint_states":
+        ep.joint_positions[0, 0] += 1e-3
+    elif what == "timestamps":
+        ep.timestamps += 1e-3
+    else:
+        ep.instruction = "stack the cube"
+
+
+def test_fingerprint_follows_actions_states_stamps_not_images_or_storage(tmp_path):
+    def episodes():
+        return [episode(5, 0), episode(7, 1, instruction="open the drawer")]
+
+    write_hdf5(tmp_path / "a.hdf5", demo_set(episodes()))
+    fingerprint = fingerprint_hdf5(tmp_path / "a.hdf5")
+    with h5py.File(tmp_path / "a.hdf5") as src, h5py.File(tmp_path / "gzip.hdf5", "w") as dst:
+        data = dst.create_group("data")
+        data.attrs.update(src["data"].attrs)
+        for key, group in src["data"].items():
+            data.create_group(key).attrs.update(group.attrs)
+            for name in ["actions", "timestamps"] + [f"obs/{obs}" for obs in group["obs"]]:
+                data[key].create_dataset(name, data=group[name][()], compression="gzip")
+    assert fingerprint_hdf5(tmp_path / "gzip.hdf5") == fingerprint  # same content, other storage
+    other_images = episodes()
+    other_images[1].images["wrist"][:] = 0
+    write_hdf5(tmp_path / "images.hdf5", demo_set(other_images))
+    assert fingerprint_hdf5(tmp_path / "images.hdf5") == fingerprint
+    for what in ("actions", "joint_states", "timestamps", "instruction"):
+        changed = episodes()
+        _edit_episode(changed[1], what)
+        write_hdf5(tmp_path / f"{what}.hdf5", demo_set(changed))
+        assert fingerprint_hdf5(tmp_path / f"{what}.hdf5") != fingerprint, what
+    with pytest.raises(DataError, match="cannot open as HDF5"):
+        fingerprint_hdf5(tmp_path / "missing.hdf5")

@@ -108,6 +108,37 @@ def test_save_replaces_atomically_and_leaves_no_temporaries(saved, tmp_path):
     assert sorted(p.name for p in target.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
 
 
+def test_files_written_before_the_swap_appear_with_the_checkpoint_or_not_at_all(saved, tmp_path):
+    policy, _ = saved
+    target = tmp_path / "ckpt"
+    save_checkpoint(target, policy, step=1, write_files=lambda folder: (folder / "state.json").write_text('{"step": 1}'))
+    assert sorted(p.name for p in target.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, "state.json"]
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def killed_midway(folder):
+        (folder / "state.json").write_text('{"step": 2}')
+        raise KeyboardInterrupt  # as from Ctrl-C while the extra files are written
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(target, policy, step=2, write_files=killed_midway)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_non_finite_weights_are_refused_and_the_old_checkpoint_kept(tmp_path):
+    target = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    policy = MaILPolicy(get_preset("tiny-d_ma-bc"))
+    save_checkpoint(target, policy, step=1)
+    with torch.no_grad():
+        next(policy.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"refusing to save .*ckpt: tensor '.+' contains NaN or infinite values"):
+        save_checkpoint(target, policy, step=2)
+    load_checkpoint(target)
+    assert read_checkpoint_config(target)["training"]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
 def _copy(saved, tmp_path):
     target = tmp_path / "broken"
     shutil.copytree(saved[1], target)
@@ -272,4 +303,10 @@ def test_cli_init_info_presets(tmp_path, capsys):
     assert len(names) == 56 and "paper-goal-d_ma-ddpm" in names and "tiny-ed_tr-bc" in names
     assert cli_main(["checkpoint", "init", "--preset", "huge-d_ma-bc", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'huge-d_ma-bc'" in capsys.readouterr().err
+    # An existing checkpoint (perhaps a trained one) is replaced only on request.
+    assert cli_main(["checkpoint", "init", "--preset", "tiny-d_ma-bc", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert read_checkpoint_config(out)["extra"]["seed"] == 3
+    assert cli_main(["checkpoint", "init", "--preset", "tiny-d_ma-bc", "--out", str(out), "--overwrite"]) == 0
+    assert read_checkpoint_config(out)["extra"]["seed"] == 0
     assert cli_main(["checkpoint", "info", str(tmp_path / "missing")]) == 2

@@ -1,11 +1,12 @@
 """``mail-ros checkpoint``: create untrained checkpoints, inspect them, list presets.
 
-* ``init --preset NAME --out DIR [--seed N] [--set group.field=value ...]``: untrained weights
+* ``init --preset NAME --out DIR [--seed N] [--set group.field=value ...] [--overwrite]``: untrained weights
   with normalisation statistics derived from the FR3 joint limits (mean = middle of the range,
   std = half the range, min/max = the limits), so a fresh checkpoint already commands
   positions inside the limits; useful for wiring tests and latency checks before training.
   With ``relative_actions`` the arm dimensions are offsets instead: mean 0, bounded by what the
   joint's velocity limit covers in one chunk, so an untrained policy stays near the arm.
+  An existing DIR is refused unless ``--overwrite`` (it may hold a trained checkpoint).
 * ``info DIR``: the spec, variant, parameter counts and file sizes (reads no model code).
 * ``presets``: the preset names (``--params`` also builds each one to count its parameters).
 """
@@ -69,10 +70,12 @@ def action_stats(config: "PolicyConfig") -> dict[str, list[float]]:
 def _init(args: argparse.Namespace) -> int:
     import torch
 
-    from mail_ros.policy.checkpoint import save_checkpoint
+    from mail_ros.policy.checkpoint import CheckpointError, save_checkpoint
     from mail_ros.policy.mail_policy import MaILPolicy
     from mail_ros.policy.presets import get_preset, parse_override
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise CheckpointError(f"{args.out} already exists; pass --overwrite to replace it")
     config = get_preset(args.preset, dict(parse_override(text) for text in args.set))
     torch.manual_seed(args.seed)
     policy = MaILPolicy(config)
@@ -158,6 +161,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="GROUP.FIELD=VALUE",
         help="override a config field, e.g. spec.observation.obs_horizon=1 (repeatable; JSON values)",
     )
+    init.add_argument("--overwrite", action="store_true",
+                      help="replace whatever is at --out (without it an existing --out is refused)")
     init.set_defaults(func=_reporting_errors(_init))
 
     info = commands.add_parser("info", help="print a checkpoint's spec, sizes and parameter counts")

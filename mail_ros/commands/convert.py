@@ -3,7 +3,8 @@
 Bags are aligned with the policy node's aligner at ``--rate``; see :mod:`mail_ros.data.bags` for
 the topics and the exact action rule. The output is written to a temp file and renamed at the
 end. Bad episodes are skipped with a warning; the exit status is non-zero only when nothing
-usable was found.
+usable was found. The output keeps its inputs' action space (a bag's is joint_position); an
+input whose action space differs from the earlier inputs' is skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from mail_ros.commands import parse_pairs
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, ObservationSpec
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
 log = logging.getLogger("mail_ros.convert")
@@ -39,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="rename cameras of HDF5 inputs, e.g. eye_in_hand=wrist")
     p.add_argument("--rate", type=float, default=ObservationSpec().rate_hz, help="policy rate in Hz (frames and action dt)")
     p.add_argument("--image-size", nargs=2, type=int, default=list(ObservationSpec().image_size), metavar=("H", "W"))
-    p.add_argument("--max-skew", type=float, default=0.02, help="max |member stamp - reference stamp| in s")
+    p.add_argument("--max-skew", type=float, default=DEFAULT_MAX_SKEW, help="max |member stamp - reference stamp| in s")
     p.add_argument("--joints", nargs="+", default=list(FR3_ARM_JOINTS + FR3_FINGER_JOINTS), help="observed joints, in order")
     p.add_argument("--actions", nargs="+", default=list(FR3_ARM_JOINTS + (GRIPPER_ACTION_NAME,)),
                    help=f"action names: arm joints of the trajectory topic, and {GRIPPER_ACTION_NAME} for the gripper")
@@ -56,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mail_ros.data.bags import BagConfig, read_bag
+    from mail_ros.data.bags import ACTION_SPACE, BagConfig, read_bag
     from mail_ros.data.hdf5 import DataError, DemoWriter, Episode, read_hdf5
     from mail_ros.sync.image import resize_rgb
 
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     decimated = 0
     skews: dict[str, list[float]] = {}
     gripper_sources: Counter[str] = Counter()
+    action_space: str | None = None  # of the first input written; every other input must agree
     writer = DemoWriter(args.output, observation.cameras, observation.joint_names, config.action_names, args.rate)
     try:
         for source in args.inputs:
@@ -100,10 +103,14 @@ def run(args: argparse.Namespace) -> int:
                                         f"differ from --joints / --actions")
                     if abs(demos.rate_hz - args.rate) > 1e-9:
                         raise DataError(f"{path}: recorded at {demos.rate_hz} Hz, --rate is {args.rate} Hz")
+                    if action_space not in (None, demos.action_space):
+                        raise DataError(f"{path}: action space {demos.action_space!r} differs from the earlier "
+                                        f"inputs' {action_space!r}")
                 except DataError as exc:
                     log.warning("skipping %s", exc)
                     skipped.append(str(exc))
                     continue
+                action_space = demos.action_space
                 for ep in demos.episodes:
                     if ep.image_size != observation.image_size:
                         images = {c: np.stack([resize_rgb(f, observation.image_size) for f in v]) for c, v in ep.images.items()}
@@ -111,11 +118,16 @@ def run(args: argparse.Namespace) -> int:
                     writer.add(ep)
                 continue
             try:
+                if action_space not in (None, ACTION_SPACE):
+                    raise DataError(f"{path}: action space {ACTION_SPACE!r} (a bag) differs from the earlier "
+                                    f"inputs' {action_space!r}")
                 readout = read_bag(path, config)
             except DataError as exc:
                 log.warning("skipping bag %s", exc)
                 skipped.append(str(exc))
                 continue
+            if readout.episodes:
+                action_space = ACTION_SPACE
             skipped.extend(readout.failures)
             gripper_sources[readout.gripper_source] += len(readout.episodes)
             for stream, values in readout.skews.items():
@@ -133,13 +145,14 @@ def run(args: argparse.Namespace) -> int:
             for reason in skipped:
                 print(f"  skipped: {reason}", file=sys.stderr)
             return 1
+        writer.action_space = action_space
         writer.close()
     except BaseException:
         writer.abort()
         raise
 
     print(f"wrote {args.output}: {writer.episodes} episodes, {writer.frames} frames at {args.rate:g} Hz, "
-          f"images {observation.image_size[0]}x{observation.image_size[1]}")
+          f"images {observation.image_size[0]}x{observation.image_size[1]}, action space {action_space}")
     if gripper_sources:
         print("gripper width from: " + ", ".join(f"{k} ({v} episodes)" for k, v in sorted(gripper_sources.items())))
     print(f"skipped episodes/inputs: {len(skipped)}")

@@ -3,7 +3,9 @@
 The YAML config names a preset and overrides (see config/train_*.yaml and
 :func:`mail_ros.train.trainer.load_run_config`). ``--resume DIR`` continues the run in DIR with
 its saved config, data files, step counter and optimizer state (``--out`` defaults to DIR;
-``--steps`` may extend it). Ctrl-C saves last/ and exits with status 130.
+``--steps`` may extend it; different data are refused). A new run refuses an OUT that already
+holds a run (best/, last/, log.csv, ...) unless ``--overwrite`` replaces it. Ctrl-C saves last/
+and exits with status 130; a diverging run (non-finite loss) saves nothing more and exits with 1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
     p.add_argument("--steps", type=int, default=None, help="overrides the step budget (train.steps)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (best/, last/, log.csv, summary.json, tensorboard/); "
+                        "without it such an OUT is refused")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override, e.g. train.batch_size=64 or policy.head.kind=bc (value parsed as JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -33,8 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mail_ros.data.hdf5 import DataError
+    from mail_ros.policy.checkpoint import CheckpointError
     from mail_ros.policy.presets import parse_override
-    from mail_ros.train.trainer import TRAINER_JSON, RunConfig, Trainer, TrainError, build_datasets, load_demos, load_run_config
+    from mail_ros.train.trainer import (TRAINER_JSON, RunConfig, Trainer, TrainError, build_datasets, load_demos,
+                                        load_run_config, remove_run_outputs, run_outputs)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -65,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
                 raise TrainError("give --config CONFIG.yaml, --out DIR and at least one DATA file (or --resume DIR)")
             run_config = load_run_config(args.config, overrides)
             data_files, out = args.data, args.out
+        in_place = args.resume is not None and out.resolve() == args.resume.resolve()
+        if in_place and args.overwrite:
+            raise TrainError(f"--overwrite replaces a run, --resume {args.resume} continues it in place; give one of them")
+        replaced = [] if in_place else run_outputs(out)
+        if replaced and not args.overwrite:
+            raise TrainError(f"{out} already holds a run ({', '.join(replaced)}); continue it with --resume {out}, "
+                             "choose another --out, or pass --overwrite to replace it")
         episodes = load_demos(data_files, run_config.policy, run_config.data.camera_map)
         datasets = build_datasets(episodes, run_config)
         trainer = Trainer(run_config, datasets, out, data_files=data_files, progress=not args.no_progress)
@@ -73,7 +87,14 @@ def run(args: argparse.Namespace) -> int:
     except (TrainError, DataError, ValueError) as exc:
         print(f"mail-ros train: {exc}", file=sys.stderr)
         return 2
-    summary = trainer.fit()
+    # Only now that the new run is set up: a typo in the command must not cost the old run.
+    if replaced:
+        remove_run_outputs(out)
+    try:
+        summary = trainer.fit()
+    except (TrainError, CheckpointError) as exc:
+        print(f"mail-ros train: {exc}", file=sys.stderr)
+        return 1
     lines = [
         f"{'interrupted' if summary.interrupted else 'finished'} at step {summary.step} (epoch {summary.epoch}) "
         f"in {summary.seconds:.1f} s, {summary.samples_per_second:.1f} samples/s",

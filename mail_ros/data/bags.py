@@ -35,8 +35,14 @@ gripper width (no gripper command topic) is the finger-width sum at ``t + dt``, 
 interpolated between the joint states of the episode around it; frames whose ``t + dt`` is past
 the episode's last joint state are dropped (reason ``"no_future_state"``).
 
-The instruction of an episode is the last one received at or before its first frame; if none,
-the first received during the episode; if none at all, ``BagConfig.default_instruction``.
+Instructions. Like policy_node and the replay, which take the goal last received, the
+instruction of an episode is chosen by RECEIVE times only: the one in effect when the episode's
+first observation message was received, i.e. the last instruction received at or before then
+(for a ``mail-ros record`` bag, the one whose "start" marker opened the episode); if none, the
+first received later in the episode (not at its end: an instruction there opens the next one);
+if none at all, ``BagConfig.default_instruction``. Frames whose reference stamp predates the
+receipt of the episode's instruction are dropped (reason ``"predates_instruction"``, see
+:func:`_finish`).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.ros_types import typestore
 from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
                            GRIPPER_COMMAND_PER_WIDTH, ObservationSpec)
-from mail_ros.sync.alignment import AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
 
 __all__ = [
@@ -68,6 +74,7 @@ __all__ = [
     "command_target",
     "finger_width",
     "gripper_source",
+    "ACTION_SPACE",
     "GRIPPER_SOURCES",
 ]
 
@@ -79,6 +86,7 @@ JOINT_STATE = "sensor_msgs/msg/JointState"
 TRAJECTORY = "trajectory_msgs/msg/JointTrajectory"
 STRING = "std_msgs/msg/String"
 GRIPPER_SOURCES = ("auto", "command", "measured")
+ACTION_SPACE = "joint_position"  # of the actions read from a bag: commanded joint positions (and width)
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class BagConfig:
     instruction_topic: str = "/mail/instruction"
     episode_topic: str = "/mail/episode"
     default_instruction: str | None = None
-    max_skew: float = 0.02
+    max_skew: float = DEFAULT_MAX_SKEW
     latency_allowance: float = 0.05
     buffer_seconds: float = 2.0
     min_frames: int = 1  # episodes with fewer aligned frames are reported bad
@@ -273,6 +281,7 @@ class _EpisodeState:
     native_size: dict[str, tuple[int, int]] = field(default_factory=dict)
     finger_stamps: list[float] = field(default_factory=list)
     finger_widths: list[float] = field(default_factory=list)
+    first_receive: float = math.inf  # bag time of the episode's first observation message
 
 
 def _seconds(stamp: Any) -> float:
@@ -393,6 +402,7 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
         if e is None or states[e].failure is not None:
             continue
         state, stream = states[e], streams[conn.topic]
+        state.first_receive = min(state.first_receive, t)
         stamp = _seconds(msg.header.stamp)
         where = f"{path}: {conn.topic} at t={t:.3f} s (stamp {stamp:.3f})"
         try:
@@ -452,6 +462,15 @@ def _span_of(spans: list[tuple[float, float]], t: float) -> int | None:
     return None
 
 
+def _instruction(instructions: list[tuple[float, str]], opened: float, end: float) -> tuple[float, str] | None:
+    """(receive time, text) of the instruction in effect for an episode whose first observation
+    message was received at ``opened`` and which ends at ``end`` (module docstring); None if none."""
+    before = [item for item in instructions if item[0] <= opened]
+    if before:
+        return before[-1]
+    return next((item for item in instructions if opened < item[0] < end), None)
+
+
 def _finish(
     state: _EpisodeState,
     label: str,
@@ -464,9 +483,19 @@ def _finish(
 ) -> Episode:
     builder = ObservationBuilder(config.observation)
     demonstrated = DemonstratedActions(config, arm, grip, gripper, state.finger_stamps, state.finger_widths, config.dt)
+    goal = _instruction(instructions, state.first_receive, end)
+    # A frame captured before the goal was received is never acted on with that goal at run time:
+    # the executor rejects chunks stamped before its goal change ("predates_reset"). So it is not
+    # trained with it either; nor with the previous goal, whose episode ended before the frame was
+    # received. Like the executor, this compares a header stamp with a receive time; the nodes
+    # already require the two clocks to agree (policy_node's max_observation_lead).
+    since = goal[0] if goal is not None else -math.inf
     dropped: Counter[str] = Counter()
     frames, actions = [], []
     for aligned in state.sets:
+        if aligned.stamp < since:
+            dropped["predates_instruction"] += 1
+            continue
         action, why = demonstrated.at(aligned.stamp)
         if action is None:
             dropped[why] += 1
@@ -482,13 +511,8 @@ def _finish(
             f"(aligner dropped: {stats['streams'][config.observation.cameras[0]]['dropped']}, "
             f"after alignment: {dict(dropped)})"
         )
-    first = frames[0].stamp
-    before = [text for t, text in instructions if t <= first]
-    during = [text for t, text in instructions if first < t <= end]
-    if before:
-        instruction = before[-1]
-    elif during:
-        instruction = during[0]
+    if goal is not None:
+        instruction = goal[1]
     elif config.default_instruction is not None:
         instruction = config.default_instruction
     else:

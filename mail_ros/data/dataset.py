@@ -110,6 +110,7 @@ class DemoWindows(Dataset):
         augment_shift: random-shift augmentation in pixels (0 = off; use on training data only).
         seed: with ``epoch`` (set by the trainer before each epoch) and the sample index, seeds
             the augmentation of each sample: reproducible whatever the DataLoader workers.
+        split: what the windows are for ("training", "validation"), named in errors.
 
     Episodes shorter than T + A - 1 frames are skipped with a warning naming them; if no
     window is left, :class:`DataError` lists the episodes and their lengths.
@@ -124,6 +125,7 @@ class DemoWindows(Dataset):
         language: Mapping[str, np.ndarray] | None = None,
         augment_shift: int = 0,
         seed: int = 0,
+        split: str = "training",
     ) -> None:
         if obs_horizon < 1 or action_horizon < 1:
             raise ValueError(f"horizons must be >= 1, got T={obs_horizon}, A={action_horizon}")
@@ -145,7 +147,7 @@ class DemoWindows(Dataset):
         self.index = window_index([len(ep) for ep in self.episodes], obs_horizon, action_horizon)
         if len(self.index) == 0:
             raise DataError(
-                f"no training window: a window needs T + A - 1 = {span} frames but the episodes are "
+                f"no {split} window: a window needs T + A - 1 = {span} frames but the episodes are "
                 + ", ".join(f"{ep.source} ({len(ep)} frames)" for ep in self.episodes)
             )
         if short:

@@ -13,11 +13,13 @@ File layout (robomimic; LIBERO files use the same tree)::
 LIBERO files carry no ``mail_ros_format``: the instruction comes from ``data.attrs["problem_info"]``
 (JSON, ``language_instruction``), camera names from the ``obs/*_rgb`` keys (``agentview``,
 ``eye_in_hand``), and rates/names take defaults (20 Hz, ``joint_<j>``, ``action_<k>``). Camera
-names are mapped to the policy's names with ``camera_map`` (file name -> policy name).
+names are mapped to the policy's names with ``camera_map`` (file name -> policy name). Files that
+carry no ``action_space`` attribute (robomimic, LIBERO) read as :data:`UNDECLARED_ACTION_SPACE`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,10 +32,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "write_hdf5", "read_hdf5", "FORMAT_VERSION"]
+__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "write_hdf5", "read_hdf5", "fingerprint_hdf5",
+           "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE"]
 
 FORMAT_VERSION = 1
 LIBERO_RATE_HZ = 20.0  # LIBERO's OSC controller runs at 20 Hz
+UNDECLARED_ACTION_SPACE = "unknown"
 _DEMO_KEY = re.compile(r"^demo_(\d+)$")
 
 
@@ -150,7 +154,8 @@ class DemoWriter:
         self.data.attrs["cameras"] = json.dumps(list(self.cameras))
         self.data.attrs["joint_names"] = json.dumps(list(self.joint_names))
         self.data.attrs["action_names"] = json.dumps(list(self.action_names))
-        self.data.attrs["action_space"] = action_space
+        # Written on close: a merge learns it from its inputs while writing them.
+        self.action_space = action_space
         self.episodes = 0
         self.frames = 0
         self.image_size: tuple[int, int] | None = None
@@ -181,6 +186,7 @@ class DemoWriter:
     def close(self) -> None:
         """Finish the file and move it to ``path``."""
         self.data.attrs["total"] = self.frames
+        self.data.attrs["action_space"] = self.action_space
         self.file.close()
         os.replace(self.tmp, self.path)
 
@@ -218,6 +224,42 @@ def _str_attr(attrs: h5py.AttributeManager, key: str, default: str = "") -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _demo_keys(data: h5py.Group) -> list[str]:
+    """The ``demo_<i>`` groups of ``data`` in numeric order (demo_10 after demo_9)."""
+    return sorted((k for k in data if _DEMO_KEY.match(k)), key=lambda k: int(_DEMO_KEY.match(k)[1]))
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as exc:
+        raise DataError(f"{path}: cannot open as HDF5: {exc}") from exc
+
+
+def fingerprint_hdf5(path: str | Path) -> str:
+    """A SHA-256 of a demo file's content that stays cheap for multi-GB files.
+
+    Per episode, in order: its group name, instruction, actions, joint states and timestamps
+    (dtype, shape and bytes). Images are left out: they are nearly all of the bytes, and two
+    different recordings never agree on all of the rest. Rewriting a file with other chunking or
+    compression keeps the fingerprint.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    with _open(path) as f:
+        if "data" not in f:
+            raise DataError(f"{path}: no 'data' group; not a robomimic/LIBERO demo file")
+        for key in _demo_keys(f["data"]):
+            group = f["data"][key]
+            digest.update(f"{key}\0{_str_attr(group.attrs, 'instruction')}\0".encode())
+            for name in ("actions", "obs/joint_states", "timestamps"):
+                if name in group:
+                    values = np.ascontiguousarray(group[name][()])
+                    digest.update(f"{name} {values.dtype.str} {values.shape}\0".encode())
+                    digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
 def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
               cameras: Sequence[str] | None = None) -> DemoSet:
     """Load a mail_ros, robomimic or LIBERO demo file into memory.
@@ -228,15 +270,11 @@ def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
     """
     path = Path(path)
     camera_map = dict(camera_map or {})
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as exc:
-        raise DataError(f"{path}: cannot open as HDF5: {exc}") from exc
-    with f:
+    with _open(path) as f:
         if "data" not in f:
             raise DataError(f"{path}: no 'data' group; not a robomimic/LIBERO demo file")
         data = f["data"]
-        demo_keys = sorted((k for k in data if _DEMO_KEY.match(k)), key=lambda k: int(_DEMO_KEY.match(k)[1]))
+        demo_keys = _demo_keys(data)
         if not demo_keys:
             raise DataError(f"{path}: 'data' holds no demo_<i> groups")
         first_obs = data[demo_keys[0]].get("obs")
@@ -288,6 +326,6 @@ def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
             action_names=tuple(_json_attr(data.attrs, "action_names", None) or [f"action_{i}" for i in range(a)]),
             rate_hz=rate,
             # robomimic/LIBERO files do not say; LIBERO's are OSC end-effector deltas.
-            action_space=_str_attr(data.attrs, "action_space", "unknown"),
+            action_space=_str_attr(data.attrs, "action_space", UNDECLARED_ACTION_SPACE),
             source=str(path),
         )

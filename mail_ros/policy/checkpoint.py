@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +90,25 @@ def save_checkpoint(
     step: int | None = None,
     epoch: int | None = None,
     extra: dict[str, Any] | None = None,
+    write_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``policy`` to ``directory`` atomically (temporary sibling, then rename); returns the path.
 
     ``extra`` is stored verbatim under ``"extra"`` and must be JSON-serialisable. An existing
-    checkpoint at ``directory`` is replaced.
+    checkpoint at ``directory`` is replaced. ``write_files(folder)``, when given, writes further
+    files (e.g. a trainer's resume state) into the temporary folder before the swap, so the
+    checkpoint appears with all of them or not at all; if it raises, ``directory`` is untouched.
+    Weights with NaN or infinite values are refused (:class:`CheckpointError`), as on loading.
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     config_text = json.dumps(checkpoint_config(policy, step, epoch, extra), indent=2, allow_nan=False)
     # safetensors refuses tensors that share storage or are not contiguous; copy to be safe.
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in policy.state_dict().items()}
+    for key, value in tensors.items():
+        # Checked before anything is written: a diverged run must not replace a good checkpoint.
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"refusing to save {target}: tensor {key!r} contains NaN or infinite values")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
@@ -107,6 +116,8 @@ def save_checkpoint(
             stream.write(config_text + "\n")
             stream.flush()
             os.fsync(stream.fileno())
+        if write_files is not None:
+            write_files(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "checkpoint")

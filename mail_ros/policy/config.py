@@ -22,6 +22,10 @@ __all__ = [
     "PolicyConfig",
     "VARIANTS",
     "TIME_TOKENS",
+    "check",
+    "check_bool",
+    "check_float",
+    "check_int",
 ]
 
 # variant name -> (backbone kind, layout)
@@ -40,31 +44,33 @@ class ConfigError(ValueError):
     """A policy configuration value is invalid."""
 
 
-def _check(condition: bool, message: str) -> None:
+# Field checks, shared with the trainer's configs. JSON gives 2.0 for an int field and Infinity
+# or "false" as readily as the right value; each would build a broken model (a TypeError deep in
+# torch, NaN or image-blind policies, a truthy "false"), so every field is checked for its type
+# as well as its range.
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``condition``."""
     if not condition:
         raise ConfigError(message)
 
 
-# JSON gives 2.0 for an int field and Infinity or "false" as readily as the right value; each
-# would build a broken model (a TypeError deep in torch, NaN or image-blind policies, a
-# truthy "false"), so every field is checked for its type as well as its range.
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    _check(is_integer(value) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
+def check_int(value: Any, name: str, minimum: int) -> None:
+    check(is_integer(value) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_float(value: Any, name: str) -> None:
-    _check(is_finite_number(value), f"{name} must be a finite number, got {value!r}")
+def check_float(value: Any, name: str) -> None:
+    check(is_finite_number(value), f"{name} must be a finite number, got {value!r}")
 
 
-def _check_bool(value: Any, name: str) -> None:
-    _check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+def check_bool(value: Any, name: str) -> None:
+    check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
-    _check(isinstance(data, dict), f"{where} must be a JSON object, got {type(data).__name__}")
+    check(isinstance(data, dict), f"{where} must be a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
-    _check(not unknown, f"{where} has unknown keys {unknown}; known: {sorted(names)}")
+    check(not unknown, f"{where} has unknown keys {unknown}; known: {sorted(names)}")
     try:
         return cls(**data)
     except TypeError as exc:
@@ -95,16 +101,16 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         for name in ("shared_encoder", "stem_pool", "film"):
-            _check_bool(getattr(self, name), f"vision.{name}")
+            check_bool(getattr(self, name), f"vision.{name}")
         for name in ("resnet_width", "num_keypoints", "feature_dim"):
-            _check_int(getattr(self, name), f"vision.{name}", 1)
-        _check(
+            check_int(getattr(self, name), f"vision.{name}", 1)
+        check(
             is_integer(self.resnet_stages) and self.resnet_stages in (1, 2, 3, 4),
             f"vision.resnet_stages must be 1, 2, 3 or 4, got {self.resnet_stages!r}",
         )
-        _check(self.norm in ("group", "batch"), f"vision.norm must be 'group' or 'batch', got {self.norm!r}")
-        _check_float(self.temperature, "vision.temperature")
-        _check(self.temperature > 0, f"vision.temperature must be positive, got {self.temperature}")
+        check(self.norm in ("group", "batch"), f"vision.norm must be 'group' or 'batch', got {self.norm!r}")
+        check_float(self.temperature, "vision.temperature")
+        check(self.temperature > 0, f"vision.temperature must be positive, got {self.temperature}")
 
 
 @dataclass
@@ -127,17 +133,17 @@ class BackboneConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("mamba", "transformer"), f"backbone.kind must be 'mamba' or 'transformer', got {self.kind!r}")
-        _check(
+        check(self.kind in ("mamba", "transformer"), f"backbone.kind must be 'mamba' or 'transformer', got {self.kind!r}")
+        check(
             self.layout in ("decoder", "encoder_decoder"),
             f"backbone.layout must be 'decoder' or 'encoder_decoder', got {self.layout!r}",
         )
         for name in ("d_model", "n_layers", "n_enc", "n_dec", "d_state", "d_conv", "d_conv_dec", "expand", "heads"):
-            _check_int(getattr(self, name), f"backbone.{name}", 1)
-        _check_float(self.dropout, "backbone.dropout")
-        _check(0.0 <= self.dropout < 1.0, f"backbone.dropout must be in [0, 1), got {self.dropout}")
+            check_int(getattr(self, name), f"backbone.{name}", 1)
+        check_float(self.dropout, "backbone.dropout")
+        check(0.0 <= self.dropout < 1.0, f"backbone.dropout must be in [0, 1), got {self.dropout}")
         if self.kind == "transformer":
-            _check(
+            check(
                 self.d_model % self.heads == 0,
                 f"backbone.d_model ({self.d_model}) must be divisible by backbone.heads ({self.heads})",
             )
@@ -165,16 +171,16 @@ class HeadConfig:
     time_token: str = "first"
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("bc", "ddpm"), f"head.kind must be 'bc' or 'ddpm', got {self.kind!r}")
-        _check(
+        check(self.kind in ("bc", "ddpm"), f"head.kind must be 'bc' or 'ddpm', got {self.kind!r}")
+        check(
             self.time_token in TIME_TOKENS,
             f"head.time_token must be one of {list(TIME_TOKENS)}, got {self.time_token!r}",
         )
-        _check_int(self.steps, "head.steps", 2)
+        check_int(self.steps, "head.steps", 2)
         for name in ("cosine_s", "max_beta"):
-            _check_float(getattr(self, name), f"head.{name}")
-        _check(self.cosine_s > 0, f"head.cosine_s must be positive, got {self.cosine_s}")
-        _check(0 < self.max_beta < 1, f"head.max_beta must be in (0, 1), got {self.max_beta}")
+            check_float(getattr(self, name), f"head.{name}")
+        check(self.cosine_s > 0, f"head.cosine_s must be positive, got {self.cosine_s}")
+        check(0 < self.max_beta < 1, f"head.max_beta must be in (0, 1), got {self.max_beta}")
 
 
 @dataclass
@@ -185,12 +191,12 @@ class LanguageConfig:
     dim: int = 0  # embedding size (512 for CLIP ViT-B/32); 0 = no language token
 
     def __post_init__(self) -> None:
-        _check_int(self.dim, "language.dim", 0)
-        _check(
+        check_int(self.dim, "language.dim", 0)
+        check(
             self.encoder is None or (isinstance(self.encoder, str) and self.encoder.strip() != ""),
             f"language.encoder must be null or a non-empty encoder spec, got {self.encoder!r}",
         )
-        _check(
+        check(
             (self.encoder is None) == (self.dim == 0),
             f"language.encoder and language.dim must be set together, got encoder={self.encoder!r} dim={self.dim}",
         )
@@ -219,27 +225,27 @@ class PolicyConfig:
     init: str = "mamba"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
-        _check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
+        check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
+        check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
         for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("head", HeadConfig),
                             ("language", LanguageConfig)):
-            _check(isinstance(getattr(self, name), group),
+            check(isinstance(getattr(self, name), group),
                    f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
-        _check_bool(self.proprio, "proprio")
-        _check_bool(self.relative_actions, "relative_actions")
+        check_bool(self.proprio, "proprio")
+        check_bool(self.relative_actions, "relative_actions")
         if self.relative_actions:
             observed = set(self.spec.observation.joint_names)
-            _check(
+            check(
                 any(name in observed for name in self.spec.action.names),
                 "relative_actions needs action names that are observed joints, but none of "
                 f"{list(self.spec.action.names)} is in {list(self.spec.observation.joint_names)}",
             )
-        _check(
+        check(
             not self.vision.film or self.language.enabled,
             "vision.film conditions the image encoders on the instruction and needs language (language.encoder and language.dim)",
         )
         if self.head.time_token != "first":
-            _check(
+            check(
                 self.head.kind == "ddpm" and self.backbone.layout == "decoder",
                 f"head.time_token {self.head.time_token!r} needs head.kind 'ddpm' and backbone.layout 'decoder', "
                 f"got {self.head.kind!r} and {self.backbone.layout!r} (use 'first')",
@@ -257,11 +263,11 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "PolicyConfig":
         """Inverse of :meth:`to_dict`; raises ConfigError on any missing, unknown or invalid field."""
-        _check(isinstance(data, dict), f"policy config must be a JSON object, got {type(data).__name__}")
+        check(isinstance(data, dict), f"policy config must be a JSON object, got {type(data).__name__}")
         required = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(required - set(data))
         unknown = sorted(set(data) - required)
-        _check(not missing and not unknown, f"policy config: missing keys {missing}, unknown keys {unknown}")
+        check(not missing and not unknown, f"policy config: missing keys {missing}, unknown keys {unknown}")
         try:
             spec = PolicySpec.from_dict(data["spec"])
         except (SpecError, TypeError) as exc:

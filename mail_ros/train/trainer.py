@@ -5,9 +5,15 @@ A run folder holds::
     best/             policy checkpoint with the lowest validation loss (save_checkpoint)
     last/             latest policy checkpoint, plus what resuming needs:
       trainer_state.safetensors   raw (non-EMA) weights and the Adam state (tensors)
-      trainer.json                step, epoch, seeds, best loss, all configs, data files
+      trainer.json                step, epoch, seeds, best loss, all configs, data files and
+                                  their fingerprints (a resume refuses different data)
     log.csv           one row per logged step
     tensorboard/      the same scalars for TensorBoard
+    summary.json      what the run did (TrainSummary)
+
+A checkpoint folder is replaced in one step, resume state included, so a kill at any moment
+leaves the old or the new one complete. A non-finite training or validation loss stops the run
+with :class:`TrainError` before anything is saved.
 
 With EMA (the DDPM default, as the reference) the checkpoints hold the EMA weights and
 validation runs on them; the raw weights live only in ``trainer_state.safetensors``.
@@ -26,8 +32,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,10 +47,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Sampler
 
 from mail_ros.data.dataset import DemoWindows, EmbeddingCache, compute_stats, split_episodes
-from mail_ros.data.hdf5 import DataError, DemoSet, Episode, read_hdf5
+from mail_ros.data.hdf5 import UNDECLARED_ACTION_SPACE, DataError, DemoSet, Episode, fingerprint_hdf5, read_hdf5
 from mail_ros.policy.action_frame import ActionFrame
 from mail_ros.policy.checkpoint import load_checkpoint, save_checkpoint
-from mail_ros.policy.config import PolicyConfig
+from mail_ros.policy.config import ConfigError, PolicyConfig, check, check_bool, check_float, check_int
 from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import STD_FLOOR
 from mail_ros.policy.presets import get_preset
@@ -60,6 +68,9 @@ __all__ = [
     "Datasets",
     "EMA",
     "learning_rate",
+    "RUN_OUTPUTS",
+    "run_outputs",
+    "remove_run_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,10 +81,21 @@ DEFAULT_EMBEDDING_CACHE = Path("~/.cache/mail_ros/embeddings")
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# What a run writes into its folder; a new run refuses a folder holding any of them (unless told to replace).
+RUN_OUTPUTS = ("best", "last", "log.csv", "summary.json", "tensorboard")
 
 
 class TrainError(ValueError):
-    """A training configuration or run folder is invalid."""
+    """A training configuration or run folder is invalid, or the training diverged."""
+
+
+@contextmanager
+def _as_train_error() -> Iterator[None]:
+    """Report a failed field check of the policy config's helpers as a TrainError."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def learning_rate(step: int, total_steps: int, lr: float, schedule: str, warmup_steps: int) -> float:
@@ -109,25 +131,43 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise TrainError(f"set exactly one of train.steps and train.epochs, got steps={self.steps} epochs={self.epochs}")
-        if self.steps is not None and self.steps < 1:
-            raise TrainError(f"train.steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise TrainError(f"train.epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "val_every", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainError(f"train.lr must be positive, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise TrainError(f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.warmup_steps < 0:
-            raise TrainError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise TrainError(f"train.ema_decay must be in (0, 1), got {self.ema_decay}")
-        if self.num_workers < 0:
-            raise TrainError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        with _as_train_error():
+            check((self.steps is None) != (self.epochs is None),
+                   f"set exactly one of train.steps and train.epochs, got steps={self.steps!r} epochs={self.epochs!r}")
+            if self.steps is not None:
+                check_int(self.steps, "train.steps", 1)
+            if self.epochs is not None:
+                check_float(self.epochs, "train.epochs")
+                check(self.epochs > 0, f"train.epochs must be positive, got {self.epochs!r}")
+            for name in ("batch_size", "val_every", "log_every", "checkpoint_every"):
+                check_int(getattr(self, name), f"train.{name}", 1)
+            check_float(self.lr, "train.lr")
+            check(self.lr > 0, f"train.lr must be positive, got {self.lr!r}")
+            check(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+            check_int(self.warmup_steps, "train.warmup_steps", 0)
+            if self.ema is not None:
+                check_bool(self.ema, "train.ema")
+            check_float(self.ema_decay, "train.ema_decay")
+            check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay!r}")
+            check_int(self.num_workers, "train.num_workers", 0)
+            check_int(self.seed, "train.seed", 0)
+            check(self.seed < 2**64, f"train.seed must be below 2**64 (torch's seed range), got {self.seed!r}")
+            check(isinstance(self.device, str) and (self.device == "auto" or _is_device(self.device)),
+                   f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # NumPy numbers pass the checks but not json.dumps (trainer.json).
+        for name in ("batch_size", "val_every", "log_every", "checkpoint_every", "warmup_steps", "num_workers", "seed"):
+            setattr(self, name, int(getattr(self, name)))
+        self.steps = None if self.steps is None else int(self.steps)
+        self.epochs = None if self.epochs is None else float(self.epochs)
+        self.lr, self.ema_decay = float(self.lr), float(self.ema_decay)
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
@@ -140,10 +180,16 @@ class DataConfig:
     embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # None: no on-disk cache
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise TrainError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.augment_shift < 0:
-            raise TrainError(f"data.augment_shift must be >= 0, got {self.augment_shift}")
+        with _as_train_error():
+            check(isinstance(self.camera_map, dict)
+                   and all(isinstance(name, str) and name for item in self.camera_map.items() for name in item),
+                   f"data.camera_map must map file camera names to policy camera names (strings), got {self.camera_map!r}")
+            check_float(self.val_fraction, "data.val_fraction")
+            check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+            check_int(self.augment_shift, "data.augment_shift", 0)
+            check(self.embedding_cache is None or (isinstance(self.embedding_cache, str) and self.embedding_cache != ""),
+                   f"data.embedding_cache must be a folder name or null, got {self.embedding_cache!r}")
+        self.val_fraction, self.augment_shift = float(self.val_fraction), int(self.augment_shift)
 
 
 @dataclass
@@ -159,8 +205,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        return cls(PolicyConfig.from_dict(data["policy"]), _dataclass(DataConfig, data["data"], "data"),
-                   _dataclass(TrainConfig, data["train"], "train"))
+        """Rebuild a saved run config (``trainer.json``'s ``run``); anything malformed is a TrainError."""
+        try:
+            return cls(PolicyConfig.from_dict(data["policy"]), _dataclass(DataConfig, data["data"], "data"),
+                       _dataclass(TrainConfig, data["train"], "train"))
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise TrainError(f"invalid saved run config: {detail}") from exc
 
 
 def _dataclass(cls: type, data: Any, where: str) -> Any:
@@ -209,9 +260,20 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 
 def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: dict[str, str]) -> list[Episode]:
-    """Read demo files and check them against the policy's spec (cameras, sizes, names, rate)."""
+    """Read demo files and check them against the policy's spec (cameras, sizes, names, rate, action space).
+
+    A file given twice (the same resolved path) is refused: the episode split would put copies of
+    its episodes in both training and validation.
+    """
     if not paths:
         raise DataError("no demo files given")
+    seen: dict[Path, str | Path] = {}
+    for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise DataError(f"{resolved} is given twice (as {seen[resolved]} and {path}); that would put copies "
+                            "of its episodes in both the training and the validation split")
+        seen[resolved] = path
     spec = policy.spec
     episodes = []
     for path in paths:
@@ -224,6 +286,15 @@ def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: di
 def _check_compatible(demos: DemoSet, policy: PolicyConfig) -> None:
     obs, action = policy.spec.observation, policy.spec.action
     where = demos.source
+    if demos.action_space == UNDECLARED_ACTION_SPACE:
+        log.warning("%s does not declare its action space (robomimic/LIBERO); its actions are taken as the policy's %r "
+                    "on the strength of their names and count", where, action.action_space)
+    elif demos.action_space != action.action_space:
+        raise DataError(
+            f"{where}: the actions are {demos.action_space!r} but the policy's are {action.action_space!r}; convert the "
+            f"data to {action.action_space!r} (only files that declare no action space, robomimic/LIBERO, read as "
+            f"{UNDECLARED_ACTION_SPACE!r}, are accepted on the strength of their action names and count)"
+        )
     size = demos.episodes[0].image_size
     if size != tuple(obs.image_size):
         raise DataError(
@@ -255,9 +326,24 @@ class Datasets:
 
 
 def build_datasets(episodes: list[Episode], run: RunConfig, language_loader: Callable[[str], object] | None = None) -> Datasets:
-    """Split by episode, compute statistics on the training split, embed instructions once."""
+    """Split by episode, compute statistics on the training split, embed instructions once.
+
+    Episodes shorter than one window (T + A - 1 frames) are dropped with a warning before the
+    split, so that whether a split ends up without windows does not depend on the seed.
+    ``train_episodes`` / ``val_episodes`` index ``episodes``.
+    """
     policy, data = run.policy, run.data
-    train_idx, val_idx = split_episodes(len(episodes), data.val_fraction, run.train.seed)
+    T, A = policy.spec.observation.obs_horizon, policy.spec.action.horizon
+    span = T + A - 1
+    usable = [i for i, ep in enumerate(episodes) if len(ep) >= span]
+    short = [f"{ep.source} ({len(ep)} frames)" for ep in episodes if len(ep) < span]
+    if not usable:
+        raise DataError(f"no episode is long enough for one window of T + A - 1 = {span} frames: " + ", ".join(short))
+    if short:
+        log.warning("dropping %d episode(s) shorter than one window (%d frames) before the split: %s",
+                    len(short), span, ", ".join(short))
+    train_split, val_split = split_episodes(len(usable), data.val_fraction, run.train.seed)
+    train_idx, val_idx = [usable[i] for i in train_split], [usable[i] for i in val_split]
     train_eps = [episodes[i] for i in train_idx]
     val_eps = [episodes[i] for i in val_idx]
     language = None
@@ -265,16 +351,15 @@ def build_datasets(episodes: list[Episode], run: RunConfig, language_loader: Cal
         from mail_ros.language.encoders import load_text_encoder
 
         cache = EmbeddingCache(os.path.expanduser(data.embedding_cache) if data.embedding_cache else None)
-        texts = [ep.instruction for ep in episodes]
+        texts = [ep.instruction for ep in train_eps + val_eps]
         loader = language_loader or load_text_encoder
         language = cache.embeddings(policy.language.encoder, texts, loader)
         dim = len(next(iter(language.values())))
         if dim != policy.language.dim:
             raise TrainError(f"text encoder {policy.language.encoder!r} gives {dim}-d embeddings, policy language.dim is {policy.language.dim}")
-    T, A = policy.spec.observation.obs_horizon, policy.spec.action.horizon
     cameras = policy.spec.observation.cameras
     train = DemoWindows(train_eps, cameras, T, A, language, augment_shift=data.augment_shift, seed=run.train.seed)
-    val = DemoWindows(val_eps, cameras, T, A, language) if val_eps else None
+    val = DemoWindows(val_eps, cameras, T, A, language, split="validation") if val_eps else None
     return Datasets(train, val, compute_stats(train, ActionFrame.of(policy)), train_idx, val_idx)
 
 
@@ -357,7 +442,8 @@ class Trainer:
 
     ``callbacks`` are called as ``callback(trainer, step, metrics)`` after every optimizer step
     (``step`` counts completed steps); raising KeyboardInterrupt from one stops the run the way
-    Ctrl-C does (last/ saved, summary returned with ``interrupted=True``).
+    Ctrl-C does (last/ saved, summary returned with ``interrupted=True``). ``data_files`` are
+    fingerprinted (:func:`fingerprint_hdf5`) so that a resume can refuse different data.
     """
 
     def __init__(
@@ -374,6 +460,7 @@ class Trainer:
         self.data = datasets
         self.out = Path(out)
         self.data_files = [str(p) for p in data_files]
+        self.data_fingerprints = [fingerprint_hdf5(p) for p in self.data_files]
         self.callbacks = list(callbacks)
         self.progress = progress
         self.device = resolve_device(self.cfg.device)
@@ -410,30 +497,32 @@ class Trainer:
     def _save(self, name: str, with_state: bool) -> Path:
         extra = {"val_loss": self.last_val_loss, "train_loss": self.last_train_loss, "ema": self.ema is not None,
                  "data_files": self.data_files}
-        target = save_checkpoint(self.out / name, self.eval_policy, step=self.step, epoch=self.epoch, extra=extra)
-        if with_state:
-            tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
-            state = self.optimizer.state_dict()
-            for index, entries in state["state"].items():
-                for key, value in entries.items():
-                    tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
-            groups = json.dumps(state["param_groups"])
-            _atomic(target / STATE_FILE, lambda p: save_file(tensors, str(p), metadata={"param_groups": groups}))
-            info = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "total_steps": self.total_steps,
-                "seed": self.cfg.seed,
-                "batches_per_epoch": self.batches_per_epoch,
-                "best_val_loss": self.best_val_loss,
-                "last_val_loss": self.last_val_loss,
-                "run": self.run.to_dict(),
-                "data_files": self.data_files,
-                "train_episodes": self.data.train_episodes,
-                "val_episodes": self.data.val_episodes,
-            }
-            _atomic(target / TRAINER_JSON, lambda p: p.write_text(json.dumps(info, indent=2)))
-        return target
+        return save_checkpoint(self.out / name, self.eval_policy, step=self.step, epoch=self.epoch, extra=extra,
+                               write_files=self._write_state if with_state else None)
+
+    def _write_state(self, folder: Path) -> None:
+        """Write what resuming needs into ``folder``, the checkpoint's temporary folder before its swap."""
+        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
+        state = self.optimizer.state_dict()
+        for index, entries in state["state"].items():
+            for key, value in entries.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+        save_file(tensors, str(folder / STATE_FILE), metadata={"param_groups": json.dumps(state["param_groups"])})
+        info = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "total_steps": self.total_steps,
+            "seed": self.cfg.seed,
+            "batches_per_epoch": self.batches_per_epoch,
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+            "run": self.run.to_dict(),
+            "data_files": self.data_files,
+            "data_fingerprints": self.data_fingerprints,
+            "train_episodes": self.data.train_episodes,
+            "val_episodes": self.data.val_episodes,
+        }
+        (folder / TRAINER_JSON).write_text(json.dumps(info, indent=2, allow_nan=False))
 
     def load_state(self, run_dir: str | Path) -> None:
         """Continue the run saved in ``run_dir/last`` (same step counter, optimizer state, EMA)."""
@@ -445,6 +534,7 @@ class Trainer:
         saved = RunConfig.from_dict(info["run"])
         if saved.policy.to_dict() != self.run.policy.to_dict():
             raise TrainError(f"{last}: the policy config differs from this run's; resume with the same config")
+        self._check_same_data(last, info)
         if info["train_episodes"] != self.data.train_episodes:
             raise TrainError(f"{last}: the training split differs (different data files or seed)")
         tensors = load_file(str(state_path))
@@ -462,6 +552,21 @@ class Trainer:
         self.best_val_loss = info["best_val_loss"]
         self.last_val_loss = info["last_val_loss"]
         log.info("resuming %s at step %d (epoch %d)", run_dir, self.step, self.epoch)
+
+    def _check_same_data(self, last: Path, info: dict[str, Any]) -> None:
+        saved_files, saved = info["data_files"], info.get("data_fingerprints")
+        if saved is None:
+            log.warning("%s was saved without data fingerprints (an older mail_ros); cannot check that %s are its data",
+                        last, self.data_files)
+            return
+        if len(saved) != len(self.data_fingerprints):
+            raise TrainError(f"{last}: the run was trained on {len(saved)} data file(s) {saved_files}, "
+                             f"got {len(self.data_files)} {self.data_files}; resume with the run's data")
+        differ = [f"{new} is not {old}" for new, old, print_new, print_old
+                  in zip(self.data_files, saved_files, self.data_fingerprints, saved) if print_new != print_old]
+        if differ:
+            raise TrainError(f"{last}: the demo data differ from the run's ({'; '.join(differ)}: other actions, "
+                             f"joint states, timestamps or instructions); resume with the data files {saved_files}")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -544,6 +649,8 @@ class Trainer:
                         self.ema.update(self.policy, self.step)
                     self.step += 1
                     value = loss.item()
+                    if not math.isfinite(value):
+                        raise self._diverged(f"loss {value}")
                     fetch = time.perf_counter()
                     compute_s += fetch - t0
                     window_loss += value
@@ -606,21 +713,33 @@ class Trainer:
         val = self.validate()
         if val is None:
             return None
+        if not math.isfinite(val):
+            raise self._diverged(f"validation loss {val}")
         self.last_val_loss = val
         if self.best_val_loss is None or val < self.best_val_loss:
             self.best_val_loss = val
             self._save("best", with_state=False)
         return val
 
+    def _diverged(self, what: str) -> TrainError:
+        # Raised before any save, so best/ and last/ keep the last finite weights.
+        return TrainError(f"training diverged at step {self.step}: {what}; nothing was saved, the checkpoints in "
+                          f"{self.out} are those of earlier steps (lower train.lr, or check the data)")
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+def run_outputs(out: str | Path) -> list[str]:
+    """The names of :data:`RUN_OUTPUTS` present in ``out``: a run lives there."""
+    return [name for name in RUN_OUTPUTS if (Path(out) / name).exists()]
+
+
+def remove_run_outputs(out: str | Path) -> None:
+    """Delete a previous run's :data:`RUN_OUTPUTS` from ``out``, to start a new run in its place."""
+    for name in run_outputs(out):
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
