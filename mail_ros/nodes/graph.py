@@ -76,10 +76,13 @@ class InProcessGraph:
         return node
 
     def remove(self, node: Node) -> None:
-        """Stop spinning ``node`` and destroy it (a node of the shared executor only)."""
+        """Stop spinning ``node`` (a node of the shared executor only): it gets no more callbacks.
+
+        It is destroyed by :meth:`close`, once no executor spins: the executor may be building
+        its wait set from the node's entities right now, and destroying them under it raises
+        InvalidHandle in the spinning thread, which stops every other node too.
+        """
         self.executor.remove_node(node)
-        self.nodes.remove(node)
-        node.destroy_node()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str, period: float = 0.005) -> None:
         """Poll ``predicate`` until true, checking the graph; ``timeout`` in wall seconds."""
