@@ -125,6 +125,20 @@ def test_files_written_before_the_swap_appear_with_the_checkpoint_or_not_at_all(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_a_save_killed_between_its_renames_names_the_previous_checkpoint(saved, tmp_path):
+    # The process died after moving the old checkpoint aside and before moving the new one in:
+    # exactly the folders save_checkpoint leaves then.
+    policy, _ = saved
+    save_checkpoint(tmp_path / "stash", policy, step=7)
+    aside = tmp_path / ".best.old-k1ll3d"
+    aside.mkdir()
+    (tmp_path / "stash").rename(aside / "checkpoint")
+    with pytest.raises(CheckpointError, match=r"best does not exist \(a save was interrupted; the previous "
+                                              r"checkpoint is in .*\.best\.old-k1ll3d/checkpoint\)"):
+        load_checkpoint(tmp_path / "best")
+    assert read_checkpoint_config(aside / "checkpoint")["training"]["step"] == 7
+
+
 def test_non_finite_weights_are_refused_and_the_old_checkpoint_kept(tmp_path):
     target = tmp_path / "ckpt"
     torch.manual_seed(0)

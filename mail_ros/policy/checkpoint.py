@@ -119,9 +119,16 @@ def save_checkpoint(
         if write_files is not None:
             write_files(tmp)
         if target.exists():
+            # Between these two renames there is no checkpoint at ``target``: a failure puts the
+            # old one back; a killed process leaves it in .NAME.old-*/checkpoint, which
+            # read_checkpoint_config names when ``target`` is missing.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "checkpoint")
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / "checkpoint", target)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
@@ -150,7 +157,9 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     root = Path(directory)
     path = root / CONFIG_FILE
     if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory {root} does not exist")
+        leftovers = sorted(root.parent.glob(f".{root.name}.old-*/checkpoint"))
+        hint = f" (a save was interrupted; the previous checkpoint is in {leftovers[-1]})" if leftovers else ""
+        raise CheckpointError(f"checkpoint directory {root} does not exist{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
