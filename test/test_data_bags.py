@@ -189,6 +189,20 @@ def test_image_size_change_is_an_error(tmp_path):
     assert "/cameras/wrist/image_raw at t=" in failure and "mismatched image size (96, 128)" in failure
 
 
+def test_messages_stamped_ahead_of_their_receipt_are_refused_as_the_node_refuses_them(tmp_path):
+    # The wrist camera's clock runs 0.25 s ahead of the recorder's: camera_sync_node would refuse
+    # every wrist frame, so no aligned frame exists, and the report says why.
+    cams = (bf.Camera("agentview", 10.0), bf.Camera("wrist", 30.0, latency=-0.25))
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(cameras=cams))
+    (failure,) = read_bag(tmp_path / "bag", config()).failures
+    assert "0 aligned frames" in failure and "messages stamped ahead of their receipt: {'wrist': " in failure
+    # Within the tolerance (a clock 30 ms ahead) nothing is refused.
+    cams = (bf.Camera("agentview", 10.0), bf.Camera("wrist", 30.0, latency=-0.03))
+    bf.write_demo_bag(tmp_path / "near", bf.DemoBag(cameras=cams))
+    (ep,) = read_bag(tmp_path / "near", config()).episodes
+    assert ep.sync_stats["messages_stamped_ahead"] == {}
+
+
 def test_short_episode_and_missing_instruction(tmp_path):
     bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(duration=0.5, instruction=None))
     (failure,) = read_bag(tmp_path / "bag", config(min_frames=10)).failures

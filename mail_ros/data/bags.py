@@ -35,6 +35,9 @@ gripper width (no gripper command topic) is the finger-width sum at ``t + dt``, 
 interpolated between the joint states of the episode around it; frames whose ``t + dt`` is past
 the episode's last joint state are dropped (reason ``"no_future_state"``).
 
+Messages stamped more than ``max_stamp_lead`` after they were received are refused, as
+camera_sync_node refuses them (counted per stream in ``messages_stamped_ahead``).
+
 Instructions. Like policy_node and the replay, which take the goal last received, the
 instruction of an episode is chosen by RECEIVE times only: the one in effect when the episode's
 first observation message was received, i.e. the last instruction received at or before then
@@ -111,6 +114,9 @@ class BagConfig:
     max_skew: float = DEFAULT_MAX_SKEW
     latency_allowance: float = 0.05
     buffer_seconds: float = 2.0
+    # camera_sync_node's: a message stamped further ahead of its receive time is refused (its
+    # clock disagrees with the recorder's, and its action labels would be looked up off by as much)
+    max_stamp_lead: float = 0.05
     min_frames: int = 1  # episodes with fewer aligned frames are reported bad
 
     def __post_init__(self) -> None:
@@ -125,6 +131,8 @@ class BagConfig:
             raise ValueError(f"action_names {list(self.action_names)} hold no arm joint")
         if not (math.isfinite(self.max_skew) and self.max_skew > 0):
             raise ValueError(f"max_skew must be positive seconds, got {self.max_skew}")
+        if not (math.isfinite(self.max_stamp_lead) and self.max_stamp_lead >= 0):
+            raise ValueError(f"max_stamp_lead must be >= 0 seconds, got {self.max_stamp_lead}")
         if self.min_frames < 1:
             raise ValueError(f"min_frames must be >= 1, got {self.min_frames}")
 
@@ -282,6 +290,7 @@ class _EpisodeState:
     finger_stamps: list[float] = field(default_factory=list)
     finger_widths: list[float] = field(default_factory=list)
     first_receive: float = math.inf  # bag time of the episode's first observation message
+    future: Counter = field(default_factory=Counter)  # stream -> messages refused as stamped ahead
 
 
 def _seconds(stamp: Any) -> float:
@@ -404,6 +413,9 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
         state, stream = states[e], streams[conn.topic]
         state.first_receive = min(state.first_receive, t)
         stamp = _seconds(msg.header.stamp)
+        if stamp - t > config.max_stamp_lead:
+            state.future[stream] += 1
+            continue
         where = f"{path}: {conn.topic} at t={t:.3f} s (stamp {stamp:.3f})"
         try:
             if stream == JOINT_STATES and gripper == "measured":
@@ -504,12 +516,14 @@ def _finish(
         frames.append(builder.build(aligned))
     stats = state.aligner.stats.to_dict()
     stats["frames_dropped"] = dict(dropped)
+    stats["messages_stamped_ahead"] = dict(state.future)
     stats["gripper_source"] = gripper
     if len(frames) < config.min_frames:
+        ahead = f", messages stamped ahead of their receipt: {dict(state.future)}" if state.future else ""
         raise DataError(
             f"{label}: {len(frames)} aligned frames with actions, need at least {config.min_frames} "
             f"(aligner dropped: {stats['streams'][config.observation.cameras[0]]['dropped']}, "
-            f"after alignment: {dict(dropped)})"
+            f"after alignment: {dict(dropped)}{ahead})"
         )
     if goal is not None:
         instruction = goal[1]
