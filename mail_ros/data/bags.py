@@ -65,7 +65,7 @@ from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.ros_types import typestore
 from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
                            GRIPPER_COMMAND_PER_WIDTH, ObservationSpec)
-from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
 
 __all__ = [
@@ -116,7 +116,7 @@ class BagConfig:
     buffer_seconds: float = 2.0
     # camera_sync_node's: a message stamped further ahead of its receive time is refused (its
     # clock disagrees with the recorder's, and its action labels would be looked up off by as much)
-    max_stamp_lead: float = 0.05
+    max_stamp_lead: float = DEFAULT_MAX_STAMP_LEAD
     min_frames: int = 1  # episodes with fewer aligned frames are reported bad
 
     def __post_init__(self) -> None:

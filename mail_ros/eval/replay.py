@@ -52,7 +52,7 @@ from mail_ros.data import bags
 from mail_ros.data.bags import BagConfig, DemonstratedActions, Trajectory
 from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
-from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
 from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
 
@@ -89,8 +89,8 @@ class ReplayConfig:
     every: int = 1  # predict on every k-th observation that has a goal
     seed: int = 0  # policy.reset(seed) at the start and at every new instruction, as policy_node
     max_observation_age: float = 0.3  # policy_node's max_observation_age
-    max_observation_lead: float = 0.05  # policy_node's max_observation_lead
-    max_stamp_lead: float = 0.05  # camera_sync_node's max_stamp_lead
+    max_observation_lead: float = DEFAULT_MAX_STAMP_LEAD  # policy_node's max_observation_lead
+    max_stamp_lead: float = DEFAULT_MAX_STAMP_LEAD  # camera_sync_node's max_stamp_lead
     max_gap_periods: float = 3.0  # policy_node's max_gap_periods
     instruction: str | None = None  # overrides /mail/instruction: one goal from the start
     camera_topics: tuple[tuple[str, str], ...] = ()  # camera -> topic; default: found by name

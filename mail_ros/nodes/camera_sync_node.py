@@ -32,7 +32,7 @@ from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, P
                                    now_seconds, run_node, seconds_to_stamp, stamp_to_seconds)
 from mail_ros.policy.checkpoint import CheckpointError, read_checkpoint_config
 from mail_ros.spec import ObservationSpec
-from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignedSet, AlignerConfig, StreamAligner
 from mail_ros.sync.image import rgb_to_image_fields
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
 
@@ -50,7 +50,7 @@ class CameraSyncNode(Node):
         self.max_skew = declare(self, "max_skew", DEFAULT_MAX_SKEW, "Largest allowed |stamp difference| (s) "
                                 "between a member of a set and the reference camera (as `mail-ros convert` "
                                 "used for the training data)")
-        self.max_stamp_lead = declare(self, "max_stamp_lead", 0.05, "Messages stamped further than this (s) "
+        self.max_stamp_lead = declare(self, "max_stamp_lead", DEFAULT_MAX_STAMP_LEAD, "Messages stamped further than this (s) "
                                       "ahead of the node clock are refused: their clock disagrees")
         latency = declare(self, "latency_allowance", 0.05, "How long (s) past ref stamp + max_skew to wait for "
                           "late messages before deciding a set")

@@ -37,6 +37,7 @@ from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QO
                                    now_seconds, run_node, stamp_to_seconds)
 from mail_ros.nodes.gripper import GripperBridge
 from mail_ros.spec import GRIPPER_ACTION_NAME
+from mail_ros.sync.alignment import DEFAULT_MAX_STAMP_LEAD
 
 FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
 # A measured position this far (rad) beyond a hard limit is a broken reading, not the arm.
@@ -67,7 +68,7 @@ class ExecutorNode(Node):
                                 "towards the next action, for ticks faster than the chunk dt) or hold")
         self.max_chunk_age = declare(self, "max_chunk_age", 0.5, "Chunks whose newest observation is older "
                                      "than this (s) are discarded")
-        self.max_clock_skew = declare(self, "max_clock_skew", 0.05, "Chunks and joint states stamped further "
+        self.max_clock_skew = declare(self, "max_clock_skew", DEFAULT_MAX_STAMP_LEAD, "Chunks and joint states stamped further "
                                       "than this (s) ahead of the node clock are refused: the clocks disagree")
         max_chunk_span = declare(self, "max_chunk_span", 3.0, "Chunks whose executed actions span more than "
                                  "this (s) are refused (e.g. a dt sent in ms)")

@@ -35,6 +35,7 @@ from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_seconds,
                                    run_node, seconds_to_stamp, stamp_to_seconds)
 from mail_ros.spec import Observation
+from mail_ros.sync.alignment import DEFAULT_MAX_STAMP_LEAD
 from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
 
@@ -53,7 +54,7 @@ class PolicyNode(Node):
         device = declare(self, "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda, cuda:N")
         self.max_age = declare(self, "max_observation_age", 0.3, "Observations older than this (s, by the node "
                                "clock) are refused")
-        self.max_lead = declare(self, "max_observation_lead", 0.05, "Observations stamped further ahead of the "
+        self.max_lead = declare(self, "max_observation_lead", DEFAULT_MAX_STAMP_LEAD, "Observations stamped further ahead of the "
                                 "node clock than this (s) are refused: the clocks are out of sync")
         self.max_gap_periods = declare(self, "max_gap_periods", 3.0, "A gap between consecutive observations "
                                        "longer than this many policy periods restarts the history")

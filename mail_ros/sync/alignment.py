@@ -54,6 +54,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_MAX_SKEW",
+    "DEFAULT_MAX_STAMP_LEAD",
     "AlignedSet",
     "AlignerConfig",
     "StreamAligner",
@@ -72,6 +73,9 @@ INTERVAL_WINDOW = 15
 # Default max_skew (s) of every aligner: camera_sync_node, `mail-ros convert` and replay must pair
 # the same messages, or the robot sees observations that training and offline evaluation never had.
 DEFAULT_MAX_SKEW = 0.02
+# How far (s) a stamp may lead the clock of whoever receives it before the two clocks are taken to
+# disagree: camera_sync_node, policy_node, the executor, `mail-ros convert` and replay refuse more.
+DEFAULT_MAX_STAMP_LEAD = 0.05
 
 
 class SyncError(ValueError):
