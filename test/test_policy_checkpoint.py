@@ -324,3 +324,23 @@ def test_cli_init_info_presets(tmp_path, capsys):
     assert cli_main(["checkpoint", "init", "--preset", "tiny-d_ma-bc", "--out", str(out), "--overwrite"]) == 0
     assert read_checkpoint_config(out)["extra"]["seed"] == 0
     assert cli_main(["checkpoint", "info", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_cli_info_on_damaged_weights_gives_the_loading_error(saved, tmp_path, capsys, damage):
+    path = _copy(saved, tmp_path)
+    weights = path / WEIGHTS_FILE
+    data = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 16)
+    else:
+        weights.unlink()
+    with pytest.raises(CheckpointError) as loading:
+        load_checkpoint(path)
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mail-ros checkpoint info: error: {loading.value}\n"
+    assert "Traceback" not in err and "SafetensorError" not in err

@@ -86,18 +86,14 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
-    from mail_ros.policy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint_config
+    from mail_ros.policy.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_checkpoint_config, read_weight_shapes
 
     root = Path(args.dir)
     data = read_checkpoint_config(root)
     counts: dict[str, int] = {}
-    with safe_open(str(root / WEIGHTS_FILE), framework="pt") as weights:
-        for key in weights.keys():
-            counts[key.split(".", 1)[0]] = counts.get(key.split(".", 1)[0], 0) + math.prod(
-                weights.get_slice(key).get_shape()
-            )
+    for key, shape in read_weight_shapes(root).items():
+        part = key.split(".", 1)[0]
+        counts[part] = counts.get(part, 0) + math.prod(shape)
     policy = data["policy"]
     print(f"checkpoint     {root}")
     print(f"format         v{data['format_version']} (mail_ros {data['mail_ros_version']})")

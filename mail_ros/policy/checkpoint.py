@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import mail_ros
@@ -39,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint_config",
+    "read_weight_shapes",
     "checkpoint_config",
 ]
 
@@ -195,17 +196,43 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# What safetensors raises on a file that is not (or no longer) a whole safetensors file.
+_WEIGHTS_ERRORS = (SafetensorError, OSError, ValueError)
+
+
+def _weights_file(root: Path) -> Path:
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    return weights
+
+
+def _unreadable(weights: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{weights} is corrupt or truncated: {exc}")
+
+
+def read_weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of ``model.safetensors``, from its header (no tensor is read).
+
+    A missing, corrupt or truncated file raises the :class:`CheckpointError` that loading raises.
+    """
+    weights = _weights_file(Path(directory))
+    try:
+        with safe_open(str(weights), framework="pt") as stream:
+            return {key: tuple(stream.get_slice(key).get_shape()) for key in stream.keys()}
+    except _WEIGHTS_ERRORS as exc:
+        raise _unreadable(weights, exc) from exc
+
+
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaILPolicy:
     """Rebuild the policy saved in ``directory`` on ``device``, in eval mode, validated throughout."""
     root = Path(directory)
     data = read_checkpoint_config(root)
-    weights = root / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights} is missing")
+    weights = _weights_file(root)
     try:
         tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated: {exc}") from exc
+    except _WEIGHTS_ERRORS as exc:
+        raise _unreadable(weights, exc) from exc
     try:
         # Building the model draws random initial weights; keep the caller's RNG stream untouched.
         with torch.random.fork_rng(devices=[]):
