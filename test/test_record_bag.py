@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
 
-from mail_ros.commands.record import BagRecording, RecordError, UnknownTypeError
 from mail_ros.data.bags import BagConfig
+from mail_ros.data.recording import BagRecording, RecordError, UnknownTypeError
 from mail_ros.data.ros_types import typestore
 
 TS = typestore()
@@ -87,3 +90,17 @@ def test_refusals_are_clear(tmp_path):
             rec.add_topic("/joint_states", STRING)
         with pytest.raises(RecordError, match="not added"):
             rec.write("/other", b"", 1)
+
+
+def test_the_recording_core_imports_neither_the_command_nor_the_node():
+    # The core sits below both edges (commands/record.py and nodes/recorder.py import it); an
+    # import of either edge from the core would bring back the cycle between them.
+    code = (
+        "import sys, mail_ros.data.recording, mail_ros.nodes.recorder; "
+        "print(sorted(m for m in sys.modules if m.startswith('mail_ros.commands')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    code = "import sys, mail_ros.data.recording; print(sorted(m for m in sys.modules if m.startswith(('rclpy', 'mail_ros.nodes'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

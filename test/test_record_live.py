@@ -48,7 +48,7 @@ def test_recorder_records_live_topics(tmp_path):
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import String
 
-    from mail_ros.commands.record import DEFAULT_TOPICS
+    from mail_ros.data.recording import DEFAULT_TOPICS
     from mail_ros.nodes.common import GOAL_QOS
     from mail_ros.nodes.recorder import record
 

@@ -84,7 +84,7 @@ def _bag(out: Path, index: int) -> Path:
 
 def _switch(recorder, path: Path) -> None:
     """Point ``recorder`` at a new bag with the same topics; the caller closes the previous one."""
-    from mail_ros.commands.record import BagRecording
+    from mail_ros.data.recording import BagRecording
 
     shutil.rmtree(path, ignore_errors=True)
     following = BagRecording(path)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     # The rclpy edge is imported only here, so the rest of the CLI stays free of ROS.
-    from mail_ros.commands.record import BagRecording
+    from mail_ros.data.recording import BagRecording
     from mail_ros.nodes.expert_node import ExpertNode
     from mail_ros.nodes.recorder import RecorderNode
     from mail_ros.nodes.sim_session import SessionError, SimSession

@@ -72,7 +72,7 @@ class DemoGraph:
                     gripper_mode="trajectory", mode=executor_mode, execute_steps=execute_steps, enabled=False)))
             self.recording = None
             if record is not None:
-                from mail_ros.commands.record import DEFAULT_TOPICS, BagRecording
+                from mail_ros.data.recording import DEFAULT_TOPICS, BagRecording
                 from mail_ros.nodes.recorder import RecorderNode
 
                 self.recording = BagRecording(record)

@@ -24,7 +24,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from mail_ros.commands.record import BagRecording, RecordError
+from mail_ros.data.recording import BagRecording, RecordError
 
 __all__ = ["RecorderNode", "adapted_qos", "main", "message_class", "record"]
 
