@@ -14,6 +14,7 @@ from mail_ros.policy.checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    describe_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
     save_checkpoint,
@@ -96,6 +97,20 @@ def test_config_json_top_level_keys(saved):
     assert data["training"] == {"step": 42, "epoch": 3} and data["extra"] == {"note": "test"}
     assert data["normalization"]["action"]["mean"] == list(np.arange(8.0))
     assert data["format_version"] == 1 and data["mail_ros_version"]
+
+
+def test_description_is_typed_and_agrees_with_config_json(saved):
+    policy, path = saved
+    description = describe_checkpoint(path)
+    data = read_checkpoint_config(path)
+    assert description.config == policy.config
+    assert description.summary() == {key: data[key] for key in description.summary()}
+    assert description.cameras == ("agentview", "wrist") and description.image_size == tuple(data["image_size"])
+    assert description.observation == policy.config.spec.observation
+    assert description.period == pytest.approx(1 / data["rate_hz"])
+    assert (description.language_encoder, description.language_dim) == ("clip-test", 8)
+    assert description.training == {"step": 42, "epoch": 3} and description.extra == {"note": "test"}
+    assert description.normalization == data["normalization"]
 
 
 def test_save_replaces_atomically_and_leaves_no_temporaries(saved, tmp_path):

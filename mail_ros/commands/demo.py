@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         with DemoGraph(args.checkpoint, seed=args.seed, real_time_factor=args.real_time_factor, device=args.device,
                        executor_mode=args.executor_mode, execute_steps=args.execute_steps,
                        domain_id=args.domain_id, record=args.record, camera_size=args.camera_size) as graph:
-            print(f"{PROG}: {args.checkpoint} ({graph.config['variant']}-{graph.config['head']}), "
+            print(f"{PROG}: {args.checkpoint} ({graph.config.variant}-{graph.config.head}), "
                   f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}",
                   flush=True)
             for part, specs in (("main", plan), ("paraphrase", paraphrases)):
@@ -146,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{topic} {n}" for topic, n in sorted(recording.counts.items()))
         print(f"\nrecorded to {args.record}: {counts}")
         print(f"  replay offline: mail-ros convert {args.record} -o demo_run.hdf5 --gripper-source measured "
-              f"--image-size {' '.join(str(v) for v in graph.config['image_size'])}")
+              f"--image-size {' '.join(str(v) for v in graph.config.image_size)}")
     return 130 if interrupted else 0

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from mail_ros.eval.replay import ReplayConfig, replay_bag
     from mail_ros.eval.report import REPORT_HTML, write_report
-    from mail_ros.policy.checkpoint import load_checkpoint, read_checkpoint_config
+    from mail_ros.policy.checkpoint import describe_checkpoint, load_checkpoint
 
     config = ReplayConfig(
         max_skew=args.max_skew,
@@ -74,18 +74,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         camera_topics=tuple(parse_pairs(args.camera_topic, "--camera-topic").items()),
         gripper_source=args.gripper_source,
     )
-    checkpoint = read_checkpoint_config(args.checkpoint)
+    checkpoint = describe_checkpoint(args.checkpoint)
     policy = load_checkpoint(args.checkpoint, device=args.device)
     embed = None
-    if checkpoint["language_dim"] > 0:
+    if checkpoint.language_dim > 0:
         from mail_ros.language.encoders import load_text_encoder
 
-        spec = args.encoder or checkpoint["language_encoder"]
+        spec = args.encoder or checkpoint.language_encoder
         encoder = load_text_encoder(spec, device=args.device)
-        if encoder.dim != checkpoint["language_dim"]:
+        if encoder.dim != checkpoint.language_dim:
             raise ValueError(
                 f"text encoder {encoder.name} gives {encoder.dim}-d embeddings; the checkpoint expects "
-                f"{checkpoint['language_dim']}-d ({checkpoint['language_encoder']})"
+                f"{checkpoint.language_dim}-d ({checkpoint.language_encoder})"
             )
 
         def embed(text: str):
@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "gripper_source": config.gripper_source,
         "device": args.device,
     }
-    report = write_report(args.out, replays, checkpoint, options)
+    report = write_report(args.out, replays, checkpoint.summary(), options)
     error, latency = report["action_error"], report["inference_ms"]
     mae = "n/a" if error["mae"] is None else f"{error['mae']:.4g}"
     print(

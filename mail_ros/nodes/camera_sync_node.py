@@ -30,7 +30,7 @@ from std_msgs.msg import Header
 from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, Parameter, declare,
                                    now_seconds, run_node, seconds_to_stamp, stamp_to_seconds)
-from mail_ros.policy.checkpoint import CheckpointError, read_checkpoint_config
+from mail_ros.policy.checkpoint import CheckpointError, describe_checkpoint
 from mail_ros.spec import ObservationSpec
 from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignedSet, AlignerConfig, StreamAligner
 from mail_ros.sync.image import rgb_to_image_fields
@@ -62,10 +62,7 @@ class CameraSyncNode(Node):
         spec = ObservationSpec()
         try:
             if checkpoint:
-                config = read_checkpoint_config(checkpoint)
-                spec = ObservationSpec(cameras=config["cameras"], image_size=config["image_size"],
-                                       joint_names=config["joint_names"], obs_horizon=config["obs_horizon"],
-                                       rate_hz=config["rate_hz"])
+                spec = describe_checkpoint(checkpoint).observation
             overrides = {}
             cameras = [c for c in (cameras or []) if c]
             if cameras:

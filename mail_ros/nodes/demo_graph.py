@@ -24,7 +24,7 @@ from mail_ros.nodes.executor_node import ExecutorNode
 from mail_ros.nodes.language_node import LanguageNode
 from mail_ros.nodes.policy_node import PolicyNode
 from mail_ros.nodes.sim_session import SessionError, SimSession
-from mail_ros.policy.checkpoint import read_checkpoint_config
+from mail_ros.policy.checkpoint import describe_checkpoint
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.collect import EpisodeOutcome, EpisodeSpec
 
@@ -49,12 +49,12 @@ class DemoGraph:
     def __init__(self, checkpoint: str | Path, *, seed: int, real_time_factor: float, device: str = "cpu",
                  executor_mode: str = "receding_horizon", execute_steps: int = 0, domain_id: int | None = None,
                  record: str | Path | None = None, camera_size: tuple[int, int] | None = None) -> None:
-        config = read_checkpoint_config(checkpoint)
+        config = describe_checkpoint(checkpoint)
         self.config = config
         # The simulated cameras keep their own resolution, whatever the model's (as on a robot, and as
         # in sim_policy.launch.py): camera_sync_node resizes, as the converter did for the training data.
         camera_size = tuple(camera_size) if camera_size is not None else CAMERA_SIZE
-        self.session = SimSession(seed=seed, cameras=list(config["cameras"]), image_size=camera_size,
+        self.session = SimSession(seed=seed, cameras=list(config.cameras), image_size=camera_size,
                                   real_time_factor=real_time_factor, domain_id=domain_id)
         session, ckpt = self.session, str(checkpoint)
         try:
@@ -62,7 +62,7 @@ class DemoGraph:
                 context=session.context, parameter_overrides=session.parameters(checkpoint=ckpt)))
             self.language = session.add(LanguageNode(
                 context=session.context,
-                parameter_overrides=session.parameters(encoder=config["language_encoder"] or "minilm")))
+                parameter_overrides=session.parameters(encoder=config.language_encoder or "minilm")))
             self.policy = session.add(PolicyNode(
                 context=session.context, parameter_overrides=session.parameters(checkpoint=ckpt, device=device)))
             if self.policy.policy is None:

@@ -80,7 +80,7 @@ class PolicyNode(Node):
         self._stopping = False
 
         self.policy = None
-        self.config = None
+        self.checkpoint = None  # CheckpointDescription, once loaded
         self._arm_columns = None  # (action columns, joint columns) of fr3_joint1..7, for the path marker
         self._load(device)
 
@@ -97,14 +97,14 @@ class PolicyNode(Node):
         import torch
 
         from mail_ros.model.mamba import mamba_backend
-        from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
+        from mail_ros.policy.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             if not self.checkpoint_dir:
                 raise CheckpointError("no checkpoint given (parameter 'checkpoint')")
-            self.config = read_checkpoint_config(self.checkpoint_dir)
+            self.checkpoint = describe_checkpoint(self.checkpoint_dir)
             self.policy = load_checkpoint(self.checkpoint_dir, device=device)
             latency = self._warm_up()
         except Exception as exc:  # noqa: BLE001 - whatever fails, the node must stay up to say so
@@ -114,19 +114,19 @@ class PolicyNode(Node):
             self.diagnostics.set(ERROR, f"no policy loaded: {exc}")
             return
         self.device = device
-        if self.config["action_space"] == "joint_position":
-            action_columns = arm_columns(self.config["action_names"])
-            joint_columns = arm_columns(self.config["joint_names"])
+        if self.checkpoint.action_space == "joint_position":
+            action_columns = arm_columns(self.checkpoint.action_names)
+            joint_columns = arm_columns(self.checkpoint.joint_names)
             if action_columns is not None and joint_columns is not None:
                 self._arm_columns = (action_columns, joint_columns)
-        self._history = ObservationHistory(self.config["obs_horizon"], 1.0 / self.config["rate_hz"],
+        self._history = ObservationHistory(self.checkpoint.obs_horizon, 1.0 / self.checkpoint.rate_hz,
                                            self.max_gap_periods)
         memory = ""
         if device.startswith("cuda"):
             memory = f", GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         self.get_logger().info(
             f"loaded {self.checkpoint_dir} on {device} ({mamba_backend(torch.device(device))}); cameras "
-            f"{self.config['cameras']}, T={self.config['obs_horizon']}, A={self.config['action_horizon']}, "
+            f"{self.checkpoint.cameras}, T={self.checkpoint.obs_horizon}, A={self.checkpoint.action_horizon}, "
             f"warm-up chunk {latency * 1e3:.1f} ms{memory}")
         self.diagnostics.set(OK, "policy loaded; waiting for a goal", device=device,
                              warmup_ms=f"{latency * 1e3:.1f}")
@@ -139,14 +139,14 @@ class PolicyNode(Node):
         """
         from mail_ros.policy.checkpoint import CheckpointError
 
-        height, width = self.config["image_size"]
+        height, width = self.checkpoint.image_size
         history = [
-            Observation(stamp=(k + 1) / self.config["rate_hz"],
-                        images={c: np.zeros((height, width, 3), np.uint8) for c in self.config["cameras"]},
-                        joint_positions=np.zeros(len(self.config["joint_names"])))
-            for k in range(self.config["obs_horizon"])
+            Observation(stamp=(k + 1) / self.checkpoint.rate_hz,
+                        images={c: np.zeros((height, width, 3), np.uint8) for c in self.checkpoint.cameras},
+                        joint_positions=np.zeros(len(self.checkpoint.joint_names)))
+            for k in range(self.checkpoint.obs_horizon)
         ]
-        embedding = np.zeros(self.config["language_dim"], np.float32)
+        embedding = np.zeros(self.checkpoint.language_dim, np.float32)
         latency = 0.0
         for _ in range(3):
             start = time.perf_counter()
@@ -172,13 +172,13 @@ class PolicyNode(Node):
 
     def _refusal(self, msg: InstructionEmbedding, vector: np.ndarray) -> str | None:
         """Why the goal ``msg`` cannot be used, or None."""
-        expected_encoder = self.config["language_encoder"]
+        expected_encoder = self.checkpoint.language_encoder
         if expected_encoder is None:
             return None  # a policy without language: the goal only starts an episode
         if not same_encoder(msg.encoder, expected_encoder):
             return f"encoder {msg.encoder!r}, checkpoint expects {expected_encoder!r}"
-        if vector.shape != (self.config["language_dim"],):
-            return f"dimension {vector.size}, checkpoint expects {self.config['language_dim']}"
+        if vector.shape != (self.checkpoint.language_dim,):
+            return f"dimension {vector.size}, checkpoint expects {self.checkpoint.language_dim}"
         if not np.all(np.isfinite(vector)):
             return "non-finite values"
         return None
@@ -187,7 +187,7 @@ class PolicyNode(Node):
         if self.policy is None:
             return
         vector = np.asarray(msg.embedding, dtype=np.float32)
-        if self.config["language_encoder"] is None:
+        if self.checkpoint.language_encoder is None:
             vector = np.zeros(0, np.float32)  # unused by the policy
         reason = self._refusal(msg, vector)
         if reason is not None:
@@ -250,12 +250,12 @@ class PolicyNode(Node):
             self.get_logger().warning("observation gap; restarting the history")
 
     def _to_observation(self, msg: ObservationMsg) -> Observation:
-        cameras = list(self.config["cameras"])
+        cameras = list(self.checkpoint.cameras)
         if list(msg.camera_names) != cameras:
             raise ObservationError(f"cameras {list(msg.camera_names)}, checkpoint expects {cameras}")
         if len(msg.images) != len(cameras):
             raise ObservationError(f"{len(msg.images)} images for {len(cameras)} cameras")
-        size = tuple(self.config["image_size"])
+        size = tuple(self.checkpoint.image_size)
         images = {}
         for camera, image in zip(cameras, msg.images):
             if (image.height, image.width) != size:
@@ -266,7 +266,7 @@ class PolicyNode(Node):
             except ValueError as exc:
                 raise ObservationError(f"camera {camera!r}: {exc}") from exc
         joints = select_joints(list(msg.joint_state.name), list(msg.joint_state.position),
-                               self.config["joint_names"])
+                               self.checkpoint.joint_names)
         return Observation(stamp=stamp_to_seconds(msg.header.stamp), images=images, joint_positions=joints)
 
     # --- inference, off the subscription path ---------------------------------------------------
@@ -320,9 +320,9 @@ class PolicyNode(Node):
             chunk_id=chunk_id,
             instruction=goal.text,
             instruction_stamp=goal.header.stamp,
-            action_space=self.config["action_space"],
-            names=list(self.config["action_names"]),
-            dt=float(self.config["dt"]),
+            action_space=self.checkpoint.action_space,
+            names=list(self.checkpoint.action_names),
+            dt=float(self.checkpoint.dt),
             horizon=int(actions.shape[0]),
             actions=[float(v) for v in actions.reshape(-1)],
             history_length=len(history),
@@ -336,7 +336,7 @@ class PolicyNode(Node):
         q = np.vstack([np.asarray(current.joint_positions)[joint_columns], actions[:, action_columns]])  # (A + 1, 7)
         points = fr3_tcp_poses(q)[:, :3, 3]
         fade = np.linspace(1.0, 0.3, len(points))
-        lifetime = float(self.config["dt"]) * len(actions)
+        lifetime = float(self.checkpoint.dt) * len(actions)
         return Marker(
             header=Header(stamp=seconds_to_stamp(current.stamp), frame_id=self.base_frame),
             ns="mail_predicted_path", id=0, type=Marker.LINE_STRIP, action=Marker.ADD,

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ import mail_ros
 from mail_ros.policy.config import ConfigError, PolicyConfig
 from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import FIELDS, NormalizerError
+from mail_ros.spec import ObservationSpec
 
 __all__ = [
+    "CheckpointDescription",
     "CheckpointError",
     "FORMAT_VERSION",
     "CONFIG_FILE",
@@ -41,6 +44,7 @@ __all__ = [
     "read_checkpoint_config",
     "read_weight_shapes",
     "checkpoint_config",
+    "describe_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -222,6 +226,102 @@ def read_weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...
             return {key: tuple(stream.get_slice(key).get_shape()) for key in stream.keys()}
     except _WEIGHTS_ERRORS as exc:
         raise _unreadable(weights, exc) from exc
+
+
+@dataclass(frozen=True)
+class CheckpointDescription:
+    """What a checkpoint folder says about its policy, read and validated from ``config.json`` alone.
+
+    The typed view the nodes and tools configure themselves from (no model is built, no weight is
+    read); the values come from the saved :class:`PolicyConfig`, which ``read_checkpoint_config``
+    has checked the top-level copies against.
+    """
+
+    directory: Path
+    config: PolicyConfig
+    normalization: dict[str, dict[str, list[float]]]  # "action" / "proprio" / "language" -> statistics
+    training: dict[str, Any]  # {"step": ..., "epoch": ...}
+    extra: dict[str, Any]  # stored verbatim by whoever saved it
+    mail_ros_version: str
+
+    @property
+    def observation(self) -> ObservationSpec:
+        return self.config.spec.observation
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return self.observation.cameras
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) at model resolution."""
+        return self.observation.image_size
+
+    @property
+    def joint_names(self) -> tuple[str, ...]:
+        return self.observation.joint_names
+
+    @property
+    def obs_horizon(self) -> int:
+        return self.observation.obs_horizon
+
+    @property
+    def rate_hz(self) -> float:
+        return self.observation.rate_hz
+
+    @property
+    def period(self) -> float:
+        return self.observation.period
+
+    @property
+    def action_space(self) -> str:
+        return self.config.spec.action.action_space
+
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        return self.config.spec.action.names
+
+    @property
+    def action_horizon(self) -> int:
+        return self.config.spec.action.horizon
+
+    @property
+    def dt(self) -> float:
+        return self.config.spec.action.dt
+
+    @property
+    def language_encoder(self) -> str | None:
+        """The text encoder spec the policy was trained with; None for a policy without language."""
+        return self.config.language.encoder
+
+    @property
+    def language_dim(self) -> int:
+        return self.config.language.dim
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    @property
+    def head(self) -> str:
+        return self.config.head.kind
+
+    def summary(self) -> dict[str, Any]:
+        """The top-level keys of ``config.json`` (cameras, horizons, rates, names, variant, head)."""
+        return _top_level(self.config)
+
+
+def describe_checkpoint(directory: str | os.PathLike) -> CheckpointDescription:
+    """The validated :class:`CheckpointDescription` of ``directory``; raises :class:`CheckpointError`."""
+    data = read_checkpoint_config(directory)
+    return CheckpointDescription(
+        directory=Path(directory),
+        config=PolicyConfig.from_dict(data["policy"]),
+        normalization=data["normalization"],
+        training=dict(data.get("training") or {}),
+        extra=dict(data.get("extra") or {}),
+        mail_ros_version=str(data.get("mail_ros_version")),
+    )
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaILPolicy:
