@@ -119,7 +119,7 @@ def test_future_stamped_observation_is_refused_and_later_ones_are_used(running):
     client.streaming = True
     wait_for(lambda: len(client.chunks_since(n)) >= 3, 20, "chunks after the future observation", graph=graph)
     assert all(_stamp(c) < now_seconds(client.node) for c in client.chunks_since(0))
-    wait_for(lambda: any("ahead of the node clock (max_observation_lead 50 ms)" in m
+    wait_for(lambda: any("ahead of the receiver's clock (max_observation_lead 50 ms)" in m
                          for m in client.diagnostic("policy_node")), 5, "a WARN diagnostic", graph=graph)
 
 

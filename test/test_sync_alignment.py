@@ -11,8 +11,6 @@ from mail_ros.sync.alignment import (
     AlignerConfig,
     StreamAligner,
     SyncError,
-    seconds_to_stamp,
-    stamp_to_seconds,
 )
 
 STREAMS = ("agentview", "wrist", "joint_states")
@@ -149,20 +147,6 @@ def test_stats_to_dict_is_json_ready():
     assert summary["emitted"] == 10
     assert summary["streams"]["js"]["skew_ms"]["p50"] == pytest.approx(5.0)
     assert summary["streams"]["js"]["skew_ms"]["mean_signed"] == pytest.approx(5.0)
-
-
-@pytest.mark.parametrize(
-    "sec,nanosec", [(0, 0), (1, 1), (12, 999_999_999), (-3, 500_000_000), (1_000_000, 123_456_789)]
-)
-def test_stamp_round_trip_exact(sec, nanosec):
-    assert seconds_to_stamp(stamp_to_seconds(sec, nanosec)) == (sec, nanosec)
-
-
-@given(st.integers(0, 2**31 - 1), st.integers(0, 999_999_999))
-def test_stamp_round_trip_within_a_microsecond(sec, nanosec):
-    back_sec, back_ns = seconds_to_stamp(stamp_to_seconds(sec, nanosec))
-    assert 0 <= back_ns < 1_000_000_000
-    assert abs((back_sec - sec) * 1_000_000_000 + back_ns - nanosec) < 1000
 
 
 @st.composite

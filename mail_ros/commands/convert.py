@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                 dropped.update({k: v for k, v in reference.items() if k != "decimated"})
                 dropped.update(ep.sync_stats["frames_dropped"])
                 dropped.update({f"stamped_ahead:{k}": v for k, v in ep.sync_stats["messages_stamped_ahead"].items()})
+                dropped.update({f"unstamped:{k}": v for k, v in ep.sync_stats["messages_unstamped"].items()})
                 writer.add(ep)
         if writer.episodes == 0:
             writer.abort()

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mail_ros.sync.stamps import StampGate, seconds_to_ns
+
 __all__ = ["SCHEDULER_MODES", "Chunk", "ChunkError", "ChunkScheduler"]
 
 SCHEDULER_MODES = ("receding_horizon", "temporal_ensemble", "latency_compensation")
@@ -158,6 +160,7 @@ class ChunkScheduler:
         self.action_offset = action_offset
         self.max_chunk_age = max_chunk_age
         self.max_chunk_lead = max_chunk_lead
+        self._stamp_gate = StampGate(max_chunk_lead)
         self.max_chunk_span = max_chunk_span
         self.interpolation = interpolation
         self.counters: Counter[str] = Counter()  # "accepted", "rejected:<reason>", "superseded", "expired"
@@ -245,7 +248,7 @@ class ChunkScheduler:
             return "instruction_mismatch"
         if not np.isfinite(chunk.actions).all():
             return "non_finite"
-        if chunk.stamp - now > self.max_chunk_lead:
+        if self._stamp_gate.check(seconds_to_ns(chunk.stamp), seconds_to_ns(now)) == "future":
             return "from_future"
         if scheduled.end * chunk.dt > self.max_chunk_span:
             return "too_long"

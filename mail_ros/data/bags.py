@@ -35,8 +35,9 @@ gripper width (no gripper command topic) is the finger-width sum at ``t + dt``, 
 interpolated between the joint states of the episode around it; frames whose ``t + dt`` is past
 the episode's last joint state are dropped (reason ``"no_future_state"``).
 
-Messages stamped more than ``max_stamp_lead`` after they were received are refused, as
-camera_sync_node refuses them (counted per stream in ``messages_stamped_ahead``).
+Messages stamped more than ``max_stamp_lead`` after they were received, or not stamped at all,
+are refused by the :class:`~mail_ros.sync.stamps.StampGate` camera_sync_node applies (counted
+per stream in ``messages_stamped_ahead`` and ``messages_unstamped``).
 
 Instructions. Like policy_node and the replay, which take the goal last received, the
 instruction of an episode is chosen by RECEIVE times only: the one in effect when the episode's
@@ -65,8 +66,9 @@ from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.ros_types import typestore
 from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
                            GRIPPER_COMMAND_PER_WIDTH, ObservationSpec)
-from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignerConfig, StreamAligner
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, stamp_to_ns
 
 __all__ = [
     "BagConfig",
@@ -173,7 +175,7 @@ class Trajectory:
             raise DataError(f"{where}: trajectory has no points")
         cols = [columns[j][0] for j in self.joints]
         scales = np.array([columns[j][1] for j in self.joints])
-        offsets = np.array([stamp_to_seconds(p.time_from_start.sec, p.time_from_start.nanosec) for p in msg.points])
+        offsets = np.array([_seconds(p.time_from_start) for p in msg.points])
         if np.any(np.diff(offsets) <= 0):
             raise DataError(f"{where}: time_from_start must increase, got {offsets.tolist()}")
         if any(len(p.positions) != len(names) for p in msg.points):
@@ -182,7 +184,7 @@ class Trajectory:
         if not np.all(np.isfinite(positions)):
             point, col = np.argwhere(~np.isfinite(positions))[0]
             raise DataError(f"{where}: non-finite position of {self.joints[col]} in point {point}")
-        stamp = stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        stamp = _seconds(msg.header.stamp)
         self.receive.append(receive)
         self.start.append(stamp if stamp != 0.0 else receive)
         self.offsets.append(offsets)
@@ -290,11 +292,12 @@ class _EpisodeState:
     finger_stamps: list[float] = field(default_factory=list)
     finger_widths: list[float] = field(default_factory=list)
     first_receive: float = math.inf  # bag time of the episode's first observation message
-    future: Counter = field(default_factory=Counter)  # stream -> messages refused as stamped ahead
+    # StampGate reason ("future", "unstamped") -> stream -> messages refused before alignment
+    refused: dict[str, Counter] = field(default_factory=lambda: {"future": Counter(), "unstamped": Counter()})
 
 
 def _seconds(stamp: Any) -> float:
-    return stamp_to_seconds(stamp.sec, stamp.nanosec)
+    return ns_to_seconds(stamp_to_ns(stamp.sec, stamp.nanosec))
 
 
 def check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[str, str]:
@@ -377,7 +380,7 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     instructions: list[tuple[float, str]] = []
     markers: list[tuple[float, str]] = []
     for conn, ns, msg in read_messages(reader, path, small):
-        t = ns * 1e-9
+        t = ns_to_seconds(ns)
         where = f"{path}: {conn.topic} at t={t:.3f} s"
         if conn.topic == config.arm_command_topic:
             arm.add(msg, t, where)
@@ -405,17 +408,20 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     )
     states = [_EpisodeState(StreamAligner(aligner_config)) for _ in spans]
     ends = [stop for _, stop in spans]
+    gate = StampGate(config.max_stamp_lead)
     for conn, ns, msg in read_messages(reader, path, list(streams)):
-        t = ns * 1e-9
+        t = ns_to_seconds(ns)
         e = _span_of(spans, t)
         if e is None or states[e].failure is not None:
             continue
         state, stream = states[e], streams[conn.topic]
         state.first_receive = min(state.first_receive, t)
-        stamp = _seconds(msg.header.stamp)
-        if stamp - t > config.max_stamp_lead:
-            state.future[stream] += 1
+        stamp_ns = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        refusal = gate.check(stamp_ns, ns)
+        if refusal is not None:
+            state.refused[refusal][stream] += 1
             continue
+        stamp = ns_to_seconds(stamp_ns)
         where = f"{path}: {conn.topic} at t={t:.3f} s (stamp {stamp:.3f})"
         try:
             if stream == JOINT_STATES and gripper == "measured":
@@ -463,7 +469,7 @@ def read_messages(reader: AnyReader, path: Path, topics: Iterable[str]):
         try:
             msg = reader.deserialize(raw, conn.msgtype)
         except (AnyReaderError, KeyError) as exc:
-            raise DataError(f"{path}: {conn.topic} at t={ns * 1e-9:.3f} s: cannot decode {conn.msgtype}: {exc}") from exc
+            raise DataError(f"{path}: {conn.topic} at t={ns_to_seconds(ns):.3f} s: cannot decode {conn.msgtype}: {exc}") from exc
         yield conn, ns, msg
 
 
@@ -516,10 +522,13 @@ def _finish(
         frames.append(builder.build(aligned))
     stats = state.aligner.stats.to_dict()
     stats["frames_dropped"] = dict(dropped)
-    stats["messages_stamped_ahead"] = dict(state.future)
+    stats["messages_stamped_ahead"] = dict(state.refused["future"])
+    stats["messages_unstamped"] = dict(state.refused["unstamped"])
     stats["gripper_source"] = gripper
     if len(frames) < config.min_frames:
-        ahead = f", messages stamped ahead of their receipt: {dict(state.future)}" if state.future else ""
+        ahead = "".join(f", messages {what}: {dict(state.refused[reason])}" for reason, what in
+                        (("future", "stamped ahead of their receipt"), ("unstamped", "without a stamp"))
+                        if state.refused[reason])
         raise DataError(
             f"{label}: {len(frames)} aligned frames with actions, need at least {config.min_frames} "
             f"(aligner dropped: {stats['streams'][config.observation.cameras[0]]['dropped']}, "

@@ -52,9 +52,10 @@ from mail_ros.data import bags
 from mail_ros.data.bags import BagConfig, DemonstratedActions, Trajectory
 from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
-from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignedSet, AlignerConfig, StreamAligner, stamp_to_seconds
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
 from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, seconds_to_ns, stamp_to_ns
 
 __all__ = [
     "BagReplay",
@@ -289,7 +290,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         if decided - observation.stamp > config.max_observation_age:
             result.observations["refused_stale"] += 1
             return
-        if observation.stamp - decided > config.max_observation_lead:
+        if observation_gate.check(seconds_to_ns(observation.stamp), seconds_to_ns(decided)) is not None:
             result.observations["refused_future"] += 1
             return
         outcome = history.add(observation)
@@ -314,6 +315,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         result.chunks.append(ChunkRecord(observation.stamp, decided, actions, np.full_like(actions, np.nan),
                                          elapsed, len(window), goal_text))
 
+    sensor_gate, observation_gate = StampGate(config.max_stamp_lead), StampGate(config.max_observation_lead)
     stream_of = {topic: camera for camera, topic in cameras.items()}
     stream_of[bag_config.joint_states_topic] = JOINT_STATES
     wanted = list(stream_of)
@@ -324,7 +326,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
     with tqdm(total=total, unit="msg", desc=path.name, disable=not progress, leave=False) as bar:
         for conn, ns, msg in _messages(reader, path, wanted):
             bar.update()
-            now = ns * 1e-9
+            now = ns_to_seconds(ns)
             if conn.topic == bag_config.instruction_topic:
                 text = " ".join(str(msg.data).split())
                 if not text:
@@ -338,13 +340,12 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
                 result.instructions.append((now, text))
                 continue
             stream = stream_of[conn.topic]
-            stamp = stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec)
-            if stamp <= 0.0:
-                invalid[stream]["unstamped"] += 1
+            stamp_ns = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+            refusal = sensor_gate.check(stamp_ns, ns)
+            if refusal is not None:
+                invalid[stream][refusal] += 1
                 continue
-            if stamp - now > config.max_stamp_lead:
-                invalid[stream]["future"] += 1
-                continue
+            stamp = ns_to_seconds(stamp_ns)
             try:
                 payload = builder.prepare(stream, msg)
             except ObservationError:
@@ -380,13 +381,13 @@ def _read_commands(
         topics.append(bag_config.joint_states_topic)
     try:
         for conn, ns, msg in _messages(reader, path, topics):
-            where = f"{path}: {conn.topic} at t={ns * 1e-9:.3f} s"
+            where = f"{path}: {conn.topic} at t={ns_to_seconds(ns):.3f} s"
             if conn.topic == bag_config.arm_command_topic:
-                arm.add(msg, ns * 1e-9, where)
+                arm.add(msg, ns_to_seconds(ns), where)
             elif conn.topic == bag_config.gripper_command_topic:
-                grip.add(msg, ns * 1e-9, where)
+                grip.add(msg, ns_to_seconds(ns), where)
             else:
-                finger_t.append(stamp_to_seconds(msg.header.stamp.sec, msg.header.stamp.nanosec))
+                finger_t.append(ns_to_seconds(stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)))
                 finger_w.append(bags.finger_width(msg, bag_config))
     except (DataError, ObservationError) as exc:
         raise ReplayError(str(exc)) from exc

@@ -28,13 +28,14 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Header
 
 from mail_ros.msg import Observation as ObservationMsg
-from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, Parameter, declare,
-                                   now_seconds, run_node, seconds_to_stamp, stamp_to_seconds)
+from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, Parameter, declare, now_ns,
+                                   run_node, seconds_to_stamp, stamp_ns)
 from mail_ros.policy.checkpoint import CheckpointError, describe_checkpoint
 from mail_ros.spec import ObservationSpec
-from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, DEFAULT_MAX_STAMP_LEAD, AlignedSet, AlignerConfig, StreamAligner
+from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
 from mail_ros.sync.image import rgb_to_image_fields
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, seconds_to_ns
 
 
 class CameraSyncNode(Node):
@@ -72,6 +73,7 @@ class CameraSyncNode(Node):
             if rate > 0:
                 overrides["rate_hz"] = rate
             spec = dataclasses.replace(spec, **overrides)
+            self.stamp_gate = StampGate(self.max_stamp_lead)
         except (CheckpointError, ValueError) as exc:
             raise SystemExit(f"camera_sync_node: cannot configure: {exc}") from exc
         self.spec = spec
@@ -82,8 +84,8 @@ class CameraSyncNode(Node):
         self.received: Counter[str] = Counter()
         self.published = 0
         self.clock_resets = 0
-        self._latest_now = -math.inf  # the node clock's high-water mark, to notice it going backwards
-        self._backwards_tolerance = latency
+        self._latest_now = -math.inf  # the node clock's high-water mark (ns), to notice it going backwards
+        self._backwards_tolerance = seconds_to_ns(latency)
         # Totals at the previous report: the report describes the period since then.
         self._last_report = (time.monotonic(), 0, Counter(), Counter())
 
@@ -105,21 +107,17 @@ class CameraSyncNode(Node):
 
     def _on_message(self, stream: str, msg) -> None:
         self.received[stream] += 1
-        stamp = stamp_to_seconds(msg.header.stamp)
-        if stamp <= 0.0:
-            self._reject(stream, "unstamped", "message has a zero header stamp")
-            return
-        lead = stamp - self._now()
-        if lead > self.max_stamp_lead:
-            self._reject(stream, "future", f"stamped {lead:.3f} s ahead of this node's clock (max_stamp_lead "
-                                           f"{self.max_stamp_lead} s): the clocks disagree")
+        stamp, now = stamp_ns(msg.header.stamp), self._now()
+        refusal = self.stamp_gate.check(stamp, now)
+        if refusal is not None:
+            self._reject(stream, refusal, self.stamp_gate.explain(refusal, stamp, now, "max_stamp_lead"))
             return
         try:
             payload = self.builder.prepare(stream, msg)
         except ObservationError as exc:
             self._reject(stream, "invalid", str(exc))
             return
-        self.aligner.push(stream, stamp, payload)
+        self.aligner.push(stream, ns_to_seconds(stamp), payload)
         self._poll()
 
     def _reject(self, stream: str, reason: str, detail: str) -> None:
@@ -127,12 +125,12 @@ class CameraSyncNode(Node):
         self.get_logger().warning(f"dropping {stream} message ({reason}): {detail}", throttle_duration_sec=2.0)
         self.diagnostics.set(WARN, f"dropping {stream} messages: {reason}")
 
-    def _now(self) -> float:
-        """The node clock; a jump back restarts the alignment (see the module docstring)."""
-        now = now_seconds(self)
+    def _now(self) -> int:
+        """The node clock (ns); a jump back restarts the alignment (see the module docstring)."""
+        now = now_ns(self)
         if now < self._latest_now - self._backwards_tolerance:
-            self.get_logger().warning(f"the clock went back {self._latest_now - now:.3f} s: restarting the "
-                                      "alignment", throttle_duration_sec=2.0)
+            self.get_logger().warning(f"the clock went back {ns_to_seconds(self._latest_now - now):.3f} s: "
+                                      "restarting the alignment", throttle_duration_sec=2.0)
             self.aligner.reset()
             self.clock_resets += 1
             self._latest_now = now
@@ -140,7 +138,7 @@ class CameraSyncNode(Node):
         return now
 
     def _poll(self) -> None:
-        for aligned in self.aligner.poll(self._now()):
+        for aligned in self.aligner.poll(ns_to_seconds(self._now())):
             self.publisher.publish(self._to_msg(aligned))
             self.published += 1
 

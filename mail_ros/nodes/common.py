@@ -5,18 +5,19 @@ Only the nodes import this module (it imports rclpy); the algorithms live in the
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any, Callable
 
 import rclpy
-from builtin_interfaces.msg import Time
+from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from mail_ros.sync.stamps import StampError, ns_to_seconds, ns_to_stamp, seconds_to_ns, stamp_to_ns
 
 # Goals (instructions and their embeddings) must reach late joiners: a goal published before the
 # policy node starts is not lost.
@@ -46,20 +47,44 @@ def declare(node: Node, name: str, default: Any, description: str, *, read_only:
     return node.declare_parameter(name, default, descriptor).value
 
 
+def stamp_ns(stamp: Time) -> int:
+    """A ROS stamp as integer nanoseconds, the core's time (exact)."""
+    return stamp_to_ns(stamp.sec, stamp.nanosec)
+
+
+def ns_to_time(ns: int) -> Time:
+    """Integer nanoseconds as a ROS stamp (exact)."""
+    sec, nanosec = ns_to_stamp(ns)
+    return Time(sec=sec, nanosec=nanosec)
+
+
 def stamp_to_seconds(stamp: Time) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
+    """A ROS stamp as float seconds (for durations and display; the core compares nanoseconds)."""
+    return ns_to_seconds(stamp_ns(stamp))
 
 
 def seconds_to_stamp(seconds: float) -> Time:
-    if not math.isfinite(seconds):
-        raise ValueError(f"cannot convert non-finite time {seconds} to a ROS stamp")
-    nanoseconds = int(round(seconds * 1e9))
-    return Time(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+    """Float seconds as a ROS stamp, rounded to the nearest nanosecond."""
+    try:
+        return ns_to_time(seconds_to_ns(seconds))
+    except StampError as exc:
+        raise ValueError(f"cannot convert {seconds} s to a ROS stamp: {exc}") from exc
+
+
+def seconds_to_duration(seconds: float) -> Duration:
+    """Float seconds as a ROS Duration, rounded to the nearest nanosecond."""
+    sec, nanosec = ns_to_stamp(seconds_to_ns(seconds))
+    return Duration(sec=sec, nanosec=nanosec)
+
+
+def now_ns(node: Node) -> int:
+    """The node's clock in nanoseconds: ROS time (sim time under use_sim_time), like message stamps."""
+    return node.get_clock().now().nanoseconds
 
 
 def now_seconds(node: Node) -> float:
-    """The node's clock in seconds: ROS time (sim time under use_sim_time), like message stamps."""
-    return node.get_clock().now().nanoseconds * 1e-9
+    """The node's clock in float seconds (for durations)."""
+    return ns_to_seconds(now_ns(node))
 
 
 class Diagnostics:
@@ -128,5 +153,5 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 
 __all__ = [
     "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
-    "now_seconds", "run_node", "seconds_to_stamp", "stamp_to_seconds",
+    "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration", "seconds_to_stamp", "stamp_ns", "stamp_to_seconds",
 ]

@@ -34,10 +34,10 @@ from mail_ros.control.safety import SafetyConfig, SafetyError, SafetyFilter, Ver
 from mail_ros.control.scheduler import Chunk, ChunkScheduler
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare,
-                                   now_seconds, run_node, stamp_to_seconds)
+                                   now_ns, now_seconds, run_node, stamp_ns, stamp_to_seconds)
 from mail_ros.nodes.gripper import GripperBridge
 from mail_ros.spec import GRIPPER_ACTION_NAME
-from mail_ros.sync.alignment import DEFAULT_MAX_STAMP_LEAD
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds
 
 FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
 # A measured position this far (rad) beyond a hard limit is a broken reading, not the arm.
@@ -70,6 +70,10 @@ class ExecutorNode(Node):
                                      "than this (s) are discarded")
         self.max_clock_skew = declare(self, "max_clock_skew", DEFAULT_MAX_STAMP_LEAD, "Chunks and joint states stamped further "
                                       "than this (s) ahead of the node clock are refused: the clocks disagree")
+        try:
+            self.stamp_gate = StampGate(self.max_clock_skew)
+        except ValueError as exc:
+            raise SystemExit(f"executor_node: max_clock_skew: {exc}") from exc
         max_chunk_span = declare(self, "max_chunk_span", 3.0, "Chunks whose executed actions span more than "
                                  "this (s) are refused (e.g. a dt sent in ms)")
         self.max_tracking_error = declare(self, "max_tracking_error", 0.25, "Stop commanding (then ramp in "
@@ -170,20 +174,19 @@ class ExecutorNode(Node):
         q = np.array([msg.position[index[name]] for name in self.arm_joints])
         # An ignored state is not fresh: the watchdog sees the joint states go stale and stops commanding.
         problem = ""
-        stamp, now = stamp_to_seconds(msg.header.stamp), now_seconds(self)
+        stamp, now = stamp_ns(msg.header.stamp), now_ns(self)
+        refusal = self.stamp_gate.check(stamp, now)
         if not np.all(np.isfinite(q)):
             problem = "non-finite positions"
         elif not self.limits.contains(q, atol=MEASURED_LIMIT_TOLERANCE):
             problem = f"positions outside the FR3 limits: {np.round(q, 3).tolist()}"
-        elif stamp <= 0.0:
-            problem = "no header stamp (its age cannot be known)"
-        elif stamp - now > self.max_clock_skew:
-            problem = f"stamped {stamp - now:.3f} s ahead of this node's clock"
+        elif refusal is not None:
+            problem = self.stamp_gate.explain(refusal, stamp, now, "max_clock_skew")
         if problem:
             self.get_logger().error(f"ignoring joint state with {problem}", throttle_duration_sec=2.0)
             return
         self.measured = q
-        self.watchdog.joint_state_received(min(stamp, now))
+        self.watchdog.joint_state_received(ns_to_seconds(min(stamp, now)))
 
     def _on_goal(self, msg: InstructionEmbedding) -> None:
         goal_id = self._goal_id(msg.text, msg.header.stamp)

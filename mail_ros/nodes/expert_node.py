@@ -29,14 +29,13 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
-from builtin_interfaces.msg import Duration
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from mail_ros.nodes.common import COMMAND_QOS, declare, seconds_to_stamp, stamp_to_seconds
+from mail_ros.nodes.common import COMMAND_QOS, declare, seconds_to_duration, seconds_to_stamp, stamp_to_seconds
 from mail_ros.sim.expert import ExpertConfig, ExpertObservation, ScriptedExpert
 from mail_ros.sim.franka_sim import CubePose
 from mail_ros.sim.tasks import Task
@@ -50,11 +49,6 @@ GRIPPER_TARGET_TOPIC = "/mail/expert/gripper_target"
 
 # (ROS time now in seconds, cube poses by colour), read from the simulator.
 PrivilegedState = Callable[[], tuple[float, dict[str, CubePose]]]
-
-
-def _duration(seconds: float) -> Duration:
-    nanoseconds = int(round(seconds * 1e9))
-    return Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
 
 
 class ExpertNode(Node):
@@ -146,5 +140,5 @@ class ExpertNode(Node):
             self.gripper_publisher.publish(self._trajectory(Header(), (GRIPPER_COMMAND_JOINT,), [width * GRIPPER_COMMAND_PER_WIDTH]))
 
     def _trajectory(self, header: Header, joints, positions) -> JointTrajectory:
-        point = JointTrajectoryPoint(positions=[float(v) for v in positions], time_from_start=_duration(self.period))
+        point = JointTrajectoryPoint(positions=[float(v) for v in positions], time_from_start=seconds_to_duration(self.period))
         return JointTrajectory(header=header, joint_names=list(joints), points=[point])

@@ -31,7 +31,8 @@ from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, seconds_to_stamp, stamp_to_seconds
+from mail_ros.nodes.common import (COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, now_seconds, run_node,
+                                   seconds_to_stamp, stamp_to_seconds)
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.jtc import TrajectoryRejected
@@ -89,7 +90,7 @@ class FrankaSimNode(Node):
         """ROS time of the simulation's present, in seconds."""
         if self.publish_clock:
             return self.epoch_offset + self.sim.time
-        return self.get_clock().now().nanoseconds * 1e-9
+        return now_seconds(self)
 
     def _loop(self) -> None:
         next_camera = next_joint = 0.0

@@ -22,7 +22,6 @@ import time
 from collections import deque
 
 import numpy as np
-from builtin_interfaces.msg import Duration
 from geometry_msgs.msg import Point, Vector3
 from rclpy.node import Node
 from std_msgs.msg import ColorRGBA, Header
@@ -32,12 +31,13 @@ from mail_ros.control.kinematics import arm_columns, fr3_tcp_poses
 from mail_ros.language.encoders import same_encoder
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
-from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_seconds,
-                                   run_node, seconds_to_stamp, stamp_to_seconds)
+from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_ns,
+                                   run_node, seconds_to_duration, seconds_to_stamp, stamp_ns,
+                                   stamp_to_seconds)
 from mail_ros.spec import Observation
-from mail_ros.sync.alignment import DEFAULT_MAX_STAMP_LEAD
 from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds
 
 
 def as_published(actions: np.ndarray) -> np.ndarray:
@@ -58,6 +58,10 @@ class PolicyNode(Node):
                                 "node clock than this (s) are refused: the clocks are out of sync")
         self.max_gap_periods = declare(self, "max_gap_periods", 3.0, "A gap between consecutive observations "
                                        "longer than this many policy periods restarts the history")
+        try:
+            self.stamp_gate = StampGate(self.max_lead)
+        except ValueError as exc:
+            raise SystemExit(f"policy_node: max_observation_lead: {exc}") from exc
         self.seed = declare(self, "seed", 0, "Seed of the policy's sampler (DDPM); reset with every new goal")
         self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
                                   "arm's base link (with any prefix your robot description uses)")
@@ -217,17 +221,17 @@ class PolicyNode(Node):
         except ObservationError as exc:
             self._refuse("observations", str(exc))
             return
-        age = now_seconds(self) - observation.stamp
+        stamp, now = stamp_ns(msg.header.stamp), now_ns(self)
+        # Stamped ahead and accepted, it would outrank every correctly stamped frame after it (the
+        # history only moves forward), and its chunk would look fresh to the executor for as long.
+        refusal = self.stamp_gate.check(stamp, now)
+        if refusal is not None:
+            self._refuse("observations", self.stamp_gate.explain(refusal, stamp, now, "max_observation_lead"))
+            return
+        age = ns_to_seconds(now - stamp)
         if age > self.max_age:
             self._refuse("observations", f"observation is {age * 1e3:.0f} ms old (max_observation_age "
                                          f"{self.max_age * 1e3:.0f} ms)")
-            return
-        if -age > self.max_lead:
-            # Accepted, it would outrank every correctly stamped frame after it (the history
-            # only moves forward), and its chunk would look fresh to the executor for as long.
-            self._refuse("observations", f"observation is stamped {-age * 1e3:.0f} ms ahead of the node clock "
-                                         f"(max_observation_lead {self.max_lead * 1e3:.0f} ms): the clocks are out "
-                                         "of sync")
             return
         with self._lock:
             outcome = self._history.add(observation)
@@ -340,7 +344,7 @@ class PolicyNode(Node):
         return Marker(
             header=Header(stamp=seconds_to_stamp(current.stamp), frame_id=self.base_frame),
             ns="mail_predicted_path", id=0, type=Marker.LINE_STRIP, action=Marker.ADD,
-            lifetime=Duration(sec=int(lifetime), nanosec=int(lifetime % 1.0 * 1e9)),
+            lifetime=seconds_to_duration(lifetime),
             scale=Vector3(x=0.006), points=[Point(x=x, y=y, z=z) for x, y, z in points.tolist()],
             colors=[ColorRGBA(r=1.0, g=0.45, b=0.0, a=float(a)) for a in fade],
         )

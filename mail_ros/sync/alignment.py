@@ -37,7 +37,7 @@ Semantics
   offline input pushed in bag order and flushed at the end yields the same sets as the online
   path whenever each stream arrives in stamp order within ``latency_allowance``.
 
-Stamps are float seconds (ROS stamps converted with ``stamp_to_seconds``). Not thread-safe:
+Stamps are float seconds (converted by :mod:`mail_ros.sync.stamps`). Not thread-safe:
 callers serialise ``push``/``poll`` (one callback group in the node).
 """
 
@@ -54,18 +54,14 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_MAX_SKEW",
-    "DEFAULT_MAX_STAMP_LEAD",
     "AlignedSet",
     "AlignerConfig",
     "StreamAligner",
     "StreamStats",
     "SyncError",
     "SyncStats",
-    "seconds_to_stamp",
-    "stamp_to_seconds",
 ]
 
-NS_PER_SECOND = 1_000_000_000
 # Bounds memory of the skew statistics on a long-running node; percentiles use the newest samples.
 SKEW_SAMPLES_KEPT = 10_000
 # Number of reference intervals whose median estimates the camera interval (the default tolerance).
@@ -73,32 +69,10 @@ INTERVAL_WINDOW = 15
 # Default max_skew (s) of every aligner: camera_sync_node, `mail-ros convert` and replay must pair
 # the same messages, or the robot sees observations that training and offline evaluation never had.
 DEFAULT_MAX_SKEW = 0.02
-# How far (s) a stamp may lead the clock of whoever receives it before the two clocks are taken to
-# disagree: camera_sync_node, policy_node, the executor, `mail-ros convert` and replay refuse more.
-DEFAULT_MAX_STAMP_LEAD = 0.05
 
 
 class SyncError(ValueError):
     """Bad input to the aligner: unknown stream, non-finite stamp or an invalid configuration."""
-
-
-def stamp_to_seconds(sec: int, nanosec: int) -> float:
-    """ROS ``builtin_interfaces/Time`` fields to float seconds (one rounding, < 0.25 us at 2**31 s)."""
-    if not 0 <= nanosec < NS_PER_SECOND:
-        raise SyncError(f"nanosec must be in [0, 1e9), got {nanosec}")
-    return sec + nanosec / NS_PER_SECOND
-
-
-def seconds_to_stamp(seconds: float) -> tuple[int, int]:
-    """Float seconds to ``(sec, nanosec)`` with ``0 <= nanosec < 1e9``, rounded to the nearest ns."""
-    if not math.isfinite(seconds):
-        raise SyncError(f"cannot convert non-finite time {seconds} to a stamp")
-    sec = math.floor(seconds)
-    # seconds - floor(seconds) is exact in binary floating point, so only the scaling rounds.
-    nanosec = round((seconds - sec) * NS_PER_SECOND)
-    if nanosec == NS_PER_SECOND:
-        sec, nanosec = sec + 1, 0
-    return int(sec), int(nanosec)
 
 
 @dataclass(frozen=True)
