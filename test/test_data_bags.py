@@ -252,3 +252,58 @@ def test_gripper_commanded_through_a_finger_joint_reads_as_the_width():
     grip.add(msg, receive=10.0, where="test")
     target, _ = command_target(grip, 10.5, 0.1)
     assert target.tolist() == [0.03]
+
+
+def write_tie_bag(path, start_sec: int, frames: int) -> list[float]:
+    """One camera at 10 Hz and joint states at 50 Hz from ``start_sec`` (whole seconds since the
+    epoch), and an arm command received EXACTLY (to the nanosecond) at every frame's stamp, with
+    another one received halfway between frames. Returns the value each command holds."""
+    ts = bf.typestore()
+    ns = lambda k_ms: start_sec * 1_000_000_000 + k_ms * 1_000_000  # noqa: E731 - ms after start, exact
+    time = lambda t: ts.types["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9)  # noqa: E731
+    header = lambda t: ts.types["std_msgs/msg/Header"](stamp=time(t), frame_id="")  # noqa: E731
+    empty = np.zeros(0)
+    records, values = [], []
+    for k in range(frames):
+        t = ns(123 + 100 * k)  # off the whole second, where float seconds since the epoch round
+        image = bf.camera_image(0, k, (16, 16))
+        records.append((t + 5_000_000, "/cameras/agentview/image_raw", "sensor_msgs/msg/Image",
+                        ts.types["sensor_msgs/msg/Image"](header=header(t), height=16, width=16, encoding="rgb8",
+                                                          is_bigendian=0, step=48, data=image.reshape(-1))))
+        for receive in (t - 50_000_000, t):  # halfway before the frame, then exactly at its stamp
+            value = 0.001 * len(values)
+            values.append(value)
+            point = ts.types["trajectory_msgs/msg/JointTrajectoryPoint"](
+                positions=np.full(7, value), velocities=empty, accelerations=empty, effort=empty,
+                time_from_start=ts.types["builtin_interfaces/msg/Duration"](sec=0, nanosec=0))
+            records.append((receive, "/fr3_arm_controller/joint_trajectory", "trajectory_msgs/msg/JointTrajectory",
+                            ts.types["trajectory_msgs/msg/JointTrajectory"](header=header(receive),
+                                                                            joint_names=list(bf.FR3_ARM_JOINTS),
+                                                                            points=[point])))
+    for j in range(frames * 5):
+        t = ns(103 + 20 * j)
+        records.append((t + 2_000_000, "/joint_states", "sensor_msgs/msg/JointState",
+                        ts.types["sensor_msgs/msg/JointState"](header=header(t), name=list(bf.FR3_ARM_JOINTS),
+                                                               position=np.zeros(7), velocity=empty, effort=empty)))
+    records.append((ns(0), "/mail/instruction", "std_msgs/msg/String", ts.types["std_msgs/msg/String"](data="tie")))
+    records.sort(key=lambda r: r[0])
+    with Writer(path, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP) as writer:
+        connections = {}
+        for receive, topic, msgtype, msg in records:
+            if topic not in connections:
+                connections[topic] = writer.add_connection(topic, msgtype, typestore=ts)
+            writer.write(connections[topic], receive, ts.serialize_cdr(msg, msgtype))
+    return values
+
+
+@pytest.mark.parametrize("start_sec", [100, 1_700_000_000, 1_765_432_109])
+def test_a_command_received_exactly_at_a_frame_stamp_labels_that_frame(tmp_path, start_sec):
+    # The documented rule: the latest command received AT OR BEFORE the frame's stamp. A command
+    # received at exactly the stamp is that command, for every frame, whatever the epoch.
+    values = write_tie_bag(tmp_path / "bag", start_sec, frames=30)
+    spec = ObservationSpec(cameras=("agentview",), image_size=(16, 16), joint_names=bf.FR3_ARM_JOINTS, rate_hz=10.0)
+    (ep,) = read_bag(tmp_path / "bag", BagConfig(observation=spec, action_names=bf.FR3_ARM_JOINTS,
+                                                  max_skew=0.03)).episodes
+    frames = [bf.decode_frame(image) for image in ep.images["agentview"]]
+    assert frames == list(range(30))
+    np.testing.assert_array_equal(ep.actions[:, 0], np.float32([values[2 * k + 1] for k in frames]))
