@@ -39,7 +39,8 @@ from std_msgs.msg import Header, String  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from mail_ros.msg import ActionChunk  # noqa: E402
-from mail_ros.nodes.common import COMMAND_QOS, GIL_SWITCH_INTERVAL, GOAL_QOS, PIPELINE_QOS  # noqa: E402
+from mail_ros.nodes.common import (COMMAND_QOS, GIL_SWITCH_INTERVAL, GOAL_QOS, PIPELINE_QOS, now_seconds,  # noqa: E402
+                                   stamp_to_seconds)
 from mail_ros.nodes.executor_node import FR3_HOME  # noqa: E402
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS  # noqa: E402
 
@@ -94,7 +95,7 @@ def main() -> int:
                   for c in ("agentview", "wrist")]
     joint_pub = node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
     instruction_pub = node.create_publisher(String, "/mail/instruction", GOAL_QOS)
-    now = lambda: node.get_clock().now().nanoseconds * 1e-9  # noqa: E731
+    now = lambda: now_seconds(node)  # noqa: E731
 
     def publish_images():
         stamp = node.get_clock().now().to_msg()
@@ -112,7 +113,7 @@ def main() -> int:
 
     def on_chunk(msg: ActionChunk):
         if measuring.is_set():
-            chunks.append((msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, now()))
+            chunks.append((stamp_to_seconds(msg.header.stamp), now()))
 
     def on_command(msg: JointTrajectory):
         nonlocal q

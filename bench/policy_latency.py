@@ -69,7 +69,7 @@ def run_row(row: dict) -> dict:
     # A small pool of images reused across stamps: the policy caches per Observation object, not
     # by content; each frame below is one object, passed again in every window that holds it.
     pool = [{c: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for c in policy.cameras} for _ in range(8)]
-    frames = [Observation(0.1 * i, pool[i % 8], np.zeros(policy.joint_dim)) for i in range(n_frames)]
+    frames = [Observation(100_000_000 * i, pool[i % 8], np.zeros(policy.joint_dim)) for i in range(n_frames)]  # 10 Hz, ns
     language = np.zeros(policy.config.language.dim) if policy.config.language.enabled else None
 
     def sync() -> None:

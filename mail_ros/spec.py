@@ -141,9 +141,10 @@ class Observation:
 
     ``images`` holds one (H, W, 3) uint8 RGB array per camera at model resolution; the joint
     positions are ordered as ``ObservationSpec.joint_names``. ``stamp`` is the set's reference
-    time in seconds (ROS time in the nodes, bag time offline).
+    time in integer nanoseconds (ROS time in the nodes, bag time offline; see
+    :mod:`mail_ros.sync.stamps`), so the stamp a chunk carries is exactly its observation's.
     """
 
-    stamp: float
+    stamp: int
     images: dict[str, np.ndarray]
     joint_positions: np.ndarray

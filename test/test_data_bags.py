@@ -13,6 +13,7 @@ import bag_factory as bf
 from mail_ros.data.bags import BagConfig, Trajectory, command_target, read_bag
 from mail_ros.data.hdf5 import DataError
 from mail_ros.spec import ObservationSpec
+from mail_ros.sync.stamps import seconds_to_ns
 
 DT = 0.1
 SPEC = ObservationSpec(cameras=("agentview", "wrist"), image_size=(24, 32), rate_hz=1 / DT)
@@ -223,13 +224,14 @@ def test_command_target_interpolates_and_holds(offsets, t, start):
     traj = Trajectory("/cmd", joints=("a",))
     offsets = np.asarray(offsets)
     values = np.sin(3 * offsets) + offsets  # arbitrary, distinct per point
+    t, start = seconds_to_ns(t), seconds_to_ns(start)  # the core's times: integer ns
     traj.receive, traj.start = [start], [start]
     traj.offsets, traj.positions = [offsets], [values[:, None]]
-    target, m = command_target(traj, t, 0.1)
+    target, m = command_target(traj, t, seconds_to_ns(0.1))
     if t < start:
         assert target is None and m == -1
         return
-    rel = t + 0.1 - start
+    rel = (t + seconds_to_ns(0.1) - start) / 1e9
     if rel <= offsets[0]:
         assert target[0] == pytest.approx(values[0])
     elif rel >= offsets[-1]:
@@ -249,8 +251,8 @@ def test_gripper_commanded_through_a_finger_joint_reads_as_the_width():
     msg = SimpleNamespace(joint_names=["fr3_finger_joint1"], points=[point],
                           header=SimpleNamespace(stamp=SimpleNamespace(sec=0, nanosec=0)))
     grip = Trajectory("/fr3_gripper/joint_trajectory", joints=("fr3_gripper_width",))
-    grip.add(msg, receive=10.0, where="test")
-    target, _ = command_target(grip, 10.5, 0.1)
+    grip.add(msg, receive=10_000_000_000, where="test")
+    target, _ = command_target(grip, 10_500_000_000, 100_000_000)
     assert target.tolist() == [0.03]
 
 

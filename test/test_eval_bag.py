@@ -27,6 +27,7 @@ from mail_ros.data.ros_types import typestore
 from mail_ros.eval.replay import ObservationHistory, ReplayConfig, ReplayError, replay_bag
 from mail_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from mail_ros.spec import Observation
+from mail_ros.sync.stamps import seconds_to_ns
 
 torch.set_num_threads(1)
 
@@ -189,14 +190,15 @@ def test_new_instruction_restarts_history_and_ends_the_compared_horizon(tmp_path
     truth = write_demo_bag(tmp_path / "src", DemoBag(duration=2.0))
     source = truth.path
     switch = 101.03  # received between the frames at ~101.0 and ~101.1
+    switch_ns = seconds_to_ns(switch)
     String = typestore().types["std_msgs/msg/String"]
     add_messages(source, tmp_path / "bag", [(switch, "/mail/instruction", "std_msgs/msg/String",
                                              String(data="now  stack the  blocks"))])
     policy = load_checkpoint(checkpoint)
     replay = replay_bag(tmp_path / "bag", policy, ReplayConfig(every=2))
     assert [text for _, text in replay.instructions] == ["put the cube in the bowl", "now stack the blocks"]
-    before = [c for c in replay.chunks if c.decided < switch]
-    after = [c for c in replay.chunks if c.decided >= switch]
+    before = [c for c in replay.chunks if c.decided < switch_ns]
+    after = [c for c in replay.chunks if c.decided >= switch_ns]
     assert before[0].history_length == 1 and all(c.history_length == 2 for c in before[1:])
     assert after[0].history_length == 1 and after[0].instruction == "now stack the blocks"
     # every=2 counts the observations of both goals together
@@ -205,7 +207,7 @@ def test_new_instruction_restarts_history_and_ends_the_compared_horizon(tmp_path
     assert replay.observations["skipped_every"] == frames // 2
     for chunk in before:
         compared = ~np.isnan(chunk.commanded[:, 0])
-        assert np.array_equal(compared, chunk.stamp + np.arange(A) * DT < switch)
+        assert np.array_equal(compared, chunk.stamp + np.arange(A) * seconds_to_ns(DT) < switch_ns)
 
     override = replay_bag(tmp_path / "bag", policy, ReplayConfig(instruction="pick"))
     assert [text for _, text in override.instructions] == ["pick"]
@@ -215,17 +217,21 @@ def test_new_instruction_restarts_history_and_ends_the_compared_horizon(tmp_path
 def test_observation_history_follows_policy_node_rules():
     history = ObservationHistory(obs_horizon=3, period=0.1, max_gap_periods=3.0)
 
-    def obs(t):
-        return Observation(t, {}, np.zeros(1))
+    def obs(ms):
+        return Observation(ms * 1_000_000, {}, np.zeros(1))  # stamps in integer ns
 
-    outcomes = [history.add(obs(t)) for t in (1.0, 1.1, 1.1, 1.2, 1.3)]
+    def window():
+        return [o.stamp // 1_000_000 for o in history.window()]
+
+    outcomes = [history.add(obs(ms)) for ms in (1000, 1100, 1100, 1200, 1300)]
     assert outcomes == [None, None, "duplicate", None, None]
-    assert [o.stamp for o in history.window()] == [1.1, 1.2, 1.3]
-    assert history.add(obs(1.61)) == "restart" and [o.stamp for o in history.window()] == [1.61]
-    # Time went backwards (a simulator restart): the history restarts rather than waiting for 1.61.
-    assert history.add(obs(0.2)) == "backwards" and [o.stamp for o in history.window()] == [0.2]
-    assert [history.add(obs(t)) for t in (0.3, 0.3)] == [None, "duplicate"]
-    assert [o.stamp for o in history.window()] == [0.2, 0.3]
+    assert window() == [1100, 1200, 1300]
+    assert history.add(obs(1600)) is None  # exactly max_gap_periods after the last: not yet a gap
+    assert history.add(obs(1901)) == "restart" and window() == [1901]
+    # Time went backwards (a simulator restart): the history restarts rather than waiting for 1.901.
+    assert history.add(obs(200)) == "backwards" and window() == [200]
+    assert [history.add(obs(ms)) for ms in (300, 300)] == [None, "duplicate"]
+    assert window() == [200, 300]
 
 
 def test_compressed_cameras_are_found_by_name(tmp_path, checkpoint):
@@ -320,7 +326,7 @@ def test_stamps_ahead_of_the_receiving_clock_are_refused_as_the_nodes_refuse_the
     tolerant = replay_bag(tmp_path / "bag", policy, ReplayConfig(max_stamp_lead=1.0))
     # (The last set is decided by the end-of-bag flush, as the node's timer would, not early.)
     assert tolerant.observations["refused_future"] >= tolerant.frames - 1 > 0
-    assert all(c.stamp - c.decided <= 0.05 for c in tolerant.chunks)
+    assert all(c.stamp - c.decided <= seconds_to_ns(0.05) for c in tolerant.chunks)
 
 
 def test_like_policy_node_no_chunk_before_the_first_instruction(tmp_path, checkpoint):
@@ -328,7 +334,7 @@ def test_like_policy_node_no_chunk_before_the_first_instruction(tmp_path, checkp
     late = write_demo_bag(tmp_path / "late", DemoBag(duration=2.0, instruction=None,
                                                      instructions=((101.05, "pick up the cube"),))).path
     replay = replay_bag(late, policy, ReplayConfig())
-    assert replay.chunks and min(c.decided for c in replay.chunks) >= 101.05
+    assert replay.chunks and min(c.decided for c in replay.chunks) >= seconds_to_ns(101.05)
     assert replay.observations["no_goal"] > 0
     assert all(len(skews) == replay.frames for skews in replay.skews.values())  # every emitted set's
     # A bag without the instruction topic: a goal from the start.

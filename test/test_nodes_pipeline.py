@@ -25,7 +25,7 @@ from visualization_msgs.msg import Marker
 from mail_ros.control.kinematics import fr3_tcp_poses
 from mail_ros.msg import ActionChunk, InstructionEmbedding, Observation
 from mail_ros.nodes.camera_sync_node import CameraSyncNode
-from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS
+from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, stamp_ns, stamp_to_seconds
 from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
 from mail_ros.nodes.language_node import LanguageNode
 from mail_ros.nodes.policy_node import PolicyNode
@@ -61,7 +61,7 @@ class World:
         self.truncate = False
         self.joint_value = None  # e.g. NaN
         self.joint_names = list(FR3_ARM_JOINTS + FR3_FINGER_JOINTS)
-        self.camera_stamps: list[float] = []
+        self.camera_stamps: list[int] = []  # ns
         self.commands: list[tuple[float, np.ndarray]] = []
         self.chunks: list[ActionChunk] = []
         self.observations: list[Observation] = []
@@ -94,7 +94,7 @@ class World:
         if not self.cameras_on:
             return
         stamp = self.node.get_clock().now().to_msg()
-        self.camera_stamps.append(stamp.sec + stamp.nanosec * 1e-9)
+        self.camera_stamps.append(stamp_ns(stamp))
         for camera, publisher in self.image_pubs.items():
             pixels = self.rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8).tobytes()
             if self.truncate:
@@ -163,9 +163,8 @@ def test_images_and_instruction_become_limit_respecting_commands(pipeline):
     chunk = world.chunks[-1]
     assert chunk.instruction == "pick up the red cube"
     assert chunk.horizon == 4 and len(chunk.actions) == 4 * 8 and np.all(np.isfinite(chunk.actions))
-    # The chunk is stamped with the newest observation it used: a reference-camera stamp.
-    stamp = chunk.header.stamp.sec + chunk.header.stamp.nanosec * 1e-9
-    assert min(abs(stamp - s) for s in world.camera_stamps) < 1e-6
+    # The chunk is stamped with the newest observation it used: exactly a reference-camera stamp.
+    assert stamp_ns(chunk.header.stamp) in world.camera_stamps
     assert 1 <= chunk.history_length <= 2
 
     with world.lock:  # one snapshot: the executor keeps sending
@@ -179,7 +178,7 @@ def test_images_and_instruction_become_limit_respecting_commands(pipeline):
     targets = np.asarray(chunk.actions).reshape(4, 8)[:, :7]
     expected = fr3_tcp_poses(targets)[:, :3, 3]
     np.testing.assert_allclose([[p.x, p.y, p.z] for p in path.points[1:]], expected, atol=1e-5)
-    assert 0.0 < path.lifetime.sec + path.lifetime.nanosec * 1e-9 <= 4 * chunk.dt + 1e-6
+    assert 0.0 < stamp_to_seconds(path.lifetime) <= 4 * chunk.dt + 1e-6
     wait_for(lambda: all(world.diagnostic(n, levels=(b"\x00", b"\x01", b"\x02")) for n in
                          ("camera_sync_node", "language_node", "policy_node", "executor_node")), 10,
              "diagnostics from every node", graph=graph)

@@ -20,7 +20,7 @@ from std_msgs.msg import Header, String
 from mail_ros.cli import main as cli_main
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
-from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, now_seconds, seconds_to_stamp
+from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, now_seconds, seconds_to_stamp, stamp_to_seconds
 from mail_ros.nodes.language_node import LanguageNode
 from mail_ros.nodes.policy_node import PolicyNode
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS
@@ -91,7 +91,7 @@ def _unit(seed: int) -> np.ndarray:
 
 
 def _stamp(chunk: ActionChunk) -> float:
-    return chunk.header.stamp.sec + chunk.header.stamp.nanosec * 1e-9
+    return stamp_to_seconds(chunk.header.stamp)
 
 
 @pytest.fixture

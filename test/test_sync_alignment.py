@@ -12,11 +12,12 @@ from mail_ros.sync.alignment import (
     StreamAligner,
     SyncError,
 )
+from mail_ros.sync.stamps import seconds_to_ns as ns
 
 STREAMS = ("agentview", "wrist", "joint_states")
 
 
-def stamps_of(sets: list[AlignedSet]) -> list[float]:
+def stamps_of(sets: list[AlignedSet]) -> list[int]:
     return [s.stamp for s in sets]
 
 
@@ -33,12 +34,12 @@ def test_hand_built_case_with_dropped_frame():
         ("js", 0.00), ("cam", 0.01), ("js", 0.05), ("cam", 0.09), ("js", 0.10),
         ("cam", 0.15), ("js", 0.20), ("cam", 0.21),
     ]:
-        aligner.push(name, stamp, f"{name}@{stamp}")
+        aligner.push(name, ns(stamp), f"{name}@{stamp}")
     sets = aligner.flush()
     assert [(s.stamp, {k: v[1] for k, v in s.members.items()}) for s in sets] == [
-        (0.01, {"cam": "cam@0.01", "js": "js@0.0"}),
-        (0.09, {"cam": "cam@0.09", "js": "js@0.1"}),
-        (0.21, {"cam": "cam@0.21", "js": "js@0.2"}),
+        (ns(0.01), {"cam": "cam@0.01", "js": "js@0.0"}),
+        (ns(0.09), {"cam": "cam@0.09", "js": "js@0.1"}),
+        (ns(0.21), {"cam": "cam@0.21", "js": "js@0.2"}),
     ]
     assert sets[1].skew["js"] == pytest.approx(0.01)
     cam, js = aligner.stats["cam"], aligner.stats["js"]
@@ -48,35 +49,35 @@ def test_hand_built_case_with_dropped_frame():
 
 def test_choice_is_final_once_a_newer_message_exists():
     aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.05))
-    aligner.push("cam", 1.0, "c")
-    aligner.push("js", 0.97, "a")
-    assert aligner.poll(1.0) == []  # 0.97 might still be beaten by a message in (0.97, 1.03)
-    aligner.push("js", 1.02, "b")
-    (out,) = aligner.poll(1.0)
-    assert out.members["js"] == (1.02, "b")
+    aligner.push("cam", ns(1.0), "c")
+    aligner.push("js", ns(0.97), "a")
+    assert aligner.poll(ns(1.0)) == []  # 0.97 might still be beaten by a message in (0.97, 1.03)
+    aligner.push("js", ns(1.02), "b")
+    (out,) = aligner.poll(ns(1.0))
+    assert out.members["js"] == (ns(1.02), "b")
 
 
 def test_timeout_decides_with_what_arrived():
     cfg = AlignerConfig(("cam", "js"), max_skew=0.02, latency_allowance=0.05)
     aligner = StreamAligner(cfg)
-    aligner.push("cam", 1.0, "c")
-    aligner.push("js", 0.99, "j")
-    assert aligner.poll(1.069) == []
-    (out,) = aligner.poll(1.071)
-    assert out.members["js"] == (0.99, "j")
-    aligner.push("cam", 2.0, "c2")
-    assert aligner.poll(2.1) == []
+    aligner.push("cam", ns(1.0), "c")
+    aligner.push("js", ns(0.99), "j")
+    assert aligner.poll(ns(1.069)) == []
+    (out,) = aligner.poll(ns(1.071))
+    assert out.members["js"] == (ns(0.99), "j")
+    aligner.push("cam", ns(2.0), "c2")
+    assert aligner.poll(ns(2.1)) == []
     assert aligner.stats["cam"].dropped["no_match:js"] == 1
 
 
 def test_late_reference_and_late_partner():
     aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.02))
-    aligner.push("js", 1.0, None)
-    aligner.push("cam", 1.0, None)
-    assert len(aligner.poll(1.0)) == 1
-    aligner.push("cam", 0.5, None)  # older than the last decided frame
-    aligner.push("js", 0.9, None)  # can never be within max_skew of a future frame
-    aligner.push("js", 0.995, None)  # 1.0 is closer to every future frame
+    aligner.push("js", ns(1.0), None)
+    aligner.push("cam", ns(1.0), None)
+    assert len(aligner.poll(ns(1.0))) == 1
+    aligner.push("cam", ns(0.5), None)  # older than the last decided frame
+    aligner.push("js", ns(0.9), None)  # can never be within max_skew of a future frame
+    aligner.push("js", ns(0.995), None)  # 1.0 is closer to every future frame
     aligner.flush()
     assert aligner.stats["cam"].dropped["late"] == 1
     assert aligner.stats["js"].dropped["late"] == 2
@@ -85,24 +86,24 @@ def test_late_reference_and_late_partner():
 
 def test_out_of_order_stamps_within_a_stream_are_sorted():
     aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.03))
-    aligner.push("js", 1.05, "far")
-    aligner.push("js", 1.01, "near")  # arrives after a newer one but is still usable
-    aligner.push("cam", 1.0, "c")
+    aligner.push("js", ns(1.05), "far")
+    aligner.push("js", ns(1.01), "near")  # arrives after a newer one but is still usable
+    aligner.push("cam", ns(1.0), "c")
     (out,) = aligner.flush()
-    assert out.members["js"] == (1.01, "near")
+    assert out.members["js"] == (ns(1.01), "near")
 
 
 def test_decimation_keeps_the_grid_with_a_30hz_camera():
     cfg = AlignerConfig(("cam", "js"), max_skew=0.02, period=0.1)
     aligner = StreamAligner(cfg)
     for i in range(301):  # 10 s of a 30 Hz camera, joint states at 100 Hz
-        aligner.push("cam", i / 30, i)
+        aligner.push("cam", ns(i / 30), i)
     for i in range(1001):
-        aligner.push("js", i / 100, i)
+        aligner.push("js", ns(i / 100), i)
     sets = aligner.flush()
     assert len(sets) == 101  # exactly 10 Hz over 10 s
     gaps = [b - a for a, b in zip(stamps_of(sets), stamps_of(sets)[1:])]
-    assert min(gaps) > 0.1 - 1 / 30 - 1e-9
+    assert min(gaps) >= ns(0.1) - ns(1 / 30) - 1
     assert aligner.stats["cam"].dropped["decimated"] == 200
     assert_accounted(aligner)
 
@@ -110,10 +111,11 @@ def test_decimation_keeps_the_grid_with_a_30hz_camera():
 def test_bad_input_raises():
     aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.02))
     with pytest.raises(SyncError, match="unknown stream 'depth'"):
-        aligner.push("depth", 1.0, None)
-    with pytest.raises(SyncError, match="non-finite stamp"):
-        aligner.push("js", math.nan, None)
-    with pytest.raises(ValueError, match="non-finite receiver time"):
+        aligner.push("depth", ns(1.0), None)
+    for bad in (math.nan, 1.0, True):
+        with pytest.raises(SyncError, match="stamp on stream 'js' must be integer nanoseconds"):
+            aligner.push("js", bad, None)
+    with pytest.raises(SyncError, match="receiver time must be integer nanoseconds"):
         aligner.poll(math.inf)
     with pytest.raises(SyncError, match="unique"):
         AlignerConfig(("cam", "cam"), max_skew=0.02)
@@ -125,11 +127,11 @@ def test_bad_input_raises():
 
 def test_reset_counts_buffered_messages_and_restarts():
     aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.02))
-    aligner.push("cam", 5.0, None)
-    aligner.push("js", 4.0, None)
+    aligner.push("cam", ns(5.0), None)
+    aligner.push("js", ns(4.0), None)
     aligner.reset()
-    aligner.push("cam", 1.0, None)  # older than before the reset, but accepted
-    aligner.push("js", 1.0, None)
+    aligner.push("cam", ns(1.0), None)  # older than before the reset, but accepted
+    aligner.push("js", ns(1.0), None)
     assert len(aligner.flush()) == 1
     assert aligner.stats["cam"].dropped["reset"] == aligner.stats["js"].dropped["reset"] == 1
     assert_accounted(aligner)
@@ -140,8 +142,8 @@ def test_stats_to_dict_is_json_ready():
 
     aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.02))
     for i in range(10):
-        aligner.push("cam", i * 0.1, None)
-        aligner.push("js", i * 0.1 + 0.005, None)
+        aligner.push("cam", ns(i * 0.1), None)
+        aligner.push("js", ns(i * 0.1 + 0.005), None)
     aligner.flush()
     summary = json.loads(json.dumps(aligner.stats.to_dict()))
     assert summary["emitted"] == 10
@@ -168,8 +170,8 @@ def recordings(draw):
         for i in range(int(duration * rate)):
             if rng.random() < drop:
                 continue
-            stamp = offset + i / rate + rng.uniform(0, jitter)
-            arrival = max(arrival, stamp + rng.uniform(0, max_latency))  # in order per stream
+            stamp = ns(offset + i / rate + rng.uniform(0, jitter))
+            arrival = max(arrival, stamp + ns(rng.uniform(0, max_latency)))  # in order per stream
             messages.append((arrival, name, stamp))
     messages.sort(key=lambda m: m[0])
     period = draw(st.sampled_from([0.0, 0.05, 0.1, 0.2]))
@@ -210,10 +212,28 @@ def test_random_recordings_satisfy_invariants_and_online_equals_offline(recordin
     stamps = stamps_of(offline_sets)
     assert all(b > a for a, b in zip(stamps, stamps[1:]))
     if cfg.period > 0 and cfg.decimation_tolerance is not None:
-        assert all(b - a >= cfg.period - cfg.decimation_tolerance - 1e-9 for a, b in zip(stamps, stamps[1:]))
+        assert all(b - a >= ns(cfg.period) - ns(cfg.decimation_tolerance) for a, b in zip(stamps, stamps[1:]))
     for s in offline_sets:
         assert set(s.members) == set(STREAMS)
         assert s.members[STREAMS[0]][0] == s.stamp
-        assert all(abs(v) <= cfg.max_skew for v in s.skew.values())
+        assert all(abs(stamp - s.stamp) <= ns(cfg.max_skew) for stamp, _ in s.members.values())
         # Payloads carry their own stamps: members are real messages of the right stream.
         assert all(payload == (name, stamp) for name, (stamp, payload) in s.members.items())
+
+
+@given(st.integers(10**9, 2 * 10**18), st.integers(1, 20_000_000))
+def test_exact_ties_resolve_by_the_documented_rules_at_any_epoch(ref, d):
+    # Two joint states exactly d ns either side of the frame: the earlier one is the member.
+    aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.02))
+    aligner.push("cam", ref, "c")
+    aligner.push("js", ref - d, "before")
+    aligner.push("js", ref + d, "after")
+    (out,) = aligner.poll(ref)
+    assert out.members["js"] == (ref - d, "before")
+    # Deciding by timeout: not at exactly ref + max_skew + latency_allowance, one ns later.
+    aligner = StreamAligner(AlignerConfig(("cam", "js"), max_skew=0.02, latency_allowance=0.05))
+    aligner.push("cam", ref, "c")
+    aligner.push("js", ref - d, "j")
+    assert aligner.poll(ref + ns(0.07)) == []
+    (out,) = aligner.poll(ref + ns(0.07) + 1)
+    assert out.members["js"] == (ref - d, "j")

@@ -67,12 +67,12 @@ def test_aligned_set_becomes_an_observation():
     aligner = StreamAligner(AlignerConfig(streams=builder.streams, max_skew=0.01))
     frame = np.full((8, 8, 3), 7, np.uint8)
     joints = SimpleNamespace(name=["a", "b", "c"], position=[0.1, 0.2, 0.3])
-    aligner.push("agentview", 1.000, builder.prepare("agentview", raw_image(frame)))
-    aligner.push("wrist", 1.004, builder.prepare("wrist", raw_image(frame)))
-    aligner.push(JOINT_STATES, 0.998, builder.prepare(JOINT_STATES, joints))
+    aligner.push("agentview", 1_000_000_000, builder.prepare("agentview", raw_image(frame)))  # stamps in ns
+    aligner.push("wrist", 1_004_000_000, builder.prepare("wrist", raw_image(frame)))
+    aligner.push(JOINT_STATES, 998_000_000, builder.prepare(JOINT_STATES, joints))
     (aligned,) = aligner.flush()
     observation = builder.build(aligned)
-    assert observation.stamp == 1.0
+    assert observation.stamp == 1_000_000_000
     assert set(observation.images) == {"agentview", "wrist"}
     assert observation.images["wrist"].shape == (32, 48, 3)
     np.testing.assert_array_equal(observation.joint_positions, [0.1, 0.2, 0.3])

@@ -51,6 +51,7 @@ receipt of the episode's instruction are dropped (reason ``"predates_instruction
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections import Counter
@@ -68,7 +69,7 @@ from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAM
                            GRIPPER_COMMAND_PER_WIDTH, ObservationSpec)
 from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignerConfig, StreamAligner
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError, select_joints
-from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, stamp_to_ns
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, NS_PER_SECOND, StampGate, ns_to_seconds, seconds_to_ns, stamp_to_ns
 
 __all__ = [
     "BagConfig",
@@ -159,13 +160,13 @@ class Trajectory:
     """The commands of one JointTrajectory topic, for :func:`command_target`."""
 
     topic: str
-    receive: list[float] = field(default_factory=list)  # bag receive time of each message
-    start: list[float] = field(default_factory=list)  # trajectory start (header stamp, or receive)
-    offsets: list[np.ndarray] = field(default_factory=list)  # (P,) time_from_start, increasing
+    receive: list[int] = field(default_factory=list)  # bag receive time of each message (ns)
+    start: list[int] = field(default_factory=list)  # trajectory start (header stamp, or receive; ns)
+    offsets: list[np.ndarray] = field(default_factory=list)  # (P,) time_from_start in s, increasing
     positions: list[np.ndarray] = field(default_factory=list)  # (P, D) in the order of `joints`
     joints: tuple[str, ...] = ()
 
-    def add(self, msg: Any, receive: float, where: str) -> None:
+    def add(self, msg: Any, receive: int, where: str) -> None:
         names = list(msg.joint_names)
         columns = {j: _column(j, names) for j in self.joints}
         missing = [j for j, column in columns.items() if column is None]
@@ -184,9 +185,9 @@ class Trajectory:
         if not np.all(np.isfinite(positions)):
             point, col = np.argwhere(~np.isfinite(positions))[0]
             raise DataError(f"{where}: non-finite position of {self.joints[col]} in point {point}")
-        stamp = _seconds(msg.header.stamp)
-        self.receive.append(receive)
-        self.start.append(stamp if stamp != 0.0 else receive)
+        stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        self.receive.append(int(receive))
+        self.start.append(stamp if stamp != 0 else int(receive))
         self.offsets.append(offsets)
         self.positions.append(positions)
 
@@ -207,16 +208,16 @@ def _column(joint: str, names: list[str]) -> tuple[int, float] | None:
     return None
 
 
-def command_target(traj: Trajectory, t: float, dt: float) -> tuple[np.ndarray | None, int]:
-    """Target in effect at ``t + dt`` from the latest command received at or before ``t``.
+def command_target(traj: Trajectory, t: int, dt: int) -> tuple[np.ndarray | None, int]:
+    """Target in effect at ``t + dt`` from the latest command received at or before ``t`` (both ns).
 
     Returns (positions (D,), message index), or (None, -1) when no command was received yet.
-    See the module docstring for the rule.
+    See the module docstring for the rule; a command received exactly at ``t`` is in effect.
     """
-    m = int(np.searchsorted(traj.receive, t, side="right")) - 1
+    m = bisect.bisect_right(traj.receive, t) - 1
     if m < 0:
         return None, -1
-    rel = t + dt - traj.start[m]
+    rel = ns_to_seconds(t + dt - traj.start[m])  # seconds into the trajectory
     offsets, positions = traj.offsets[m], traj.positions[m]
     # np.interp holds the end values outside [first, last] point: the controller's behaviour.
     return np.array([np.interp(rel, offsets, positions[:, d]) for d in range(positions.shape[1])]), m
@@ -245,17 +246,21 @@ class DemonstratedActions:
     """
 
     def __init__(self, config: BagConfig, arm: Trajectory, grip: Trajectory, gripper: str,
-                 finger_stamps: list[float], finger_widths: list[float], dt: float) -> None:
+                 finger_stamps: list[int], finger_widths: list[float], dt: float) -> None:
         order = np.argsort(finger_stamps, kind="stable")
-        self.finger_t = np.asarray(finger_stamps, dtype=np.float64)[order]
+        self.finger_t = np.asarray(finger_stamps, dtype=np.int64)[order]  # ns
         self.finger_w = np.asarray(finger_widths, dtype=np.float64)[order]
-        self.arm, self.grip, self.gripper, self.dt = arm, grip, gripper, dt
+        # Seconds after the first joint state: small enough for float64 to interpolate in exactly.
+        self.finger_s = (self.finger_t - self.finger_t[:1]) / NS_PER_SECOND
+        self.arm, self.grip, self.gripper = arm, grip, gripper
+        self.dt = seconds_to_ns(dt)  # ns
         # parts are [arm joints..., gripper]; the gripper may sit anywhere in action_names
         produced = config.arm_joints + ((config.gripper_action,) if config.has_gripper else ())
         self.order = [produced.index(n) for n in config.action_names]
 
-    def at(self, t: float) -> tuple[np.ndarray | None, str]:
-        """(action in ``action_names`` order, "") or (None, why: "no_command" / "no_future_state")."""
+    def at(self, t: int) -> tuple[np.ndarray | None, str]:
+        """(action in ``action_names`` order, "") or (None, why: "no_command" / "no_future_state") for
+        a frame stamped ``t`` (ns)."""
         target, _ = command_target(self.arm, t, self.dt)
         if target is None:
             return None, "no_command"
@@ -268,7 +273,8 @@ class DemonstratedActions:
         elif self.gripper == "measured":
             if len(self.finger_t) == 0 or not self.finger_t[0] <= t + self.dt <= self.finger_t[-1]:
                 return None, "no_future_state"
-            parts.append(np.array([np.interp(t + self.dt, self.finger_t, self.finger_w)]))
+            when = ns_to_seconds(t + self.dt - int(self.finger_t[0]))
+            parts.append(np.array([np.interp(when, self.finger_s, self.finger_w)]))
         return np.concatenate(parts)[self.order], ""
 
 
@@ -289,15 +295,16 @@ class _EpisodeState:
     sets: list = field(default_factory=list)
     failure: str | None = None
     native_size: dict[str, tuple[int, int]] = field(default_factory=dict)
-    finger_stamps: list[float] = field(default_factory=list)
+    finger_stamps: list[int] = field(default_factory=list)  # ns
     finger_widths: list[float] = field(default_factory=list)
-    first_receive: float = math.inf  # bag time of the episode's first observation message
+    first_receive: float = math.inf  # bag time (ns) of the episode's first observation message; inf: none yet
     # StampGate reason ("future", "unstamped") -> stream -> messages refused before alignment
     refused: dict[str, Counter] = field(default_factory=lambda: {"future": Counter(), "unstamped": Counter()})
 
 
-def _seconds(stamp: Any) -> float:
-    return ns_to_seconds(stamp_to_ns(stamp.sec, stamp.nanosec))
+def _seconds(duration: Any) -> float:
+    """A ROS Duration (time_from_start) in seconds."""
+    return ns_to_seconds(stamp_to_ns(duration.sec, duration.nanosec))
 
 
 def check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[str, str]:
@@ -328,7 +335,8 @@ def check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[
     return wanted
 
 
-def _episode_spans(markers: list[tuple[float, str]], path: Path, topic: str) -> list[tuple[float, float]]:
+def _episode_spans(markers: list[tuple[int, str]], path: Path, topic: str) -> list[tuple[float, float]]:
+    """(start, stop) bag times (ns; -inf/inf for open ends) of the episodes the markers delimit."""
     spans, open_at = [], None
     for t, word in markers:
         word = word.strip().lower()
@@ -341,7 +349,7 @@ def _episode_spans(markers: list[tuple[float, str]], path: Path, topic: str) -> 
                 spans.append((open_at, t))
             open_at = None
         else:
-            raise DataError(f"{path}: {topic} at t={t:.3f} s says {word!r}; expected 'start' or 'stop'")
+            raise DataError(f"{path}: {topic} at t={ns_to_seconds(t):.3f} s says {word!r}; expected 'start' or 'stop'")
     if open_at is not None:
         spans.append((open_at, math.inf))
     return spans
@@ -377,11 +385,10 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     small = [config.arm_command_topic, config.instruction_topic, config.episode_topic]
     if gripper == "command":
         small.append(config.gripper_command_topic)
-    instructions: list[tuple[float, str]] = []
-    markers: list[tuple[float, str]] = []
-    for conn, ns, msg in read_messages(reader, path, small):
-        t = ns_to_seconds(ns)
-        where = f"{path}: {conn.topic} at t={t:.3f} s"
+    instructions: list[tuple[int, str]] = []  # (receive ns, text)
+    markers: list[tuple[int, str]] = []
+    for conn, t, msg in read_messages(reader, path, small):
+        where = f"{path}: {conn.topic} at t={ns_to_seconds(t):.3f} s"
         if conn.topic == config.arm_command_topic:
             arm.add(msg, t, where)
         elif conn.topic == config.gripper_command_topic:
@@ -409,20 +416,18 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     states = [_EpisodeState(StreamAligner(aligner_config)) for _ in spans]
     ends = [stop for _, stop in spans]
     gate = StampGate(config.max_stamp_lead)
-    for conn, ns, msg in read_messages(reader, path, list(streams)):
-        t = ns_to_seconds(ns)
+    for conn, t, msg in read_messages(reader, path, list(streams)):
         e = _span_of(spans, t)
         if e is None or states[e].failure is not None:
             continue
         state, stream = states[e], streams[conn.topic]
         state.first_receive = min(state.first_receive, t)
-        stamp_ns = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
-        refusal = gate.check(stamp_ns, ns)
+        stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+        refusal = gate.check(stamp, t)
         if refusal is not None:
             state.refused[refusal][stream] += 1
             continue
-        stamp = ns_to_seconds(stamp_ns)
-        where = f"{path}: {conn.topic} at t={t:.3f} s (stamp {stamp:.3f})"
+        where = f"{path}: {conn.topic} at t={ns_to_seconds(t):.3f} s (stamp {ns_to_seconds(stamp):.3f})"
         try:
             if stream == JOINT_STATES and gripper == "measured":
                 state.finger_stamps.append(stamp)
@@ -473,14 +478,14 @@ def read_messages(reader: AnyReader, path: Path, topics: Iterable[str]):
         yield conn, ns, msg
 
 
-def _span_of(spans: list[tuple[float, float]], t: float) -> int | None:
+def _span_of(spans: list[tuple[float, float]], t: int) -> int | None:
     for i, (start, stop) in enumerate(spans):
         if start <= t <= stop:
             return i
     return None
 
 
-def _instruction(instructions: list[tuple[float, str]], opened: float, end: float) -> tuple[float, str] | None:
+def _instruction(instructions: list[tuple[int, str]], opened: float, end: float) -> tuple[int, str] | None:
     """(receive time, text) of the instruction in effect for an episode whose first observation
     message was received at ``opened`` and which ends at ``end`` (module docstring); None if none."""
     before = [item for item in instructions if item[0] <= opened]
@@ -496,7 +501,7 @@ def _finish(
     arm: Trajectory,
     grip: Trajectory,
     gripper: str,
-    instructions: list[tuple[float, str]],
+    instructions: list[tuple[int, str]],
     end: float,
 ) -> Episode:
     builder = ObservationBuilder(config.observation)
@@ -545,7 +550,7 @@ def _finish(
         joint_positions=np.stack([f.joint_positions for f in frames]),
         actions=np.asarray(actions),
         instruction=instruction,
-        timestamps=np.array([f.stamp for f in frames]),
+        timestamps=np.array([ns_to_seconds(f.stamp) for f in frames]),
         source=label,
         sync_stats=stats,
     )

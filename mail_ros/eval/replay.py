@@ -116,8 +116,8 @@ class ReplayConfig:
 class ChunkRecord:
     """One predicted chunk and what the bag commanded over the same horizon."""
 
-    stamp: float  # stamp of the current (last) observation of the history
-    decided: float  # bag time at which its observation was decided (the node would publish then)
+    stamp: int  # stamp (ns) of the current (last) observation of the history
+    decided: int  # bag time (ns) at which its observation was decided (the node would publish then)
     predicted: np.ndarray  # (A, action_dim) robot units
     commanded: np.ndarray  # (A, action_dim); NaN where not compared (see module docstring)
     inference_ms: float
@@ -139,7 +139,7 @@ class BagReplay:
     sync: dict[str, Any] = field(default_factory=dict)  # SyncStats.to_dict() with invalid messages folded in
     skews: dict[str, list[float]] = field(default_factory=dict)  # stream -> member minus reference (s)
     observations: Counter[str] = field(default_factory=Counter)  # refused / no_goal / skipped / restarts
-    instructions: list[tuple[float, str]] = field(default_factory=list)  # (bag time, text) goals used
+    instructions: list[tuple[float, str]] = field(default_factory=list)  # (bag time ns, -inf: given; text) goals used
 
 
 def bag_cameras(topics: dict[str, str]) -> dict[str, str]:
@@ -279,7 +279,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         goal_embedding = embed(goal_text) if language else None
         result.instructions.append((-math.inf, goal_text))
 
-    def on_observation(aligned: AlignedSet, decided: float) -> None:
+    def on_observation(aligned: AlignedSet, decided: int) -> None:
         nonlocal eligible, last_frame
         result.frames += 1
         last_frame = max(last_frame, aligned.stamp)
@@ -287,10 +287,10 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
             if name in result.skews:
                 result.skews[name].append(skew)
         observation = builder.build(aligned)
-        if decided - observation.stamp > config.max_observation_age:
+        if ns_to_seconds(decided - observation.stamp) > config.max_observation_age:
             result.observations["refused_stale"] += 1
             return
-        if observation_gate.check(seconds_to_ns(observation.stamp), seconds_to_ns(decided)) is not None:
+        if observation_gate.check(observation.stamp, decided) is not None:
             result.observations["refused_future"] += 1
             return
         outcome = history.add(observation)
@@ -322,11 +322,10 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
     if config.instruction is None and bag_config.instruction_topic in topics:
         wanted.append(bag_config.instruction_topic)
     total = sum(c.msgcount for c in reader.connections if c.topic in wanted)
-    goal_times: list[float] = []
+    goal_times: list[int] = []  # ns
     with tqdm(total=total, unit="msg", desc=path.name, disable=not progress, leave=False) as bar:
-        for conn, ns, msg in _messages(reader, path, wanted):
+        for conn, now, msg in _messages(reader, path, wanted):
             bar.update()
-            now = ns_to_seconds(ns)
             if conn.topic == bag_config.instruction_topic:
                 text = " ".join(str(msg.data).split())
                 if not text:
@@ -340,12 +339,11 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
                 result.instructions.append((now, text))
                 continue
             stream = stream_of[conn.topic]
-            stamp_ns = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
-            refusal = sensor_gate.check(stamp_ns, ns)
+            stamp = stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)
+            refusal = sensor_gate.check(stamp, now)
             if refusal is not None:
                 invalid[stream][refusal] += 1
                 continue
-            stamp = ns_to_seconds(stamp_ns)
             try:
                 payload = builder.prepare(stream, msg)
             except ObservationError:
@@ -355,7 +353,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
             for aligned in aligner.poll(now):
                 on_observation(aligned, now)
         for aligned in aligner.flush():
-            on_observation(aligned, aligned.stamp + config.max_skew + config.latency_allowance)
+            on_observation(aligned, aligned.stamp + aligner.config.wait_ns)
 
     result.sync = _sync_summary(aligner, invalid)
     if result.frames == 0:
@@ -372,7 +370,7 @@ def _read_commands(
     """The demonstrated actions: arm and gripper commands, or the measured gripper widths."""
     arm = Trajectory(bag_config.arm_command_topic, joints=bag_config.arm_joints)
     grip = Trajectory(bag_config.gripper_command_topic, joints=(bag_config.gripper_action,))
-    finger_t: list[float] = []
+    finger_t: list[int] = []  # ns
     finger_w: list[float] = []
     topics = [bag_config.arm_command_topic]
     if gripper == "command":
@@ -383,11 +381,11 @@ def _read_commands(
         for conn, ns, msg in _messages(reader, path, topics):
             where = f"{path}: {conn.topic} at t={ns_to_seconds(ns):.3f} s"
             if conn.topic == bag_config.arm_command_topic:
-                arm.add(msg, ns_to_seconds(ns), where)
+                arm.add(msg, ns, where)
             elif conn.topic == bag_config.gripper_command_topic:
-                grip.add(msg, ns_to_seconds(ns), where)
+                grip.add(msg, ns, where)
             else:
-                finger_t.append(ns_to_seconds(stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)))
+                finger_t.append(stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec))
                 finger_w.append(bags.finger_width(msg, bag_config))
     except (DataError, ObservationError) as exc:
         raise ReplayError(str(exc)) from exc
@@ -408,15 +406,15 @@ def _sync_summary(aligner: StreamAligner, invalid: dict[str, Counter[str]]) -> d
 
 
 def _fill_commanded(
-    result: BagReplay, demonstrated: DemonstratedActions, goal_times: list[float], last_frame: float
+    result: BagReplay, demonstrated: DemonstratedActions, goal_times: list[int], last_frame: float
 ) -> None:
-    dt = result.dt
+    dt = seconds_to_ns(result.dt)
     for chunk in result.chunks:
         later = [g for g in goal_times if g > chunk.decided]
         episode_end = min(later) if later else math.inf
         for i in range(len(chunk.predicted)):
             t = chunk.stamp + i * dt
-            if t > last_frame + dt / 2 or t >= episode_end:
+            if t > last_frame + dt // 2 or t >= episode_end:
                 continue
             action, _ = demonstrated.at(t)
             if action is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mail_ros.eval.replay import BagReplay
+from mail_ros.sync.stamps import ns_to_seconds
 
 __all__ = ["REPORT_JSON", "REPORT_HTML", "action_error", "latency_summary", "merge_sync", "write_report"]
 
@@ -116,7 +117,8 @@ def _bag_entry(index: int, replay: BagReplay) -> dict[str, Any]:
         "frames": replay.frames,
         "chunks": len(replay.chunks),
         "observations": dict(sorted(replay.observations.items())),
-        "instructions": [{"time": t if math.isfinite(t) else None, "text": text} for t, text in replay.instructions],
+        "instructions": [{"time": ns_to_seconds(t) if math.isfinite(t) else None, "text": text}
+                         for t, text in replay.instructions],
         "sync": _bag_sync(replay),
         "action_error": action_error([replay], replay.action_names),
         "inference_ms": latency_summary([replay]),
@@ -155,7 +157,7 @@ def write_report(
     }
     for i, replay in enumerate(replays):
         predicted, commanded = _stack([replay])
-        np.savez(out / f"bag{i}_chunks.npz", stamps=np.array([c.stamp for c in replay.chunks]),
+        np.savez(out / f"bag{i}_chunks.npz", stamps=np.array([ns_to_seconds(c.stamp) for c in replay.chunks]),
                  predicted=predicted, commanded=commanded, names=np.array(names))
         _plot_actions(out / f"bag{i}_actions.png", replay)
     _plot_error_vs_step(out / "error_vs_step.png", report)
@@ -183,7 +185,7 @@ def _plot_actions(path: Path, replay: BagReplay) -> None:
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
     if replay.chunks:
         t0 = replay.chunks[0].stamp
-        stamps = np.array([c.stamp for c in replay.chunks]) - t0
+        stamps = np.array([ns_to_seconds(c.stamp - t0) for c in replay.chunks])  # s after the first chunk
         predicted = np.stack([c.predicted for c in replay.chunks])  # (N, A, D)
         commanded = np.stack([c.commanded for c in replay.chunks])
         A = predicted.shape[1]

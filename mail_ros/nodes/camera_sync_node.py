@@ -29,7 +29,7 @@ from std_msgs.msg import Header
 
 from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, OK, PIPELINE_QOS, WARN, Diagnostics, Parameter, declare, now_ns,
-                                   run_node, seconds_to_stamp, stamp_ns)
+                                   ns_to_time, run_node, stamp_ns)
 from mail_ros.policy.checkpoint import CheckpointError, describe_checkpoint
 from mail_ros.spec import ObservationSpec
 from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
@@ -117,7 +117,7 @@ class CameraSyncNode(Node):
         except ObservationError as exc:
             self._reject(stream, "invalid", str(exc))
             return
-        self.aligner.push(stream, ns_to_seconds(stamp), payload)
+        self.aligner.push(stream, stamp, payload)
         self._poll()
 
     def _reject(self, stream: str, reason: str, detail: str) -> None:
@@ -138,25 +138,25 @@ class CameraSyncNode(Node):
         return now
 
     def _poll(self) -> None:
-        for aligned in self.aligner.poll(ns_to_seconds(self._now())):
+        for aligned in self.aligner.poll(self._now()):
             self.publisher.publish(self._to_msg(aligned))
             self.published += 1
 
     def _to_msg(self, aligned: AlignedSet) -> ObservationMsg:
         observation = self.builder.build(aligned)
-        msg = ObservationMsg(header=Header(stamp=seconds_to_stamp(observation.stamp)))
+        msg = ObservationMsg(header=Header(stamp=ns_to_time(observation.stamp)))
         msg.camera_names = list(self.spec.cameras)
         skew = aligned.skew
         for camera in self.spec.cameras:
             fields = rgb_to_image_fields(observation.images[camera])
-            image = Image(header=Header(stamp=seconds_to_stamp(aligned.members[camera][0]), frame_id=camera),
+            image = Image(header=Header(stamp=ns_to_time(aligned.members[camera][0]), frame_id=camera),
                           height=fields["height"], width=fields["width"], encoding=fields["encoding"],
                           is_bigendian=0, step=fields["step"])
             image.data = array.array("B", fields["data"])
             msg.images.append(image)
             msg.camera_skew.append(float(skew[camera]))
         positions = observation.joint_positions
-        msg.joint_state.header.stamp = seconds_to_stamp(aligned.members[JOINT_STATES][0])
+        msg.joint_state.header.stamp = ns_to_time(aligned.members[JOINT_STATES][0])
         msg.joint_state.name = list(self.spec.joint_names)
         msg.joint_state.position = [float(v) for v in positions]
         # Not carried, but never empty: Fast CDR pads an empty float64[] in a way rosbags cannot

@@ -32,12 +32,11 @@ from mail_ros.language.encoders import same_encoder
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_ns,
-                                   run_node, seconds_to_duration, seconds_to_stamp, stamp_ns,
-                                   stamp_to_seconds)
+                                   ns_to_time, run_node, seconds_to_duration, stamp_ns)
 from mail_ros.spec import Observation
 from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
-from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds
+from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, seconds_to_ns
 
 
 def as_published(actions: np.ndarray) -> np.ndarray:
@@ -145,7 +144,7 @@ class PolicyNode(Node):
 
         height, width = self.checkpoint.image_size
         history = [
-            Observation(stamp=(k + 1) / self.checkpoint.rate_hz,
+            Observation(stamp=(k + 1) * seconds_to_ns(self.checkpoint.period),
                         images={c: np.zeros((height, width, 3), np.uint8) for c in self.checkpoint.cameras},
                         joint_positions=np.zeros(len(self.checkpoint.joint_names)))
             for k in range(self.checkpoint.obs_horizon)
@@ -241,12 +240,12 @@ class PolicyNode(Node):
         if outcome in ("duplicate", "backwards"):
             self.counters["out_of_order_observations"] += 1
         if outcome == "duplicate":
-            self.get_logger().warning(f"ignoring an observation stamped {observation.stamp:.3f} s like the last one",
+            self.get_logger().warning(f"ignoring an observation stamped {ns_to_seconds(observation.stamp):.3f} s like the last one",
                                       throttle_duration_sec=2.0)
             self._problem(WARN, "ignoring observations stamped like the last one")
         elif outcome == "backwards":
             self.counters["history_restarts"] += 1
-            self.get_logger().warning(f"observation stamped {observation.stamp:.3f} s, before the last one: time "
+            self.get_logger().warning(f"observation stamped {ns_to_seconds(observation.stamp):.3f} s, before the last one: time "
                                       "went backwards; restarting the history", throttle_duration_sec=2.0)
             self._problem(WARN, "time went backwards; history restarted")
         elif outcome == "restart":
@@ -271,7 +270,7 @@ class PolicyNode(Node):
                 raise ObservationError(f"camera {camera!r}: {exc}") from exc
         joints = select_joints(list(msg.joint_state.name), list(msg.joint_state.position),
                                self.checkpoint.joint_names)
-        return Observation(stamp=stamp_to_seconds(msg.header.stamp), images=images, joint_positions=joints)
+        return Observation(stamp=stamp_ns(msg.header.stamp), images=images, joint_positions=joints)
 
     # --- inference, off the subscription path ---------------------------------------------------
     def _inference_loop(self) -> None:
@@ -320,7 +319,7 @@ class PolicyNode(Node):
 
     def _chunk_msg(self, chunk_id, goal, history, actions, latency) -> ActionChunk:
         return ActionChunk(
-            header=Header(stamp=seconds_to_stamp(history[-1].stamp)),
+            header=Header(stamp=ns_to_time(history[-1].stamp)),
             chunk_id=chunk_id,
             instruction=goal.text,
             instruction_stamp=goal.header.stamp,
@@ -342,7 +341,7 @@ class PolicyNode(Node):
         fade = np.linspace(1.0, 0.3, len(points))
         lifetime = float(self.checkpoint.dt) * len(actions)
         return Marker(
-            header=Header(stamp=seconds_to_stamp(current.stamp), frame_id=self.base_frame),
+            header=Header(stamp=ns_to_time(current.stamp), frame_id=self.base_frame),
             ns="mail_predicted_path", id=0, type=Marker.LINE_STRIP, action=Marker.ADD,
             lifetime=seconds_to_duration(lifetime),
             scale=Vector3(x=0.006), points=[Point(x=x, y=y, z=z) for x, y, z in points.tolist()],

@@ -37,20 +37,25 @@ Semantics
   offline input pushed in bag order and flushed at the end yields the same sets as the online
   path whenever each stream arrives in stamp order within ``latency_allowance``.
 
-Stamps are float seconds (converted by :mod:`mail_ros.sync.stamps`). Not thread-safe:
-callers serialise ``push``/``poll`` (one callback group in the node).
+Stamps and receiver times are integer nanoseconds (:mod:`mail_ros.sync.stamps`), so equal stamps
+are equal and ties (closest partner, grid window, timeouts) resolve by the rules above, never by
+how a float rounded; the configuration is in seconds, converted once. Skews are reported in
+seconds. Not thread-safe: callers serialise ``push``/``poll`` (one callback group in the node).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import numbers
 import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from mail_ros.sync.stamps import ns_to_seconds, seconds_to_ns
 
 __all__ = [
     "DEFAULT_MAX_SKEW",
@@ -72,7 +77,7 @@ DEFAULT_MAX_SKEW = 0.02
 
 
 class SyncError(ValueError):
-    """Bad input to the aligner: unknown stream, non-finite stamp or an invalid configuration."""
+    """Bad input to the aligner: unknown stream, a stamp that is not integer ns, or an invalid configuration."""
 
 
 @dataclass(frozen=True)
@@ -110,18 +115,35 @@ class AlignerConfig:
     def reference(self) -> str:
         return self.streams[0]
 
+    @property
+    def max_skew_ns(self) -> int:
+        return seconds_to_ns(self.max_skew)
+
+    @property
+    def period_ns(self) -> int:
+        return seconds_to_ns(self.period)
+
+    @property
+    def wait_ns(self) -> int:
+        """How long after a reference stamp ``poll`` waits before deciding with what arrived."""
+        return self.max_skew_ns + seconds_to_ns(self.latency_allowance)
+
+    @property
+    def buffer_ns(self) -> int:
+        return seconds_to_ns(self.buffer_seconds)
+
 
 @dataclass(frozen=True)
 class AlignedSet:
     """One decided observation set: the reference frame and its closest partner in every stream."""
 
-    stamp: float  # the reference message's stamp
-    members: dict[str, tuple[float, Any]]  # stream -> (stamp, payload); includes the reference
+    stamp: int  # the reference message's stamp (ns)
+    members: dict[str, tuple[int, Any]]  # stream -> (stamp in ns, payload); includes the reference
 
     @property
     def skew(self) -> dict[str, float]:
         """Member stamp minus reference stamp, per stream (seconds)."""
-        return {name: stamp - self.stamp for name, (stamp, _) in self.members.items()}
+        return {name: ns_to_seconds(stamp - self.stamp) for name, (stamp, _) in self.members.items()}
 
 
 @dataclass
@@ -176,7 +198,7 @@ class SyncStats:
 
 @dataclass
 class _Message:
-    stamp: float
+    stamp: int
     payload: Any
     used: bool = False
 
@@ -185,13 +207,13 @@ class _SortedBuffer:
     """Messages of one stream sorted by stamp; equal stamps keep arrival order."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[int] = []
         self.messages: list[_Message] = []
 
     def __len__(self) -> int:
         return len(self.stamps)
 
-    def insert(self, stamp: float, payload: Any) -> None:
+    def insert(self, stamp: int, payload: Any) -> None:
         i = bisect.bisect_right(self.stamps, stamp)
         self.stamps.insert(i, stamp)
         self.messages.insert(i, _Message(stamp, payload))
@@ -214,13 +236,12 @@ class StreamAligner:
     def stats(self) -> SyncStats:
         return self._stats
 
-    def push(self, stream: str, stamp: float, payload: Any) -> None:
-        """Add one message; sets decided by stamps alone are queued for the next ``poll``/``flush``."""
+    def push(self, stream: str, stamp: int, payload: Any) -> None:
+        """Add one message stamped ``stamp`` (ns); sets decided by stamps alone are queued for the
+        next ``poll``/``flush``."""
         if stream not in self._stats.streams:
             raise SyncError(f"unknown stream {stream!r}; configured streams: {list(self.config.streams)}")
-        stamp = float(stamp)
-        if not math.isfinite(stamp):
-            raise SyncError(f"non-finite stamp {stamp} on stream {stream!r}")
+        stamp = _ns(stamp, f"stamp on stream {stream!r}")
         stats = self._stats[stream]
         stats.received += 1
         if stream == self.config.reference:
@@ -236,13 +257,11 @@ class StreamAligner:
             buffer.insert(stamp, payload)
         self._decide(now=None, final=False)
 
-    def poll(self, now: float) -> list[AlignedSet]:
-        """Decide what receiver time ``now`` allows, evict old history, return the newly decided sets."""
-        now = float(now)
-        if not math.isfinite(now):
-            raise SyncError(f"non-finite receiver time {now}")
+    def poll(self, now: int) -> list[AlignedSet]:
+        """Decide what receiver time ``now`` (ns) allows, evict old history, return the newly decided sets."""
+        now = _ns(now, "receiver time")
         self._decide(now=now, final=False)
-        horizon = now - self.config.buffer_seconds
+        horizon = now - self.config.buffer_ns
         for name, buffer in self._buffers.items():
             self._discard(name, buffer.pop_front(bisect.bisect_left(buffer.stamps, horizon)))
         return self._take_ready()
@@ -271,17 +290,17 @@ class StreamAligner:
         self._buffers = {name: _SortedBuffer() for name in self.config.streams[1:]}
         self._ready: list[AlignedSet] = []
         self._cursor = -math.inf  # stamp of the last decided reference frame
-        self._target: float | None = None  # next grid time for decimation
-        self._intervals: deque[float] = deque(maxlen=INTERVAL_WINDOW)
+        self._target: int | None = None  # next grid time for decimation (ns)
+        self._intervals: deque[int] = deque(maxlen=INTERVAL_WINDOW)  # between reference frames (ns)
 
     def _take_ready(self) -> list[AlignedSet]:
         ready, self._ready = self._ready, []
         return ready
 
-    def _is_dead(self, buffer: _SortedBuffer, stamp: float) -> bool:
+    def _is_dead(self, buffer: _SortedBuffer, stamp: int) -> bool:
         # Every future reference frame is newer than the cursor, so a message is useless if it is
         # too far before the cursor or if a newer message at or before the cursor exists.
-        if stamp < self._cursor - self.config.max_skew:
+        if stamp < self._cursor - self.config.max_skew_ns:
             return True
         after = bisect.bisect_right(buffer.stamps, stamp)
         return stamp <= self._cursor and after < len(buffer) and buffer.stamps[after] <= self._cursor
@@ -289,23 +308,24 @@ class StreamAligner:
     def _discard(self, stream: str, messages: list[_Message]) -> None:
         self._stats[stream].dropped["unused"] += sum(not m.used for m in messages)
 
-    def _tolerance(self, gap: float | None) -> float:
-        """Grid window for judging a reference frame that follows the last decided one by ``gap``."""
+    def _tolerance(self, gap: int | None) -> float:
+        """Grid window (ns) for judging a reference frame that follows the last decided one by ``gap``."""
         if self.config.decimation_tolerance is not None:
-            return self.config.decimation_tolerance
+            return seconds_to_ns(self.config.decimation_tolerance)
         samples = [*self._intervals, gap] if gap is not None else list(self._intervals)
         if not samples:
-            return 0.0
-        return min(statistics.median(samples[-INTERVAL_WINDOW:]), self.config.period)
+            return 0
+        # The median of an even count may end in .5 ns; comparisons of ints with it stay exact.
+        return min(statistics.median(samples[-INTERVAL_WINDOW:]), self.config.period_ns)
 
-    def _decide(self, now: float | None, final: bool) -> None:
+    def _decide(self, now: int | None, final: bool) -> None:
         cfg = self.config
         while self._pending:
             ref = self._pending.stamps[0]
             gap = ref - self._cursor if self._cursor > -math.inf else None
             tolerance = self._tolerance(gap)
             decimated = self._target is not None and ref < self._target - tolerance / 2
-            timed_out = now is not None and now > ref + cfg.max_skew + cfg.latency_allowance
+            timed_out = now is not None and now > ref + cfg.wait_ns
             if not (final or timed_out or decimated):
                 if any(bisect.bisect_left(b.stamps, ref) == len(b) for b in self._buffers.values()):
                     return
@@ -326,7 +346,7 @@ class StreamAligner:
         chosen: dict[str, _Message] = {}
         for name, buffer in self._buffers.items():
             best = _closest(buffer, ref)
-            if best is None or abs(best.stamp - ref) > cfg.max_skew:
+            if best is None or abs(best.stamp - ref) > cfg.max_skew_ns:
                 self._stats[cfg.reference].dropped[f"no_match:{name}"] += 1
                 return
             chosen[name] = best
@@ -337,14 +357,14 @@ class StreamAligner:
             if not message.used:
                 message.used = True
                 stats.used += 1
-            stats.skews.append(message.stamp - ref)
+            stats.skews.append(ns_to_seconds(message.stamp - ref))
             members[name] = (message.stamp, message.payload)
         self._stats.emitted += 1
         self._ready.append(AlignedSet(ref, members))
         self._advance_grid(ref, tolerance)
 
-    def _advance_grid(self, ref: float, tolerance: float) -> None:
-        period = self.config.period
+    def _advance_grid(self, ref: int, tolerance: float) -> None:
+        period = self.config.period_ns
         if period == 0:
             return
         if self._target is None or ref >= self._target + tolerance / 2:
@@ -357,13 +377,20 @@ class StreamAligner:
         # reference frame) unless it is already more than max_skew behind.
         keep_from = max(
             bisect.bisect_right(buffer.stamps, self._cursor) - 1,
-            bisect.bisect_left(buffer.stamps, self._cursor - self.config.max_skew),
+            bisect.bisect_left(buffer.stamps, self._cursor - self.config.max_skew_ns),
         )
         if keep_from > 0:
             self._discard(name, buffer.pop_front(keep_from))
 
 
-def _closest(buffer: _SortedBuffer, stamp: float) -> _Message | None:
+def _ns(value: Any, what: str) -> int:
+    # bool is an Integral too, but never a time.
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise SyncError(f"{what} must be integer nanoseconds, got {value!r}")
+    return int(value)
+
+
+def _closest(buffer: _SortedBuffer, stamp: int) -> _Message | None:
     i = bisect.bisect_left(buffer.stamps, stamp)
     before = buffer.messages[i - 1] if i > 0 else None
     after = buffer.messages[i] if i < len(buffer) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from mail_ros.spec import Observation
+from mail_ros.sync.stamps import seconds_to_ns
 
 
 class ObservationHistory:
@@ -14,7 +15,8 @@ class ObservationHistory:
     restarts the history with it: time went backwards (a simulator or bag restarted, a clock
     was reset), and waiting for the stream to pass the old stamps again would block the policy.
     One that follows the last by more than ``max_gap_periods`` policy periods also restarts the
-    history (a stream outage must not leave stale frames in the window).
+    history (a stream outage must not leave stale frames in the window). Stamps are integer
+    nanoseconds, so "stamped like the last one" is exact.
     """
 
     def __init__(self, obs_horizon: int, period: float, max_gap_periods: float = 3.0) -> None:
@@ -22,7 +24,7 @@ class ObservationHistory:
             raise ValueError(f"obs_horizon must be >= 1, got {obs_horizon}")
         if not (period > 0 and max_gap_periods > 0):
             raise ValueError(f"period and max_gap_periods must be positive, got {period}, {max_gap_periods}")
-        self.max_gap = max_gap_periods * period
+        self.max_gap_ns = seconds_to_ns(max_gap_periods * period)
         self._window: deque[Observation] = deque(maxlen=obs_horizon)
 
     def __len__(self) -> int:
@@ -41,7 +43,7 @@ class ObservationHistory:
                 return "duplicate"
             if observation.stamp < last:
                 outcome = "backwards"
-            elif observation.stamp - last > self.max_gap:
+            elif observation.stamp - last > self.max_gap_ns:
                 outcome = "restart"
         if outcome is not None:
             self._window.clear()
