@@ -24,9 +24,10 @@ from bag_factory import Camera, DemoBag, arm_target, gripper_target, write_demo_
 from mail_ros import cli
 from mail_ros.commands.checkpoint import limit_stats
 from mail_ros.data.ros_types import typestore
-from mail_ros.eval.replay import ObservationHistory, ReplayConfig, ReplayError, replay_bag
+from mail_ros.eval.replay import ReplayConfig, ReplayError, replay_bag
 from mail_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from mail_ros.spec import Observation
+from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.stamps import seconds_to_ns
 
 torch.set_num_threads(1)

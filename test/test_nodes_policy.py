@@ -260,3 +260,18 @@ def test_language_node_survives_an_encoder_failure():
         assert embeddings[-1].text == "pick up the blue cube" and len(embeddings[-1].embedding) == 384
     finally:
         graph.shutdown()
+
+
+def test_declared_defaults_are_the_runners(checkpoint):
+    # One home: policy_node declares PolicyRunner's defaults (the replay uses them too).
+    from mail_ros.policy.runner import RunnerSettings
+
+    graph = RosGraph(threads=2)
+    try:
+        node = graph.add(PolicyNode(context=graph.context, parameter_overrides=overrides(
+            checkpoint=str(checkpoint), device="cpu")))
+        assert node.settings == RunnerSettings()
+        for name in ("max_observation_age", "max_observation_lead", "max_gap_periods", "seed"):
+            assert node.get_parameter(name).value == getattr(RunnerSettings(), name)
+    finally:
+        graph.shutdown()

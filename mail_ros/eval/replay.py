@@ -10,19 +10,21 @@ What runs is what the robot runs, in the order the robot would see it:
   polled with the message's log (receive) time as ``now``. Sets still pending at the end of the
   bag are decided by ``flush`` as if the node's poll timer fired at ``ref + max_skew +
   latency_allowance``;
-* each aligned observation is handled as policy_node handles one: refused when older than
-  ``max_observation_age`` at the time it was decided (or stamped more than
-  ``max_observation_lead`` after it), appended to an :class:`ObservationHistory`
-  of T observations (a gap longer than ``max_gap_periods`` periods, or a stamp earlier than the
-  last one, restarts it; a repeated stamp is ignored), and a new
-  instruction on ``/mail/instruction`` starts a new episode: history cleared and
-  ``policy.reset(seed)``;
-* a chunk is predicted for every aligned observation that has a goal (or every k-th, ``every``).
-  As policy_node waits for a goal whether or not the policy reads language, observations before
-  the bag's first instruction have none; only a bag without the instruction topic (and no
-  ``instruction`` override) is replayed with a goal from the start, for policies without language.
-  Unlike the node, which skips observations while inference is busy, nothing is skipped for
-  latency: the replay is deterministic.
+* each aligned observation is handled by policy_node's own rules, the core
+  :class:`~mail_ros.policy.runner.PolicyRunner` the node runs, with the time it was decided as
+  the node clock: refused when older than ``max_observation_age`` (or stamped more than
+  ``max_observation_lead`` after it), appended to the history of T observations (a gap longer
+  than ``max_gap_periods`` periods, or a stamp earlier than the last one, restarts it; a
+  repeated stamp is ignored), and a new instruction on ``/mail/instruction`` starts a new
+  episode: history cleared and the policy reset with ``seed`` before its next chunk. The goal
+  is embedded as language_node would embed it (``embed``, the checkpoint's encoder);
+* a chunk is predicted for every aligned observation that has a goal (or every k-th, ``every``),
+  and checked and kept as the node publishes it (float32; a non-finite one is counted as
+  ``chunk_non_finite`` and dropped). As policy_node waits for a goal whether or not the policy
+  reads language, observations before the bag's first instruction have none; only a bag without
+  the instruction topic (and no ``instruction`` override) is replayed with a goal from the
+  start, for policies without language. Unlike the node, which skips observations while
+  inference is busy, nothing is skipped for latency: the replay is deterministic.
 
 Ground truth. Action ``i`` of the chunk predicted at stamp ``t`` is compared with the training
 label of a frame at ``t + i * dt``: :func:`mail_ros.data.bags.command_target` at that time, i.e.
@@ -52,8 +54,8 @@ from mail_ros.data import bags
 from mail_ros.data.bags import BagConfig, DemonstratedActions, Trajectory
 from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
+from mail_ros.policy.runner import Goal, PolicyRunner, RunnerSettings
 from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
-from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
 from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, seconds_to_ns, stamp_to_ns
 
@@ -61,7 +63,6 @@ __all__ = [
     "BagReplay",
     "CameraMismatchError",
     "ChunkRecord",
-    "ObservationHistory",
     "ReplayConfig",
     "ReplayError",
     "bag_cameras",
@@ -70,6 +71,15 @@ __all__ = [
 
 # Camera topics as camera_sync_node subscribes to them: /cameras/<name>/image_raw[/compressed].
 CAMERA_TOPIC = re.compile(r"^/cameras/([^/]+)/image_raw(/compressed)?$")
+# PolicyRunner observation outcomes -> the replay's counters (what policy_node counts and logs).
+OBSERVATION_COUNTS = {
+    "stale": "refused_stale",
+    "future": "refused_future",
+    "unstamped": "refused_unstamped",
+    "duplicate": "ignored_duplicate",
+    "restart": "history_restarts",
+    "backwards": "history_restarts_backwards",
+}
 
 
 class ReplayError(ValueError):
@@ -88,11 +98,12 @@ class ReplayConfig:
     latency_allowance: float = 0.05
     buffer_seconds: float = 2.0
     every: int = 1  # predict on every k-th observation that has a goal
-    seed: int = 0  # policy.reset(seed) at the start and at every new instruction, as policy_node
-    max_observation_age: float = 0.3  # policy_node's max_observation_age
-    max_observation_lead: float = DEFAULT_MAX_STAMP_LEAD  # policy_node's max_observation_lead
+    # policy_node's settings (see PolicyRunner): the sampler seed, reset at every new instruction ...
+    seed: int = RunnerSettings.seed
+    max_observation_age: float = RunnerSettings.max_observation_age
+    max_observation_lead: float = RunnerSettings.max_observation_lead
+    max_gap_periods: float = RunnerSettings.max_gap_periods
     max_stamp_lead: float = DEFAULT_MAX_STAMP_LEAD  # camera_sync_node's max_stamp_lead
-    max_gap_periods: float = 3.0  # policy_node's max_gap_periods
     instruction: str | None = None  # overrides /mail/instruction: one goal from the start
     camera_topics: tuple[tuple[str, str], ...] = ()  # camera -> topic; default: found by name
     gripper_source: str = "auto"  # see mail_ros.data.bags.BagConfig
@@ -103,13 +114,17 @@ class ReplayConfig:
             raise ValueError(f"max_skew must be positive seconds, got {self.max_skew}")
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
-        if not self.max_observation_age > 0:
-            raise ValueError(f"max_observation_age must be positive, got {self.max_observation_age}")
-        for name in ("max_observation_lead", "max_stamp_lead"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        self.runner_settings  # validates the policy_node settings
+        if not (math.isfinite(self.max_stamp_lead) and self.max_stamp_lead >= 0):
+            raise ValueError(f"max_stamp_lead must be >= 0 seconds, got {self.max_stamp_lead}")
         if self.instruction is not None and not self.instruction.strip():
             raise ValueError("instruction override is empty")
+
+    @property
+    def runner_settings(self) -> RunnerSettings:
+        return RunnerSettings(max_observation_age=self.max_observation_age,
+                              max_observation_lead=self.max_observation_lead,
+                              max_gap_periods=self.max_gap_periods, seed=self.seed)
 
 
 @dataclass
@@ -264,20 +279,26 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         latency_allowance=config.latency_allowance,
         buffer_seconds=config.buffer_seconds,
     ))
-    history = ObservationHistory(spec.observation.obs_horizon, spec.observation.period, config.max_gap_periods)
+    runner = PolicyRunner(policy, config.runner_settings)
     invalid: dict[str, Counter[str]] = {s: Counter() for s in builder.streams}
     # Every emitted set's skews (the aligner's own statistics keep only the most recent ones).
     result.skews = {name: [] for name in builder.streams[1:]}
-    waits_for_goal = language or (config.instruction is None and bag_config.instruction_topic in topics)
-    goal_text: str | None = None
-    goal_embedding: np.ndarray | None = None
     eligible = 0
     last_frame = -math.inf
-    policy.reset(seed=config.seed)
+
+    def set_goal(text: str | None, now: int) -> None:
+        # The goal as policy_node receives it from language_node: the checkpoint's encoder.
+        vector = embed(text) if language else None
+        reason = runner.set_goal(Goal(text, vector, policy.config.language.encoder, max(now, 0)))
+        if reason is not None:
+            result.observations["refused_instruction"] += 1
+
     if config.instruction is not None:
-        goal_text = " ".join(config.instruction.split())
-        goal_embedding = embed(goal_text) if language else None
-        result.instructions.append((-math.inf, goal_text))
+        text = " ".join(config.instruction.split())
+        set_goal(text, 0)
+        result.instructions.append((-math.inf, text))
+    elif bag_config.instruction_topic not in topics:
+        set_goal(None, 0)  # a policy without language, a bag without instructions: a goal from the start
 
     def on_observation(aligned: AlignedSet, decided: int) -> None:
         nonlocal eligible, last_frame
@@ -286,36 +307,33 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
         for name, skew in aligned.skew.items():
             if name in result.skews:
                 result.skews[name].append(skew)
-        observation = builder.build(aligned)
-        if ns_to_seconds(decided - observation.stamp) > config.max_observation_age:
-            result.observations["refused_stale"] += 1
+        outcome = runner.observe(builder.build(aligned), decided)
+        if not outcome.used:
+            result.observations[OBSERVATION_COUNTS[outcome.kind]] += 1
             return
-        if observation_gate.check(observation.stamp, decided) is not None:
-            result.observations["refused_future"] += 1
-            return
-        outcome = history.add(observation)
-        if outcome == "duplicate":
-            result.observations["ignored_duplicate"] += 1
-            return
-        if outcome == "restart":
-            result.observations["history_restarts"] += 1
-        elif outcome == "backwards":
-            result.observations["history_restarts_backwards"] += 1
-        if waits_for_goal and goal_text is None:
+        if outcome.kind in OBSERVATION_COUNTS:
+            result.observations[OBSERVATION_COUNTS[outcome.kind]] += 1
+        if not runner.ready:
             result.observations["no_goal"] += 1
             return
         eligible += 1
         if (eligible - 1) % config.every:
+            runner.skip()
             result.observations["skipped_every"] += 1
             return
-        window = history.window()
+        request = runner.take()
         start = time.perf_counter()
-        actions = policy.predict_chunk(window, goal_embedding)
+        actions = runner.predict(request)
         elapsed = (time.perf_counter() - start) * 1e3
-        result.chunks.append(ChunkRecord(observation.stamp, decided, actions, np.full_like(actions, np.nan),
-                                         elapsed, len(window), goal_text))
+        chunk, why = runner.finish(request, actions)
+        if chunk is None:
+            result.observations[f"chunk_{why}"] += 1
+            return
+        predicted = chunk.actions.astype(np.float64)  # as published
+        result.chunks.append(ChunkRecord(chunk.stamp, decided, predicted, np.full_like(predicted, np.nan),
+                                         elapsed, chunk.history_length, chunk.goal.text))
 
-    sensor_gate, observation_gate = StampGate(config.max_stamp_lead), StampGate(config.max_observation_lead)
+    sensor_gate = StampGate(config.max_stamp_lead)
     stream_of = {topic: camera for camera, topic in cameras.items()}
     stream_of[bag_config.joint_states_topic] = JOINT_STATES
     wanted = list(stream_of)
@@ -331,10 +349,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
                 if not text:
                     result.observations["empty_instruction"] += 1
                     continue
-                # A new goal starts a new episode: nothing of the old one conditions the new one.
-                goal_text, goal_embedding = text, embed(text) if language else None
-                history.clear()
-                policy.reset(seed=config.seed)
+                set_goal(text, now)  # a new episode, as in policy_node
                 goal_times.append(now)
                 result.instructions.append((now, text))
                 continue

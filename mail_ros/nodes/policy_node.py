@@ -1,6 +1,9 @@
 """policy_node: /mail/observation + /mail/instruction_embedding -> /mail/action_chunk.
 
-Subscriptions only validate and store; inference runs on a worker thread, so a slow chunk
+The rules between a message and a chunk (goal checks, the stamp gate and age limit, the
+history, chunk checks) are the core :class:`~mail_ros.policy.runner.PolicyRunner`, which the
+offline replay runs too; this node converts messages, serialises the runner's calls and runs its
+predictions on a worker thread. Subscriptions only validate and store, so a slow chunk
 never blocks message handling. Every refusal (wrong cameras or resolution, wrong embedding
 dimension or encoder, stale, future-stamped or non-finite observations) is logged, counted on
 /diagnostics, and results in no chunk: downstream, the executor holds. A refused goal also
@@ -28,40 +31,33 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker
 
 from mail_ros.control.kinematics import arm_columns, fr3_tcp_poses
-from mail_ros.language.encoders import same_encoder
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare, now_ns,
                                    ns_to_time, run_node, seconds_to_duration, stamp_ns)
+from mail_ros.policy.runner import Chunk, Goal, PolicyRunner, RunnerSettings
 from mail_ros.spec import Observation
-from mail_ros.sync.history import ObservationHistory
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
-from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds, seconds_to_ns
-
-
-def as_published(actions: np.ndarray) -> np.ndarray:
-    """``actions`` in ActionChunk's float32; check finiteness on this, as a finite float64 beyond
-    the float32 range becomes inf here."""
-    with np.errstate(over="ignore"):
-        return np.asarray(actions, np.float32)
 
 
 class PolicyNode(Node):
     def __init__(self, **kwargs):
         super().__init__("policy_node", **kwargs)
+        defaults = RunnerSettings()
         self.checkpoint_dir = declare(self, "checkpoint", "", "Checkpoint directory (config.json + model.safetensors)")
         device = declare(self, "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda, cuda:N")
-        self.max_age = declare(self, "max_observation_age", 0.3, "Observations older than this (s, by the node "
-                               "clock) are refused")
-        self.max_lead = declare(self, "max_observation_lead", DEFAULT_MAX_STAMP_LEAD, "Observations stamped further ahead of the "
-                                "node clock than this (s) are refused: the clocks are out of sync")
-        self.max_gap_periods = declare(self, "max_gap_periods", 3.0, "A gap between consecutive observations "
-                                       "longer than this many policy periods restarts the history")
+        max_age = declare(self, "max_observation_age", defaults.max_observation_age, "Observations older than this "
+                          "(s, by the node clock) are refused")
+        max_lead = declare(self, "max_observation_lead", defaults.max_observation_lead, "Observations stamped further "
+                           "ahead of the node clock than this (s) are refused: the clocks are out of sync")
+        max_gap_periods = declare(self, "max_gap_periods", defaults.max_gap_periods, "A gap between consecutive "
+                                  "observations longer than this many policy periods restarts the history")
+        seed = declare(self, "seed", defaults.seed, "Seed of the policy's sampler (DDPM); reset with every new goal")
         try:
-            self.stamp_gate = StampGate(self.max_lead)
+            self.settings = RunnerSettings(max_observation_age=max_age, max_observation_lead=max_lead,
+                                           max_gap_periods=max_gap_periods, seed=seed)
         except ValueError as exc:
-            raise SystemExit(f"policy_node: max_observation_lead: {exc}") from exc
-        self.seed = declare(self, "seed", 0, "Seed of the policy's sampler (DDPM); reset with every new goal")
+            raise SystemExit(f"policy_node: {exc}") from exc
         self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
                                   "arm's base link (with any prefix your robot description uses)")
         self.diagnostics = Diagnostics(self)
@@ -72,17 +68,12 @@ class PolicyNode(Node):
         self._problems_lock = threading.Lock()
         self.latencies: deque[float] = deque(maxlen=200)
 
+        # Guards the runner (all but its predict, which only the inference thread calls).
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._history: ObservationHistory | None = None  # created once the checkpoint is known
-        self._goal: InstructionEmbedding | None = None
-        self._goal_vector: np.ndarray | None = None
-        self._fresh = False
-        self._reset_pending = False  # set by a new goal; the inference thread resets the policy
-        self._chunk_id = 0
         self._stopping = False
 
-        self.policy = None
+        self.runner: PolicyRunner | None = None  # None: no policy loaded (the node stays up to say why)
         self.checkpoint = None  # CheckpointDescription, once loaded
         self._arm_columns = None  # (action columns, joint columns) of fr3_joint1..7, for the path marker
         self._load(device)
@@ -94,6 +85,11 @@ class PolicyNode(Node):
         self._worker = threading.Thread(target=self._inference_loop, name="mail_policy_inference", daemon=True)
         self._worker.start()
         self.create_timer(1.0, self._report)
+
+    @property
+    def policy(self):
+        """The loaded MaILPolicy, or None."""
+        return None if self.runner is None else self.runner.policy
 
     # --- start-up -------------------------------------------------------------------------------
     def _load(self, device: str) -> None:
@@ -108,57 +104,29 @@ class PolicyNode(Node):
             if not self.checkpoint_dir:
                 raise CheckpointError("no checkpoint given (parameter 'checkpoint')")
             self.checkpoint = describe_checkpoint(self.checkpoint_dir)
-            self.policy = load_checkpoint(self.checkpoint_dir, device=device)
-            latency = self._warm_up()
+            runner = PolicyRunner(load_checkpoint(self.checkpoint_dir, device=device), self.settings)
+            latency = runner.warm_up()
         except Exception as exc:  # noqa: BLE001 - whatever fails, the node must stay up to say so
             # Stay up in a safe state: no chunk is ever published, and the reason is visible.
-            self.policy = None
-            self.get_logger().error(f"cannot load policy: {exc}")
+            self.get_logger().error(f"cannot load policy {self.checkpoint_dir}: {exc}")
             self.diagnostics.set(ERROR, f"no policy loaded: {exc}")
             return
+        self.runner = runner
         self.device = device
         if self.checkpoint.action_space == "joint_position":
             action_columns = arm_columns(self.checkpoint.action_names)
             joint_columns = arm_columns(self.checkpoint.joint_names)
             if action_columns is not None and joint_columns is not None:
                 self._arm_columns = (action_columns, joint_columns)
-        self._history = ObservationHistory(self.checkpoint.obs_horizon, 1.0 / self.checkpoint.rate_hz,
-                                           self.max_gap_periods)
         memory = ""
         if device.startswith("cuda"):
             memory = f", GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         self.get_logger().info(
             f"loaded {self.checkpoint_dir} on {device} ({mamba_backend(torch.device(device))}); cameras "
-            f"{self.checkpoint.cameras}, T={self.checkpoint.obs_horizon}, A={self.checkpoint.action_horizon}, "
+            f"{list(self.checkpoint.cameras)}, T={self.checkpoint.obs_horizon}, A={self.checkpoint.action_horizon}, "
             f"warm-up chunk {latency * 1e3:.1f} ms{memory}")
         self.diagnostics.set(OK, "policy loaded; waiting for a goal", device=device,
                              warmup_ms=f"{latency * 1e3:.1f}")
-
-    def _warm_up(self) -> float:
-        """Run a few chunks on synthetic input (allocations, kernels) and return the last latency.
-
-        Raises CheckpointError when a chunk is not finite in the published precision: such a
-        checkpoint (e.g. overflowing weights) would never produce a usable chunk.
-        """
-        from mail_ros.policy.checkpoint import CheckpointError
-
-        height, width = self.checkpoint.image_size
-        history = [
-            Observation(stamp=(k + 1) * seconds_to_ns(self.checkpoint.period),
-                        images={c: np.zeros((height, width, 3), np.uint8) for c in self.checkpoint.cameras},
-                        joint_positions=np.zeros(len(self.checkpoint.joint_names)))
-            for k in range(self.checkpoint.obs_horizon)
-        ]
-        embedding = np.zeros(self.checkpoint.language_dim, np.float32)
-        latency = 0.0
-        for _ in range(3):
-            start = time.perf_counter()
-            actions = self.policy.predict_chunk(history, embedding)
-            latency = time.perf_counter() - start
-            if not np.all(np.isfinite(as_published(actions))):
-                raise CheckpointError(f"{self.checkpoint_dir} predicts non-finite actions on a blank warm-up input")
-        self.policy.reset(seed=self.seed)
-        return latency
 
     # --- subscriptions: validate and store ------------------------------------------------------
     def _problem(self, level: int, message: str) -> None:
@@ -173,84 +141,45 @@ class PolicyNode(Node):
         self.get_logger().error(f"refused {kind[:-1]}: {reason}", throttle_duration_sec=2.0)
         self._problem(WARN, f"refusing {kind}: {reason}")
 
-    def _refusal(self, msg: InstructionEmbedding, vector: np.ndarray) -> str | None:
-        """Why the goal ``msg`` cannot be used, or None."""
-        expected_encoder = self.checkpoint.language_encoder
-        if expected_encoder is None:
-            return None  # a policy without language: the goal only starts an episode
-        if not same_encoder(msg.encoder, expected_encoder):
-            return f"encoder {msg.encoder!r}, checkpoint expects {expected_encoder!r}"
-        if vector.shape != (self.checkpoint.language_dim,):
-            return f"dimension {vector.size}, checkpoint expects {self.checkpoint.language_dim}"
-        if not np.all(np.isfinite(vector)):
-            return "non-finite values"
-        return None
-
     def _on_embedding(self, msg: InstructionEmbedding) -> None:
-        if self.policy is None:
+        if self.runner is None:
             return
-        vector = np.asarray(msg.embedding, dtype=np.float32)
-        if self.checkpoint.language_encoder is None:
-            vector = np.zeros(0, np.float32)  # unused by the policy
-        reason = self._refusal(msg, vector)
+        goal = Goal(text=msg.text, vector=np.asarray(msg.embedding, dtype=np.float32), encoder=msg.encoder,
+                    stamp=stamp_ns(msg.header.stamp))
+        with self._lock:
+            previous = self.runner.goal
+            reason = self.runner.set_goal(goal)
         if reason is not None:
             self._refuse("embeddings", reason)
-            msg, vector = None, None
-        with self._lock:
-            previous = self._goal
-            self._goal, self._goal_vector = msg, vector
-            # A new goal starts a new episode: no observation of the old one conditions the new one.
-            # A refused one ends the old episode all the same: the operator has moved on from it.
-            # The policy itself is reset by the inference thread, the only one that uses it (it may
-            # be in the middle of a chunk now).
-            self._history.clear()
-            self._fresh = False
-            self._reset_pending = True
-        if msg is not None:
+        if reason is None:
             self.get_logger().info(f"new goal: {msg.text!r}")
         elif previous is not None:
             self.get_logger().warning(f"goal {previous.text!r} dropped: its replacement was refused ({reason}); "
                                       "no chunk until a valid goal arrives")
 
     def _on_observation(self, msg: ObservationMsg) -> None:
-        if self.policy is None:
+        if self.runner is None:
             return
         try:
             observation = self._to_observation(msg)
         except ObservationError as exc:
             self._refuse("observations", str(exc))
             return
-        stamp, now = stamp_ns(msg.header.stamp), now_ns(self)
-        # Stamped ahead and accepted, it would outrank every correctly stamped frame after it (the
-        # history only moves forward), and its chunk would look fresh to the executor for as long.
-        refusal = self.stamp_gate.check(stamp, now)
-        if refusal is not None:
-            self._refuse("observations", self.stamp_gate.explain(refusal, stamp, now, "max_observation_lead"))
-            return
-        age = ns_to_seconds(now - stamp)
-        if age > self.max_age:
-            self._refuse("observations", f"observation is {age * 1e3:.0f} ms old (max_observation_age "
-                                         f"{self.max_age * 1e3:.0f} ms)")
-            return
         with self._lock:
-            outcome = self._history.add(observation)
-            if outcome != "duplicate":
-                self._fresh = True
+            outcome = self.runner.observe(observation, now_ns(self))
+            if self.runner.ready:
                 self._wake.notify()
-        if outcome in ("duplicate", "backwards"):
+        if outcome.refused:
+            self._refuse("observations", outcome.message)
+        elif outcome.kind in ("duplicate", "backwards"):
             self.counters["out_of_order_observations"] += 1
-        if outcome == "duplicate":
-            self.get_logger().warning(f"ignoring an observation stamped {ns_to_seconds(observation.stamp):.3f} s like the last one",
-                                      throttle_duration_sec=2.0)
-            self._problem(WARN, "ignoring observations stamped like the last one")
-        elif outcome == "backwards":
+            self.get_logger().warning(outcome.message, throttle_duration_sec=2.0)
+            self._problem(WARN, "ignoring observations stamped like the last one" if outcome.kind == "duplicate"
+                          else "time went backwards; history restarted")
+        if outcome.kind in ("backwards", "restart"):
             self.counters["history_restarts"] += 1
-            self.get_logger().warning(f"observation stamped {ns_to_seconds(observation.stamp):.3f} s, before the last one: time "
-                                      "went backwards; restarting the history", throttle_duration_sec=2.0)
-            self._problem(WARN, "time went backwards; history restarted")
-        elif outcome == "restart":
-            self.counters["history_restarts"] += 1
-            self.get_logger().warning("observation gap; restarting the history")
+            if outcome.kind == "restart":
+                self.get_logger().warning(outcome.message)
 
     def _to_observation(self, msg: ObservationMsg) -> Observation:
         cameras = list(self.checkpoint.cameras)
@@ -276,59 +205,52 @@ class PolicyNode(Node):
     def _inference_loop(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or (self._fresh and self._goal is not None)):
+                while not (self._stopping or (self.runner is not None and self.runner.ready)):
                     self._wake.wait(timeout=0.5)
                 if self._stopping:
                     return
-                history = self._history.window()
-                goal, vector = self._goal, self._goal_vector
-                self._fresh = False
-                reset, self._reset_pending = self._reset_pending, False
+                request = self.runner.take()
             start = time.perf_counter()
             try:
-                if reset:
-                    self.policy.reset(seed=self.seed)
-                actions = self.policy.predict_chunk(history, vector)
+                actions = self.runner.predict(request)
             except Exception as exc:  # noqa: BLE001 - this thread must outlive any one bad chunk
-                # No chunk: the executor holds once the last one goes stale. The next chunk starts
-                # from a reset policy, in case the failure left a cache half-written.
+                # No chunk: the executor holds once the last one goes stale.
                 self.get_logger().error(f"inference failed: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
                 self._problem(ERROR, f"inference failed: {type(exc).__name__}: {exc}")
                 with self._lock:
                     self.counters["inference_errors"] += 1
-                    self._reset_pending = True
+                    self.runner.failed()
                 continue
             latency = time.perf_counter() - start
-            published = as_published(actions)
-            if not np.all(np.isfinite(published)):
+            with self._lock:
+                chunk, why = self.runner.finish(request, actions)
+            if why == "non_finite":
                 self.counters["non_finite_chunks"] += 1
                 self.get_logger().error("policy produced non-finite actions (or beyond the float32 range); "
                                         "chunk dropped", throttle_duration_sec=2.0)
                 self._problem(ERROR, "policy produced non-finite actions; chunks dropped")
+            if chunk is None:
                 continue
-            with self._lock:
-                if goal is not self._goal:
-                    continue  # the goal changed during inference: this chunk belongs to the old one
-                self._chunk_id += 1
-                chunk_id = self._chunk_id
             self.latencies.append(latency)
-            self.publisher.publish(self._chunk_msg(chunk_id, goal, history, published, latency))
+            self.publisher.publish(self._chunk_msg(chunk, latency))
             self.counters["chunks"] += 1
             if self._arm_columns is not None:
-                self.path_publisher.publish(self._path_marker(history[-1], actions))
+                self.path_publisher.publish(self._path_marker(request.history[-1], chunk.actions))
 
-    def _chunk_msg(self, chunk_id, goal, history, actions, latency) -> ActionChunk:
+    def _chunk_msg(self, chunk: Chunk, latency: float) -> ActionChunk:
+        # The goal's text and stamp as they came (int ns round-trip exactly): the executor
+        # identifies the goal a chunk belongs to by them.
         return ActionChunk(
-            header=Header(stamp=ns_to_time(history[-1].stamp)),
-            chunk_id=chunk_id,
-            instruction=goal.text,
-            instruction_stamp=goal.header.stamp,
+            header=Header(stamp=ns_to_time(chunk.stamp)),
+            chunk_id=chunk.chunk_id,
+            instruction=chunk.goal.text,
+            instruction_stamp=ns_to_time(chunk.goal.stamp),
             action_space=self.checkpoint.action_space,
             names=list(self.checkpoint.action_names),
             dt=float(self.checkpoint.dt),
-            horizon=int(actions.shape[0]),
-            actions=[float(v) for v in actions.reshape(-1)],
-            history_length=len(history),
+            horizon=int(chunk.actions.shape[0]),
+            actions=[float(v) for v in chunk.actions.reshape(-1)],
+            history_length=chunk.history_length,
             inference_time=float(latency),
             checkpoint=str(self.checkpoint_dir),
         )
@@ -349,7 +271,7 @@ class PolicyNode(Node):
         )
 
     def _report(self) -> None:
-        if self.policy is None:
+        if self.runner is None:
             return
         values = dict(self.counters)
         if self.latencies:
@@ -361,7 +283,7 @@ class PolicyNode(Node):
                 level = max(problems)
                 message = problems[level]
             else:
-                level, message = OK, "running" if self._goal is not None else "waiting for a goal"
+                level, message = OK, "running" if self.runner.goal is not None else "waiting for a goal"
             self.diagnostics.set(level, message, **values)
 
     def destroy_node(self):
