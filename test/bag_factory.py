@@ -75,6 +75,7 @@ class Camera:
     latency: float = 0.01  # receive time minus stamp
     offset: float = 0.0  # first frame at start + offset
     resize_at: int | None = None  # from this frame on the camera sends twice the size (a misconfiguration)
+    unstamped: bool = False  # header stamps left zero (a driver that never sets them)
 
     @property
     def topic(self) -> str:
@@ -185,7 +186,7 @@ def write_demo_bag(path: str | Path, demo: DemoBag = DemoBag()) -> BagTruth:
         stamps = stamps + rng.uniform(-cam.jitter, cam.jitter, n)
         keep = np.array([k not in cam.drop for k in range(n)])
         for k in np.flatnonzero(keep):
-            msgtype, msg = _image_msg(ts, cam, index, int(k), float(stamps[k]))
+            msgtype, msg = _image_msg(ts, cam, index, int(k), 0.0 if cam.unstamped else float(stamps[k]))
             records.append((float(stamps[k]) + cam.latency, cam.topic, msgtype, msg))
         camera_stamps[cam.name] = stamps[keep]
         camera_frames[cam.name] = np.flatnonzero(keep)

@@ -201,7 +201,16 @@ def test_messages_stamped_ahead_of_their_receipt_are_refused_as_the_node_refuses
     cams = (bf.Camera("agentview", 10.0), bf.Camera("wrist", 30.0, latency=-0.03))
     bf.write_demo_bag(tmp_path / "near", bf.DemoBag(cameras=cams))
     (ep,) = read_bag(tmp_path / "near", config()).episodes
-    assert ep.sync_stats["messages_stamped_ahead"] == {}
+    assert ep.sync_stats["messages_stamped_ahead"] == {} and ep.sync_stats["messages_unstamped"] == {}
+
+
+def test_unstamped_messages_are_refused_as_the_node_refuses_them(tmp_path):
+    # A wrist driver that leaves header stamps zero: camera_sync_node refuses every such frame
+    # (the same StampGate), so convert aligns nothing and says why.
+    cams = (bf.Camera("agentview", 10.0), bf.Camera("wrist", 30.0, unstamped=True))
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(cameras=cams))
+    (failure,) = read_bag(tmp_path / "bag", config()).failures
+    assert "0 aligned frames" in failure and "messages without a stamp: {'wrist': " in failure
 
 
 def test_short_episode_and_missing_instruction(tmp_path):
