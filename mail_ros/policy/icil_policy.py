@@ -1,0 +1,285 @@
+"""ICILPolicy: a prompt of demonstrations, then the live episode one observation at a time -> chunks.
+
+In-context imitation: the task is given by K demonstrations (observations with the actions
+taken), not by training on it. The sequence model (:class:`mail_ros.model.icil.ICILSequence`,
+Mamba or its Transformer twin) reads the stream
+
+    [demo 1: o a o a ... END] ... [demo K ...] [live: o o o ...] | A action queries
+
+Runtime (the policy owns normalisation and its observation/action contract):
+
+    info = policy.set_prompt([Demonstration(observations, actions), ...])  # encode + prefill, once
+    policy.reset()                               # a new episode, from the prompt's state
+    policy.observe(observation)                  # commit one live observation
+    chunk = policy.predict_chunk(observation)    # commit it and return the next A actions
+
+Every live observation at the policy rate should be committed (``observe`` between chunks),
+as in the demonstrations. Per control step the work is one frame encoding, one committed token
+and A query tokens from a copy of the state: for Mamba this is the same whatever K and the
+episode length are; the Transformer attends over its whole K/V cache. The prompt state is never
+modified, so :meth:`ICILPolicy.reset` starts the next episode without re-running the prompt.
+
+Actions are absolute joint-position targets (robot units); observation tokens are the MaIL
+image encoders' (+ a projection of the normalised joint positions with ``proprio``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mail_ros.model.icil import ICILSequence, StreamState
+from mail_ros.model.mamba import mamba_backend
+from mail_ros.model.vision import ObservationEncoder
+from mail_ros.policy.icil_config import ICILConfig
+from mail_ros.policy.mail_policy import PolicyInputError, check_observation
+from mail_ros.policy.normalizer import Normalizer
+from mail_ros.spec import Observation
+
+__all__ = ["ICILPolicy", "Demonstration", "PromptInfo", "dilated_indices"]
+
+# Prompt frames are encoded in batches of this many, bounding the encoders' activation memory
+# for prompts of thousands of frames.
+ENCODE_BATCH = 256
+
+
+@dataclass
+class Demonstration:
+    """One prompt demonstration: observations oldest first, ``actions`` (N, action_dim) in robot
+    units, action i being the command given at observation i."""
+
+    observations: Sequence[Observation]
+    actions: np.ndarray
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """What the current prompt holds and what it cost (for logs and /diagnostics)."""
+
+    demonstrations: int  # K
+    frames: int  # prompt frames after dilation
+    tokens: int  # committed prompt tokens: 2 per frame + 1 per demonstration
+    encode_s: float  # image encoders over the prompt frames
+    prefill_s: float  # sequence model over the prompt tokens
+
+
+def dilated_indices(length: int, dilation: int) -> list[int]:
+    """Frames kept from a demonstration of ``length`` frames: 0, d, 2d, ... and always the last."""
+    kept = list(range(0, length, dilation))
+    if kept[-1] != length - 1:
+        kept.append(length - 1)
+    return kept
+
+
+class ICILPolicy(nn.Module):
+    """The prompt-conditioned policy of :class:`ICILConfig`; see the module docstring."""
+
+    def __init__(self, config: ICILConfig) -> None:
+        super().__init__()
+        self.config = config
+        observation, action, backbone = config.spec.observation, config.spec.action, config.backbone
+        D = backbone.d_model
+        self.A = action.horizon
+        self.cameras = tuple(sorted(observation.cameras))
+        self.action_dim = action.dim
+        self.joint_dim = len(observation.joint_names)
+        vision = config.vision
+        self.encoder = ObservationEncoder(
+            observation.cameras,
+            D,
+            feature_dim=vision.feature_dim,
+            resnet_width=vision.resnet_width,
+            norm=vision.norm,
+            num_keypoints=vision.num_keypoints,
+            temperature=vision.temperature,
+            shared=vision.shared_encoder,
+            stem_pool=vision.stem_pool,
+            stages=vision.resnet_stages,
+        )
+        self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
+        self.sequence = ICILSequence(
+            backbone.kind,
+            d_model=D,
+            n_layers=backbone.n_layers,
+            action_dim=self.action_dim,
+            n_actions=self.A,
+            d_state=backbone.d_state,
+            d_conv=backbone.d_conv,
+            expand=backbone.expand,
+            heads=backbone.heads,
+            dropout=backbone.dropout,
+        )
+        self.action_norm = Normalizer(self.action_dim)
+        self.proprio_norm = Normalizer(self.joint_dim)
+
+        self._prompt_state: StreamState | None = None
+        self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
+        self._state: StreamState | None = None
+        self._last_stamp = -math.inf
+
+    # ------------------------------------------------------------------ setup
+
+    def set_normalization(self, action_stats: Mapping[str, Any], proprio_stats: Mapping[str, Any] | None = None) -> None:
+        """Set the action (and joint-position) statistics; drops the prompt (its tokens used the old ones)."""
+        self.action_norm.set_stats(action_stats, "action")
+        if proprio_stats is not None:
+            self.proprio_norm.set_stats(proprio_stats, "proprio")
+        self.clear_prompt()
+
+    @property
+    def device(self) -> torch.device:
+        return self.sequence.queries.device
+
+    @property
+    def backend(self) -> str:
+        """Which implementation runs the sequence model on the current device (for logs)."""
+        if self.config.backbone.kind == "mamba":
+            return f"Mamba (streaming): {mamba_backend(self.device)}"
+        return "Transformer (K/V cache): torch scaled_dot_product_attention"
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: total and per top-level part (encoder, sequence, ...)."""
+        counts: dict[str, int] = {}
+        for name, param in self.named_parameters():
+            part = name.split(".", 1)[0]
+            counts[part] = counts.get(part, 0) + param.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    @property
+    def prompt_info(self) -> PromptInfo:
+        return self._prompt_info
+
+    @property
+    def stream_state(self) -> StreamState | None:
+        """The committed stream (prompt + live observations so far); None while empty."""
+        return self._state
+
+    # ------------------------------------------------------------------ prompt and episode
+
+    def set_prompt(self, demonstrations: Sequence[Demonstration]) -> PromptInfo:
+        """Encode and prefill ``demonstrations`` (K >= 0) as the prompt, then :meth:`reset`.
+
+        Every demonstration is checked against the contract first (cameras, image size, joint
+        names, action dimension, finite values, increasing stamps); on a mismatch
+        :class:`PolicyInputError` names the demonstration and the frame, and the previous prompt
+        and episode are kept.
+        """
+        demos = [self._check_demonstration(demo, index) for index, demo in enumerate(demonstrations)]
+        dilation = self.config.prompt.dilation
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                parts, frames = [], 0
+                for observations, actions in demos:
+                    kept = dilated_indices(len(observations), dilation)
+                    frames += len(kept)
+                    tokens = self._encode([observations[i] for i in kept]).unsqueeze(0)  # (1, N, D)
+                    # Prompt actions are network inputs: normalize_input, like the joints.
+                    normalized = self.action_norm.normalize_input(
+                        torch.from_numpy(actions[kept]).float().to(self.device)
+                    ).unsqueeze(0)  # (1, N, Da)
+                    parts.append(self.sequence.demo_tokens(tokens, normalized))
+                self._sync()
+                encoded = time.perf_counter()
+                state = self.sequence.prefill(torch.cat(parts, dim=1)) if parts else None
+                self._sync()
+                done = time.perf_counter()
+        finally:
+            self.train(was_training)
+        self._prompt_state = state
+        tokens = 0 if state is None else state.length
+        self._prompt_info = PromptInfo(len(demos), frames, tokens, encoded - start, done - encoded)
+        self.reset()
+        return self._prompt_info
+
+    def clear_prompt(self) -> None:
+        """No prompt (K = 0): the policy then acts from the live episode alone."""
+        self._prompt_state = None
+        self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start an episode: the stream goes back to the prompt's state (nothing is recomputed)."""
+        self._state = self._prompt_state
+        self._last_stamp = -math.inf
+
+    def observe(self, observation: Observation) -> None:
+        """Commit one live observation (stamped after the previous one) to the stream."""
+        check_observation(observation, self.config.spec.observation, self._last_stamp)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                token = self.sequence.live_tokens(self._encode([observation]).unsqueeze(0))  # (1, 1, D)
+                self._state = self.sequence.extend(token, self._state)
+        finally:
+            self.train(was_training)
+        self._last_stamp = observation.stamp
+
+    def predict_chunk(self, observation: Observation) -> np.ndarray:
+        """Commit ``observation`` and return the next A actions, (A, action_dim) float64 robot units."""
+        self.observe(observation)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                normalized = self.sequence.predict(self._state)  # (1, A, Da)
+                actions = self.action_norm.denormalize(normalized)[0]
+        finally:
+            self.train(was_training)
+        return actions.double().cpu().numpy()
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(self, observations: Sequence[Observation]) -> torch.Tensor:
+        """Observation tokens (N, D) of checked observations, in batches of ENCODE_BATCH."""
+        tokens = []
+        for start in range(0, len(observations), ENCODE_BATCH):
+            batch = observations[start : start + ENCODE_BATCH]
+            images = {
+                name: torch.from_numpy(np.stack([obs.images[name] for obs in batch])).to(self.device)
+                for name in self.cameras
+            }
+            token = self.encoder(images)  # (n, D)
+            if self.proprio_proj is not None:
+                joints = torch.from_numpy(np.stack([obs.joint_positions for obs in batch])).float().to(self.device)
+                token = token + self.proprio_proj(self.proprio_norm.normalize_input(joints))
+            tokens.append(token)
+        return torch.cat(tokens)
+
+    def _check_demonstration(self, demo: Demonstration, index: int) -> tuple[list[Observation], np.ndarray]:
+        where = f"prompt demonstration {index}"
+        observations = list(demo.observations)
+        if not observations:
+            raise PolicyInputError(f"{where} has no observations")
+        previous = -math.inf
+        for frame, obs in enumerate(observations):
+            try:
+                check_observation(obs, self.config.spec.observation, previous)
+            except PolicyInputError as exc:
+                raise PolicyInputError(f"{where}, frame {frame}: {exc}") from exc
+            previous = obs.stamp
+        actions = np.asarray(demo.actions, dtype=np.float64)
+        if actions.shape != (len(observations), self.action_dim):
+            raise PolicyInputError(
+                f"{where}: actions must be ({len(observations)}, {self.action_dim}) "
+                f"({list(self.config.spec.action.names)}), one per observation; got {actions.shape}"
+            )
+        if not np.isfinite(actions).all():
+            raise PolicyInputError(f"{where}: actions contain NaN or infinite values")
+        return observations, actions
+
+    def _sync(self) -> None:
+        # Timings of asynchronous CUDA work are only meaningful after a synchronisation.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
