@@ -195,3 +195,20 @@ def test_unknown_icil_preset_lists_the_known_ones():
         get_icil_preset("icil-huge-ma")
     with pytest.raises(ConfigError, match="unknown keys"):
         ICILConfig.from_dict(get_icil_preset("icil-tiny-ma").to_dict() | {"language": {}})
+
+
+def test_kept_prompt_tokens_prefill_to_the_same_policy():
+    policy = _policy("icil-tiny-tr")
+    rng = np.random.default_rng(7)
+    demos = [_demo(policy, 4, rng), _demo(policy, 3, rng)]
+    obs = _frames(policy, 1, rng, t0=20.0)[0]
+    tokens, frames = policy.prompt_tokens(demos)
+    assert tokens.shape == (1, 2 * 7 + 2, policy.config.backbone.d_model) and frames == 7
+    policy.set_prompt(demos)
+    expected = policy.predict_chunk(obs)
+    policy.clear_prompt()
+    info = policy.set_prompt_tokens(tokens, len(demos), frames)
+    assert (info.demonstrations, info.frames, info.tokens) == (2, 7, 16)
+    np.testing.assert_allclose(policy.predict_chunk(obs), expected, atol=0, rtol=0)
+    with pytest.raises(PolicyInputError, match="prompt tokens must be"):
+        policy.set_prompt_tokens(tokens[0], 2, 7)

@@ -13,6 +13,9 @@ Runtime (the policy owns normalisation and its observation/action contract):
     policy.observe(observation)                  # commit one live observation
     chunk = policy.predict_chunk(observation)    # commit it and return the next A actions
 
+``prompt_tokens`` + ``set_prompt_tokens`` split ``set_prompt`` in two, so encoded prompts can
+be kept and prefilled again (a swap back to an earlier prompt, a benchmark).
+
 Every live observation at the policy rate should be committed (``observe`` between chunks),
 as in the demonstrations. Per control step the work is one frame encoding, one committed token
 and A query tokens from a copy of the state: for Mamba this is the same whatever K and the
@@ -25,9 +28,10 @@ image encoders' (+ a projection of the normalised joint positions with ``proprio
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,33 +176,46 @@ class ICILPolicy(nn.Module):
         :class:`PolicyInputError` names the demonstration and the frame, and the previous prompt
         and episode are kept.
         """
+        start = time.perf_counter()
+        tokens, frames = self.prompt_tokens(demonstrations)
+        self._sync()
+        return self.set_prompt_tokens(tokens, len(demonstrations), frames, encode_s=time.perf_counter() - start)
+
+    def prompt_tokens(self, demonstrations: Sequence[Demonstration]) -> tuple[torch.Tensor, int]:
+        """The prompt's tokens (1, L, D) for :meth:`set_prompt_tokens` and its frame count after
+        dilation; the demonstrations are checked as in :meth:`set_prompt`. The tokens depend on
+        the weights and statistics only, so they can be kept and prefilled again later."""
         demos = [self._check_demonstration(demo, index) for index, demo in enumerate(demonstrations)]
-        dilation = self.config.prompt.dilation
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                start = time.perf_counter()
-                parts, frames = [], 0
-                for observations, actions in demos:
-                    kept = dilated_indices(len(observations), dilation)
-                    frames += len(kept)
-                    tokens = self._encode([observations[i] for i in kept]).unsqueeze(0)  # (1, N, D)
-                    # Prompt actions are network inputs: normalize_input, like the joints.
-                    normalized = self.action_norm.normalize_input(
-                        torch.from_numpy(actions[kept]).float().to(self.device)
-                    ).unsqueeze(0)  # (1, N, Da)
-                    parts.append(self.sequence.demo_tokens(tokens, normalized))
-                self._sync()
-                encoded = time.perf_counter()
-                state = self.sequence.prefill(torch.cat(parts, dim=1)) if parts else None
-                self._sync()
-                done = time.perf_counter()
-        finally:
-            self.train(was_training)
+        parts, frames = [], 0
+        with self._inference():
+            for observations, actions in demos:
+                kept = dilated_indices(len(observations), self.config.prompt.dilation)
+                frames += len(kept)
+                tokens = self._encode([observations[i] for i in kept]).unsqueeze(0)  # (1, N, D)
+                # Prompt actions are network inputs: normalize_input, like the joints.
+                normalized = self.action_norm.normalize_input(
+                    torch.from_numpy(actions[kept]).float().to(self.device)
+                ).unsqueeze(0)  # (1, N, Da)
+                parts.append(self.sequence.demo_tokens(tokens, normalized))
+        D = self.config.backbone.d_model
+        return (torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, D, device=self.device)), frames
+
+    def set_prompt_tokens(
+        self, tokens: torch.Tensor, demonstrations: int, frames: int, encode_s: float = 0.0
+    ) -> PromptInfo:
+        """Prefill prompt ``tokens`` (1, L, D) from :meth:`prompt_tokens` (K = ``demonstrations``,
+        ``frames`` frames; ``encode_s`` what encoding them took, for the record), then :meth:`reset`."""
+        if tokens.dim() != 3 or tuple(tokens.shape[::2]) != (1, self.config.backbone.d_model):
+            raise PolicyInputError(
+                f"prompt tokens must be (1, L, {self.config.backbone.d_model}), got {tuple(tokens.shape)}"
+            )
+        start = time.perf_counter()
+        with self._inference():
+            state = self.sequence.prefill(tokens.to(self.device)) if tokens.shape[1] else None
+            self._sync()
         self._prompt_state = state
-        tokens = 0 if state is None else state.length
-        self._prompt_info = PromptInfo(len(demos), frames, tokens, encoded - start, done - encoded)
+        length = 0 if state is None else state.length
+        self._prompt_info = PromptInfo(demonstrations, frames, length, encode_s, time.perf_counter() - start)
         self.reset()
         return self._prompt_info
 
@@ -216,27 +233,16 @@ class ICILPolicy(nn.Module):
     def observe(self, observation: Observation) -> None:
         """Commit one live observation (stamped after the previous one) to the stream."""
         check_observation(observation, self.config.spec.observation, self._last_stamp)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                token = self.sequence.live_tokens(self._encode([observation]).unsqueeze(0))  # (1, 1, D)
-                self._state = self.sequence.extend(token, self._state)
-        finally:
-            self.train(was_training)
+        with self._inference():
+            token = self.sequence.live_tokens(self._encode([observation]).unsqueeze(0))  # (1, 1, D)
+            self._state = self.sequence.extend(token, self._state)
         self._last_stamp = observation.stamp
 
     def predict_chunk(self, observation: Observation) -> np.ndarray:
         """Commit ``observation`` and return the next A actions, (A, action_dim) float64 robot units."""
         self.observe(observation)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                normalized = self.sequence.predict(self._state)  # (1, A, Da)
-                actions = self.action_norm.denormalize(normalized)[0]
-        finally:
-            self.train(was_training)
+        with self._inference():
+            actions = self.action_norm.denormalize(self.sequence.predict(self._state))[0]  # (A, Da)
         return actions.double().cpu().numpy()
 
     # ------------------------------------------------------------------ internals
@@ -278,6 +284,17 @@ class ICILPolicy(nn.Module):
         if not np.isfinite(actions).all():
             raise PolicyInputError(f"{where}: actions contain NaN or infinite values")
         return observations, actions
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode and inference_mode for the block; the training flag is restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.train(was_training)
 
     def _sync(self) -> None:
         # Timings of asynchronous CUDA work are only meaningful after a synchronisation.
