@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mail_ros.model.icil import ICILSequence, StreamState
@@ -47,7 +48,7 @@ from mail_ros.policy.mail_policy import PolicyInputError, check_observation
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
 
-__all__ = ["ICILPolicy", "Demonstration", "PromptInfo", "dilated_indices"]
+__all__ = ["ICILPolicy", "Demonstration", "ICILSample", "PromptInfo", "dilated_indices"]
 
 # Prompt frames are encoded in batches of this many, bounding the encoders' activation memory
 # for prompts of thousands of frames.
@@ -72,6 +73,24 @@ class PromptInfo:
     tokens: int  # committed prompt tokens: 2 per frame + 1 per demonstration
     encode_s: float  # image encoders over the prompt frames
     prefill_s: float  # sequence model over the prompt tokens
+
+
+@dataclass
+class ICILSample:
+    """One training sequence, frame features precomputed by the (frozen) image encoders.
+
+    ``prompt``: per demonstration (features (N, D), joint positions (N, J), actions (N, Da)),
+    already dilated; ``live_*``: the live episode's frames (M, D), (M, J), (M, Da); ``cuts``:
+    the live frames t after which the chunk is predicted, increasing, each with t + A <= M (the
+    targets are live actions t .. t + A - 1). Joints and actions in robot units, tensors on the
+    policy's device.
+    """
+
+    prompt: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    live_features: torch.Tensor
+    live_joints: torch.Tensor
+    live_actions: torch.Tensor
+    cuts: list[int]
 
 
 def dilated_indices(length: int, dilation: int) -> list[int]:
@@ -245,6 +264,65 @@ class ICILPolicy(nn.Module):
             actions = self.action_norm.denormalize(self.sequence.predict(self._state))[0]  # (A, Da)
         return actions.double().cpu().numpy()
 
+    # ------------------------------------------------------------------ training
+
+    def frame_features(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The image encoders alone: camera -> uint8 (N, H, W, 3) -> (N, D). With the encoders
+        frozen, these are what a training run computes once per dataset and caches."""
+        return self.encoder(images)
+
+    def compute_loss(self, samples: Sequence[ICILSample]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean MSE of the normalised chunks at every cut of every sample (the live part only).
+
+        Each sample runs as at inference: its prompt is prefilled, the live frames are committed
+        up to each cut and the queries run from there, so training sees exactly the computation
+        the robot runs (sequences of different lengths need no padding, hence one sequence at a
+        time). Gradients reach the sequence model and the proprio projection, not the encoders.
+        """
+        if not samples:
+            raise PolicyInputError("compute_loss needs at least one sample")
+        losses = []
+        for index, sample in enumerate(samples):
+            self._check_sample(sample, index)
+            parts = [
+                self.sequence.demo_tokens(self._tokens(f, j).unsqueeze(0), self.action_norm.normalize_input(a).unsqueeze(0))
+                for f, j, a in sample.prompt
+            ]
+            state = self.sequence.prefill(torch.cat(parts, dim=1)) if parts else None
+            live = self.sequence.live_tokens(self._tokens(sample.live_features, sample.live_joints).unsqueeze(0))
+            target = self.action_norm.normalize(sample.live_actions.float())  # (M, Da)
+            committed = 0
+            for cut in sample.cuts:
+                state = self.sequence.extend(live[:, committed : cut + 1], state)
+                committed = cut + 1
+                losses.append(F.mse_loss(self.sequence.predict(state)[0], target[cut : cut + self.A]))
+        loss = torch.stack(losses).mean()
+        return loss, {"loss": loss.item(), "chunks": float(len(losses))}
+
+    def _tokens(self, features: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """Frame features (N, D) + the proprio projection of joints (N, J): observation tokens (N, D)."""
+        if self.proprio_proj is None:
+            return features
+        return features + self.proprio_proj(self.proprio_norm.normalize_input(joints.float()))
+
+    def _check_sample(self, sample: ICILSample, index: int) -> None:
+        D, J, Da = self.config.backbone.d_model, self.joint_dim, self.action_dim
+        frames = [(f"prompt {k}", *demo) for k, demo in enumerate(sample.prompt)]
+        frames.append(("live", sample.live_features, sample.live_joints, sample.live_actions))
+        for name, features, joints, actions in frames:
+            n = features.shape[0]
+            if n < 1 or tuple(features.shape) != (n, D) or tuple(joints.shape) != (n, J) or tuple(actions.shape) != (n, Da):
+                raise PolicyInputError(
+                    f"sample {index} {name}: features, joints, actions must be (N >= 1, {D}), (N, {J}), (N, {Da}); "
+                    f"got {tuple(features.shape)}, {tuple(joints.shape)}, {tuple(actions.shape)}"
+                )
+        M = sample.live_features.shape[0]
+        cuts = list(sample.cuts)
+        if not cuts or cuts != sorted(set(cuts)) or cuts[0] < 0 or cuts[-1] + self.A > M:
+            raise PolicyInputError(
+                f"sample {index}: cuts must be increasing live frames t with t + {self.A} <= {M}, got {cuts}"
+            )
+
     # ------------------------------------------------------------------ internals
 
     def _encode(self, observations: Sequence[Observation]) -> torch.Tensor:
@@ -256,11 +334,8 @@ class ICILPolicy(nn.Module):
                 name: torch.from_numpy(np.stack([obs.images[name] for obs in batch])).to(self.device)
                 for name in self.cameras
             }
-            token = self.encoder(images)  # (n, D)
-            if self.proprio_proj is not None:
-                joints = torch.from_numpy(np.stack([obs.joint_positions for obs in batch])).float().to(self.device)
-                token = token + self.proprio_proj(self.proprio_norm.normalize_input(joints))
-            tokens.append(token)
+            joints = torch.from_numpy(np.stack([obs.joint_positions for obs in batch])).float().to(self.device)
+            tokens.append(self._tokens(self.frame_features(images), joints))  # (n, D)
         return torch.cat(tokens)
 
     def _check_demonstration(self, demo: Demonstration, index: int) -> tuple[list[Observation], np.ndarray]:
