@@ -112,3 +112,40 @@ def test_sinusoidal_positions_do_not_depend_on_where_a_piece_starts():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="mamba"):
         ICILSequence("lstm", d_model=D, n_layers=1, action_dim=DA, n_actions=A)
+
+
+def test_transformer_buffer_keeps_every_state_valid(monkeypatch):
+    # Tiny headroom and prefill pieces: buffers grow, copy and split pieces on almost every call.
+    monkeypatch.setattr(icil, "BUFFER_HEADROOM", 1)
+    monkeypatch.setattr(icil, "TRANSFORMER_PREFILL_CHUNK", 3)
+    model = _model("transformer")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        prompt = _prompt(model, [4, 2])
+        frames = model.live_tokens(torch.randn(1, 6, D))
+        other = model.live_tokens(torch.randn(1, 2, D))
+        states = [model.prefill(prompt)]
+        for t in range(6):
+            states.append(model.extend(frames[:, t : t + 1], states[-1]))
+        # Branch from old states (a new episode from the prompt, a retry from step 2).
+        branch = model.extend(other, states[0])
+        retry = model.extend(other[:, :1], states[2])
+        for t, state in enumerate(states):
+            torch.testing.assert_close(model.predict(state), model(torch.cat([prompt, frames[:, :t]], dim=1)), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model.predict(branch), model(torch.cat([prompt, other], dim=1)), atol=2e-5, rtol=1e-4)
+        expected = model(torch.cat([prompt, frames[:, :2], other[:, :1]], dim=1))
+        torch.testing.assert_close(model.predict(retry), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_transformer_training_path_matches_the_buffer_path():
+    model = _model("transformer")
+    prompt = _prompt(model, [5]).detach()
+    frame = model.live_tokens(torch.randn(1, 1, D)).detach()
+    with torch.no_grad():
+        buffered = model.predict(model.extend(frame, model.prefill(prompt)))
+    state = model.extend(frame, model.prefill(prompt))  # autograd on: immutable caches
+    assert not isinstance(state.layers, icil.KVBuffer)
+    out = model.predict(state)
+    torch.testing.assert_close(out.detach(), buffered, atol=2e-5, rtol=1e-4)
+    out.sum().backward()
+    assert model.queries.grad is not None

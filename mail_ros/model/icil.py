@@ -29,11 +29,18 @@ observation; the queries are learnable themselves). Positions, and why they do n
   sequence).
 
 Streaming API (exact, tested against :meth:`ICILSequence.forward` over the whole stream):
-``state = prefill(tokens)``; ``state = extend(tokens, state)`` commits more tokens (returns a
-NEW state; the old one is untouched, so a prompt state can be reused for any number of
-episodes); ``predict(state)`` gives the next chunk. Per control step Mamba costs the same
+``state = prefill(tokens)``; ``state = extend(tokens, state)`` commits more tokens and returns
+a new state; the old one stays valid, so a prompt state can be reused for any number of
+episodes; ``predict(state)`` gives the next chunk. Per control step Mamba costs the same
 whatever the stream length (state: per layer (conv (B, E, K), ssm (B, E, N))); the
 Transformer attends over every cached key and its cache grows by one key/value per token.
+
+The Transformer's inference cache is a preallocated :class:`KVBuffer` that the newest state
+of a stream writes in place (a step writes its own keys/values, instead of copying the whole
+cache as ``torch.cat`` would). States that share the buffer stay valid: slots before a state's
+length are never rewritten, and extending or predicting from a state that is not the newest
+one (a new episode from the prompt's state) first copies its tokens into a new buffer, once.
+With autograd on (training) the immutable per-layer cache of :class:`TransformerStack` is used.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import torch
 from torch import nn
 
 from mail_ros.model.mamba_stack import MambaStack
-from mail_ros.model.transformer import TransformerStack
+from mail_ros.model.transformer import KVBuffer, TransformerStack
 
 __all__ = ["ICILSequence", "StreamState", "TOKEN_TYPES", "sinusoidal_positions"]
 
@@ -59,6 +66,9 @@ _PROMPT_OBS, _PROMPT_ACTION, _DEMO_END, _LIVE_OBS = range(len(TOKEN_TYPES))
 # (a 10 000-frame prompt is 20 000+ tokens: a full mask alone would be 400 MB per layer).
 # The result is identical, as every piece attends to the cache of all earlier ones.
 TRANSFORMER_PREFILL_CHUNK = 1024
+# Free slots a Transformer buffer gets beyond what is asked (at least this many, or a quarter
+# more): room for the queries and the next live tokens, and amortised O(1) growth.
+BUFFER_HEADROOM = 256
 
 
 def sinusoidal_positions(start: int, length: int, d_model: int, device: torch.device) -> torch.Tensor:
@@ -80,15 +90,22 @@ def sinusoidal_positions(start: int, length: int, d_model: int, device: torch.de
 class StreamState:
     """What a stream has committed: the backbone's cache and the number of tokens.
 
-    ``layers`` is per layer (conv_state (B, E, K), ssm_state (B, E, N)) for Mamba (fixed size)
-    or (keys, values) (B, H, length, Dh) for the Transformer. Never modified in place.
+    ``layers``: Mamba, per layer (conv_state (B, E, K), ssm_state (B, E, N)) (fixed size, never
+    modified in place); Transformer, a :class:`KVBuffer` (inference) or per layer immutable
+    (keys, values) (B, H, length, Dh) (with autograd).
     """
 
     layers: Any
     length: int
 
+    @property
+    def batch(self) -> int:
+        return self.layers.keys[0].shape[0] if isinstance(self.layers, KVBuffer) else self.layers[0][0].shape[0]
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (the memory a stream costs on top of the model)."""
+        if isinstance(self.layers, KVBuffer):
+            return self.layers.nbytes()
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
 
 
@@ -161,32 +178,44 @@ class ICILSequence(nn.Module):
         return self.extend(tokens, None)
 
     def extend(self, tokens: torch.Tensor, state: StreamState | None) -> StreamState:
-        """Commit ``tokens`` (B, L, D) after ``state`` (None: empty stream); returns a new state."""
+        """Commit ``tokens`` (B, L, D) after ``state`` (None: empty stream); returns a new state.
+
+        ``state`` stays valid (see the module docstring on the Transformer's buffer)."""
         length = 0 if state is None else state.length
-        layers = None if state is None else state.layers
-        if self.kind == "transformer":
-            # Long prefills in pieces (see TRANSFORMER_PREFILL_CHUNK); one piece per step otherwise.
-            for piece in tokens.split(TRANSFORMER_PREFILL_CHUNK, dim=1):
-                layers = self._run(piece, layers, length)[1]
-                length += piece.shape[1]
-            return StreamState(layers, length)
-        return StreamState(self._run(tokens, layers, length)[1], length + tokens.shape[1])
+        L = tokens.shape[1]
+        if self.kind == "mamba":
+            return StreamState(self._run(tokens, None if state is None else state.layers, length)[1], length + L)
+        if not torch.is_grad_enabled():
+            # Room for the A queries after the new tokens too, so that predicting from the new
+            # state writes into this buffer instead of copying it.
+            buffer = self._writable(state, tokens, L + self.queries.shape[0])
+            for offset, piece in zip(range(0, L, TRANSFORMER_PREFILL_CHUNK), tokens.split(TRANSFORMER_PREFILL_CHUNK, dim=1)):
+                self._run_in_place(piece, buffer, length + offset)
+            buffer.filled = length + L
+            return StreamState(buffer, length + L)
+        # With autograd (training): immutable caches, each piece extending the previous one.
+        layers = None if state is None else self._as_cache(state)
+        for piece in tokens.split(TRANSFORMER_PREFILL_CHUNK, dim=1):
+            layers = self._run(piece, layers, length)[1]
+            length += piece.shape[1]
+        return StreamState(layers, length)
 
     def predict(self, state: StreamState | None, batch: int = 1) -> torch.Tensor:
-        """The next chunk (B, A, Da) after the committed stream; ``state`` is not changed.
+        """The next chunk (B, A, Da) after the committed stream; commits nothing.
 
         ``batch`` is only read for an empty stream (state None)."""
-        B = batch if state is None else self._batch(state)
+        B = batch if state is None else state.batch
         queries = self.queries.expand(B, -1, -1)
         if state is None:
             return self.action_out(self._run(queries, None, 0)[0])
-        features, _ = self._run(queries, state.layers, state.length, return_states=False)
-        return self.action_out(features)
+        if self.kind == "transformer" and not torch.is_grad_enabled():
+            # The queries' keys/values go to the free slots after the stream, left uncommitted.
+            buffer = self._writable(state, queries, queries.shape[1])
+            return self.action_out(self._run_in_place(queries, buffer, state.length))
+        layers = state.layers if self.kind == "mamba" else self._as_cache(state)
+        return self.action_out(self._run(queries, layers, state.length, return_states=False)[0])
 
     # ------------------------------------------------------------------ internals
-
-    def _batch(self, state: StreamState) -> int:
-        return state.layers[0][0].shape[0]
 
     def _run(
         self, x: torch.Tensor, layers: Any, start: int, return_states: bool = True
@@ -195,3 +224,33 @@ class ICILSequence(nn.Module):
         if self.kind == "transformer":
             x = x + sinusoidal_positions(start, x.shape[1], self.d_model, x.device)
         return self.stack.extend(x, layers, return_states=return_states)
+
+    def _run_in_place(self, x: torch.Tensor, buffer: KVBuffer, start: int) -> torch.Tensor:
+        """Transformer over x (B, L, D) at stream index ``start``, keys/values written into ``buffer``."""
+        x = x + sinusoidal_positions(start, x.shape[1], self.d_model, x.device)
+        return self.stack.extend_in_place(x, buffer, start)
+
+    def _writable(self, state: StreamState | None, like: torch.Tensor, new: int) -> KVBuffer:
+        """A buffer whose slots state.length .. + new - 1 may be written: the state's own when
+        the state is its newest (tip) and it has room, else a copy of the state's tokens."""
+        length = 0 if state is None else state.length
+        capacity = length + new + max(BUFFER_HEADROOM, (length + new) // 4)
+        if state is None:
+            return KVBuffer.allocate(self.stack, like.shape[0], capacity, like)
+        if isinstance(state.layers, KVBuffer):
+            buffer = state.layers
+            if buffer.filled == length and buffer.capacity >= length + new:
+                return buffer
+            return buffer.copy_prefix(length, capacity)
+        buffer = KVBuffer.allocate(self.stack, state.batch, capacity, like)  # from an immutable cache
+        for keys, values, (k, v) in zip(buffer.keys, buffer.values, state.layers):
+            keys[:, :, :length], values[:, :, :length] = k, v
+        buffer.filled = length
+        return buffer
+
+    def _as_cache(self, state: StreamState) -> Any:
+        """The state's keys/values as an immutable per-layer cache (B, H, length, Dh) for autograd."""
+        if not isinstance(state.layers, KVBuffer):
+            return state.layers
+        L = state.length
+        return [(k[:, :, :L].clone(), v[:, :, :L].clone()) for k, v in zip(state.layers.keys, state.layers.values)]
