@@ -60,15 +60,35 @@ from mail_ros.model.diffusion import CosineDDPM, TimeEmbedding
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.action_frame import ActionFrame
-from mail_ros.policy.config import PolicyConfig
+from mail_ros.policy.config import LanguageConfig, PolicyConfig
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation, ObservationSpec
 
-__all__ = ["MaILPolicy", "PolicyInputError", "check_observation"]
+__all__ = ["MaILPolicy", "PolicyInputError", "check_instruction", "check_observation"]
 
 
 class PolicyInputError(ValueError):
     """An observation, batch or instruction does not match the policy's spec."""
+
+
+def check_instruction(embedding: np.ndarray | None, language: LanguageConfig) -> np.ndarray | None:
+    """The instruction embedding as float32 (language.dim,); None when ``language`` is off (the
+    embedding is then ignored). Raises :class:`PolicyInputError` when it is missing, of the
+    wrong size or not finite."""
+    if not language.enabled:
+        return None
+    if embedding is None:
+        raise PolicyInputError(
+            f"policy is conditioned on language ({language.encoder}, {language.dim}-d): instruction_embedding is required"
+        )
+    embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if embedding.shape != (language.dim,):
+        raise PolicyInputError(
+            f"instruction_embedding must have {language.dim} values ({language.encoder}), got {embedding.size}"
+        )
+    if not np.isfinite(embedding).all():
+        raise PolicyInputError("instruction_embedding contains NaN or infinite values")
+    return embedding
 
 
 def check_observation(obs: Observation, spec: ObservationSpec, previous_stamp: float = -math.inf) -> None:
@@ -354,7 +374,7 @@ class MaILPolicy(nn.Module):
         ``reset(seed)``), so a seeded episode replays exactly.
         """
         history = self._check_history(observation_history)
-        embedding = self._check_instruction(instruction_embedding)
+        embedding = check_instruction(instruction_embedding, self.config.language)
         was_training = self.training
         self.eval()
         try:
@@ -446,21 +466,3 @@ class MaILPolicy(nn.Module):
             check_observation(obs, self.config.spec.observation, previous)
             previous = obs.stamp
         return history
-
-    def _check_instruction(self, embedding: np.ndarray | None) -> np.ndarray | None:
-        if self.language_proj is None:
-            return None
-        dim = self.config.language.dim
-        if embedding is None:
-            raise PolicyInputError(
-                f"policy is conditioned on language ({self.config.language.encoder}, {dim}-d): "
-                "instruction_embedding is required"
-            )
-        embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        if embedding.shape != (dim,):
-            raise PolicyInputError(
-                f"instruction_embedding must have {dim} values ({self.config.language.encoder}), got {embedding.size}"
-            )
-        if not np.isfinite(embedding).all():
-            raise PolicyInputError("instruction_embedding contains NaN or infinite values")
-        return embedding
