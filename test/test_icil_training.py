@@ -182,3 +182,23 @@ def test_policy_trained_on_prompts_follows_the_prompt(tmp_path):
             ))[0].numpy()
             errors = {other: np.abs(chunk - value).mean() for other, value in targets.items()}
             assert min(errors, key=errors.get) == task, errors
+
+
+def test_loss_with_language_starts_each_sequence_with_the_instruction():
+    policy = _policy(overrides={"language.encoder": "hash:test", "language.dim": 5}).eval()
+    rng = np.random.default_rng(4)
+    episodes = [_episode(policy, task, 6, rng) for task in ("a", "a", "b", "b")]
+    features = [rng.normal(size=(6, 32)).astype(np.float32) for _ in episodes]
+    embeddings = {"a": np.ones(5), "b": -np.ones(5)}
+    with pytest.raises(DataError, match="'b'"):
+        ICILSampler(episodes, features, task_groups(episodes), k_max=1, dilation=1, action_horizon=policy.A,
+                    embeddings={"a": np.ones(5)})
+    sampler = ICILSampler(episodes, features, task_groups(episodes), k_max=1, dilation=1, action_horizon=policy.A,
+                          embeddings=embeddings)
+    sample = sampler.sample(0, np.random.default_rng(0))
+    assert torch.equal(sample.language, torch.ones(5))
+    loss, _ = policy.compute_loss([sample])
+    flipped = ICILSample(sample.prompt, sample.live_features, sample.live_joints, sample.live_actions, sample.cuts, -sample.language)
+    assert abs(policy.compute_loss([flipped])[0].item() - loss.item()) > 1e-6, (policy.compute_loss([flipped])[0].item(), loss.item())
+    with pytest.raises(PolicyInputError, match="language must be"):
+        policy.compute_loss([ICILSample(sample.prompt, sample.live_features, sample.live_joints, sample.live_actions, sample.cuts)])

@@ -159,6 +159,8 @@ def test_dilated_indices_keep_the_first_every_dth_and_the_last():
 def test_presets_round_trip_through_json_and_safetensors(name, tmp_path):
     config = get_icil_preset(name)
     assert ICILConfig.from_dict(config.to_dict()) == config
+    with_language = get_icil_preset(name, LANGUAGE)
+    assert ICILConfig.from_dict(with_language.to_dict()) == with_language and with_language.language.enabled
     torch.manual_seed(0)
     policy = ICILPolicy(config)
     save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp_path / "model.safetensors"))
@@ -194,7 +196,7 @@ def test_unknown_icil_preset_lists_the_known_ones():
     with pytest.raises(PresetError, match="icil-demo-ma"):
         get_icil_preset("icil-huge-ma")
     with pytest.raises(ConfigError, match="unknown keys"):
-        ICILConfig.from_dict(get_icil_preset("icil-tiny-ma").to_dict() | {"language": {}})
+        ICILConfig.from_dict(get_icil_preset("icil-tiny-ma").to_dict() | {"head": {}})
 
 
 def test_kept_prompt_tokens_prefill_to_the_same_policy():
@@ -212,3 +214,43 @@ def test_kept_prompt_tokens_prefill_to_the_same_policy():
     np.testing.assert_allclose(policy.predict_chunk(obs), expected, atol=0, rtol=0)
     with pytest.raises(PolicyInputError, match="prompt tokens must be"):
         policy.set_prompt_tokens(tokens[0], 2, 7)
+
+
+LANGUAGE = {"language.encoder": "hash:test", "language.dim": 6}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_instruction_token_starts_the_stream_when_language_is_on(name):
+    policy = _policy(name, LANGUAGE)
+    rng = np.random.default_rng(8)
+    demos = [_demo(policy, 4, rng)]
+    embedding = rng.normal(size=6)
+    with pytest.raises(PolicyInputError, match="instruction_embedding is required"):
+        policy.set_prompt(demos)
+    with pytest.raises(PolicyInputError, match="must have 6 values"):
+        policy.set_prompt(demos, np.zeros(5))
+    info = policy.set_prompt(demos, embedding)
+    assert info.tokens == 1 + 2 * 4 + 1
+    live = _frames(policy, 2, rng, t0=30.0)
+    chunks = [policy.predict_chunk(obs) for obs in live]
+    with torch.no_grad():
+        instruction = policy._language_token(torch.from_numpy(embedding).float())
+        tokens, _ = policy.prompt_tokens(demos, embedding)
+        torch.testing.assert_close(tokens[:, :1], instruction)
+        for t, chunk in enumerate(chunks):
+            stream = torch.cat([tokens, policy.sequence.live_tokens(policy._encode(live[: t + 1]).unsqueeze(0))], dim=1)
+            expected = policy.action_norm.denormalize(policy.sequence(stream))[0].double().numpy()
+            np.testing.assert_allclose(chunk, expected, atol=1e-4, rtol=1e-4)
+    # The instruction alone (K = 0) is a prompt too, and a different one changes the chunk.
+    policy.set_prompt([], embedding)
+    assert policy.prompt_info.tokens == 1
+    first = policy.predict_chunk(live[0])
+    policy.set_prompt([], -embedding)
+    assert not np.allclose(policy.predict_chunk(live[0]), first)
+
+
+def test_language_is_ignored_when_off():
+    policy = _policy("icil-tiny-ma")
+    rng = np.random.default_rng(9)
+    demos = [_demo(policy, 3, rng)]
+    assert policy.set_prompt(demos, np.ones(7)).tokens == policy.set_prompt(demos).tokens == 7

@@ -125,7 +125,8 @@ class ICILSampler:
 
     ``groups`` from :func:`task_groups`; ``k_max`` and ``dilation`` as the policy's
     ``prompt`` config; ``action_horizon`` the policy's A; live episodes shorter than A frames
-    give no sample and are not drawn.
+    give no sample and are not drawn. ``embeddings`` (instruction -> (L,) embedding, e.g. from
+    :class:`mail_ros.data.dataset.EmbeddingCache`) for policies with language.
     """
 
     def __init__(
@@ -138,18 +139,23 @@ class ICILSampler:
         dilation: int,
         action_horizon: int,
         cut_stride: int = 1,
+        embeddings: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         if len(features) != len(episodes):
             raise DataError(f"{len(features)} feature arrays for {len(episodes)} episodes")
         if k_max < 1 or dilation < 1 or action_horizon < 1 or cut_stride < 1:
             raise ValueError("k_max, dilation, action_horizon and cut_stride must be >= 1")
-        self.episodes, self.features = episodes, features
+        self.episodes, self.features, self.embeddings = episodes, features, embeddings
         self.k_max, self.dilation, self.A, self.cut_stride = k_max, dilation, action_horizon, cut_stride
         self.task_of = {index: task for task, ids in groups.items() for index in ids}
         self.groups = {task: list(ids) for task, ids in groups.items()}
         self.live = sorted(index for index in self.task_of if len(episodes[index]) >= action_horizon)
         if not self.live:
             raise DataError(f"no episode of the kept tasks has the {action_horizon} frames of one chunk")
+        if embeddings is not None:
+            missing = sorted(set(self.groups) - set(embeddings))
+            if missing:
+                raise DataError(f"no instruction embedding for tasks {missing}")
 
     def sample(self, live: int, rng: np.random.Generator, device: torch.device | str = "cpu") -> ICILSample:
         """The sample of live episode ``live`` with a prompt drawn by ``rng`` (reproducible per seed)."""
@@ -162,7 +168,10 @@ class ICILSampler:
         episode = self.episodes[live]
         features, joints, actions = self._frames(live, list(range(len(episode))), device)
         cuts = list(range(0, len(episode) - self.A + 1, self.cut_stride))
-        return ICILSample(prompt, features, joints, actions, cuts)
+        language = None
+        if self.embeddings is not None:
+            language = torch.from_numpy(np.asarray(self.embeddings[self.task_of[live]], dtype=np.float32)).to(device)
+        return ICILSample(prompt, features, joints, actions, cuts, language)
 
     def _frames(self, index: int, kept: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         episode = self.episodes[index]

@@ -13,7 +13,16 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mail_ros.policy.config import BackboneConfig, ConfigError, VisionConfig, _build, check, check_bool, check_int
+from mail_ros.policy.config import (
+    BackboneConfig,
+    ConfigError,
+    LanguageConfig,
+    VisionConfig,
+    _build,
+    check,
+    check_bool,
+    check_int,
+)
 from mail_ros.spec import PolicySpec, SpecError
 
 __all__ = ["PromptConfig", "ICILConfig"]
@@ -43,13 +52,17 @@ class ICILConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Optional: the instruction's embedding as one token at the start of the stream, before the
+    # prompt (prompt only when off, the default; prompt and instruction when on).
+    language: LanguageConfig = field(default_factory=LanguageConfig)
     # Joint positions fused into every observation token (prompt and live). On by default: a
     # demonstration's joint trajectory is most of what it tells about the task.
     proprio: bool = True
 
     def __post_init__(self) -> None:
         check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
-        for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("prompt", PromptConfig)):
+        for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("prompt", PromptConfig),
+                            ("language", LanguageConfig)):
             check(isinstance(getattr(self, name), group),
                   f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
         check_bool(self.proprio, "proprio")
@@ -62,7 +75,8 @@ class ICILConfig:
             "spec.observation.obs_horizon must be 1 for an ICIL policy: it streams one observation per step "
             f"and its recurrent state is the history, got {self.spec.observation.obs_horizon}",
         )
-        check(not self.vision.film, "vision.film needs language, which ICIL policies do not take")
+        check(not self.vision.film, "vision.film is not supported by ICIL policies (prompt frames are encoded "
+              "without the instruction)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -85,5 +99,6 @@ class ICILConfig:
             vision=_build(VisionConfig, data["vision"], "vision"),
             backbone=_build(BackboneConfig, data["backbone"], "backbone"),
             prompt=_build(PromptConfig, data["prompt"], "prompt"),
+            language=_build(LanguageConfig, data["language"], "language"),
             proprio=data["proprio"],
         )

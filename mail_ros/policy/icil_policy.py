@@ -4,7 +4,10 @@ In-context imitation: the task is given by K demonstrations (observations with t
 taken), not by training on it. The sequence model (:class:`mail_ros.model.icil.ICILSequence`,
 Mamba or its Transformer twin) reads the stream
 
-    [demo 1: o a o a ... END] ... [demo K ...] [live: o o o ...] | A action queries
+    [instruction?] [demo 1: o a o a ... END] ... [demo K ...] [live: o o o ...] | A action queries
+
+(the instruction token only with ``language`` on: Linear(language_dim, D) of the normalised
+instruction embedding, as MaIL's language token).
 
 Runtime (the policy owns normalisation and its observation/action contract):
 
@@ -44,7 +47,7 @@ from mail_ros.model.icil import ICILSequence, StreamState
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.icil_config import ICILConfig
-from mail_ros.policy.mail_policy import PolicyInputError, check_observation
+from mail_ros.policy.mail_policy import PolicyInputError, check_instruction, check_observation
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
 
@@ -91,6 +94,7 @@ class ICILSample:
     live_joints: torch.Tensor
     live_actions: torch.Tensor
     cuts: list[int]
+    language: torch.Tensor | None = None  # (language_dim,) instruction embedding, with language on
 
 
 def dilated_indices(length: int, dilation: int) -> list[int]:
@@ -139,8 +143,10 @@ class ICILPolicy(nn.Module):
             heads=backbone.heads,
             dropout=backbone.dropout,
         )
+        self.language_proj = nn.Linear(config.language.dim, D) if config.language.enabled else None
         self.action_norm = Normalizer(self.action_dim)
         self.proprio_norm = Normalizer(self.joint_dim)
+        self.language_norm = Normalizer(config.language.dim)
 
         self._prompt_state: StreamState | None = None
         self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
@@ -149,11 +155,19 @@ class ICILPolicy(nn.Module):
 
     # ------------------------------------------------------------------ setup
 
-    def set_normalization(self, action_stats: Mapping[str, Any], proprio_stats: Mapping[str, Any] | None = None) -> None:
-        """Set the action (and joint-position) statistics; drops the prompt (its tokens used the old ones)."""
+    def set_normalization(
+        self,
+        action_stats: Mapping[str, Any],
+        proprio_stats: Mapping[str, Any] | None = None,
+        language_stats: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set the action (and joint-position, instruction-embedding) statistics, as
+        :meth:`MaILPolicy.set_normalization`; drops the prompt (its tokens used the old ones)."""
         self.action_norm.set_stats(action_stats, "action")
         if proprio_stats is not None:
             self.proprio_norm.set_stats(proprio_stats, "proprio")
+        if language_stats is not None:
+            self.language_norm.set_stats(language_stats, "language")
         self.clear_prompt()
 
     @property
@@ -187,26 +201,34 @@ class ICILPolicy(nn.Module):
 
     # ------------------------------------------------------------------ prompt and episode
 
-    def set_prompt(self, demonstrations: Sequence[Demonstration]) -> PromptInfo:
+    def set_prompt(
+        self, demonstrations: Sequence[Demonstration], instruction_embedding: np.ndarray | None = None
+    ) -> PromptInfo:
         """Encode and prefill ``demonstrations`` (K >= 0) as the prompt, then :meth:`reset`.
 
+        ``instruction_embedding`` (language_dim,) is required with language on, ignored otherwise.
         Every demonstration is checked against the contract first (cameras, image size, joint
         names, action dimension, finite values, increasing stamps); on a mismatch
         :class:`PolicyInputError` names the demonstration and the frame, and the previous prompt
         and episode are kept.
         """
         start = time.perf_counter()
-        tokens, frames = self.prompt_tokens(demonstrations)
+        tokens, frames = self.prompt_tokens(demonstrations, instruction_embedding)
         self._sync()
         return self.set_prompt_tokens(tokens, len(demonstrations), frames, encode_s=time.perf_counter() - start)
 
-    def prompt_tokens(self, demonstrations: Sequence[Demonstration]) -> tuple[torch.Tensor, int]:
+    def prompt_tokens(
+        self, demonstrations: Sequence[Demonstration], instruction_embedding: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, int]:
         """The prompt's tokens (1, L, D) for :meth:`set_prompt_tokens` and its frame count after
         dilation; the demonstrations are checked as in :meth:`set_prompt`. The tokens depend on
         the weights and statistics only, so they can be kept and prefilled again later."""
         demos = [self._check_demonstration(demo, index) for index, demo in enumerate(demonstrations)]
+        embedding = check_instruction(instruction_embedding, self.config.language)
         parts, frames = [], 0
         with self._inference():
+            if embedding is not None:
+                parts.append(self._language_token(torch.from_numpy(embedding).to(self.device)))
             for observations, actions in demos:
                 kept = dilated_indices(len(observations), self.config.prompt.dilation)
                 frames += len(kept)
@@ -284,7 +306,8 @@ class ICILPolicy(nn.Module):
         losses = []
         for index, sample in enumerate(samples):
             self._check_sample(sample, index)
-            parts = [
+            parts = [] if self.language_proj is None else [self._language_token(sample.language.float())]
+            parts += [
                 self.sequence.demo_tokens(self._tokens(f, j).unsqueeze(0), self.action_norm.normalize_input(a).unsqueeze(0))
                 for f, j, a in sample.prompt
             ]
@@ -298,6 +321,10 @@ class ICILPolicy(nn.Module):
                 losses.append(F.mse_loss(self.sequence.predict(state)[0], target[cut : cut + self.A]))
         loss = torch.stack(losses).mean()
         return loss, {"loss": loss.item(), "chunks": float(len(losses))}
+
+    def _language_token(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Instruction embedding (L,) -> its token (1, 1, D) (normalised, then projected)."""
+        return self.language_proj(self.language_norm.normalize(embedding)).view(1, 1, -1)
 
     def _tokens(self, features: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
         """Frame features (N, D) + the proprio projection of joints (N, J): observation tokens (N, D)."""
@@ -316,6 +343,11 @@ class ICILPolicy(nn.Module):
                     f"sample {index} {name}: features, joints, actions must be (N >= 1, {D}), (N, {J}), (N, {Da}); "
                     f"got {tuple(features.shape)}, {tuple(joints.shape)}, {tuple(actions.shape)}"
                 )
+        if self.language_proj is not None:
+            L = self.config.language.dim
+            if sample.language is None or tuple(sample.language.shape) != (L,):
+                got = None if sample.language is None else tuple(sample.language.shape)
+                raise PolicyInputError(f"sample {index}: language must be a ({L},) instruction embedding, got {got}")
         M = sample.live_features.shape[0]
         cuts = list(sample.cuts)
         if not cuts or cuts != sorted(set(cuts)) or cuts[0] < 0 or cuts[-1] + self.A > M:

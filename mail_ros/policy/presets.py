@@ -167,6 +167,7 @@ def get_icil_preset(name: str, overrides: dict[str, Any] | None = None) -> ICILC
         "vision": base["vision"],
         "backbone": asdict(BackboneConfig(**backbone)),
         "prompt": asdict(PromptConfig()),
+        "language": base["language"],
         "proprio": True,
     }
     return apply_overrides(data, overrides or {}, ICILConfig)
