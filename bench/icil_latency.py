@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace, device_name: str) -> list[dict]:
 
     # The encoders are the same for both twins and per frame: timed once on a real demonstration.
     F = args.frames_per_demo
-    demo = Demonstration([Observation(0.1 * i, pool[i % 8], joints) for i in range(F)], np.zeros((F, first.action_dim)))
+    demo = Demonstration([Observation(100_000_000 * i, pool[i % 8], joints) for i in range(F)], np.zeros((F, first.action_dim)))
     first.prompt_tokens([demo])  # warm-up
     with _Timer(sync) as timer:
         first.prompt_tokens([demo])
@@ -144,7 +144,7 @@ def measure(args: argparse.Namespace, device_name: str) -> list[dict]:
     states = {key: policy.stream_state for key, policy in policies.items()}
     samples = {key: {"step": [], "step_cpu": [], "seq": [], "seq_cpu": []} for key in keys}
     for call in range(args.warmup + args.repeats):
-        obs = Observation(1000.0 + 0.1 * call, pool[call % 8], joints)
+        obs = Observation(10**12 + 100_000_000 * call, pool[call % 8], joints)
         for key in keys[call % len(keys) :] + keys[: call % len(keys)]:
             policy, sequence = policies[key], policies[key].sequence
             with _Timer(sync) as step:

@@ -34,7 +34,7 @@ def _frames(policy: ICILPolicy, n: int, rng: np.random.Generator, t0: float = 0.
     H, W = policy.config.spec.observation.image_size
     return [
         Observation(
-            t0 + 0.1 * i,
+            round((t0 + 0.1 * i) * 1e9),  # nanoseconds; stamps only need to increase
             {c: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for c in policy.cameras},
             rng.normal(size=policy.joint_dim),
         )
