@@ -24,6 +24,8 @@ as in the demonstrations. Per control step the work is one frame encoding, one c
 and A query tokens from a copy of the state: for Mamba this is the same whatever K and the
 episode length are; the Transformer attends over its whole K/V cache. The prompt state is never
 modified, so :meth:`ICILPolicy.reset` starts the next episode without re-running the prompt.
+The prompt state belongs to the weights, statistics and device it was computed with: set the
+prompt after moving the policy (``.to``) or loading weights (new statistics clear it).
 
 Actions are absolute joint-position targets (robot units); observation tokens are the MaIL
 image encoders' (+ a projection of the normalised joint positions with ``proprio``).
@@ -73,7 +75,7 @@ class PromptInfo:
 
     demonstrations: int  # K
     frames: int  # prompt frames after dilation
-    tokens: int  # committed prompt tokens: 2 per frame + 1 per demonstration
+    tokens: int  # committed prompt tokens: 2 per frame + 1 per demonstration (+ 1 instruction)
     encode_s: float  # image encoders over the prompt frames
     prefill_s: float  # sequence model over the prompt tokens
 
