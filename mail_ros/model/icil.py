@@ -32,7 +32,7 @@ Streaming API (exact, tested against :meth:`ICILSequence.forward` over the whole
 ``state = prefill(tokens)``; ``state = extend(tokens, state)`` commits more tokens and returns
 a new state; the old one stays valid, so a prompt state can be reused for any number of
 episodes; ``predict(state)`` gives the next chunk. Per control step Mamba costs the same
-whatever the stream length (state: per layer (conv (B, E, K), ssm (B, E, N))); the
+whatever the stream length (state: per layer conv (B, E, d_conv) and ssm (B, E, d_state)); the
 Transformer attends over every cached key and its cache grows by one key/value per token.
 
 The Transformer's inference cache is a preallocated :class:`KVBuffer` that the newest state
@@ -90,7 +90,7 @@ def sinusoidal_positions(start: int, length: int, d_model: int, device: torch.de
 class StreamState:
     """What a stream has committed: the backbone's cache and the number of tokens.
 
-    ``layers``: Mamba, per layer (conv_state (B, E, K), ssm_state (B, E, N)) (fixed size, never
+    ``layers``: Mamba, per layer (conv_state (B, E, d_conv), ssm_state (B, E, d_state)) (fixed size, never
     modified in place); Transformer, a :class:`KVBuffer` (inference) or per layer immutable
     (keys, values) (B, H, length, Dh) (with autograd).
     """
