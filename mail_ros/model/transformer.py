@@ -135,7 +135,6 @@ class TransformerStack(nn.Module):
             new_cache.append(kv)
         return self.norm(x), new_cache if return_states else None
 
-
     def extend_in_place(self, x: torch.Tensor, buffer: "KVBuffer", start: int) -> torch.Tensor:
         """:meth:`extend` over a preallocated :class:`KVBuffer` holding the first ``start`` tokens:
         writes ``x``'s keys/values into slots start .. start + L - 1 of every layer (the caller
