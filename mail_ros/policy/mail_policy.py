@@ -60,15 +60,55 @@ from mail_ros.model.diffusion import CosineDDPM, TimeEmbedding
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.action_frame import ActionFrame
-from mail_ros.policy.config import PolicyConfig
+from mail_ros.policy.config import LanguageConfig, PolicyConfig
 from mail_ros.policy.normalizer import Normalizer
-from mail_ros.spec import Observation
+from mail_ros.spec import Observation, ObservationSpec
 
-__all__ = ["MaILPolicy", "PolicyInputError"]
+__all__ = ["MaILPolicy", "PolicyInputError", "check_instruction", "check_observation"]
 
 
 class PolicyInputError(ValueError):
     """An observation, batch or instruction does not match the policy's spec."""
+
+
+def check_instruction(embedding: np.ndarray | None, language: LanguageConfig) -> np.ndarray | None:
+    """The instruction embedding as float32 (language.dim,); None when ``language`` is off (the
+    embedding is then ignored). Raises :class:`PolicyInputError` when it is missing, of the
+    wrong size or not finite."""
+    if not language.enabled:
+        return None
+    if embedding is None:
+        raise PolicyInputError(
+            f"policy is conditioned on language ({language.encoder}, {language.dim}-d): instruction_embedding is required"
+        )
+    embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if embedding.shape != (language.dim,):
+        raise PolicyInputError(
+            f"instruction_embedding must have {language.dim} values ({language.encoder}), got {embedding.size}"
+        )
+    if not np.isfinite(embedding).all():
+        raise PolicyInputError("instruction_embedding contains NaN or infinite values")
+    return embedding
+
+
+def check_observation(obs: Observation, spec: ObservationSpec, previous_stamp: float = -math.inf) -> None:
+    """Raise :class:`PolicyInputError` unless ``obs`` matches ``spec`` (cameras, uint8 RGB images
+    of the spec's size, finite joint positions) and is stamped after ``previous_stamp``."""
+    where = f"observation at stamp {obs.stamp}"
+    if not math.isfinite(obs.stamp) or obs.stamp <= previous_stamp:
+        raise PolicyInputError(f"{where}: stamps must be finite and strictly increasing (previous {previous_stamp})")
+    if set(obs.images) != set(spec.cameras):
+        raise PolicyInputError(f"{where} has cameras {sorted(obs.images)}, policy expects {sorted(spec.cameras)}")
+    for name, image in obs.images.items():
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != (*spec.image_size, 3):
+            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise PolicyInputError(f"{where}: image {name!r} must be uint8 {(*spec.image_size, 3)} RGB, got {got}")
+    joints = np.asarray(obs.joint_positions)
+    if joints.shape != (len(spec.joint_names),) or not np.isfinite(joints).all():
+        raise PolicyInputError(
+            f"{where}: joint_positions must be {len(spec.joint_names)} finite values "
+            f"({list(spec.joint_names)}), got shape {joints.shape}"
+        )
 
 
 class MaILPolicy(nn.Module):
@@ -334,7 +374,7 @@ class MaILPolicy(nn.Module):
         ``reset(seed)``), so a seeded episode replays exactly.
         """
         history = self._check_history(observation_history)
-        embedding = self._check_instruction(instruction_embedding)
+        embedding = check_instruction(instruction_embedding, self.config.language)
         was_training = self.training
         self.eval()
         try:
@@ -423,40 +463,6 @@ class MaILPolicy(nn.Module):
         history = history[-self.T :]
         previous = -math.inf
         for obs in history:
-            where = f"observation at stamp {obs.stamp}"
-            if not math.isfinite(obs.stamp) or obs.stamp <= previous:
-                raise PolicyInputError(f"{where}: stamps must be finite and strictly increasing (previous {previous})")
+            check_observation(obs, self.config.spec.observation, previous)
             previous = obs.stamp
-            if set(obs.images) != set(self.cameras):
-                raise PolicyInputError(f"{where} has cameras {sorted(obs.images)}, policy expects {list(self.cameras)}")
-            for name, image in obs.images.items():
-                if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != (*self.image_size, 3):
-                    got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                    raise PolicyInputError(
-                        f"{where}: image {name!r} must be uint8 {(*self.image_size, 3)} RGB, got {got}"
-                    )
-            joints = np.asarray(obs.joint_positions)
-            if joints.shape != (self.joint_dim,) or not np.isfinite(joints).all():
-                raise PolicyInputError(
-                    f"{where}: joint_positions must be {self.joint_dim} finite values "
-                    f"({list(self.config.spec.observation.joint_names)}), got shape {joints.shape}"
-                )
         return history
-
-    def _check_instruction(self, embedding: np.ndarray | None) -> np.ndarray | None:
-        if self.language_proj is None:
-            return None
-        dim = self.config.language.dim
-        if embedding is None:
-            raise PolicyInputError(
-                f"policy is conditioned on language ({self.config.language.encoder}, {dim}-d): "
-                "instruction_embedding is required"
-            )
-        embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        if embedding.shape != (dim,):
-            raise PolicyInputError(
-                f"instruction_embedding must have {dim} values ({self.config.language.encoder}), got {embedding.size}"
-            )
-        if not np.isfinite(embedding).all():
-            raise PolicyInputError("instruction_embedding contains NaN or infinite values")
-        return embedding

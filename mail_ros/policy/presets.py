@@ -14,6 +14,10 @@ as in the reference. Every preset keeps the reference DDPM layout with the time 
 decoder-only variants the layout whose observation prefix is computed once per chunk (see
 :mod:`mail_ros.policy.mail_policy`). :func:`get_preset` accepts dotted overrides, e.g.
 ``{"spec.observation.obs_horizon": 1, "language.dim": 384}``.
+
+Prompt-conditioned (in-context imitation) policies have their own family,
+``icil-{tiny,demo}-{ma,tr}`` (:func:`get_icil_preset`, :class:`ICILConfig`): a streaming Mamba
+("ma") and its Transformer twin with a K/V cache ("tr"), see :mod:`mail_ros.policy.icil_policy`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,19 @@ from dataclasses import asdict
 from typing import Any
 
 from mail_ros.policy.config import VARIANTS, BackboneConfig, ConfigError, PolicyConfig
+from mail_ros.policy.icil_config import ICILConfig, PromptConfig
 
-__all__ = ["list_presets", "get_preset", "apply_overrides", "parse_override", "PresetError", "SIZES", "HEADS"]
+__all__ = [
+    "list_presets",
+    "get_preset",
+    "list_icil_presets",
+    "get_icil_preset",
+    "apply_overrides",
+    "parse_override",
+    "PresetError",
+    "SIZES",
+    "HEADS",
+]
 
 HEADS = ("bc", "ddpm")
 SUITES = ("spatial", "object", "goal", "long", "90")
@@ -99,9 +114,17 @@ def get_preset(name: str, overrides: dict[str, Any] | None = None) -> PolicyConf
     return apply_overrides(data, overrides or {})
 
 
-def apply_overrides(config: PolicyConfig | dict[str, Any], overrides: dict[str, Any]) -> PolicyConfig:
-    """A new config with ``overrides`` ({"group.field": value}) set, validated as a whole."""
-    data = config.to_dict() if isinstance(config, PolicyConfig) else json.loads(json.dumps(config))
+def apply_overrides(
+    config: PolicyConfig | ICILConfig | dict[str, Any],
+    overrides: dict[str, Any],
+    config_type: type[PolicyConfig] | type[ICILConfig] = PolicyConfig,
+) -> Any:
+    """A new config with ``overrides`` ({"group.field": value}) set, validated as a whole; of the
+    type of ``config``, or ``config_type`` when ``config`` is a dict."""
+    if isinstance(config, (PolicyConfig, ICILConfig)):
+        config_type, data = type(config), config.to_dict()
+    else:
+        data = json.loads(json.dumps(config))
     for path, value in overrides.items():
         node = data
         keys = path.split(".")
@@ -112,7 +135,42 @@ def apply_overrides(config: PolicyConfig | dict[str, Any], overrides: dict[str, 
         if not isinstance(node, dict) or keys[-1] not in node:
             raise PresetError(f"override {path!r}: no config field {keys[-1]!r}")
         node[keys[-1]] = value
-    return PolicyConfig.from_dict(data)
+    return config_type.from_dict(data)
+
+
+# ICIL: "icil-{size}-{backbone}", Mamba ("ma") or its Transformer twin ("tr"). The image
+# encoders and action chunk are those of the MaIL preset of the same size; the twins have about
+# the same number of sequence-model parameters (tiny: 2 Mamba layers ~15 k, 1 Transformer layer
+# ~13 k; demo: 4 Mamba layers ~119 k, 2 Transformer layers ~100 k).
+ICIL_SIZES = ("tiny", "demo")
+ICIL_BACKBONES = {"ma": "d_ma", "tr": "d_tr"}
+
+
+def list_icil_presets() -> list[str]:
+    """All ICIL preset names."""
+    return [f"icil-{size}-{backbone}" for size in ICIL_SIZES for backbone in ICIL_BACKBONES]
+
+
+def get_icil_preset(name: str, overrides: dict[str, Any] | None = None) -> ICILConfig:
+    """The ICIL configuration called ``name`` (see :func:`list_icil_presets`), with dotted-path ``overrides``."""
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != "icil" or parts[1] not in ICIL_SIZES or parts[2] not in ICIL_BACKBONES:
+        raise PresetError(f"unknown ICIL preset {name!r}; names are {list_icil_presets()}")
+    size, variant = parts[1], ICIL_BACKBONES[parts[2]]
+    base = _preset_dict(size, variant, "bc")
+    base["spec"]["observation"]["obs_horizon"] = 1
+    backbone = _backbone(size, variant)
+    if size == "tiny" and variant == "d_tr":
+        backbone["n_layers"] = 1
+    data = {
+        "spec": base["spec"],
+        "vision": base["vision"],
+        "backbone": asdict(BackboneConfig(**backbone)),
+        "prompt": asdict(PromptConfig()),
+        "language": base["language"],
+        "proprio": True,
+    }
+    return apply_overrides(data, overrides or {}, ICILConfig)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

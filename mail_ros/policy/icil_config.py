@@ -1,0 +1,104 @@
+"""Typed, validated configuration of a prompt-conditioned (ICIL) policy.
+
+An :class:`ICILConfig` groups the observation/action contract, the image encoders (the same
+:class:`VisionConfig` as MaIL), the sequence backbone (:class:`BackboneConfig`, decoder layout:
+Mamba or its Transformer twin) and the prompt settings. The policy is streaming: it sees the
+whole episode one observation at a time, so the contract's ``obs_horizon`` must be 1 (there is
+no history window; the recurrent state or K/V cache is the history).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mail_ros.policy.config import (
+    BackboneConfig,
+    ConfigError,
+    LanguageConfig,
+    VisionConfig,
+    _build,
+    check,
+    check_bool,
+    check_int,
+)
+from mail_ros.spec import PolicySpec, SpecError
+
+__all__ = ["PromptConfig", "ICILConfig"]
+
+
+@dataclass
+class PromptConfig:
+    """How demonstrations become the prompt."""
+
+    # Prompt demonstrations per training example are drawn from 1 .. k_max; inference takes
+    # any K (prompt-length extrapolation is what the evaluation measures).
+    k_max: int = 4
+    # Keep every dilation-th frame of a prompt demonstration (frames 0, d, 2d, ...; the last
+    # frame is always kept): a d times shorter prompt for a coarser view of the demonstration.
+    dilation: int = 1
+
+    def __post_init__(self) -> None:
+        check_int(self.k_max, "prompt.k_max", 1)
+        check_int(self.dilation, "prompt.dilation", 1)
+
+
+@dataclass
+class ICILConfig:
+    """Everything needed to rebuild an ICIL policy."""
+
+    spec: PolicySpec = field(default_factory=PolicySpec)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Optional: the instruction's embedding as one token at the start of the stream, before the
+    # prompt (prompt only when off, the default; prompt and instruction when on).
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    # Joint positions fused into every observation token (prompt and live). On by default: a
+    # demonstration's joint trajectory is most of what it tells about the task.
+    proprio: bool = True
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
+        for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("prompt", PromptConfig),
+                            ("language", LanguageConfig)):
+            check(isinstance(getattr(self, name), group),
+                  f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
+        check_bool(self.proprio, "proprio")
+        check(
+            self.backbone.layout == "decoder",
+            f"backbone.layout must be 'decoder' for an ICIL policy (one causal stream), got {self.backbone.layout!r}",
+        )
+        check(
+            self.spec.observation.obs_horizon == 1,
+            "spec.observation.obs_horizon must be 1 for an ICIL policy: it streams one observation per step "
+            f"and its recurrent state is the history, got {self.spec.observation.obs_horizon}",
+        )
+        check(not self.vision.film, "vision.film is not supported by ICIL policies (prompt frames are encoded "
+              "without the instruction)")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ICILConfig":
+        """Inverse of :meth:`to_dict`; raises ConfigError on any missing, unknown or invalid field."""
+        check(isinstance(data, dict), f"ICIL policy config must be a JSON object, got {type(data).__name__}")
+        required = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = sorted(required - set(data)), sorted(set(data) - required)
+        check(not missing and not unknown, f"ICIL policy config: missing keys {missing}, unknown keys {unknown}")
+        try:
+            spec = PolicySpec.from_dict(data["spec"])
+        except (SpecError, TypeError) as exc:
+            raise ConfigError(f"ICIL policy config 'spec': {exc}") from exc
+        return cls(
+            spec=spec,
+            vision=_build(VisionConfig, data["vision"], "vision"),
+            backbone=_build(BackboneConfig, data["backbone"], "backbone"),
+            prompt=_build(PromptConfig, data["prompt"], "prompt"),
+            language=_build(LanguageConfig, data["language"], "language"),
+            proprio=data["proprio"],
+        )

@@ -1,0 +1,411 @@
+"""ICILPolicy: a prompt of demonstrations, then the live episode one observation at a time -> chunks.
+
+In-context imitation: the task is given by K demonstrations (observations with the actions
+taken), not by training on it. The sequence model (:class:`mail_ros.model.icil.ICILSequence`,
+Mamba or its Transformer twin) reads the stream
+
+    [instruction?] [demo 1: o a o a ... END] ... [demo K ...] [live: o o o ...] | A action queries
+
+(the instruction token only with ``language`` on: Linear(language_dim, D) of the normalised
+instruction embedding, as MaIL's language token).
+
+Runtime (the policy owns normalisation and its observation/action contract):
+
+    info = policy.set_prompt([Demonstration(observations, actions), ...])  # encode + prefill, once
+    policy.reset()                               # a new episode, from the prompt's state
+    policy.observe(observation)                  # commit one live observation
+    chunk = policy.predict_chunk(observation)    # commit it and return the next A actions
+
+``prompt_tokens`` + ``set_prompt_tokens`` split ``set_prompt`` in two, so encoded prompts can
+be kept and prefilled again (a swap back to an earlier prompt, a benchmark).
+
+Every live observation at the policy rate should be committed (``observe`` between chunks),
+as in the demonstrations. Per control step the work is one frame encoding, one committed token
+and A query tokens from a copy of the state: for Mamba this is the same whatever K and the
+episode length are; the Transformer attends over its whole K/V cache. The prompt state is never
+modified, so :meth:`ICILPolicy.reset` starts the next episode without re-running the prompt.
+The prompt state belongs to the weights, statistics and device it was computed with: set the
+prompt after moving the policy (``.to``) or loading weights (new statistics clear it).
+
+Actions are absolute joint-position targets (robot units); observation tokens are the MaIL
+image encoders' (+ a projection of the normalised joint positions with ``proprio``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mail_ros.model.icil import ICILSequence, StreamState
+from mail_ros.model.mamba import mamba_backend
+from mail_ros.model.vision import ObservationEncoder
+from mail_ros.policy.icil_config import ICILConfig
+from mail_ros.policy.mail_policy import PolicyInputError, check_instruction, check_observation
+from mail_ros.policy.normalizer import Normalizer
+from mail_ros.spec import Observation
+
+__all__ = ["ICILPolicy", "Demonstration", "ICILSample", "PromptInfo", "dilated_indices"]
+
+# Prompt frames are encoded in batches of this many, bounding the encoders' activation memory
+# for prompts of thousands of frames.
+ENCODE_BATCH = 256
+
+
+@dataclass
+class Demonstration:
+    """One prompt demonstration: observations oldest first, ``actions`` (N, action_dim) in robot
+    units, action i being the command given at observation i."""
+
+    observations: Sequence[Observation]
+    actions: np.ndarray
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """What the current prompt holds and what it cost (for logs and /diagnostics)."""
+
+    demonstrations: int  # K
+    frames: int  # prompt frames after dilation
+    tokens: int  # committed prompt tokens: 2 per frame + 1 per demonstration (+ 1 instruction)
+    encode_s: float  # image encoders over the prompt frames
+    prefill_s: float  # sequence model over the prompt tokens
+
+
+@dataclass
+class ICILSample:
+    """One training sequence, frame features precomputed by the (frozen) image encoders.
+
+    ``prompt``: per demonstration (features (N, D), joint positions (N, J), actions (N, Da)),
+    already dilated; ``live_*``: the live episode's frames (M, D), (M, J), (M, Da); ``cuts``:
+    the live frames t after which the chunk is predicted, increasing, each with t + A <= M (the
+    targets are live actions t .. t + A - 1). Joints and actions in robot units, tensors on the
+    policy's device.
+    """
+
+    prompt: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    live_features: torch.Tensor
+    live_joints: torch.Tensor
+    live_actions: torch.Tensor
+    cuts: list[int]
+    language: torch.Tensor | None = None  # (language_dim,) instruction embedding, with language on
+
+
+def dilated_indices(length: int, dilation: int) -> list[int]:
+    """Frames kept from a demonstration of ``length`` frames: 0, d, 2d, ... and always the last."""
+    kept = list(range(0, length, dilation))
+    if kept[-1] != length - 1:
+        kept.append(length - 1)
+    return kept
+
+
+class ICILPolicy(nn.Module):
+    """The prompt-conditioned policy of :class:`ICILConfig`; see the module docstring."""
+
+    def __init__(self, config: ICILConfig) -> None:
+        super().__init__()
+        self.config = config
+        observation, action, backbone = config.spec.observation, config.spec.action, config.backbone
+        D = backbone.d_model
+        self.A = action.horizon
+        self.cameras = tuple(sorted(observation.cameras))
+        self.action_dim = action.dim
+        self.joint_dim = len(observation.joint_names)
+        vision = config.vision
+        self.encoder = ObservationEncoder(
+            observation.cameras,
+            D,
+            feature_dim=vision.feature_dim,
+            resnet_width=vision.resnet_width,
+            norm=vision.norm,
+            num_keypoints=vision.num_keypoints,
+            temperature=vision.temperature,
+            shared=vision.shared_encoder,
+            stem_pool=vision.stem_pool,
+            stages=vision.resnet_stages,
+        )
+        self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
+        self.sequence = ICILSequence(
+            backbone.kind,
+            d_model=D,
+            n_layers=backbone.n_layers,
+            action_dim=self.action_dim,
+            n_actions=self.A,
+            d_state=backbone.d_state,
+            d_conv=backbone.d_conv,
+            expand=backbone.expand,
+            heads=backbone.heads,
+            dropout=backbone.dropout,
+        )
+        self.language_proj = nn.Linear(config.language.dim, D) if config.language.enabled else None
+        self.action_norm = Normalizer(self.action_dim)
+        self.proprio_norm = Normalizer(self.joint_dim)
+        self.language_norm = Normalizer(config.language.dim)
+
+        self._prompt_state: StreamState | None = None
+        self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
+        self._state: StreamState | None = None
+        self._last_stamp = -math.inf
+
+    # ------------------------------------------------------------------ setup
+
+    def set_normalization(
+        self,
+        action_stats: Mapping[str, Any],
+        proprio_stats: Mapping[str, Any] | None = None,
+        language_stats: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set the action (and joint-position, instruction-embedding) statistics, as
+        :meth:`MaILPolicy.set_normalization`; drops the prompt (its tokens used the old ones)."""
+        self.action_norm.set_stats(action_stats, "action")
+        if proprio_stats is not None:
+            self.proprio_norm.set_stats(proprio_stats, "proprio")
+        if language_stats is not None:
+            self.language_norm.set_stats(language_stats, "language")
+        self.clear_prompt()
+
+    @property
+    def device(self) -> torch.device:
+        return self.sequence.queries.device
+
+    @property
+    def backend(self) -> str:
+        """Which implementation runs the sequence model on the current device (for logs)."""
+        if self.config.backbone.kind == "mamba":
+            return f"Mamba (streaming): {mamba_backend(self.device)}"
+        return "Transformer (K/V cache): torch scaled_dot_product_attention"
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: total and per top-level part (encoder, sequence, ...)."""
+        counts: dict[str, int] = {}
+        for name, param in self.named_parameters():
+            part = name.split(".", 1)[0]
+            counts[part] = counts.get(part, 0) + param.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    @property
+    def prompt_info(self) -> PromptInfo:
+        return self._prompt_info
+
+    @property
+    def stream_state(self) -> StreamState | None:
+        """The committed stream (prompt + live observations so far); None while empty."""
+        return self._state
+
+    # ------------------------------------------------------------------ prompt and episode
+
+    def set_prompt(
+        self, demonstrations: Sequence[Demonstration], instruction_embedding: np.ndarray | None = None
+    ) -> PromptInfo:
+        """Encode and prefill ``demonstrations`` (K >= 0) as the prompt, then :meth:`reset`.
+
+        ``instruction_embedding`` (language_dim,) is required with language on, ignored otherwise.
+        Every demonstration is checked against the contract first (cameras, image size, joint
+        names, action dimension, finite values, increasing stamps); on a mismatch
+        :class:`PolicyInputError` names the demonstration and the frame, and the previous prompt
+        and episode are kept.
+        """
+        start = time.perf_counter()
+        tokens, frames = self.prompt_tokens(demonstrations, instruction_embedding)
+        self._sync()
+        return self.set_prompt_tokens(tokens, len(demonstrations), frames, encode_s=time.perf_counter() - start)
+
+    def prompt_tokens(
+        self, demonstrations: Sequence[Demonstration], instruction_embedding: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """The prompt's tokens (1, L, D) for :meth:`set_prompt_tokens` and its frame count after
+        dilation; the demonstrations are checked as in :meth:`set_prompt`. The tokens depend on
+        the weights and statistics only, so they can be kept and prefilled again later."""
+        demos = [self._check_demonstration(demo, index) for index, demo in enumerate(demonstrations)]
+        embedding = check_instruction(instruction_embedding, self.config.language)
+        parts, frames = [], 0
+        with self._inference():
+            if embedding is not None:
+                parts.append(self._language_token(torch.from_numpy(embedding).to(self.device)))
+            for observations, actions in demos:
+                kept = dilated_indices(len(observations), self.config.prompt.dilation)
+                frames += len(kept)
+                tokens = self._encode([observations[i] for i in kept]).unsqueeze(0)  # (1, N, D)
+                # Prompt actions are network inputs: normalize_input, like the joints.
+                normalized = self.action_norm.normalize_input(
+                    torch.from_numpy(actions[kept]).float().to(self.device)
+                ).unsqueeze(0)  # (1, N, Da)
+                parts.append(self.sequence.demo_tokens(tokens, normalized))
+        D = self.config.backbone.d_model
+        return (torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, D, device=self.device)), frames
+
+    def set_prompt_tokens(
+        self, tokens: torch.Tensor, demonstrations: int, frames: int, encode_s: float = 0.0
+    ) -> PromptInfo:
+        """Prefill prompt ``tokens`` (1, L, D) from :meth:`prompt_tokens` (K = ``demonstrations``,
+        ``frames`` frames; ``encode_s`` what encoding them took, for the record), then :meth:`reset`."""
+        if tokens.dim() != 3 or tuple(tokens.shape[::2]) != (1, self.config.backbone.d_model):
+            raise PolicyInputError(
+                f"prompt tokens must be (1, L, {self.config.backbone.d_model}), got {tuple(tokens.shape)}"
+            )
+        start = time.perf_counter()
+        with self._inference():
+            state = self.sequence.prefill(tokens.to(self.device)) if tokens.shape[1] else None
+            self._sync()
+        self._prompt_state = state
+        length = 0 if state is None else state.length
+        self._prompt_info = PromptInfo(demonstrations, frames, length, encode_s, time.perf_counter() - start)
+        self.reset()
+        return self._prompt_info
+
+    def clear_prompt(self) -> None:
+        """No prompt (K = 0): the policy then acts from the live episode alone."""
+        self._prompt_state = None
+        self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start an episode: the stream goes back to the prompt's state (nothing is recomputed)."""
+        self._state = self._prompt_state
+        self._last_stamp = -math.inf
+
+    def observe(self, observation: Observation) -> None:
+        """Commit one live observation (stamped after the previous one) to the stream."""
+        check_observation(observation, self.config.spec.observation, self._last_stamp)
+        with self._inference():
+            token = self.sequence.live_tokens(self._encode([observation]).unsqueeze(0))  # (1, 1, D)
+            self._state = self.sequence.extend(token, self._state)
+        self._last_stamp = observation.stamp
+
+    def predict_chunk(self, observation: Observation) -> np.ndarray:
+        """Commit ``observation`` and return the next A actions, (A, action_dim) float64 robot units."""
+        self.observe(observation)
+        with self._inference():
+            actions = self.action_norm.denormalize(self.sequence.predict(self._state))[0]  # (A, Da)
+        return actions.double().cpu().numpy()
+
+    # ------------------------------------------------------------------ training
+
+    def frame_features(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The image encoders alone: camera -> uint8 (N, H, W, 3) -> (N, D). With the encoders
+        frozen, these are what a training run computes once per dataset and caches."""
+        return self.encoder(images)
+
+    def compute_loss(self, samples: Sequence[ICILSample]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean MSE of the normalised chunks at every cut of every sample (the live part only).
+
+        Each sample runs as at inference: its prompt is prefilled, the live frames are committed
+        up to each cut and the queries run from there, so training sees exactly the computation
+        the robot runs (sequences of different lengths need no padding, hence one sequence at a
+        time). Gradients reach the sequence model and the proprio projection, not the encoders.
+        """
+        if not samples:
+            raise PolicyInputError("compute_loss needs at least one sample")
+        losses = []
+        for index, sample in enumerate(samples):
+            self._check_sample(sample, index)
+            parts = [] if self.language_proj is None else [self._language_token(sample.language.float())]
+            parts += [
+                self.sequence.demo_tokens(self._tokens(f, j).unsqueeze(0), self.action_norm.normalize_input(a).unsqueeze(0))
+                for f, j, a in sample.prompt
+            ]
+            state = self.sequence.prefill(torch.cat(parts, dim=1)) if parts else None
+            live = self.sequence.live_tokens(self._tokens(sample.live_features, sample.live_joints).unsqueeze(0))
+            target = self.action_norm.normalize(sample.live_actions.float())  # (M, Da)
+            committed = 0
+            for cut in sample.cuts:
+                state = self.sequence.extend(live[:, committed : cut + 1], state)
+                committed = cut + 1
+                losses.append(F.mse_loss(self.sequence.predict(state)[0], target[cut : cut + self.A]))
+        loss = torch.stack(losses).mean()
+        return loss, {"loss": loss.item(), "chunks": float(len(losses))}
+
+    def _language_token(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Instruction embedding (L,) -> its token (1, 1, D) (normalised, then projected)."""
+        return self.language_proj(self.language_norm.normalize(embedding)).view(1, 1, -1)
+
+    def _tokens(self, features: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """Frame features (N, D) + the proprio projection of joints (N, J): observation tokens (N, D)."""
+        if self.proprio_proj is None:
+            return features
+        return features + self.proprio_proj(self.proprio_norm.normalize_input(joints.float()))
+
+    def _check_sample(self, sample: ICILSample, index: int) -> None:
+        D, J, Da = self.config.backbone.d_model, self.joint_dim, self.action_dim
+        frames = [(f"prompt {k}", *demo) for k, demo in enumerate(sample.prompt)]
+        frames.append(("live", sample.live_features, sample.live_joints, sample.live_actions))
+        for name, features, joints, actions in frames:
+            n = features.shape[0]
+            if n < 1 or tuple(features.shape) != (n, D) or tuple(joints.shape) != (n, J) or tuple(actions.shape) != (n, Da):
+                raise PolicyInputError(
+                    f"sample {index} {name}: features, joints, actions must be (N >= 1, {D}), (N, {J}), (N, {Da}); "
+                    f"got {tuple(features.shape)}, {tuple(joints.shape)}, {tuple(actions.shape)}"
+                )
+        if self.language_proj is not None:
+            L = self.config.language.dim
+            if sample.language is None or tuple(sample.language.shape) != (L,):
+                got = None if sample.language is None else tuple(sample.language.shape)
+                raise PolicyInputError(f"sample {index}: language must be a ({L},) instruction embedding, got {got}")
+        M = sample.live_features.shape[0]
+        cuts = list(sample.cuts)
+        if not cuts or cuts != sorted(set(cuts)) or cuts[0] < 0 or cuts[-1] + self.A > M:
+            raise PolicyInputError(
+                f"sample {index}: cuts must be increasing live frames t with t + {self.A} <= {M}, got {cuts}"
+            )
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(self, observations: Sequence[Observation]) -> torch.Tensor:
+        """Observation tokens (N, D) of checked observations, in batches of ENCODE_BATCH."""
+        tokens = []
+        for start in range(0, len(observations), ENCODE_BATCH):
+            batch = observations[start : start + ENCODE_BATCH]
+            images = {
+                name: torch.from_numpy(np.stack([obs.images[name] for obs in batch])).to(self.device)
+                for name in self.cameras
+            }
+            joints = torch.from_numpy(np.stack([obs.joint_positions for obs in batch])).float().to(self.device)
+            tokens.append(self._tokens(self.frame_features(images), joints))  # (n, D)
+        return torch.cat(tokens)
+
+    def _check_demonstration(self, demo: Demonstration, index: int) -> tuple[list[Observation], np.ndarray]:
+        where = f"prompt demonstration {index}"
+        observations = list(demo.observations)
+        if not observations:
+            raise PolicyInputError(f"{where} has no observations")
+        previous = -math.inf
+        for frame, obs in enumerate(observations):
+            try:
+                check_observation(obs, self.config.spec.observation, previous)
+            except PolicyInputError as exc:
+                raise PolicyInputError(f"{where}, frame {frame}: {exc}") from exc
+            previous = obs.stamp
+        actions = np.asarray(demo.actions, dtype=np.float64)
+        if actions.shape != (len(observations), self.action_dim):
+            raise PolicyInputError(
+                f"{where}: actions must be ({len(observations)}, {self.action_dim}) "
+                f"({list(self.config.spec.action.names)}), one per observation; got {actions.shape}"
+            )
+        if not np.isfinite(actions).all():
+            raise PolicyInputError(f"{where}: actions contain NaN or infinite values")
+        return observations, actions
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Eval mode and inference_mode for the block; the training flag is restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.train(was_training)
+
+    def _sync(self) -> None:
+        # Timings of asynchronous CUDA work are only meaningful after a synchronisation.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

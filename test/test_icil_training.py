@@ -1,0 +1,204 @@
+"""ICIL training pieces: task grouping with held-out tasks, the frame-feature cache, prompt
+sampling, the loss on the live part, and a tiny synthetic dataset in which only the prompt
+tells the task (the trained policy must read it)."""
+
+import numpy as np
+import pytest
+import torch
+
+from mail_ros.data.hdf5 import DataError, Episode
+from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
+from mail_ros.policy.icil_policy import ICILPolicy, ICILSample
+from mail_ros.policy.mail_policy import PolicyInputError
+from mail_ros.policy.normalizer import Normalizer
+from mail_ros.policy.presets import get_icil_preset
+
+torch.set_num_threads(1)
+
+
+def _policy(name="icil-tiny-ma", overrides=None) -> ICILPolicy:
+    torch.manual_seed(0)
+    return ICILPolicy(get_icil_preset(name, overrides))
+
+
+def _episode(policy: ICILPolicy, task: str, n: int, rng: np.random.Generator, action: np.ndarray | None = None) -> Episode:
+    H, W = policy.config.spec.observation.image_size
+    actions = rng.normal(size=(n, policy.action_dim)) if action is None else action + 0.01 * rng.normal(size=(n, policy.action_dim))
+    return Episode(
+        images={c: rng.integers(0, 256, (n, H, W, 3), dtype=np.uint8) for c in policy.cameras},
+        joint_positions=rng.normal(size=(n, policy.joint_dim)),
+        actions=actions,
+        instruction=task,
+        timestamps=0.1 * np.arange(n),
+    )
+
+
+def _encode(policy: ICILPolicy):
+    def encode(images):
+        with torch.inference_mode():
+            return policy.frame_features({c: torch.from_numpy(v) for c, v in images.items()}).numpy()
+
+    return encode
+
+
+def test_task_groups_hold_out_by_name_and_drop_single_demonstrations():
+    policy = _policy()
+    rng = np.random.default_rng(0)
+    episodes = [_episode(policy, task, 2, rng) for task in ["pick", "stack", "pick", "stack", "push", "open"]]
+    assert task_groups(episodes, held_out=["push"]) == {"pick": [0, 2], "stack": [1, 3]}
+    with pytest.raises(DataError, match="'psh'"):
+        task_groups(episodes, held_out=["psh"])
+    with pytest.raises(DataError, match="no task"):
+        task_groups(episodes, held_out=["pick", "stack"])
+
+
+def test_feature_cache_encodes_each_episode_once_per_encoder(tmp_path):
+    policy = _policy()
+    rng = np.random.default_rng(1)
+    episodes = [_episode(policy, "t", n, rng) for n in (3, 5)]
+    calls = []
+    encode = _encode(policy)
+
+    def counted(images):
+        calls.append(len(next(iter(images.values()))))
+        return encode(images)
+
+    cache = FrameFeatureCache(tmp_path)
+    digest = module_digest(policy.encoder)
+    first = cache.features(episodes, counted, digest, batch=2)
+    assert [f.shape for f in first] == [(3, 32), (5, 32)] and calls == [2, 1, 2, 2, 1]
+    again = cache.features(episodes, counted, digest)
+    assert len(calls) == 5  # nothing re-encoded
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    with torch.no_grad():
+        next(policy.encoder.parameters()).add_(1.0)
+    other = module_digest(policy.encoder)
+    assert other != digest
+    changed = cache.features(episodes[:1], counted, other)
+    assert calls[5:] == [3]  # new weights, new features
+    assert not np.allclose(changed[0], first[0])
+
+
+def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
+    policy = _policy(overrides={"prompt.dilation": 2})
+    rng = np.random.default_rng(2)
+    episodes = [_episode(policy, task, n, rng) for task, n in [("a", 9), ("a", 5), ("a", 6), ("b", 7), ("b", 4), ("a", 3)]]
+    features = [rng.normal(size=(len(e), 32)).astype(np.float32) for e in episodes]
+    groups = task_groups(episodes)
+    sampler = ICILSampler(episodes, features, groups, k_max=3, dilation=2, action_horizon=4, cut_stride=2)
+    assert sampler.live == [0, 1, 2, 3, 4]  # episode 5 is shorter than one chunk (it can still prompt)
+    sizes = set()
+    for seed in range(30):
+        sample = sampler.sample(0, np.random.default_rng(seed))
+        sizes.add(len(sample.prompt))
+        for features_k, _, actions_k in sample.prompt:
+            # Which episode: match the first frame's features; never the live one, always task "a".
+            source = next(i for i, f in enumerate(features) if np.allclose(f[0], features_k[0].numpy()))
+            assert source != 0 and episodes[source].instruction == "a"
+            assert len(actions_k) == len(range(0, len(episodes[source]), 2)) + (len(episodes[source]) % 2 == 0)
+        assert sample.cuts == [0, 2, 4] and sample.live_features.shape == (9, 32)
+    assert sizes == {1, 2, 3}
+    same = sampler.sample(3, np.random.default_rng(7)), sampler.sample(3, np.random.default_rng(7))
+    assert len(same[0].prompt) == len(same[1].prompt) == 1  # task "b" has one other demonstration
+    assert torch.equal(same[0].prompt[0][0], same[1].prompt[0][0])
+
+
+@pytest.mark.parametrize("name", ["icil-tiny-ma", "icil-tiny-tr"])
+def test_loss_is_the_mse_of_the_full_sequence_chunks_at_every_cut(name):
+    policy = _policy(name).eval()
+    g = torch.Generator().manual_seed(0)
+    D, J, Da, A = 32, policy.joint_dim, policy.action_dim, policy.A
+
+    def frames(n):
+        return torch.randn(n, D, generator=g), torch.randn(n, J, generator=g), torch.randn(n, Da, generator=g)
+
+    sample = ICILSample([frames(4), frames(3)], *frames(9), cuts=[0, 3, 5])
+    loss, metrics = policy.compute_loss([sample])
+    assert metrics["chunks"] == 3
+    with torch.no_grad():
+        prompt = torch.cat(
+            [policy.sequence.demo_tokens(policy._tokens(f, j)[None], a[None]) for f, j, a in sample.prompt], dim=1
+        )
+        live = policy.sequence.live_tokens(policy._tokens(sample.live_features, sample.live_joints)[None])
+        expected = torch.stack([
+            torch.nn.functional.mse_loss(policy.sequence(torch.cat([prompt, live[:, : t + 1]], dim=1))[0], sample.live_actions[t : t + A])
+            for t in sample.cuts
+        ]).mean()
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-4)
+    loss.backward()
+    assert policy.sequence.queries.grad is not None and policy.proprio_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in policy.encoder.parameters())
+
+
+def test_bad_samples_are_refused():
+    policy = _policy()
+    f, j, a = torch.zeros(6, 32), torch.zeros(6, policy.joint_dim), torch.zeros(6, policy.action_dim)
+    with pytest.raises(PolicyInputError, match="cuts"):
+        policy.compute_loss([ICILSample([], f, j, a, cuts=[3])])  # 3 + A > 6
+    with pytest.raises(PolicyInputError, match="prompt 0"):
+        policy.compute_loss([ICILSample([(f[:, :5], j, a)], f, j, a, cuts=[0])])
+    with pytest.raises(PolicyInputError, match="at least one"):
+        policy.compute_loss([])
+
+
+def test_policy_trained_on_prompts_follows_the_prompt(tmp_path):
+    # Each task's actions are one constant vector; observations (random images and joints) do
+    # not tell the tasks apart, so only the prompt's action tokens can.
+    policy = _policy()
+    rng = np.random.default_rng(3)
+    targets = {task: rng.normal(size=policy.action_dim) for task in ("a", "b", "c")}
+    episodes = [_episode(policy, task, 6, rng, targets[task]) for task in targets for _ in range(3)]
+    policy.set_normalization(
+        Normalizer.stats_from_data(np.concatenate([e.actions for e in episodes])),
+        Normalizer.stats_from_data(np.concatenate([e.joint_positions for e in episodes])),
+    )
+    features = FrameFeatureCache(tmp_path).features(episodes, _encode(policy), module_digest(policy.encoder))
+    sampler = ICILSampler(episodes, features, task_groups(episodes), k_max=2, dilation=1, action_horizon=policy.A, cut_stride=2)
+    optimizer = torch.optim.Adam([p for n, p in policy.named_parameters() if not n.startswith("encoder.")], lr=3e-3)
+    policy.train()
+    first = None
+    for step in range(60):
+        step_rng = np.random.default_rng([3, step])
+        batch = [sampler.sample(int(live), step_rng) for live in step_rng.choice(sampler.live, size=4)]
+        loss, _ = policy.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.2 * first
+    policy.eval()
+    with torch.no_grad():
+        for task, target in targets.items():
+            sample = sampler.sample(next(i for i in sampler.live if episodes[i].instruction == task), np.random.default_rng(0))
+            chunk = policy.action_norm.denormalize(policy.sequence.predict(
+                policy.sequence.extend(
+                    policy.sequence.live_tokens(policy._tokens(sample.live_features[:1], sample.live_joints[:1])[None]),
+                    policy.sequence.prefill(torch.cat([
+                        policy.sequence.demo_tokens(policy._tokens(f, j)[None], policy.action_norm.normalize_input(a)[None])
+                        for f, j, a in sample.prompt
+                    ], dim=1)),
+                )
+            ))[0].numpy()
+            errors = {other: np.abs(chunk - value).mean() for other, value in targets.items()}
+            assert min(errors, key=errors.get) == task, errors
+
+
+def test_loss_with_language_starts_each_sequence_with_the_instruction():
+    policy = _policy(overrides={"language.encoder": "hash:test", "language.dim": 5}).eval()
+    rng = np.random.default_rng(4)
+    episodes = [_episode(policy, task, 6, rng) for task in ("a", "a", "b", "b")]
+    features = [rng.normal(size=(6, 32)).astype(np.float32) for _ in episodes]
+    embeddings = {"a": np.ones(5), "b": -np.ones(5)}
+    with pytest.raises(DataError, match="'b'"):
+        ICILSampler(episodes, features, task_groups(episodes), k_max=1, dilation=1, action_horizon=policy.A,
+                    embeddings={"a": np.ones(5)})
+    sampler = ICILSampler(episodes, features, task_groups(episodes), k_max=1, dilation=1, action_horizon=policy.A,
+                          embeddings=embeddings)
+    sample = sampler.sample(0, np.random.default_rng(0))
+    assert torch.equal(sample.language, torch.ones(5))
+    loss, _ = policy.compute_loss([sample])
+    flipped = ICILSample(sample.prompt, sample.live_features, sample.live_joints, sample.live_actions, sample.cuts, -sample.language)
+    assert abs(policy.compute_loss([flipped])[0].item() - loss.item()) > 1e-6, (policy.compute_loss([flipped])[0].item(), loss.item())
+    with pytest.raises(PolicyInputError, match="language must be"):
+        policy.compute_loss([ICILSample(sample.prompt, sample.live_features, sample.live_joints, sample.live_actions, sample.cuts)])

@@ -1,0 +1,151 @@
+"""ICIL sequence model: streaming (prefill, one commit per step, uncommitted queries) equals the
+full-sequence computation, for Mamba and its Transformer twin; state size flat for Mamba."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mail_ros.model import icil
+from mail_ros.model.icil import ICILSequence, sinusoidal_positions
+
+torch.set_num_threads(1)
+
+D, DA, A = 16, 3, 4
+KINDS = ["mamba", "transformer"]
+
+
+def _model(kind: str) -> ICILSequence:
+    torch.manual_seed(0)
+    return ICILSequence(kind, d_model=D, n_layers=2, action_dim=DA, n_actions=A, d_state=4, heads=2).eval()
+
+
+def _prompt(model: ICILSequence, lengths: list[int], batch: int = 1) -> torch.Tensor:
+    demos = [model.demo_tokens(torch.randn(batch, n, D), torch.randn(batch, n, DA)) for n in lengths]
+    return torch.cat(demos, dim=1) if demos else torch.zeros(batch, 0, D)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=15, deadline=None)
+@given(
+    demo_lengths=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    live=st.integers(1, 8),
+    batch=st.integers(1, 2),
+)
+def test_streaming_equals_full_sequence(kind, demo_lengths, live, batch):
+    model = _model(kind)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        prompt = _prompt(model, demo_lengths, batch)
+        frames = model.live_tokens(torch.randn(batch, live, D))
+        state = model.prefill(prompt) if prompt.shape[1] else None
+        prompt_state = state
+        for t in range(live):
+            state = model.extend(frames[:, t : t + 1], state)
+            streamed = model.predict(state)
+            full = model(torch.cat([prompt, frames[:, : t + 1]], dim=1))
+            assert streamed.shape == (batch, A, DA)
+            torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-4)
+            # Predicting commits nothing: the same state predicts the same chunk again.
+            torch.testing.assert_close(model.predict(state), streamed, atol=0, rtol=0)
+        assert state.length == prompt.shape[1] + live
+        # The prompt state is never modified: a second episode from it gives the first step again.
+        again = model.predict(model.extend(frames[:, :1], prompt_state))
+        torch.testing.assert_close(again, model(torch.cat([prompt, frames[:, :1]], dim=1)), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_stream_predicts_from_queries_alone(kind):
+    model = _model(kind)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(None, batch=2), model(torch.zeros(2, 0, D)))
+
+
+def test_transformer_prefill_in_pieces_equals_one_piece(monkeypatch):
+    model = _model("transformer")
+    with torch.no_grad():
+        prompt = _prompt(model, [12, 7])
+        whole = model.predict(model.prefill(prompt))
+        monkeypatch.setattr(icil, "TRANSFORMER_PREFILL_CHUNK", 5)
+        pieces = model.prefill(prompt)
+        assert pieces.length == prompt.shape[1]
+        torch.testing.assert_close(model.predict(pieces), whole, atol=2e-5, rtol=1e-4)
+
+
+def test_mamba_state_is_flat_and_transformer_cache_grows():
+    sizes = {}
+    with torch.no_grad():
+        for kind in KINDS:
+            model = _model(kind)
+            short, long = model.prefill(_prompt(model, [2])), model.prefill(_prompt(model, [40]))
+            sizes[kind] = (short.nbytes(), long.nbytes())
+    assert sizes["mamba"][0] == sizes["mamba"][1]
+    # Keys and values of 2 layers: 2 * 2 * D floats per token.
+    assert sizes["transformer"][1] - sizes["transformer"][0] == (81 - 5) * 2 * 2 * D * 4
+
+
+def test_demo_tokens_interleave_observations_and_actions():
+    model = _model("mamba")
+    obs, actions = torch.randn(1, 3, D), torch.randn(1, 3, DA)
+    with torch.no_grad():
+        tokens = model.demo_tokens(obs, actions)
+        assert tokens.shape == (1, 7, D)
+        torch.testing.assert_close(tokens[0, 0], obs[0, 0] + model.type_emb[0])
+        torch.testing.assert_close(tokens[0, 3], model.action_in(actions[0, 1]) + model.type_emb[1])
+        torch.testing.assert_close(tokens[0, 6], model.type_emb[2])
+
+
+def test_mamba_output_depends_on_order_without_positions():
+    # No positional embedding: order must still matter (causal conv + selective scan).
+    model = _model("mamba")
+    with torch.no_grad():
+        x = torch.randn(1, 6, D)
+        assert not torch.allclose(model(x), model(x.flip(1)), atol=1e-4)
+
+
+def test_sinusoidal_positions_do_not_depend_on_where_a_piece_starts():
+    whole = sinusoidal_positions(0, 50, 6, torch.device("cpu"))
+    torch.testing.assert_close(sinusoidal_positions(17, 9, 6, torch.device("cpu")), whole[17:26])
+    assert whole.shape == (50, 6) and not torch.allclose(whole[3], whole[4])
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="mamba"):
+        ICILSequence("lstm", d_model=D, n_layers=1, action_dim=DA, n_actions=A)
+
+
+def test_transformer_buffer_keeps_every_state_valid(monkeypatch):
+    # Tiny headroom and prefill pieces: buffers grow, copy and split pieces on almost every call.
+    monkeypatch.setattr(icil, "BUFFER_HEADROOM", 1)
+    monkeypatch.setattr(icil, "TRANSFORMER_PREFILL_CHUNK", 3)
+    model = _model("transformer")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        prompt = _prompt(model, [4, 2])
+        frames = model.live_tokens(torch.randn(1, 6, D))
+        other = model.live_tokens(torch.randn(1, 2, D))
+        states = [model.prefill(prompt)]
+        for t in range(6):
+            states.append(model.extend(frames[:, t : t + 1], states[-1]))
+        # Branch from old states (a new episode from the prompt, a retry from step 2).
+        branch = model.extend(other, states[0])
+        retry = model.extend(other[:, :1], states[2])
+        for t, state in enumerate(states):
+            torch.testing.assert_close(model.predict(state), model(torch.cat([prompt, frames[:, :t]], dim=1)), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(model.predict(branch), model(torch.cat([prompt, other], dim=1)), atol=2e-5, rtol=1e-4)
+        expected = model(torch.cat([prompt, frames[:, :2], other[:, :1]], dim=1))
+        torch.testing.assert_close(model.predict(retry), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_transformer_training_path_matches_the_buffer_path():
+    model = _model("transformer")
+    prompt = _prompt(model, [5]).detach()
+    frame = model.live_tokens(torch.randn(1, 1, D)).detach()
+    with torch.no_grad():
+        buffered = model.predict(model.extend(frame, model.prefill(prompt)))
+    state = model.extend(frame, model.prefill(prompt))  # autograd on: immutable caches
+    assert not isinstance(state.layers, icil.KVBuffer)
+    out = model.predict(state)
+    torch.testing.assert_close(out.detach(), buffered, atol=2e-5, rtol=1e-4)
+    out.sum().backward()
+    assert model.queries.grad is not None

@@ -1,0 +1,256 @@
+"""ICILPolicy: streaming predictions equal the full-sequence computation from raw observations,
+the prompt is prefilled once and survives episodes, contract mismatches are refused, configs
+and presets round-trip."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mail_ros.policy.config import ConfigError
+from mail_ros.policy.icil_config import ICILConfig
+from mail_ros.policy.icil_policy import Demonstration, ICILPolicy, dilated_indices
+from mail_ros.policy.mail_policy import PolicyInputError
+from mail_ros.policy.presets import PresetError, get_icil_preset, list_icil_presets
+from mail_ros.policy.normalizer import Normalizer
+from mail_ros.spec import Observation
+
+torch.set_num_threads(1)
+
+PRESETS = ["icil-tiny-ma", "icil-tiny-tr"]
+
+
+def _policy(name: str, overrides=None) -> ICILPolicy:
+    torch.manual_seed(0)
+    policy = ICILPolicy(get_icil_preset(name, overrides)).eval()
+    rng = np.random.default_rng(0)
+    actions = rng.normal(size=(50, policy.action_dim))
+    joints = rng.normal(size=(50, policy.joint_dim))
+    policy.set_normalization(Normalizer.stats_from_data(actions), Normalizer.stats_from_data(joints))
+    return policy
+
+
+def _frames(policy: ICILPolicy, n: int, rng: np.random.Generator, t0: float = 0.0) -> list[Observation]:
+    H, W = policy.config.spec.observation.image_size
+    return [
+        Observation(
+            round((t0 + 0.1 * i) * 1e9),  # nanoseconds; stamps only need to increase
+            {c: rng.integers(0, 256, (H, W, 3), dtype=np.uint8) for c in policy.cameras},
+            rng.normal(size=policy.joint_dim),
+        )
+        for i in range(n)
+    ]
+
+
+def _demo(policy: ICILPolicy, n: int, rng: np.random.Generator) -> Demonstration:
+    return Demonstration(_frames(policy, n, rng), rng.normal(size=(n, policy.action_dim)))
+
+
+def _reference(policy: ICILPolicy, demos: list[Demonstration], live: list[Observation]) -> np.ndarray:
+    """The next chunk by the full-sequence computation over [prompt, live, queries]."""
+    with torch.no_grad():
+        parts = []
+        for demo in demos:
+            kept = dilated_indices(len(demo.observations), policy.config.prompt.dilation)
+            tokens = policy._encode([demo.observations[i] for i in kept]).unsqueeze(0)
+            actions = policy.action_norm.normalize_input(torch.from_numpy(demo.actions[kept]).float()).unsqueeze(0)
+            parts.append(policy.sequence.demo_tokens(tokens, actions))
+        parts.append(policy.sequence.live_tokens(policy._encode(live).unsqueeze(0)))
+        return policy.action_norm.denormalize(policy.sequence(torch.cat(parts, dim=1)))[0].double().numpy()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_streaming_chunks_equal_the_full_sequence(name, dilation):
+    policy = _policy(name, {"prompt.dilation": dilation})
+    rng = np.random.default_rng(1)
+    demos = [_demo(policy, 7, rng), _demo(policy, 4, rng)]
+    info = policy.set_prompt(demos)
+    kept = len(dilated_indices(7, dilation)) + len(dilated_indices(4, dilation))
+    assert (info.demonstrations, info.frames, info.tokens) == (2, kept, 2 * kept + 2)
+    live = _frames(policy, 4, rng, t0=100.0)
+    for t, obs in enumerate(live):
+        chunk = policy.predict_chunk(obs)
+        assert chunk.shape == (policy.A, policy.action_dim) and chunk.dtype == np.float64
+        np.testing.assert_allclose(chunk, _reference(policy, demos, live[: t + 1]), atol=1e-4, rtol=1e-4)
+    assert policy.stream_state.length == info.tokens + len(live)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_observe_commits_and_reset_returns_to_the_prompt(name):
+    policy = _policy(name)
+    rng = np.random.default_rng(2)
+    demos = [_demo(policy, 5, rng)]
+    policy.set_prompt(demos)
+    live = _frames(policy, 3, rng, t0=10.0)
+    first = policy.predict_chunk(live[0])
+    policy.observe(live[1])
+    third = policy.predict_chunk(live[2])
+    np.testing.assert_allclose(third, _reference(policy, demos, live), atol=1e-4, rtol=1e-4)
+    # A new episode starts from the prompt's state: the same first observation, the same chunk.
+    policy.reset()
+    np.testing.assert_allclose(policy.predict_chunk(live[0]), first, atol=0, rtol=0)
+
+
+def test_no_prompt_is_a_streaming_policy_over_the_episode():
+    policy = _policy("icil-tiny-ma")
+    rng = np.random.default_rng(3)
+    assert policy.stream_state is None and policy.prompt_info.demonstrations == 0
+    live = _frames(policy, 3, rng)
+    for t, obs in enumerate(live):
+        np.testing.assert_allclose(policy.predict_chunk(obs), _reference(policy, [], live[: t + 1]), atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_changes_the_chunk():
+    policy = _policy("icil-tiny-ma")
+    rng = np.random.default_rng(4)
+    obs = _frames(policy, 1, rng, t0=50.0)[0]
+    policy.set_prompt([_demo(policy, 5, rng)])
+    with_one = policy.predict_chunk(obs)
+    policy.set_prompt([_demo(policy, 5, rng)])
+    assert not np.allclose(policy.predict_chunk(obs), with_one)
+
+
+def test_mismatched_demonstrations_are_refused_and_the_old_prompt_kept():
+    policy = _policy("icil-tiny-ma")
+    rng = np.random.default_rng(5)
+    policy.set_prompt([_demo(policy, 4, rng)])
+    before = policy.prompt_info
+    good = _demo(policy, 3, rng)
+    wrong_actions = Demonstration(good.observations, good.actions[:, :3])
+    missing_camera = Demonstration(
+        [Observation(o.stamp, {"agentview": o.images["agentview"]}, o.joint_positions) for o in good.observations],
+        good.actions,
+    )
+    nan_actions = Demonstration(good.observations, np.full_like(good.actions, np.nan))
+    backwards = Demonstration(good.observations[::-1], good.actions)
+    cases = [
+        (wrong_actions, "demonstration 1: actions must be"),
+        (missing_camera, "demonstration 1, frame 0: .*cameras"),
+        (nan_actions, "NaN"),
+        (backwards, "frame 1: .*increasing"),
+        (Demonstration([], np.zeros((0, 8))), "no observations"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(PolicyInputError, match=message):
+            policy.set_prompt([good, bad])
+        assert policy.prompt_info == before
+
+
+def test_live_observations_must_move_forward():
+    policy = _policy("icil-tiny-tr")
+    rng = np.random.default_rng(6)
+    first, second = _frames(policy, 2, rng)
+    policy.observe(second)
+    length = policy.stream_state.length
+    with pytest.raises(PolicyInputError, match="increasing"):
+        policy.predict_chunk(first)
+    assert policy.stream_state.length == length  # nothing committed
+
+
+def test_dilated_indices_keep_the_first_every_dth_and_the_last():
+    assert dilated_indices(1, 3) == [0]
+    assert dilated_indices(7, 3) == [0, 3, 6]
+    assert dilated_indices(8, 3) == [0, 3, 6, 7]
+    assert dilated_indices(5, 1) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("name", list_icil_presets())
+def test_presets_round_trip_through_json_and_safetensors(name, tmp_path):
+    config = get_icil_preset(name)
+    assert ICILConfig.from_dict(config.to_dict()) == config
+    with_language = get_icil_preset(name, LANGUAGE)
+    assert ICILConfig.from_dict(with_language.to_dict()) == with_language and with_language.language.enabled
+    torch.manual_seed(0)
+    policy = ICILPolicy(config)
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(1)
+    rebuilt = ICILPolicy(ICILConfig.from_dict(config.to_dict()))
+    rebuilt.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    for key, value in policy.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value)
+
+
+def test_twins_have_about_the_same_sequence_size():
+    for size in ("tiny", "demo"):
+        ma = ICILPolicy(get_icil_preset(f"icil-{size}-ma")).num_parameters()["sequence"]
+        tr = ICILPolicy(get_icil_preset(f"icil-{size}-tr")).num_parameters()["sequence"]
+        assert 0.7 < tr / ma < 1.3, (size, ma, tr)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"spec.observation.obs_horizon": 2}, "obs_horizon must be 1"),
+        ({"backbone.layout": "encoder_decoder"}, "layout must be 'decoder'"),
+        ({"prompt.dilation": 0}, "prompt.dilation"),
+        ({"prompt.k_max": 2.0}, "prompt.k_max"),
+    ],
+)
+def test_bad_configs_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        get_icil_preset("icil-tiny-ma", overrides)
+
+
+def test_unknown_icil_preset_lists_the_known_ones():
+    with pytest.raises(PresetError, match="icil-demo-ma"):
+        get_icil_preset("icil-huge-ma")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ICILConfig.from_dict(get_icil_preset("icil-tiny-ma").to_dict() | {"head": {}})
+
+
+def test_kept_prompt_tokens_prefill_to_the_same_policy():
+    policy = _policy("icil-tiny-tr")
+    rng = np.random.default_rng(7)
+    demos = [_demo(policy, 4, rng), _demo(policy, 3, rng)]
+    obs = _frames(policy, 1, rng, t0=20.0)[0]
+    tokens, frames = policy.prompt_tokens(demos)
+    assert tokens.shape == (1, 2 * 7 + 2, policy.config.backbone.d_model) and frames == 7
+    policy.set_prompt(demos)
+    expected = policy.predict_chunk(obs)
+    policy.clear_prompt()
+    info = policy.set_prompt_tokens(tokens, len(demos), frames)
+    assert (info.demonstrations, info.frames, info.tokens) == (2, 7, 16)
+    np.testing.assert_allclose(policy.predict_chunk(obs), expected, atol=0, rtol=0)
+    with pytest.raises(PolicyInputError, match="prompt tokens must be"):
+        policy.set_prompt_tokens(tokens[0], 2, 7)
+
+
+LANGUAGE = {"language.encoder": "hash:test", "language.dim": 6}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_instruction_token_starts_the_stream_when_language_is_on(name):
+    policy = _policy(name, LANGUAGE)
+    rng = np.random.default_rng(8)
+    demos = [_demo(policy, 4, rng)]
+    embedding = rng.normal(size=6)
+    with pytest.raises(PolicyInputError, match="instruction_embedding is required"):
+        policy.set_prompt(demos)
+    with pytest.raises(PolicyInputError, match="must have 6 values"):
+        policy.set_prompt(demos, np.zeros(5))
+    info = policy.set_prompt(demos, embedding)
+    assert info.tokens == 1 + 2 * 4 + 1
+    live = _frames(policy, 2, rng, t0=30.0)
+    chunks = [policy.predict_chunk(obs) for obs in live]
+    with torch.no_grad():
+        instruction = policy._language_token(torch.from_numpy(embedding).float())
+        tokens, _ = policy.prompt_tokens(demos, embedding)
+        torch.testing.assert_close(tokens[:, :1], instruction)
+        for t, chunk in enumerate(chunks):
+            stream = torch.cat([tokens, policy.sequence.live_tokens(policy._encode(live[: t + 1]).unsqueeze(0))], dim=1)
+            expected = policy.action_norm.denormalize(policy.sequence(stream))[0].double().numpy()
+            np.testing.assert_allclose(chunk, expected, atol=1e-4, rtol=1e-4)
+    # The instruction alone (K = 0) is a prompt too, and a different one changes the chunk.
+    policy.set_prompt([], embedding)
+    assert policy.prompt_info.tokens == 1
+    first = policy.predict_chunk(live[0])
+    policy.set_prompt([], -embedding)
+    assert not np.allclose(policy.predict_chunk(live[0]), first)
+
+
+def test_language_is_ignored_when_off():
+    policy = _policy("icil-tiny-ma")
+    rng = np.random.default_rng(9)
+    demos = [_demo(policy, 3, rng)]
+    assert policy.set_prompt(demos, np.ones(7)).tokens == policy.set_prompt(demos).tokens == 7
