@@ -1,4 +1,4 @@
-"""The Mamba mixer layer (selective state-space block) of MaIL, with two backends.
+"""The Mamba mixer layer (selective state-space block) of MaIL, with three backends.
 
 :class:`Mamba` takes ``mamba_ssm.Mamba``'s constructor arguments and has its parameter names,
 shapes and initialisation, so state_dicts load both ways with ``strict=True``. Per token the
@@ -10,7 +10,12 @@ Backends (pick is per call, from the input's device; see :func:`mamba_backend`):
   ``selective_scan_fn`` for sequences, the Triton ``selective_state_update`` for one-token
   steps; ``causal_conv1d`` kernels when that package imports too). mamba_ssm is imported
   lazily, on the first CUDA tensor only, because on a machine without CUDA it fails at import.
-* Everything else: the plain PyTorch scan of :mod:`mail_ros.model.selective_scan`.
+* float32 CPU inference (no gradient needed): the fused C kernel of
+  :mod:`mail_ros.model.cpu_kernel` for the scan with its softplus, D skip and silu(z) gate
+  (built on first use; when it cannot be built or loaded, the reason is logged once and the
+  PyTorch scan runs).
+* Everything else (training, float64, CUDA without mamba_ssm): the plain PyTorch scan of
+  :mod:`mail_ros.model.selective_scan`, the reference the other two are tested against.
 
 Shapes: B batch, L sequence length, D = d_model, E = d_inner = expand * D, N = d_state,
 K = d_conv, R = dt_rank. In code, ``A``, ``B``, ``C``, ``D`` also name the SSM's matrices as in
@@ -30,13 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mail_ros.model.cpu_kernel import CpuKernel, cpu_kernel_unavailable_reason, load_cpu_kernel
 from mail_ros.model.selective_scan import selective_scan, selective_state_step
 
-__all__ = ["BACKEND_CUDA", "BACKEND_TORCH", "Mamba", "mamba_backend"]
+__all__ = ["BACKEND_CPU", "BACKEND_CUDA", "BACKEND_TORCH", "Mamba", "mamba_backend", "mamba_backend_report"]
 
 log = logging.getLogger(__name__)
 
 BACKEND_CUDA = "mamba_ssm CUDA kernels"
+BACKEND_CPU = "fused CPU kernel"
 BACKEND_TORCH = "PyTorch reference scan"
 DT_INITS = ("random", "constant")
 
@@ -81,14 +88,37 @@ def _cuda_kernels(device: torch.device) -> _CudaKernels | None:
     return _import_cuda_kernels()
 
 
-def mamba_backend(device: torch.device | str) -> str:
-    """Name of the backend that runs :class:`Mamba` for tensors on ``device``, for start-up logs.
+def _cpu_kernel(x: torch.Tensor, module: nn.Module) -> CpuKernel | None:
+    """The fused CPU kernel when it may run this call: float32 CPU inference (no gradient)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or module.A_log.dtype != torch.float32:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return None
+    return load_cpu_kernel()
 
-    Returns :data:`BACKEND_CUDA` ("mamba_ssm CUDA kernels") or :data:`BACKEND_TORCH`
-    ("PyTorch reference scan"). Only a CUDA device with a working CUDA runtime triggers the
-    (cached) mamba_ssm import.
+
+def mamba_backend(device: torch.device | str) -> str:
+    """Name of the backend that runs :class:`Mamba` inference on ``device``, for start-up logs.
+
+    Returns :data:`BACKEND_CUDA` ("mamba_ssm CUDA kernels"), :data:`BACKEND_CPU` ("fused CPU
+    kernel"; float32 inference, training runs the reference) or :data:`BACKEND_TORCH` ("PyTorch
+    reference scan"). Only a CUDA device with a working CUDA runtime triggers the (cached)
+    mamba_ssm import; a CPU device builds or loads the CPU kernel (cached).
     """
-    return BACKEND_CUDA if _cuda_kernels(torch.device(device)) is not None else BACKEND_TORCH
+    device = torch.device(device)
+    if _cuda_kernels(device) is not None:
+        return BACKEND_CUDA
+    if device.type == "cpu" and load_cpu_kernel() is not None:
+        return BACKEND_CPU
+    return BACKEND_TORCH
+
+
+def mamba_backend_report(device: torch.device | str) -> str:
+    """:func:`mamba_backend`, with the reason when a CPU runs the reference instead of the kernel."""
+    name = mamba_backend(device)
+    if name == BACKEND_TORCH and torch.device(device).type == "cpu":
+        return f"{name} (CPU kernel unavailable: {cpu_kernel_unavailable_reason()})"
+    return name
 
 
 class Mamba(nn.Module):
@@ -250,10 +280,14 @@ class Mamba(nn.Module):
                              f"got {tuple(x.shape)}")
         self._check_states(x.shape[0], conv_state, ssm_state)
         kernels = _cuda_kernels(x.device)
+        cpu = None if kernels is not None else _cpu_kernel(x, self)
         u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
         if kernels is not None and kernels.causal_conv1d_update is not None:
             u = kernels.causal_conv1d_update(u, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
                                              "silu")
+        elif cpu is not None and conv_state.dtype == torch.float32 and conv_state.is_contiguous():
+            u = cpu.causal_conv_silu(u[:, None], conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                     new_state=conv_state)[:, 0]  # (B, E)
         else:
             conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
             conv_state[:, :, -1] = u
@@ -267,6 +301,15 @@ class Mamba(nn.Module):
                 ssm_state, u, F.linear(dt, self.dt_proj.weight), A, B, C, self.D, z=z,
                 dt_bias=self.dt_proj.bias, dt_softplus=True,
             )
+        elif cpu is not None:
+            # The kernel updates a contiguous float32 state in place; others go through a copy.
+            state = ssm_state if ssm_state.dtype == torch.float32 and ssm_state.is_contiguous() \
+                else ssm_state.to(torch.float32, memory_format=torch.contiguous_format)
+            y = cpu.selective_scan(u[:, None], dt[:, None], self.dt_proj.bias, self.A_log, B[:, None],
+                                   C[:, None], self.D, z[:, None], state, dt_weight=self.dt_proj.weight,
+                                   a_is_log=True)[:, 0].to(u.dtype)  # (B, E)
+            if state is not ssm_state:
+                ssm_state.copy_(state)
         else:
             delta = F.softplus(self.dt_proj(dt))  # (B, E)
             y = selective_state_step(ssm_state, u, delta, -torch.exp(self.A_log), B, C, self.D)
@@ -352,14 +395,41 @@ class Mamba(nn.Module):
     def _sequence_torch(
         self, x: torch.Tensor, conv_state: torch.Tensor | None, ssm_state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, conv window, last scan state) on the PyTorch scan."""
+        """(y, conv window, last scan state) on the PyTorch scan, or the CPU kernel for inference."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
+        if (cpu := _cpu_kernel(x, self)) is not None:
+            return self._sequence_cpu_kernel(cpu, u, z, conv_state, ssm_state)
         window = self._conv_window(u.transpose(1, 2), conv_state)  # (B, E, K - 1 + L)
         u = F.silu(self._causal_conv(window)).transpose(1, 2)  # (B, L, E)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))  # (B, L, E)
         y, last = selective_scan(u, delta, -torch.exp(self.A_log), B, C, self.D, h0=ssm_state)
         return self.out_proj(y * F.silu(z)), window, last
+
+    def _sequence_cpu_kernel(
+        self,
+        cpu: CpuKernel,
+        u: torch.Tensor,
+        z: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """_sequence_torch's result on the fused CPU kernels, the conv window cut to its last K
+        columns (the next conv state); u, z (B, L, E) from in_proj."""
+        batch = u.shape[0]
+        if conv_state is not None:
+            conv_state = conv_state.to(torch.float32, memory_format=torch.contiguous_format)
+        new_conv = u.new_empty(batch, self.d_inner, self.d_conv, dtype=torch.float32)  # (B, E, K)
+        u = cpu.causal_conv_silu(u, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, new_conv)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if ssm_state is None:
+            last = u.new_zeros(batch, self.d_inner, self.d_state, dtype=torch.float32)
+        else:
+            last = ssm_state.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        # The kernel applies dt_proj, softplus, A = -exp(A_log) and the silu(z) gate itself.
+        y = cpu.selective_scan(u, dt, self.dt_proj.bias, self.A_log, B, C, self.D, z, last,
+                               dt_weight=self.dt_proj.weight, a_is_log=True)  # (B, L, E)
+        return self.out_proj(y), new_conv, last
 
     def _in_proj_channels_first(self, x: torch.Tensor) -> torch.Tensor:
         # (2E, D) @ (B, D, L) -> (B, 2E, L) with L contiguous, the layout the kernels expect.

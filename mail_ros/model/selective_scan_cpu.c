@@ -1,0 +1,265 @@
+/* Fused CPU inference kernels of the Mamba layer, beside mail_ros/model/selective_scan.py and
+ * Mamba._causal_conv (the references): the selective scan, and the causal depthwise convolution.
+ *
+ * One pass over the sequence computes, per batch element b, channel e and state index n,
+ *
+ *     delta_t = softplus(W_dt dt_t + dt_bias)               (W_dt optional; or delta as given)
+ *     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+ *     y_t     = (C_t . h_t + D * u_t) * silu(z_t)           (gate optional)
+ *
+ * keeping the state h of a block of channels in registers/L1 for the whole sequence, where the
+ * PyTorch reference writes every h_t of every token out to memory and reads it back several
+ * times. The reference stays the definition (and the training path); the tests hold the two
+ * together.
+ *
+ * Layout: the state of a block of BLOCK channels is kept transposed, [n][e], so the inner loops
+ * run over channels: they vectorise for any d_state (8, 16, ...), and the per-channel terms
+ * (softplus, D skip, gate) vectorise with them. exp and log below are branch-free polynomial
+ * versions (Cephes' expf/logf, 1-2 ulp) so that the compiler can vectorise the loops; libm's are
+ * scalar calls. Work is split over (batch, channel block) with OpenMP; the library is linked
+ * against the libgomp already loaded by torch, so both share one thread pool.
+ *
+ * Plain C (no torch or Python headers): it compiles in about a second with the C compiler the
+ * set-up requires, and is called through ctypes (mail_ros/model/cpu_kernel.py). float32 only.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 32
+
+static inline float bits_to_float(int32_t i) { float f; memcpy(&f, &i, sizeof f); return f; }
+static inline int32_t float_to_bits(float f) { int32_t i; memcpy(&i, &f, sizeof i); return i; }
+
+/* exp(x): x = k ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^k by the exponent
+ * bits. Inputs below -87.3 give about 1e-38 instead of a denormal or 0 (harmless here: the
+ * decays multiply states, the results stay far below float32 rounding of the other terms). */
+static inline float exp_ps(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    /* Round x / ln2 to nearest by the 1.5 * 2^23 trick (no call, vectorises). */
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * bits_to_float(((int32_t)k + 127) << 23);
+}
+
+/* log(x) for normal x > 0: x = m 2^k with m in [sqrt(1/2), sqrt(2)), log(m) by a polynomial. */
+static inline float log_ps(float x) {
+    int32_t bits = float_to_bits(x);
+    float k = (float)(((bits >> 23) & 0xff) - 126);
+    float m = bits_to_float((bits & 0x007fffff) | 0x3f000000); /* in [0.5, 1) */
+    int small = m < 0.707106781186547524f;
+    k = small ? k - 1.0f : k;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    float z = m * m;
+    float p = 7.0376836292e-2f;
+    p = p * m - 1.1514610310e-1f;
+    p = p * m + 1.1676998740e-1f;
+    p = p * m - 1.2420140846e-1f;
+    p = p * m + 1.4249322787e-1f;
+    p = p * m - 1.6668057665e-1f;
+    p = p * m + 2.0000714765e-1f;
+    p = p * m - 2.4999993993e-1f;
+    p = p * m + 3.3333331174e-1f;
+    float y = p * m * z - 2.12194440e-4f * k - 0.5f * z;
+    return m + y + 0.693359375f * k;
+}
+
+/* softplus as torch.nn.functional.softplus (threshold 20): log1p(exp(x)), with the usual
+ * correction term so that it keeps its relative precision for very negative x. */
+static inline float softplus_ps(float x) {
+    float e = exp_ps(x < 20.0f ? x : 20.0f);
+    float w = 1.0f + e;
+    float l = log_ps(w) - ((w - 1.0f) - e) / w;
+    l = w == 1.0f ? e : l;
+    return x > 20.0f ? x : l;
+}
+
+static inline float silu_ps(float x) { return x / (1.0f + exp_ps(-x)); }
+
+/* Strides are in elements; the channel (u, dt, z, y) and state (B, C) dimensions are
+ * contiguous. h (B, E, N) contiguous holds the initial state and receives the final one.
+ * With dt_weight (E, R), dt rows hold R low-rank values projected to the E channels here (the
+ * layer's dt_proj); without, dt rows hold E values. With a_is_log, A holds log(-A) (the layer's
+ * A_log) and A = -exp(A_log) is formed here. Both spare the caller a tensor op per call. */
+static void selective_scan_f32(
+    int64_t batch, int64_t length, int64_t channels, int64_t d_state,
+    const float *u, int64_t u_sb, int64_t u_sl,
+    const float *dt, int64_t dt_sb, int64_t dt_sl,
+    const float *dt_bias, int64_t dt_softplus,
+    const float *A,
+    const float *Bm, int64_t b_sb, int64_t b_sl,
+    const float *Cm, int64_t c_sb, int64_t c_sl,
+    const float *D,
+    const float *z, int64_t z_sb, int64_t z_sl,
+    float *h,
+    float *y, int64_t y_sb, int64_t y_sl,
+    int64_t num_threads, const float *dt_weight, int64_t dt_rank, int64_t a_is_log)
+{
+    const int64_t blocks = (channels + BLOCK - 1) / BLOCK;
+    const int64_t tasks = batch * blocks;
+    const int64_t rank = dt_weight != NULL ? dt_rank : 1;
+    /* Fork only when there is enough work to pay for waking the other threads. */
+    const int parallel = num_threads > 1 && tasks > 1 && batch * length * channels * d_state >= 16384;
+
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t b = task / blocks;
+        const int64_t e0 = (task % blocks) * BLOCK;
+        const int64_t width = channels - e0 < BLOCK ? channels - e0 : BLOCK;
+        float state[d_state][BLOCK], At[d_state][BLOCK], Wt[rank][BLOCK];
+        float delta[BLOCK], drive[BLOCK], acc[BLOCK], bias[BLOCK], skip[BLOCK];
+        for (int64_t n = 0; n < d_state; ++n)
+            for (int64_t e = 0; e < BLOCK; ++e) {
+                /* Padding lanes of a partial block compute on zeros and are never stored. */
+                state[n][e] = e < width ? h[(b * channels + e0 + e) * d_state + n] : 0.0f;
+                At[n][e] = e < width ? A[(e0 + e) * d_state + n] : 0.0f;
+            }
+        if (a_is_log) {
+            for (int64_t n = 0; n < d_state; ++n)
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) At[n][e] = -exp_ps(At[n][e]);
+        }
+        for (int64_t r = 0; r < rank; ++r)
+            for (int64_t e = 0; e < BLOCK; ++e)
+                Wt[r][e] = dt_weight != NULL && e < width ? dt_weight[(e0 + e) * dt_rank + r] : 0.0f;
+        for (int64_t e = 0; e < BLOCK; ++e) {
+            bias[e] = dt_bias != NULL && e < width ? dt_bias[e0 + e] : 0.0f;
+            skip[e] = D != NULL && e < width ? D[e0 + e] : 0.0f;
+        }
+        for (int64_t t = 0; t < length; ++t) {
+            const float *ut = u + b * u_sb + t * u_sl + e0;
+            const float *dtt = dt + b * dt_sb + t * dt_sl + (dt_weight != NULL ? 0 : e0);
+            const float *Bt = Bm + b * b_sb + t * b_sl;
+            const float *Ct = Cm + b * c_sb + t * c_sl;
+            float uv[BLOCK];
+            for (int64_t e = 0; e < BLOCK; ++e) uv[e] = e < width ? ut[e] : 0.0f;
+            if (dt_weight != NULL) {
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) delta[e] = bias[e];
+                for (int64_t r = 0; r < rank; ++r) {
+                    const float dr = dtt[r];
+#pragma omp simd
+                    for (int64_t e = 0; e < BLOCK; ++e) delta[e] += Wt[r][e] * dr;
+                }
+            } else {
+                for (int64_t e = 0; e < BLOCK; ++e) delta[e] = (e < width ? dtt[e] : 0.0f) + bias[e];
+            }
+            if (dt_softplus) {
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) delta[e] = softplus_ps(delta[e]);
+            }
+#pragma omp simd
+            for (int64_t e = 0; e < BLOCK; ++e) {
+                drive[e] = delta[e] * uv[e];
+                acc[e] = 0.0f;
+            }
+            for (int64_t n = 0; n < d_state; ++n) {
+                const float bn = Bt[n], cn = Ct[n];
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) {
+                    float s = exp_ps(delta[e] * At[n][e]) * state[n][e] + drive[e] * bn;
+                    state[n][e] = s;
+                    acc[e] += s * cn;
+                }
+            }
+            float *yt = y + b * y_sb + t * y_sl + e0;
+            if (z != NULL) {
+                const float *zt = z + b * z_sb + t * z_sl + e0;
+                float zv[BLOCK];
+                for (int64_t e = 0; e < BLOCK; ++e) zv[e] = e < width ? zt[e] : 0.0f;
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) acc[e] = (acc[e] + skip[e] * uv[e]) * silu_ps(zv[e]);
+            } else {
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) acc[e] = acc[e] + skip[e] * uv[e];
+            }
+            for (int64_t e = 0; e < width; ++e) yt[e] = acc[e];
+        }
+        for (int64_t n = 0; n < d_state; ++n)
+            for (int64_t e = 0; e < width; ++e) h[(b * channels + e0 + e) * d_state + n] = state[n][e];
+    }
+}
+
+/* Entry point: the arguments of selective_scan_f32 in order, pointers as integers (0 for NULL),
+ * in one array. One argument keeps the ctypes call cheap (about 0.5 us per argument otherwise,
+ * which is more than the whole scan of a one-token step). */
+void mail_selective_scan_f32(const int64_t *a) {
+#define P(i) ((float *)(intptr_t)a[i])
+    selective_scan_f32(a[0], a[1], a[2], a[3], P(4), a[5], a[6], P(7), a[8], a[9], P(10), a[11], P(12),
+                       P(13), a[14], a[15], P(16), a[17], a[18], P(19), P(20), a[21], a[22], P(23), P(24),
+                       a[25], a[26], a[27], P(28), a[29], a[30]);
+#undef P
+}
+
+/* Causal depthwise convolution with SiLU, continuing from a conv state:
+ *
+ *     seq     = [conv_state[:, :, 1:], x]            (B, E, K - 1 + L), time along the last axis
+ *     out_t   = silu(bias + sum_k weight[:, k] * seq[:, :, t + k])         t = 0 .. L - 1
+ *     state'  = seq[:, :, L - 1:]                      the last K inputs, oldest first
+ *
+ * x (B, L, E) has contiguous channels (row strides given); out (B, L, E) is contiguous;
+ * conv_state (B, E, K) contiguous, or NULL for zeros; new_state (B, E, K) contiguous or NULL,
+ * and may be conv_state itself (it is written after all reads). weight (E, K), bias (E) or NULL. */
+static void causal_conv_silu_f32(
+    int64_t batch, int64_t length, int64_t channels, int64_t width,
+    const float *x, int64_t x_sb, int64_t x_sl,
+    const float *conv_state, const float *weight, const float *bias,
+    float *out, float *new_state, int64_t num_threads)
+{
+    const int64_t blocks = (channels + BLOCK - 1) / BLOCK;
+    const int64_t tasks = batch * blocks;
+    const int parallel = num_threads > 1 && tasks > 1 && batch * length * channels * width >= 65536;
+
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t b = task / blocks;
+        const int64_t e0 = (task % blocks) * BLOCK;
+        const int64_t cw = channels - e0 < BLOCK ? channels - e0 : BLOCK;
+        /* The last width inputs seen, oldest first, as a ring of rows [slot][e]. */
+        float ring[width][BLOCK], wT[width][BLOCK], bv[BLOCK];
+        for (int64_t k = 0; k < width; ++k)
+            for (int64_t e = 0; e < BLOCK; ++e) {
+                const int64_t ch = (b * channels + e0 + e) * width + k;
+                ring[k][e] = conv_state != NULL && e < cw ? conv_state[ch] : 0.0f;
+                wT[k][e] = e < cw ? weight[(e0 + e) * width + k] : 0.0f;
+            }
+        for (int64_t e = 0; e < BLOCK; ++e) bv[e] = bias != NULL && e < cw ? bias[e0 + e] : 0.0f;
+        /* ring[(head + k) % width] is the k-th oldest input; the state's oldest drops first. */
+        int64_t head = 0;
+        for (int64_t t = 0; t < length; ++t) {
+            const float *xt = x + b * x_sb + t * x_sl + e0;
+            for (int64_t e = 0; e < BLOCK; ++e) ring[head][e] = e < cw ? xt[e] : 0.0f;
+            head = head + 1 == width ? 0 : head + 1;
+            float acc[BLOCK];
+#pragma omp simd
+            for (int64_t e = 0; e < BLOCK; ++e) acc[e] = bv[e];
+            for (int64_t k = 0; k < width; ++k) {
+                const int64_t slot = head + k < width ? head + k : head + k - width;
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) acc[e] += wT[k][e] * ring[slot][e];
+            }
+#pragma omp simd
+            for (int64_t e = 0; e < BLOCK; ++e) acc[e] = silu_ps(acc[e]);
+            float *ot = out + (b * length + t) * channels + e0;
+            for (int64_t e = 0; e < cw; ++e) ot[e] = acc[e];
+        }
+        if (new_state != NULL)
+            for (int64_t k = 0; k < width; ++k) {
+                const int64_t slot = head + k < width ? head + k : head + k - width;
+                for (int64_t e = 0; e < cw; ++e) new_state[(b * channels + e0 + e) * width + k] = ring[slot][e];
+            }
+    }
+}
+
+/* Entry point, arguments as for mail_selective_scan_f32: one int64 array. */
+void mail_causal_conv_silu_f32(const int64_t *a) {
+#define P(i) ((float *)(intptr_t)a[i])
+    causal_conv_silu_f32(a[0], a[1], a[2], a[3], P(4), a[5], a[6], P(7), P(8), P(9), P(10), P(11), a[12]);
+#undef P
+}
