@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             path = Path(source)
             if path.suffix in HDF5_SUFFIXES:
                 try:
-                    demos = read_hdf5(path, camera_map, cameras=observation.cameras)
+                    demos = read_hdf5(path, camera_map, cameras=observation.cameras, lazy=True)  # one episode in memory at a time
                     if (demos.joint_names, demos.action_names) != (observation.joint_names, config.action_names):
                         raise DataError(f"{path}: joints {list(demos.joint_names)} / actions {list(demos.action_names)} "
                                         f"differ from --joints / --actions")
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                 for ep in demos.episodes:
                     if ep.image_size != observation.image_size:
                         images = {c: np.stack([resize_rgb(f, observation.image_size) for f in v]) for c, v in ep.images.items()}
-                        ep = Episode(images, ep.joint_positions, ep.actions, ep.instruction, ep.timestamps, ep.source, ep.sync_stats)
+                        ep = Episode(images, ep.joint_positions, ep.actions, ep.instruction, ep.timestamps, ep.source, ep.sync_stats,
+                                     ep.action_source)
                     writer.add(ep)
                 continue
             try:

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if replaced and not args.overwrite:
             raise TrainError(f"{out} already holds a run ({', '.join(replaced)}); continue it with --resume {out}, "
                              "choose another --out, or pass --overwrite to replace it")
-        episodes = load_demos(data_files, run_config.policy, run_config.data.camera_map)
+        episodes = load_demos(data_files, run_config.policy, run_config.data.camera_map, run_config.data.lazy_images)
         datasets = build_datasets(episodes, run_config)
         trainer = Trainer(run_config, datasets, out, data_files=data_files, progress=not args.no_progress)
         if args.resume is not None:

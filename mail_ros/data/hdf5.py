@@ -4,8 +4,9 @@ File layout (robomimic; LIBERO files use the same tree)::
 
     data/                       attrs: mail_ros_format, rate_hz, cameras, joint_names,
                                        action_names, action_space (JSON lists as strings), total
-    data/demo_<i>/              attrs: num_samples, instruction, source, episode, sync_stats (JSON)
-        obs/<camera>_rgb        (N, H, W, 3) uint8
+    data/demo_<i>/              attrs: num_samples, instruction, source, episode, sync_stats (JSON),
+                                       action_source (where the actions came from, e.g. "command")
+        obs/<camera>_rgb        (N, H, W, 3) uint8, one frame per chunk, gzip-compressed
         obs/joint_states        (N, J) float32
         actions                 (N, action_dim) float32, robot units
         timestamps              (N,) float64, the aligned set stamp of each frame (seconds)
@@ -15,6 +16,11 @@ LIBERO files carry no ``mail_ros_format``: the instruction comes from ``data.att
 ``eye_in_hand``), and rates/names take defaults (20 Hz, ``joint_<j>``, ``action_<k>``). Camera
 names are mapped to the policy's names with ``camera_map`` (file name -> policy name). Files that
 carry no ``action_space`` attribute (robomimic, LIBERO) read as :data:`UNDECLARED_ACTION_SPACE`.
+
+Out of core: ``read_hdf5(..., lazy=True)`` loads only the small arrays (actions, joint states,
+timestamps) and leaves every image dataset on disk as :class:`LazyFrames`, read a window at a time
+(each process, DataLoader workers included, opens the file itself). Existing files are read as
+they are, whatever their chunking and compression.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +39,74 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "write_hdf5", "read_hdf5", "fingerprint_hdf5",
-           "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE"]
+__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "LazyFrames", "write_hdf5", "read_hdf5", "fingerprint_hdf5",
+           "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE", "IMAGE_COMPRESSION"]
 
 FORMAT_VERSION = 1
 LIBERO_RATE_HZ = 20.0  # LIBERO's OSC controller runs at 20 Hz
 UNDECLARED_ACTION_SPACE = "unknown"
 _DEMO_KEY = re.compile(r"^demo_(\d+)$")
+# gzip (deflate) is in every HDF5 build, so robomimic/LIBERO tools read our files unchanged; level 1:
+# decoding costs the same at any level, and higher levels shrink camera frames by a few % only.
+IMAGE_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+
+
+class LazyFrames:
+    """The (N, H, W, 3) uint8 frames of one HDF5 dataset, read from disk when indexed.
+
+    Holds only the file name and dataset key, so it pickles into DataLoader workers; each process
+    opens the file once (see :func:`_reader`) and keeps no chunk cache, so memory does not grow
+    with the number of episodes read. ``frames[a:b]`` returns a NumPy array; ``np.asarray(frames)``
+    reads them all.
+    """
+
+    def __init__(self, path: str | Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.key = str(path), key
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return _reader(self.path)[self.key][index]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        frames = self[()]
+        return frames if dtype is None else frames.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyFrames({self.path}:{self.key}, shape={self.shape})"
+
+
+_readers: dict[tuple[int, str], h5py.File] = {}
+_readers_lock = threading.Lock()
+
+
+def _reader(path: str) -> h5py.File:
+    """This process's read handle on ``path``, opened on first use.
+
+    Keyed by process id: a forked DataLoader worker must not use its parent's HDF5 handle.
+    ``rdcc_nbytes=0``: no per-dataset chunk cache; a window touches each frame once, and a cache
+    per image dataset would grow with the number of episodes.
+    """
+    key = (os.getpid(), path)
+    with _readers_lock:
+        handle = _readers.get(key)
+        if handle is None:
+            try:
+                handle = h5py.File(path, "r", rdcc_nbytes=0)
+            except OSError as exc:
+                raise DataError(f"{path}: cannot open as HDF5: {exc}") from exc
+            _readers[key] = handle
+        return handle
 
 
 class DataError(ValueError):
@@ -49,13 +117,14 @@ class DataError(ValueError):
 class Episode:
     """One demonstration: N aligned frames, the actions taken at them, and the instruction."""
 
-    images: dict[str, np.ndarray]  # camera -> (N, H, W, 3) uint8
+    images: dict[str, np.ndarray | LazyFrames]  # camera -> (N, H, W, 3) uint8
     joint_positions: np.ndarray  # (N, J) float32
     actions: np.ndarray  # (N, action_dim) float32, robot units
     instruction: str
     timestamps: np.ndarray  # (N,) float64 seconds
     source: str = ""
     sync_stats: dict[str, Any] = field(default_factory=dict)
+    action_source: str = ""  # how the actions were labelled (mail_ros.data.action_sources); "" unknown
 
     def __post_init__(self) -> None:
         self.joint_positions = np.asarray(self.joint_positions, dtype=np.float32)
@@ -172,11 +241,12 @@ class DemoWriter:
         g.attrs["instruction"] = ep.instruction
         g.attrs["source"] = ep.source
         g.attrs["sync_stats"] = json.dumps(ep.sync_stats)
+        g.attrs["action_source"] = ep.action_source
         obs = g.create_group("obs")
         for cam in self.cameras:
-            img = ep.images[cam]
-            # One image per chunk: windows read a few frames at a time.
-            obs.create_dataset(f"{cam}_rgb", data=img, chunks=(1, *img.shape[1:]))
+            img = np.asarray(ep.images[cam])
+            # One image per chunk: a training window reads T frames at random places.
+            obs.create_dataset(f"{cam}_rgb", data=img, chunks=(1, *img.shape[1:]), **IMAGE_COMPRESSION)
         obs.create_dataset("joint_states", data=ep.joint_positions)
         g.create_dataset("actions", data=ep.actions)
         g.create_dataset("timestamps", data=ep.timestamps)
@@ -261,12 +331,13 @@ def fingerprint_hdf5(path: str | Path) -> str:
 
 
 def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
-              cameras: Sequence[str] | None = None) -> DemoSet:
-    """Load a mail_ros, robomimic or LIBERO demo file into memory.
+              cameras: Sequence[str] | None = None, lazy: bool = False) -> DemoSet:
+    """Load a mail_ros, robomimic or LIBERO demo file.
 
     ``camera_map`` renames file cameras (``obs/<name>_rgb``) to policy camera names; ``cameras``
-    (policy names) selects which to load, all by default. Raises :class:`DataError` naming the
-    file and key on anything missing or malformed.
+    (policy names) selects which to load, all by default. ``lazy``: images stay on disk as
+    :class:`LazyFrames` (everything else is loaded). Raises :class:`DataError` naming the file
+    and key on anything missing or malformed.
     """
     path = Path(path)
     camera_map = dict(camera_map or {})
@@ -306,15 +377,23 @@ def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
                     raise DataError(f"{where}: missing dataset {needed!r}")
             actions = g["actions"][()]
             stamps = g["timestamps"][()] if "timestamps" in g else np.arange(len(actions)) / rate
+            if lazy:
+                images = {}
+                for c in wanted:
+                    ds = g[f"obs/{renamed[c]}_rgb"]
+                    images[c] = LazyFrames(path, ds.name, ds.shape, ds.dtype)
+            else:
+                images = {c: g[f"obs/{renamed[c]}_rgb"][()] for c in wanted}
             episodes.append(
                 Episode(
-                    images={c: g[f"obs/{renamed[c]}_rgb"][()] for c in wanted},
+                    images=images,
                     joint_positions=g["obs/joint_states"][()],
                     actions=actions,
                     instruction=_str_attr(g.attrs, "instruction", default_instruction),
                     timestamps=stamps,
                     source=_str_attr(g.attrs, "source", where) or where,
                     sync_stats=_json_attr(g.attrs, "sync_stats", {}),
+                    action_source=_str_attr(g.attrs, "action_source"),
                 )
             )
         j = episodes[0].joint_positions.shape[1]

@@ -178,6 +178,9 @@ class DataConfig:
     val_fraction: float = 0.1  # of episodes, seeded by train.seed
     augment_shift: int = 0  # random-shift augmentation in pixels (training split only)
     embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # None: no on-disk cache
+    # Images stay in the HDF5 files and DataLoader workers read each window's frames (memory does
+    # not grow with the dataset); false loads every image into memory up front.
+    lazy_images: bool = True
 
     def __post_init__(self) -> None:
         with _as_train_error():
@@ -187,6 +190,7 @@ class DataConfig:
             check_float(self.val_fraction, "data.val_fraction")
             check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
             check_int(self.augment_shift, "data.augment_shift", 0)
+            check_bool(self.lazy_images, "data.lazy_images")
             check(self.embedding_cache is None or (isinstance(self.embedding_cache, str) and self.embedding_cache != ""),
                    f"data.embedding_cache must be a folder name or null, got {self.embedding_cache!r}")
         self.val_fraction, self.augment_shift = float(self.val_fraction), int(self.augment_shift)
@@ -259,8 +263,11 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise TrainError(f"{path}: {exc}") from exc
 
 
-def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: dict[str, str]) -> list[Episode]:
+def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: dict[str, str],
+               lazy: bool = False) -> list[Episode]:
     """Read demo files and check them against the policy's spec (cameras, sizes, names, rate, action space).
+
+    ``lazy``: images stay on disk (:class:`~mail_ros.data.hdf5.LazyFrames`), see ``data.lazy_images``.
 
     A file given twice (the same resolved path) is refused: the episode split would put copies of
     its episodes in both training and validation.
@@ -277,7 +284,7 @@ def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: di
     spec = policy.spec
     episodes = []
     for path in paths:
-        demos = read_hdf5(path, camera_map, cameras=spec.observation.cameras)
+        demos = read_hdf5(path, camera_map, cameras=spec.observation.cameras, lazy=lazy)
         _check_compatible(demos, policy)
         episodes.extend(demos.episodes)
     return episodes
