@@ -87,3 +87,15 @@ def test_refusals_are_clear(tmp_path):
             rec.add_topic("/joint_states", STRING)
         with pytest.raises(RecordError, match="not added"):
             rec.write("/other", b"", 1)
+
+
+def test_default_topics_follow_the_arm_source():
+    from mail_ros.commands.record import DEFAULT_TOPICS, default_topics
+
+    arm = "/fr3_arm_controller/joint_trajectory"
+    assert default_topics() == DEFAULT_TOPICS and arm in DEFAULT_TOPICS
+    kinesthetic = default_topics("kinesthetic")
+    assert arm not in kinesthetic and "/joint_states" in kinesthetic and "/fr3_gripper/joint_trajectory" in kinesthetic
+    assert default_topics("teleop", "/gello/joint_states") == kinesthetic + ("/gello/joint_states",)
+    with pytest.raises(RecordError, match="arm source"):
+        default_topics("spacemouse")

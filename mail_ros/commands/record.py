@@ -12,6 +12,12 @@ episode is open also ends it), and ``"stop"`` is written when the recording ends
 open. Connection message definitions come from the project typestore
 (:func:`mail_ros.data.ros_types.typestore`), so a type it does not know cannot be recorded: such
 a topic is refused with :class:`UnknownTypeError` naming the topic and the type.
+
+``--arm-source`` picks the topics a demonstration of that kind needs (:func:`default_topics`):
+``command`` records the arm and gripper commands; ``kinesthetic`` (the arm moved by hand)
+leaves the arm command topic out, so that nothing on it can be mistaken for the demonstration;
+``teleop`` records the leader's ``--teleop-topic`` instead. Convert with the same
+``--arm-source`` (see :mod:`mail_ros.data.action_sources`).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from mail_ros.data.action_sources import ARM_SOURCES
 from mail_ros.data.bags import BagConfig
 
-__all__ = ["BagRecording", "DEFAULT_TOPICS", "RecordError", "UnknownTypeError", "register", "run"]
+__all__ = ["BagRecording", "DEFAULT_TOPICS", "RecordError", "UnknownTypeError", "default_topics", "register", "run"]
 
 PROG = "mail-ros record"
 STRING = "std_msgs/msg/String"
@@ -36,6 +43,16 @@ DEFAULT_TOPICS: tuple[str, ...] = (
     BagConfig().gripper_command_topic,
 )
 STORAGES = ("mcap", "sqlite3")
+
+
+def default_topics(arm_source: str = "command", teleop_topic: str = BagConfig().teleop_topic) -> tuple[str, ...]:
+    """The topics a demonstration whose arm actions come from ``arm_source`` needs."""
+    if arm_source not in ARM_SOURCES:
+        raise RecordError(f"arm source must be one of {list(ARM_SOURCES)}, got {arm_source!r}")
+    if arm_source == "command":
+        return DEFAULT_TOPICS
+    topics = tuple(t for t in DEFAULT_TOPICS if t != BagConfig().arm_command_topic)
+    return topics + ((teleop_topic,) if arm_source == "teleop" else ())
 
 
 class RecordError(ValueError):
@@ -157,8 +174,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out", help="bag folder to create")
-    p.add_argument("--topics", nargs="+", default=list(DEFAULT_TOPICS),
-                   help="topics or shell-style patterns (e.g. '/cameras/*/image_raw'); discovered while recording")
+    p.add_argument("--topics", nargs="+", default=None,
+                   help="topics or shell-style patterns (e.g. '/cameras/*/image_raw'); discovered while recording "
+                        f"(default: those --arm-source needs; for command: {' '.join(DEFAULT_TOPICS)})")
+    p.add_argument("--arm-source", choices=ARM_SOURCES, default="command",
+                   help="how the demonstrations move the arm: commands, by hand (kinesthetic) or a leader device (teleop)")
+    p.add_argument("--teleop-topic", default=BagConfig().teleop_topic,
+                   help="--arm-source teleop: the leader's JointState or JointTrajectory topic")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: Ctrl-C)")
     p.add_argument("--storage", choices=STORAGES, default="mcap", help="rosbag2 storage plugin")
     p.add_argument("--quiet", action="store_true", help="no live status line")
@@ -173,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     from mail_ros.nodes.recorder import main
 
     try:
-        return main(args.out, tuple(args.topics), duration=args.duration, storage=args.storage,
+        topics = tuple(args.topics) if args.topics else default_topics(args.arm_source, args.teleop_topic)
+        return main(args.out, topics, duration=args.duration, storage=args.storage,
                     status=None if args.quiet else sys.stderr)
     except RecordError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
