@@ -89,9 +89,10 @@ def test_two_processes_train_the_same_run_as_one(tmp_path):
 def test_ctrl_c_under_torchrun_leaves_a_checkpoint_that_resume_continues(tmp_path):
     data = str(write_demos(tmp_path / "demos.hdf5", EPISODES))
     run = tmp_path / "run"
-    # Ctrl-C in a terminal signals the whole foreground process group: torchrun and both ranks.
+    # Ctrl-C in a terminal signals torchrun's process group; torchrun then signals each rank's own
+    # group, DataLoader workers included (one per rank here).
     proc = subprocess.Popen(two_processes(data, "--out", str(run), "--steps", "100000", "--set", "train.val_every=1000",
-                                          "--set", "train.checkpoint_every=1000"),
+                                          "--set", "train.checkpoint_every=1000", "--set", "train.num_workers=1"),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT

@@ -469,6 +469,14 @@ def _step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.default_rng([seed, step] + ([rank] if rank else [])).integers(2**62))
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init under DDP: torchrun stops a rank by signalling its process group,
+    workers included; a worker killed by it would crash the rank before it saves. The rank stops
+    its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _Loss(torch.nn.Module):
     """The policy's training loss as a forward(): DistributedDataParallel synchronises gradients
     of what runs through its wrapped module's forward, and compute_loss is not a forward."""
@@ -527,6 +535,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.model, device_ids=ids)
         self._stop_requested = False
+        self._worker_init = _worker_ignores_stop_signals if dist.enabled else None
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.cfg.lr)
         use_ema = self.cfg.ema if self.cfg.ema is not None else run.policy.head.kind == "ddpm"
         self.ema = EMA(self.policy, self.cfg.ema_decay) if use_ema else None
@@ -643,7 +652,8 @@ class Trainer:
         if self.dist.enabled:
             windows = torch.utils.data.Subset(windows, range(self.dist.rank, len(windows), self.dist.world_size))
         batch_size = max(1, self.cfg.batch_size // self.dist.world_size)
-        loader = DataLoader(windows, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        loader = DataLoader(windows, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers,
+                            worker_init_fn=self._worker_init)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed)
@@ -694,7 +704,7 @@ class Trainer:
                                             skip=self.step % self.batches_per_epoch, rank=self.dist.rank,
                                             world_size=self.dist.world_size)
                 loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                                    pin_memory=self.device.type == "cuda")
+                                    pin_memory=self.device.type == "cuda", worker_init_fn=self._worker_init)
                 fetch = time.perf_counter()
                 for batch in loader:
                     t0 = time.perf_counter()
