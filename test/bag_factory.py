@@ -11,6 +11,9 @@ function of time, so tests can compute exactly what a converter must produce:
   interpolation between trajectory points reproduces them exactly;
 - ``measured_joints(t)``: the joint state at stamp t (arm lags the command by ``LAG`` s;
   each finger is half the commanded width);
+- a teleoperation leader (``leader_topic``) publishes ``arm_target(t)`` under its own joint names
+  (``LEADER_JOINTS``), as ``sensor_msgs/JointState`` stamped t or as the arm's JointTrajectory
+  (``leader_trajectory``); a kinesthetic demo records no command topic (``command_topic=None``);
 - camera frame k of camera c is a uniform image whose red channel is ``frame_code(k)`` and green
   channel ``40 * (c + 1)``: decode with ``decode_frame(img)`` after any resize or JPEG round trip.
 
@@ -32,6 +35,9 @@ from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME
 LAG = 0.05  # seconds the measured arm position lags the command
 ARM_OFFSET = np.linspace(-0.6, 0.6, 7)
 ARM_SLOPE = np.linspace(0.05, 0.35, 7)  # rad/s
+
+
+LEADER_JOINTS = tuple(f"leader_joint_{i}" for i in range(7))  # a leader arm's own joint names
 
 
 def arm_target(t: float | np.ndarray) -> np.ndarray:
@@ -105,7 +111,11 @@ class DemoBag:
     joint_rate: float = 50.0
     command_rate: float = 20.0
     command_points: int = 4  # points per trajectory, 0.1 s apart, first at time_from_start 0
-    command_topic: str = "/fr3_arm_controller/joint_trajectory"
+    command_topic: str | None = "/fr3_arm_controller/joint_trajectory"  # None: no arm commands (kinesthetic)
+    leader_topic: str | None = None  # a teleoperation leader's targets, named LEADER_JOINTS
+    leader_rate: float = 50.0
+    leader_trajectory: bool = False  # the leader sends JointTrajectory (like the commands), else JointState
+    leader_until: float | None = None  # the leader stops publishing at this time (a lost connection)
     gripper_topic: str | None = "/fr3_gripper/joint_trajectory"
     zero_command_stamps: bool = False  # header stamp 0: the trajectory starts when received
     instruction: str | None = "put the cube in the bowl"  # received at start - 0.5
@@ -222,10 +232,13 @@ def write_demo_bag(path: str | Path, demo: DemoBag = DemoBag()) -> BagTruth:
                        time_from_start=_duration(ts, float(offsets[i])))
             for i in range(len(offsets))
         ]
-        msg = ts.types["trajectory_msgs/msg/JointTrajectory"](
-            header=_header(ts, stamp), joint_names=list(FR3_ARM_JOINTS), points=points
-        )
-        records.append((float(receive), demo.command_topic, "trajectory_msgs/msg/JointTrajectory", msg))
+        for topic, names in ((demo.command_topic, FR3_ARM_JOINTS),
+                             (demo.leader_topic if demo.leader_trajectory else None, LEADER_JOINTS)):
+            if topic is not None and (demo.leader_until is None or topic == demo.command_topic or start < demo.leader_until):
+                msg = ts.types["trajectory_msgs/msg/JointTrajectory"](
+                    header=_header(ts, stamp), joint_names=list(names), points=points
+                )
+                records.append((float(receive), topic, "trajectory_msgs/msg/JointTrajectory", msg))
         if demo.gripper_topic is not None:
             width = gripper_target(start + offsets)
             gpoints = [
@@ -239,6 +252,14 @@ def write_demo_bag(path: str | Path, demo: DemoBag = DemoBag()) -> BagTruth:
             records.append((float(receive), demo.gripper_topic, "trajectory_msgs/msg/JointTrajectory", gmsg))
     if demo.zero_command_stamps:
         command_start = command_receive.copy()
+    if demo.leader_topic is not None and not demo.leader_trajectory:
+        end = demo.start + demo.duration if demo.leader_until is None else demo.leader_until
+        for t in demo.start - 0.05 + np.arange(int((end - demo.start + 0.05) * demo.leader_rate) + 1) / demo.leader_rate:
+            msg = ts.types["sensor_msgs/msg/JointState"](
+                header=_header(ts, float(t)), name=list(LEADER_JOINTS), position=arm_target(t),
+                velocity=np.zeros(0), effort=np.zeros(0),
+            )
+            records.append((float(t) + 0.003, demo.leader_topic, "sensor_msgs/msg/JointState", msg))
 
     string = ts.types["std_msgs/msg/String"]
     instructions = [(demo.start - 0.5, demo.instruction)] if demo.instruction is not None else []

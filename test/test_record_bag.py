@@ -104,3 +104,15 @@ def test_the_recording_core_imports_neither_the_command_nor_the_node():
     code = "import sys, mail_ros.data.recording; print(sorted(m for m in sys.modules if m.startswith(('rclpy', 'mail_ros.nodes'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_default_topics_follow_the_arm_source():
+    from mail_ros.data.recording import DEFAULT_TOPICS, default_topics
+
+    arm = "/fr3_arm_controller/joint_trajectory"
+    assert default_topics() == DEFAULT_TOPICS and arm in DEFAULT_TOPICS
+    kinesthetic = default_topics("kinesthetic")
+    assert arm not in kinesthetic and "/joint_states" in kinesthetic and "/fr3_gripper/joint_trajectory" in kinesthetic
+    assert default_topics("teleop", "/gello/joint_states") == kinesthetic + ("/gello/joint_states",)
+    with pytest.raises(RecordError, match="arm source"):
+        default_topics("spacemouse")

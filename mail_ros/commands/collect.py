@@ -11,7 +11,7 @@ Convert and train (the commands ``collect`` prints at the end)::
 
     mail-ros convert OUT/episode_* -o demos.hdf5 --image-size 64 64 \\
         --arm-command-topic /mail/expert/arm_target --gripper-command-topic /mail/expert/gripper_target
-    mail-ros train --config config/train_demo.yaml demos.hdf5 --out runs/demo
+    mail-ros train --config config/train_sim_demo.yaml demos.hdf5 --out runs/demo
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ the topics and the exact action rule. The output is written to a temp file and r
 end. Bad episodes are skipped with a warning; the exit status is non-zero only when nothing
 usable was found. The output keeps its inputs' action space (a bag's is joint_position); an
 input whose action space differs from the earlier inputs' is skipped.
+
+Arm actions come from ``--arm-source`` (see :mod:`mail_ros.data.action_sources`): ``command``
+(the JointTrajectory on ``--arm-command-topic``), ``kinesthetic`` (the measured joint positions
+at t + dt, for an arm moved by hand) or ``teleop`` (a leader's JointState or JointTrajectory
+targets on ``--teleop-topic``, joint names mapped with ``--teleop-joint-map LEADER=ROBOT``).
+Each episode's source is written to its ``action_source`` attribute and counted in the summary;
+an episode that lacks it is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from mail_ros.commands import parse_pairs
+from mail_ros.data.action_sources import ARM_SOURCES, DEFAULT_MAX_STATE_GAP
+from mail_ros.data.bags import BagConfig
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, ObservationSpec
 from mail_ros.sync.alignment import DEFAULT_MAX_SKEW
 
@@ -47,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"action names: arm joints of the trajectory topic, and {GRIPPER_ACTION_NAME} for the gripper")
     p.add_argument("--joint-states-topic", default="/joint_states")
     p.add_argument("--arm-command-topic", default="/fr3_arm_controller/joint_trajectory")
+    p.add_argument("--arm-source", choices=ARM_SOURCES, default="command",
+                   help="arm actions from commands, the measured joints (kinesthetic) or a leader's targets (teleop)")
+    p.add_argument("--teleop-topic", default=BagConfig.teleop_topic,
+                   help="--arm-source teleop: the leader's sensor_msgs/JointState or JointTrajectory topic")
+    p.add_argument("--teleop-joint-map", action="append", default=[], metavar="LEADER=ROBOT",
+                   help="--arm-source teleop: rename a leader joint to the robot's (repeat per joint)")
+    p.add_argument("--max-state-gap", type=float, default=DEFAULT_MAX_STATE_GAP,
+                   help="kinesthetic / JointState leader: drop frames whose t + dt falls in a longer gap between states (s)")
     p.add_argument("--gripper-command-topic", default="/fr3_gripper/joint_trajectory")
     p.add_argument("--gripper-source", choices=("auto", "command", "measured"), default="auto",
                    help="gripper width from the command topic, or measured (finger sum); auto: command if recorded")
@@ -58,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mail_ros.data.bags import ACTION_SPACE, BagConfig, read_bag
+    from mail_ros.data.bags import ACTION_SPACE, read_bag
     from mail_ros.data.hdf5 import DataError, DemoWriter, Episode, read_hdf5
     from mail_ros.sync.image import resize_rgb
 
@@ -72,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
             joint_states_topic=args.joint_states_topic,
             action_names=tuple(args.actions),
             arm_command_topic=args.arm_command_topic,
+            arm_source=args.arm_source,
+            teleop_topic=args.teleop_topic,
+            teleop_joint_map=tuple(parse_pairs(args.teleop_joint_map, "--teleop-joint-map").items()),
+            max_state_gap=args.max_state_gap,
             gripper_command_topic=args.gripper_command_topic,
             gripper_source=args.gripper_source,
             instruction_topic=args.instruction_topic,
@@ -90,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     decimated = 0
     skews: dict[str, list[float]] = {}
     gripper_sources: Counter[str] = Counter()
+    action_sources: Counter[str] = Counter()  # per written episode
     action_space: str | None = None  # of the first input written; every other input must agree
     writer = DemoWriter(args.output, observation.cameras, observation.joint_names, config.action_names, args.rate)
     try:
@@ -97,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             path = Path(source)
             if path.suffix in HDF5_SUFFIXES:
                 try:
-                    demos = read_hdf5(path, camera_map, cameras=observation.cameras)
+                    demos = read_hdf5(path, camera_map, cameras=observation.cameras, lazy=True)  # one episode in memory at a time
                     if (demos.joint_names, demos.action_names) != (observation.joint_names, config.action_names):
                         raise DataError(f"{path}: joints {list(demos.joint_names)} / actions {list(demos.action_names)} "
                                         f"differ from --joints / --actions")
@@ -114,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
                 for ep in demos.episodes:
                     if ep.image_size != observation.image_size:
                         images = {c: np.stack([resize_rgb(f, observation.image_size) for f in v]) for c, v in ep.images.items()}
-                        ep = Episode(images, ep.joint_positions, ep.actions, ep.instruction, ep.timestamps, ep.source, ep.sync_stats)
+                        ep = Episode(images, ep.joint_positions, ep.actions, ep.instruction, ep.timestamps, ep.source, ep.sync_stats,
+                                     ep.action_source)
+                    action_sources[ep.action_source or "not recorded"] += 1
                     writer.add(ep)
                 continue
             try:
@@ -139,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 dropped.update(ep.sync_stats["frames_dropped"])
                 dropped.update({f"stamped_ahead:{k}": v for k, v in ep.sync_stats["messages_stamped_ahead"].items()})
                 dropped.update({f"unstamped:{k}": v for k, v in ep.sync_stats["messages_unstamped"].items()})
+                action_sources[ep.action_source] += 1
                 writer.add(ep)
         if writer.episodes == 0:
             writer.abort()
@@ -155,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"wrote {args.output}: {writer.episodes} episodes, {writer.frames} frames at {args.rate:g} Hz, "
           f"images {observation.image_size[0]}x{observation.image_size[1]}, action space {action_space}")
+    print("actions from: " + ", ".join(f"{k} ({v} episodes)" for k, v in sorted(action_sources.items())))
     if gripper_sources:
         print("gripper width from: " + ", ".join(f"{k} ({v} episodes)" for k, v in sorted(gripper_sources.items())))
     print(f"skipped episodes/inputs: {len(skipped)}")

@@ -6,6 +6,14 @@ its saved config, data files, step counter and optimizer state (``--out`` defaul
 ``--steps`` may extend it; different data are refused). A new run refuses an OUT that already
 holds a run (best/, last/, log.csv, ...) unless ``--overwrite`` replaces it. Ctrl-C saves last/
 and exits with status 130; a diverging run (non-finite loss) saves nothing more and exits with 1.
+
+On several GPUs or machines, start it with torchrun (PyTorch's DistributedDataParallel; see
+:mod:`mail_ros.train.distributed`)::
+
+    torchrun --nproc_per_node 4 -m mail_ros.cli train --config CONFIG.yaml demos.hdf5 --out runs/x
+
+``train.batch_size`` is the global batch (a multiple of the number of processes); rank 0 alone
+writes OUT; ``--resume`` and Ctrl-C work as with one process.
 """
 
 from __future__ import annotations
@@ -37,9 +45,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mail_ros.train.distributed import SINGLE, shutdown
+
+    joined = [SINGLE]  # the process group _run joins, left here whatever happens
+    try:
+        return _run(args, joined)
+    finally:
+        shutdown(joined[0])
+
+
+def _run(args: argparse.Namespace, joined: list) -> int:
     from mail_ros.data.hdf5 import DataError
     from mail_ros.policy.checkpoint import CheckpointError
     from mail_ros.policy.presets import parse_override
+    from mail_ros.train.distributed import init_from_env
     from mail_ros.train.trainer import (TRAINER_JSON, RunConfig, Trainer, TrainError, build_datasets, load_demos,
                                         load_run_config, remove_run_outputs, run_outputs)
 
@@ -72,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
                 raise TrainError("give --config CONFIG.yaml, --out DIR and at least one DATA file (or --resume DIR)")
             run_config = load_run_config(args.config, overrides)
             data_files, out = args.data, args.out
+        ctx = joined[0] = init_from_env(run_config.train.device)
+        if not ctx.is_main:  # rank 0 tells the story once
+            logging.getLogger().setLevel(logging.WARNING)
         in_place = args.resume is not None and out.resolve() == args.resume.resolve()
         if in_place and args.overwrite:
             raise TrainError(f"--overwrite replaces a run, --resume {args.resume} continues it in place; give one of them")
@@ -79,22 +101,24 @@ def run(args: argparse.Namespace) -> int:
         if replaced and not args.overwrite:
             raise TrainError(f"{out} already holds a run ({', '.join(replaced)}); continue it with --resume {out}, "
                              "choose another --out, or pass --overwrite to replace it")
-        episodes = load_demos(data_files, run_config.policy, run_config.data.camera_map)
+        episodes = load_demos(data_files, run_config.policy, run_config.data.camera_map, run_config.data.lazy_images)
         datasets = build_datasets(episodes, run_config)
-        trainer = Trainer(run_config, datasets, out, data_files=data_files, progress=not args.no_progress)
+        trainer = Trainer(run_config, datasets, out, data_files=data_files, progress=not args.no_progress, dist=ctx)
         if args.resume is not None:
             trainer.load_state(args.resume)
     except (TrainError, DataError, ValueError) as exc:
         print(f"mail-ros train: {exc}", file=sys.stderr)
         return 2
     # Only now that the new run is set up: a typo in the command must not cost the old run.
-    if replaced:
+    if replaced and ctx.is_main:
         remove_run_outputs(out)
     try:
         summary = trainer.fit()
     except (TrainError, CheckpointError) as exc:
         print(f"mail-ros train: {exc}", file=sys.stderr)
         return 1
+    if not ctx.is_main:
+        return 130 if summary.interrupted else 0
     lines = [
         f"{'interrupted' if summary.interrupted else 'finished'} at step {summary.step} (epoch {summary.epoch}) "
         f"in {summary.seconds:.1f} s, {summary.samples_per_second:.1f} samples/s",

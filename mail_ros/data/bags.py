@@ -4,7 +4,9 @@ What a demo bag holds (topics are configurable, see :class:`BagConfig`):
 
 - cameras: ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage``, one topic per camera;
 - ``/joint_states`` (``sensor_msgs/JointState``): joints selected and ordered by name;
-- ``/fr3_arm_controller/joint_trajectory`` (``trajectory_msgs/JointTrajectory``): arm commands;
+- ``/fr3_arm_controller/joint_trajectory`` (``trajectory_msgs/JointTrajectory``): arm commands
+  (or, with ``arm_source`` kinesthetic / teleop, the measured joints or a leader's targets: see
+  :mod:`mail_ros.data.action_sources`);
 - gripper width: ``/fr3_gripper/joint_trajectory`` (``JointTrajectory`` over the single joint
   ``fr3_gripper_width``, metres) when the bag has it, else the MEASURED width: the sum of the two
   finger joints of ``/joint_states`` (each finger moves half the opening), see :class:`BagConfig`;
@@ -63,6 +65,7 @@ from typing import Any
 import numpy as np
 from rosbags.highlevel import AnyReader, AnyReaderError
 
+from mail_ros.data.action_sources import ARM_SOURCES, DEFAULT_MAX_STATE_GAP, MeasuredArm, describe
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.ros_types import typestore
 from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME, GRIPPER_COMMAND_JOINT,
@@ -78,6 +81,7 @@ __all__ = [
     "Trajectory",
     "read_bag",
     "command_target",
+    "arm_actions",
     "finger_width",
     "gripper_source",
     "ACTION_SPACE",
@@ -106,6 +110,11 @@ class BagConfig:
     joint_states_topic: str = "/joint_states"
     action_names: tuple[str, ...] = FR3_ARM_JOINTS + (GRIPPER_ACTION_NAME,)
     arm_command_topic: str = "/fr3_arm_controller/joint_trajectory"
+    # command | kinesthetic | teleop (mail_ros.data.action_sources)
+    arm_source: str = "command"
+    teleop_topic: str = "/leader/joint_states"  # JointState or JointTrajectory targets of a leader
+    teleop_joint_map: tuple[tuple[str, str], ...] = ()  # leader joint name -> robot joint name
+    max_state_gap: float = DEFAULT_MAX_STATE_GAP  # s; kinesthetic and JointState leaders
     gripper_action: str = GRIPPER_ACTION_NAME  # the action name that is the gripper width
     gripper_command_topic: str = "/fr3_gripper/joint_trajectory"
     # "auto": the command topic when the bag has it, else measured; or force one of them
@@ -125,6 +134,9 @@ class BagConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "camera_topics", tuple(tuple(p) for p in dict(self.camera_topics).items()))
         object.__setattr__(self, "action_names", tuple(self.action_names))
+        object.__setattr__(self, "teleop_joint_map", tuple(tuple(p) for p in dict(self.teleop_joint_map).items()))
+        if self.arm_source not in ARM_SOURCES:
+            raise ValueError(f"arm_source must be one of {list(ARM_SOURCES)}, got {self.arm_source!r}")
         unknown = sorted(set(dict(self.camera_topics)) - set(self.observation.cameras))
         if unknown:
             raise ValueError(f"camera_topics names {unknown} are not cameras of the spec {list(self.observation.cameras)}")
@@ -142,6 +154,12 @@ class BagConfig:
     @property
     def arm_joints(self) -> tuple[str, ...]:
         return tuple(n for n in self.action_names if n != self.gripper_action)
+
+    @property
+    def arm_topic(self) -> str:
+        """The topic the arm actions are read from (the joint states for kinesthetic demos)."""
+        return {"command": self.arm_command_topic, "kinesthetic": self.joint_states_topic,
+                "teleop": self.teleop_topic}[self.arm_source]
 
     @property
     def has_gripper(self) -> bool:
@@ -165,9 +183,19 @@ class Trajectory:
     offsets: list[np.ndarray] = field(default_factory=list)  # (P,) time_from_start in s, increasing
     positions: list[np.ndarray] = field(default_factory=list)  # (P, D) in the order of `joints`
     joints: tuple[str, ...] = ()
+    rename: dict[str, str] = field(default_factory=dict)  # message joint name -> ours (a leader's names)
+    kind: str = "command"  # the action source it stands for (teleop: a leader's trajectory)
+
+    def __len__(self) -> int:
+        return len(self.receive)
+
+    def at(self, t: int, dt: int) -> tuple[np.ndarray | None, str]:
+        """(target at ``t + dt`` (both ns), "") or (None, "no_command"); see :func:`command_target`."""
+        target, _ = command_target(self, t, dt)
+        return (target, "") if target is not None else (None, "no_command")
 
     def add(self, msg: Any, receive: int, where: str) -> None:
-        names = list(msg.joint_names)
+        names = [self.rename.get(n, n) for n in msg.joint_names]
         columns = {j: _column(j, names) for j in self.joints}
         missing = [j for j, column in columns.items() if column is None]
         if missing:
@@ -240,12 +268,14 @@ def finger_width(msg: Any, config: BagConfig) -> float:
 class DemonstratedActions:
     """The action a bag demonstrates at a time t (the rule in the module docstring).
 
-    The arm (and gripper) command in effect at ``t + dt``; without gripper commands, the measured
-    finger width at ``t + dt``, interpolated between joint states. Shared by the converter (the
-    training targets) and the replay evaluation (what the policy is compared against).
+    The arm target at ``t + dt`` from its source (a :class:`Trajectory` of commands, or a
+    :class:`~mail_ros.data.action_sources.MeasuredArm`), the gripper command in effect at
+    ``t + dt``, or without gripper commands the measured finger width at ``t + dt``, interpolated
+    between joint states. Shared by the converter (the training targets) and the replay evaluation
+    (what the policy is compared against).
     """
 
-    def __init__(self, config: BagConfig, arm: Trajectory, grip: Trajectory, gripper: str,
+    def __init__(self, config: BagConfig, arm: Trajectory | MeasuredArm, grip: Trajectory, gripper: str,
                  finger_stamps: list[int], finger_widths: list[float], dt: float) -> None:
         order = np.argsort(finger_stamps, kind="stable")
         self.finger_t = np.asarray(finger_stamps, dtype=np.int64)[order]  # ns
@@ -259,11 +289,11 @@ class DemonstratedActions:
         self.order = [produced.index(n) for n in config.action_names]
 
     def at(self, t: int) -> tuple[np.ndarray | None, str]:
-        """(action in ``action_names`` order, "") or (None, why: "no_command" / "no_future_state") for
+        """(action in ``action_names`` order, "") or (None, why: "no_command", "no_future_state", ...) for
         a frame stamped ``t`` (ns)."""
-        target, _ = command_target(self.arm, t, self.dt)
+        target, why = self.arm.at(t, self.dt)
         if target is None:
-            return None, "no_command"
+            return None, why
         parts = [target]
         if self.gripper == "command":
             width, _ = command_target(self.grip, t, self.dt)
@@ -317,16 +347,22 @@ def check_topics(path: Path, topics: dict[str, str], config: BagConfig) -> dict[
             topic = f"{topic}/compressed"
         wanted[topic] = camera
     wanted[config.joint_states_topic] = JOINT_STATES
-    required = list(wanted) + [config.arm_command_topic]
+    required = list(wanted) + [config.arm_topic]
     if config.has_gripper and config.gripper_source == "command":
         required.append(config.gripper_command_topic)
     missing = [t for t in required if t not in topics]
     if missing:
-        raise DataError(f"{path}: missing topics {missing}; the bag has {sorted(topics)}")
+        hint = ""
+        if config.arm_source == "command" and config.arm_command_topic in missing:
+            hint = ("; without arm commands, label the actions from the measured joints (--arm-source kinesthetic) "
+                    "or a leader's topic (--arm-source teleop --teleop-topic TOPIC)")
+        raise DataError(f"{path}: missing topics {missing}; the bag has {sorted(topics)}{hint}")
     # Observation topics last: they win if a topic is (mis)configured for two roles.
     expected = {config.instruction_topic: (STRING,), config.episode_topic: (STRING,)}
     expected[config.gripper_command_topic] = (TRAJECTORY,)
     expected[config.arm_command_topic] = (TRAJECTORY,)
+    if config.arm_source == "teleop":
+        expected[config.teleop_topic] = (JOINT_STATE, TRAJECTORY)
     expected.update({t: (IMAGE, COMPRESSED) for t, s in wanted.items() if s != JOINT_STATES})
     expected[config.joint_states_topic] = (JOINT_STATE,)
     for topic, types in expected.items():
@@ -378,18 +414,20 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     topics = {c.topic: c.msgtype for c in reader.connections}
     streams = check_topics(path, topics, config)
     gripper = gripper_source(config, topics)
-    arm = Trajectory(config.arm_command_topic, joints=config.arm_joints)
+    arm = arm_actions(config, topics)
     grip = Trajectory(config.gripper_command_topic, joints=(config.gripper_action,))
 
-    # Pass 1: the small topics (commands, instruction, episode markers).
-    small = [config.arm_command_topic, config.instruction_topic, config.episode_topic]
+    # Pass 1: the small topics (commands or a leader's targets, instruction, episode markers).
+    small = [config.instruction_topic, config.episode_topic]
+    if config.arm_source != "kinesthetic":  # kinesthetic: the joint states, read with the observations
+        small.append(config.arm_topic)
     if gripper == "command":
         small.append(config.gripper_command_topic)
     instructions: list[tuple[int, str]] = []  # (receive ns, text)
     markers: list[tuple[int, str]] = []
     for conn, t, msg in read_messages(reader, path, small):
         where = f"{path}: {conn.topic} at t={ns_to_seconds(t):.3f} s"
-        if conn.topic == config.arm_command_topic:
+        if conn.topic == config.arm_topic:
             arm.add(msg, t, where)
         elif conn.topic == config.gripper_command_topic:
             grip.add(msg, t, where)
@@ -397,8 +435,8 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
             instructions.append((t, msg.data))
         else:
             markers.append((t, msg.data))
-    if not arm.receive:
-        raise DataError(f"{path}: no messages on {config.arm_command_topic}")
+    if config.arm_source != "kinesthetic" and not len(arm):
+        raise DataError(f"{path}: no {config.arm_source} messages on {config.arm_topic}")
     if markers:
         spans = _episode_spans(markers, path, config.episode_topic)
     else:
@@ -432,6 +470,8 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
             if stream == JOINT_STATES and gripper == "measured":
                 state.finger_stamps.append(stamp)
                 state.finger_widths.append(finger_width(msg, config))
+            if stream == JOINT_STATES and config.arm_source == "kinesthetic":
+                arm.add(msg, t, where)
             if conn.msgtype == IMAGE:
                 size = (int(msg.height), int(msg.width))
                 first = state.native_size.setdefault(stream, size)
@@ -463,6 +503,18 @@ def _read(reader: AnyReader, path: Path, config: BagConfig) -> BagReadout:
     for failure in failures:
         log.warning("skipping episode: %s", failure)
     return BagReadout(path, episodes, failures, gripper, skews)
+
+
+def arm_actions(config: BagConfig, topics: dict[str, str]) -> Trajectory | MeasuredArm:
+    """An empty holder of the bag's arm actions, by ``config.arm_source`` (and the teleop topic's type)."""
+    if config.arm_source == "kinesthetic":
+        return MeasuredArm("kinesthetic", config.joint_states_topic, config.arm_joints,
+                           max_state_gap=config.max_state_gap, max_stamp_lead=config.max_stamp_lead)
+    rename = dict(config.teleop_joint_map) if config.arm_source == "teleop" else {}
+    if config.arm_source == "teleop" and topics.get(config.teleop_topic) == JOINT_STATE:
+        return MeasuredArm("teleop", config.teleop_topic, config.arm_joints, rename,
+                           max_state_gap=config.max_state_gap, max_stamp_lead=config.max_stamp_lead)
+    return Trajectory(config.arm_topic, joints=config.arm_joints, rename=rename, kind=config.arm_source)
 
 
 def read_messages(reader: AnyReader, path: Path, topics: Iterable[str]):
@@ -530,6 +582,7 @@ def _finish(
     stats["messages_stamped_ahead"] = dict(state.refused["future"])
     stats["messages_unstamped"] = dict(state.refused["unstamped"])
     stats["gripper_source"] = gripper
+    source = describe(config.arm_source, config.arm_topic, gripper, dict(config.teleop_joint_map))
     if len(frames) < config.min_frames:
         ahead = "".join(f", messages {what}: {dict(state.refused[reason])}" for reason, what in
                         (("future", "stamped ahead of their receipt"), ("unstamped", "without a stamp"))
@@ -553,4 +606,5 @@ def _finish(
         timestamps=np.array([ns_to_seconds(f.stamp) for f in frames]),
         source=label,
         sync_stats=stats,
+        action_source=source,
     )

@@ -4,8 +4,9 @@ File layout (robomimic; LIBERO files use the same tree)::
 
     data/                       attrs: mail_ros_format, rate_hz, cameras, joint_names,
                                        action_names, action_space (JSON lists as strings), total
-    data/demo_<i>/              attrs: num_samples, instruction, source, episode, sync_stats (JSON)
-        obs/<camera>_rgb        (N, H, W, 3) uint8
+    data/demo_<i>/              attrs: num_samples, instruction, source, episode, sync_stats (JSON),
+                                       action_source (where the actions came from, e.g. "command")
+        obs/<camera>_rgb        (N, H, W, 3) uint8, one frame per chunk, gzip-compressed
         obs/joint_states        (N, J) float32
         actions                 (N, action_dim) float32, robot units
         timestamps              (N,) float64, the aligned set stamp of each frame (seconds)
@@ -15,14 +16,22 @@ LIBERO files carry no ``mail_ros_format``: the instruction comes from ``data.att
 ``eye_in_hand``), and rates/names take defaults (20 Hz, ``joint_<j>``, ``action_<k>``). Camera
 names are mapped to the policy's names with ``camera_map`` (file name -> policy name). Files that
 carry no ``action_space`` attribute (robomimic, LIBERO) read as :data:`UNDECLARED_ACTION_SPACE`.
+
+Out of core: ``read_hdf5(..., lazy=True)`` loads only the small arrays (actions, joint states,
+timestamps) and leaves every image dataset on disk as :class:`LazyFrames`, read a window at a time
+(each process, DataLoader workers included, opens the file itself). Existing files are read as
+they are, whatever their chunking and compression.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+import threading
+import zlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,13 +41,117 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "write_hdf5", "read_hdf5", "fingerprint_hdf5",
-           "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE"]
+__all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "LazyFrames", "write_hdf5", "read_hdf5", "fingerprint_hdf5",
+           "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE", "IMAGE_COMPRESSION"]
 
 FORMAT_VERSION = 1
 LIBERO_RATE_HZ = 20.0  # LIBERO's OSC controller runs at 20 Hz
 UNDECLARED_ACTION_SPACE = "unknown"
 _DEMO_KEY = re.compile(r"^demo_(\d+)$")
+# gzip (deflate) is in every HDF5 build, so robomimic/LIBERO tools read our files unchanged; level 1:
+# decoding costs the same at any level, and higher levels shrink camera frames by a few % only.
+IMAGE_COMPRESSION = {"compression": "gzip", "compression_opts": 1}
+
+
+class LazyFrames:
+    """The (N, H, W, 3) uint8 frames of one HDF5 dataset, read from disk when indexed.
+
+    Holds only the file name and dataset key, so it pickles into DataLoader workers; each process
+    opens the file once (see :func:`_reader`) and keeps no chunk cache, so memory does not grow
+    with the number of episodes read. ``frames[a:b]`` returns a NumPy array; ``np.asarray(frames)``
+    reads them all.
+
+    Fast path: frames stored one per chunk, gzip-compressed or not (what :class:`DemoWriter`
+    writes), are read chunk by chunk with ``read_direct_chunk`` and inflated with zlib, 3x faster
+    than h5py's selection machinery for a few frames; any other layout (contiguous, other chunks or
+    filters, as robomimic/LIBERO files may have) goes through h5py slicing, the reference the fast
+    path is tested against.
+    """
+
+    def __init__(self, path: str | Path, key: str, shape: tuple[int, ...], dtype: np.dtype,
+                 codec: str | None = None) -> None:
+        self.path, self.key = str(path), key
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        self.codec = codec  # "gzip" / "raw": one frame per chunk (fast path); None: h5py slicing
+
+    @classmethod
+    def of(cls, path: str | Path, ds: h5py.Dataset) -> "LazyFrames":
+        """Lazy frames of the open dataset ``ds`` of the file ``path``."""
+        codec = None
+        if ds.chunks == (1, *ds.shape[1:]) and ds.dtype == np.uint8:
+            plist = ds.id.get_create_plist()
+            filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # the filter pipeline
+            codec = "raw" if not filters else "gzip" if filters == [h5py.h5z.FILTER_DEFLATE] else None
+        return cls(path, ds.name, ds.shape, ds.dtype, codec)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        ds = _dataset(os.getpid(), self.path, self.key)
+        if self.codec is not None and isinstance(index, slice) and index.step in (None, 1):
+            start, stop, _ = index.indices(self.shape[0])
+            out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
+            for k in range(start, stop):
+                out[k - start] = self._chunk(ds, k)
+            return out
+        if self.codec is not None and isinstance(index, (int, np.integer)) and -self.shape[0] <= index < self.shape[0]:
+            return self._chunk(ds, int(index) % self.shape[0])
+        return ds[index]
+
+    def _chunk(self, ds: h5py.Dataset, k: int) -> np.ndarray:
+        """Frame ``k``, stored alone in its chunk."""
+        mask, data = ds.id.read_direct_chunk((k,) + (0,) * (len(self.shape) - 1))
+        if self.codec == "gzip" and not mask & 1:  # bit 0 set: HDF5 stored this chunk without the filter
+            data = zlib.decompress(data)
+        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        frames = self[()]
+        return frames if dtype is None else frames.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyFrames({self.path}:{self.key}, shape={self.shape})"
+
+
+_readers: dict[tuple[int, str], h5py.File] = {}
+_readers_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1024)
+def _dataset(pid: int, path: str, key: str) -> h5py.Dataset:
+    """An open dataset of this process (``pid`` keys out a forked parent's): looking one up by
+    name costs as much as reading two frames. Bounded (an open image dataset holds ~50 KiB of
+    HDF5 metadata once read, so at most ~50 MB), so memory does not grow with the episodes; 1024
+    covers the demo set's 720 episodes x 2 cameras only in part, which costs a look-up per miss."""
+    return _reader(path)[key]
+
+
+def _reader(path: str) -> h5py.File:
+    """This process's read handle on ``path``, opened on first use.
+
+    Keyed by process id: a forked DataLoader worker must not use its parent's HDF5 handle.
+    ``rdcc_nbytes=0``: no per-dataset chunk cache; a window touches each frame once, and a cache
+    per image dataset would grow with the number of episodes.
+    """
+    key = (os.getpid(), path)
+    with _readers_lock:
+        handle = _readers.get(key)
+        if handle is None:
+            try:
+                handle = h5py.File(path, "r", rdcc_nbytes=0)
+            except OSError as exc:
+                raise DataError(f"{path}: cannot open as HDF5: {exc}") from exc
+            _readers[key] = handle
+        return handle
 
 
 class DataError(ValueError):
@@ -49,13 +162,14 @@ class DataError(ValueError):
 class Episode:
     """One demonstration: N aligned frames, the actions taken at them, and the instruction."""
 
-    images: dict[str, np.ndarray]  # camera -> (N, H, W, 3) uint8
+    images: dict[str, np.ndarray | LazyFrames]  # camera -> (N, H, W, 3) uint8
     joint_positions: np.ndarray  # (N, J) float32
     actions: np.ndarray  # (N, action_dim) float32, robot units
     instruction: str
     timestamps: np.ndarray  # (N,) float64 seconds
     source: str = ""
     sync_stats: dict[str, Any] = field(default_factory=dict)
+    action_source: str = ""  # how the actions were labelled (mail_ros.data.action_sources); "" unknown
 
     def __post_init__(self) -> None:
         self.joint_positions = np.asarray(self.joint_positions, dtype=np.float32)
@@ -172,11 +286,12 @@ class DemoWriter:
         g.attrs["instruction"] = ep.instruction
         g.attrs["source"] = ep.source
         g.attrs["sync_stats"] = json.dumps(ep.sync_stats)
+        g.attrs["action_source"] = ep.action_source
         obs = g.create_group("obs")
         for cam in self.cameras:
-            img = ep.images[cam]
-            # One image per chunk: windows read a few frames at a time.
-            obs.create_dataset(f"{cam}_rgb", data=img, chunks=(1, *img.shape[1:]))
+            img = np.asarray(ep.images[cam])
+            # One image per chunk: a training window reads T frames at random places.
+            obs.create_dataset(f"{cam}_rgb", data=img, chunks=(1, *img.shape[1:]), **IMAGE_COMPRESSION)
         obs.create_dataset("joint_states", data=ep.joint_positions)
         g.create_dataset("actions", data=ep.actions)
         g.create_dataset("timestamps", data=ep.timestamps)
@@ -261,12 +376,13 @@ def fingerprint_hdf5(path: str | Path) -> str:
 
 
 def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
-              cameras: Sequence[str] | None = None) -> DemoSet:
-    """Load a mail_ros, robomimic or LIBERO demo file into memory.
+              cameras: Sequence[str] | None = None, lazy: bool = False) -> DemoSet:
+    """Load a mail_ros, robomimic or LIBERO demo file.
 
     ``camera_map`` renames file cameras (``obs/<name>_rgb``) to policy camera names; ``cameras``
-    (policy names) selects which to load, all by default. Raises :class:`DataError` naming the
-    file and key on anything missing or malformed.
+    (policy names) selects which to load, all by default. ``lazy``: images stay on disk as
+    :class:`LazyFrames` (everything else is loaded). Raises :class:`DataError` naming the file
+    and key on anything missing or malformed.
     """
     path = Path(path)
     camera_map = dict(camera_map or {})
@@ -306,15 +422,22 @@ def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
                     raise DataError(f"{where}: missing dataset {needed!r}")
             actions = g["actions"][()]
             stamps = g["timestamps"][()] if "timestamps" in g else np.arange(len(actions)) / rate
+            if lazy:
+                images = {}
+                for c in wanted:
+                    images[c] = LazyFrames.of(path, g[f"obs/{renamed[c]}_rgb"])
+            else:
+                images = {c: g[f"obs/{renamed[c]}_rgb"][()] for c in wanted}
             episodes.append(
                 Episode(
-                    images={c: g[f"obs/{renamed[c]}_rgb"][()] for c in wanted},
+                    images=images,
                     joint_positions=g["obs/joint_states"][()],
                     actions=actions,
                     instruction=_str_attr(g.attrs, "instruction", default_instruction),
                     timestamps=stamps,
                     source=_str_attr(g.attrs, "source", where) or where,
                     sync_stats=_json_attr(g.attrs, "sync_stats", {}),
+                    action_source=_str_attr(g.attrs, "action_source"),
                 )
             )
         j = episodes[0].joint_positions.shape[1]

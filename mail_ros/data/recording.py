@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mail_ros.data.bags import BagConfig
 
-__all__ = ["BagRecording", "DEFAULT_TOPICS", "RecordError", "STORAGES", "UnknownTypeError"]
+__all__ = ["BagRecording", "DEFAULT_TOPICS", "RecordError", "STORAGES", "UnknownTypeError", "default_topics"]
 
 STRING = "std_msgs/msg/String"
 DEFAULT_TOPICS: tuple[str, ...] = (
@@ -33,6 +33,18 @@ DEFAULT_TOPICS: tuple[str, ...] = (
     BagConfig().gripper_command_topic,
 )
 STORAGES = ("mcap", "sqlite3")
+
+
+def default_topics(arm_source: str = "command", teleop_topic: str = BagConfig().teleop_topic) -> tuple[str, ...]:
+    """The topics a demonstration whose arm actions come from ``arm_source`` needs."""
+    from mail_ros.data.action_sources import ARM_SOURCES
+
+    if arm_source not in ARM_SOURCES:
+        raise RecordError(f"arm source must be one of {list(ARM_SOURCES)}, got {arm_source!r}")
+    if arm_source == "command":
+        return DEFAULT_TOPICS
+    topics = tuple(t for t in DEFAULT_TOPICS if t != BagConfig().arm_command_topic)
+    return topics + ((teleop_topic,) if arm_source == "teleop" else ())
 
 
 class RecordError(ValueError):

@@ -20,8 +20,15 @@ validation runs on them; the raw weights live only in ``trainer_state.safetensor
 
 Determinism: batch order comes from ``default_rng([seed, epoch])`` permutations, augmentation
 from ``default_rng([seed, epoch, sample])``, and torch's RNG (DDPM noise and steps, dropout) is
-reseeded from (seed, step) before every step. A resumed run therefore continues exactly the
-run that was interrupted (on CPU; CUDA kernels may differ in the last bits).
+reseeded from (seed, step) before every step (and the rank, under DDP: the ranks see different
+samples and draw different noise). A resumed run therefore continues exactly the run that was
+interrupted (on CPU; CUDA kernels may differ in the last bits).
+
+Data-parallel training (torchrun, :mod:`mail_ros.train.distributed`): ``train.batch_size`` is the
+global batch; each rank computes the loss of its contiguous share of every global batch, DDP
+averages the gradients, and rank 0 alone writes the run folder. Ctrl-C (SIGINT, or the SIGTERM
+torchrun forwards) asks every rank to stop after the step in progress, agreed in the step's
+all-reduce, so the ranks stop together and last/ is saved.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +62,7 @@ from mail_ros.policy.config import ConfigError, PolicyConfig, check, check_bool,
 from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import STD_FLOOR
 from mail_ros.policy.presets import get_preset
+from mail_ros.train.distributed import SINGLE, Distributed, all_mean, all_sum
 
 __all__ = [
     "TrainConfig",
@@ -81,6 +90,7 @@ DEFAULT_EMBEDDING_CACHE = Path("~/.cache/mail_ros/embeddings")
 
 
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 # What a run writes into its folder; a new run refuses a folder holding any of them (unless told to replace).
 RUN_OUTPUTS = ("best", "last", "log.csv", "summary.json", "tensorboard")
 
@@ -129,6 +139,9 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # bf16: the forward pass under torch.autocast (bfloat16 matmuls and convolutions, float32
+    # weights, optimizer and EMA); for GPUs with bf16 units. fp32: no autocast.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         with _as_train_error():
@@ -154,6 +167,7 @@ class TrainConfig:
             check(self.seed < 2**64, f"train.seed must be below 2**64 (torch's seed range), got {self.seed!r}")
             check(isinstance(self.device, str) and (self.device == "auto" or _is_device(self.device)),
                    f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            check(self.precision in PRECISIONS, f"train.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         # NumPy numbers pass the checks but not json.dumps (trainer.json).
         for name in ("batch_size", "val_every", "log_every", "checkpoint_every", "warmup_steps", "num_workers", "seed"):
             setattr(self, name, int(getattr(self, name)))
@@ -178,6 +192,9 @@ class DataConfig:
     val_fraction: float = 0.1  # of episodes, seeded by train.seed
     augment_shift: int = 0  # random-shift augmentation in pixels (training split only)
     embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # None: no on-disk cache
+    # Images stay in the HDF5 files and DataLoader workers read each window's frames (memory does
+    # not grow with the dataset); false loads every image into memory up front.
+    lazy_images: bool = True
 
     def __post_init__(self) -> None:
         with _as_train_error():
@@ -187,6 +204,7 @@ class DataConfig:
             check_float(self.val_fraction, "data.val_fraction")
             check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
             check_int(self.augment_shift, "data.augment_shift", 0)
+            check_bool(self.lazy_images, "data.lazy_images")
             check(self.embedding_cache is None or (isinstance(self.embedding_cache, str) and self.embedding_cache != ""),
                    f"data.embedding_cache must be a folder name or null, got {self.embedding_cache!r}")
         self.val_fraction, self.augment_shift = float(self.val_fraction), int(self.augment_shift)
@@ -259,8 +277,11 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise TrainError(f"{path}: {exc}") from exc
 
 
-def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: dict[str, str]) -> list[Episode]:
+def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: dict[str, str],
+               lazy: bool = False) -> list[Episode]:
     """Read demo files and check them against the policy's spec (cameras, sizes, names, rate, action space).
+
+    ``lazy``: images stay on disk (:class:`~mail_ros.data.hdf5.LazyFrames`), see ``data.lazy_images``.
 
     A file given twice (the same resolved path) is refused: the episode split would put copies of
     its episodes in both training and validation.
@@ -277,7 +298,7 @@ def load_demos(paths: Sequence[str | Path], policy: PolicyConfig, camera_map: di
     spec = policy.spec
     episodes = []
     for path in paths:
-        demos = read_hdf5(path, camera_map, cameras=spec.observation.cameras)
+        demos = read_hdf5(path, camera_map, cameras=spec.observation.cameras, lazy=lazy)
         _check_compatible(demos, policy)
         episodes.extend(demos.episodes)
     return episodes
@@ -364,10 +385,16 @@ def build_datasets(episodes: list[Episode], run: RunConfig, language_loader: Cal
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of one epoch from a seeded permutation, starting at batch ``skip``; drops the last partial batch."""
+    """Batches of one epoch from a seeded permutation, starting at batch ``skip``; drops the last partial batch.
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0) -> None:
+    Under DDP each rank takes its contiguous share (``batch_size / world_size`` samples) of every
+    global batch: the ranks together see exactly the batches one process would, every epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+        self.rank, self.world_size = rank, world_size
 
     @staticmethod
     def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -379,8 +406,10 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         size = min(self.batch_size, self.n)
+        share = size // self.world_size
         for b in range(self.skip, self.batches_per_epoch(self.n, self.batch_size)):
-            yield order[b * size : (b + 1) * size].tolist()
+            batch = order[b * size : (b + 1) * size]
+            yield batch[self.rank * share : (self.rank + 1) * share].tolist()
 
 
 class EMA:
@@ -418,9 +447,12 @@ class TrainSummary:
     out: str
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ctx: Distributed = SINGLE) -> torch.device:
+    """``train.device`` as a torch device; under DDP a CUDA device is this process's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if ctx.enabled and name.startswith("cuda"):
+        name = f"cuda:{ctx.local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"device {name!r} requested but CUDA is not available")
@@ -433,8 +465,28 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return moved
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.default_rng([seed, step]).integers(2**62))
+def _step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return int(np.random.default_rng([seed, step] + ([rank] if rank else [])).integers(2**62))
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init under DDP: torchrun stops a rank by signalling its process group,
+    workers included; a worker killed by it would crash the rank before it saves. The rank stops
+    its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _Loss(torch.nn.Module):
+    """The policy's training loss as a forward(): DistributedDataParallel synchronises gradients
+    of what runs through its wrapped module's forward, and compute_loss is not a forward."""
+
+    def __init__(self, policy: MaILPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self.policy.compute_loss(batch)
 
 
 class Trainer:
@@ -444,6 +496,7 @@ class Trainer:
     (``step`` counts completed steps); raising KeyboardInterrupt from one stops the run the way
     Ctrl-C does (last/ saved, summary returned with ``interrupted=True``). ``data_files`` are
     fingerprinted (:func:`fingerprint_hdf5`) so that a resume can refuse different data.
+    ``dist``: this process's rank in a torchrun job (:func:`mail_ros.train.distributed.init_from_env`).
     """
 
     def __init__(
@@ -454,22 +507,35 @@ class Trainer:
         data_files: Sequence[str] = (),
         callbacks: Sequence[Callable[["Trainer", int, dict], None]] = (),
         progress: bool = True,
+        dist: Distributed = SINGLE,
     ) -> None:
         self.run = run
         self.cfg = run.train
+        self.dist = dist
+        if self.cfg.batch_size % dist.world_size:
+            raise TrainError(f"train.batch_size {self.cfg.batch_size} (the global batch) must be a multiple of the "
+                             f"{dist.world_size} processes")
         self.data = datasets
         self.out = Path(out)
         self.data_files = [str(p) for p in data_files]
         self.data_fingerprints = [fingerprint_hdf5(p) for p in self.data_files]
         self.callbacks = list(callbacks)
-        self.progress = progress
-        self.device = resolve_device(self.cfg.device)
+        self.progress = progress and dist.is_main
+        self.device = resolve_device(self.cfg.device, dist)
         torch.manual_seed(self.cfg.seed)
         self.policy = MaILPolicy(run.policy)
         self.policy.set_normalization(
             datasets.stats["actions"], datasets.stats["joint_positions"], datasets.stats.get("language")
         )
         self.policy.to(self.device).train()
+        self.model: torch.nn.Module = _Loss(self.policy)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+        self._stop_requested = False
+        self._worker_init = _worker_ignores_stop_signals if dist.enabled else None
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.cfg.lr)
         use_ema = self.cfg.ema if self.cfg.ema is not None else run.policy.head.kind == "ddpm"
         self.ema = EMA(self.policy, self.cfg.ema_decay) if use_ema else None
@@ -494,7 +560,9 @@ class Trainer:
     def epoch(self) -> int:
         return self.step // self.batches_per_epoch
 
-    def _save(self, name: str, with_state: bool) -> Path:
+    def _save(self, name: str, with_state: bool) -> Path | None:
+        if not self.dist.is_main:
+            return None
         extra = {"val_loss": self.last_val_loss, "train_loss": self.last_train_loss, "ema": self.ema is not None,
                  "data_files": self.data_files}
         return save_checkpoint(self.out / name, self.eval_policy, step=self.step, epoch=self.epoch, extra=extra,
@@ -579,17 +647,28 @@ class Trainer:
         was_training = policy.training
         policy.eval()
         total, count = 0.0, 0
-        loader = DataLoader(self.data.val, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+        # Under DDP each rank takes every world_size-th window; the sums are added over ranks.
+        windows = self.data.val
+        if self.dist.enabled:
+            windows = torch.utils.data.Subset(windows, range(self.dist.rank, len(windows), self.dist.world_size))
+        batch_size = max(1, self.cfg.batch_size // self.dist.world_size)
+        loader = DataLoader(windows, batch_size=batch_size, shuffle=False, num_workers=self.cfg.num_workers,
+                            worker_init_fn=self._worker_init)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed)
             for batch in loader:
-                loss, _ = policy.compute_loss(_to_device(batch, self.device))
+                with self._autocast():
+                    loss, _ = policy.compute_loss(_to_device(batch, self.device))
                 n = len(batch["actions"])
                 total += loss.item() * n
                 count += n
         policy.train(was_training)
+        total, count = all_sum(self.dist, [total, count], self.device)
         return total / count
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def mean_predictor_loss(self) -> float | None:
         """Validation loss of always predicting the training mean (BC: z-scored MSE); None for DDPM."""
@@ -605,17 +684,9 @@ class Trainer:
 
     def fit(self) -> TrainSummary:
         """Train up to ``total_steps``; Ctrl-C saves last/ and returns with ``interrupted=True``."""
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        csv_path = self.out / "log.csv"
-        new_csv = not csv_path.exists()
-        csv_file = open(csv_path, "a", newline="")
-        writer = csv.writer(csv_file)
-        if new_csv:
-            writer.writerow(["step", "epoch", "train_loss", "val_loss", "lr", "samples_per_s", "data_s", "compute_s", "elapsed_s"])
-        tb = SummaryWriter(str(self.out / "tensorboard"))
+        csv_file, writer, tb = self._open_logs()
         log.info("training %s (%s) on %s: %d parameters, %d train / %d val windows, %d steps",
                  self.run.policy.variant, self.run.policy.head.kind, self.device, self.policy.num_parameters()["total"],
                  len(self.data.train), len(self.data.val) if self.data.val else 0, self.total_steps)
@@ -624,31 +695,35 @@ class Trainer:
         start_step = self.step
         interrupted = False
         window_loss, window_n, data_s, compute_s, window_start = 0.0, 0, 0.0, 0.0, time.perf_counter()
+        previous_handlers = self._catch_stop_signals()
         try:
             while self.step < self.total_steps:
                 epoch = self.epoch
                 self.data.train.epoch = epoch
                 sampler = EpochBatchSampler(len(self.data.train), self.cfg.batch_size, self.cfg.seed, epoch,
-                                            skip=self.step % self.batches_per_epoch)
+                                            skip=self.step % self.batches_per_epoch, rank=self.dist.rank,
+                                            world_size=self.dist.world_size)
                 loader = DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                                    pin_memory=self.device.type == "cuda")
+                                    pin_memory=self.device.type == "cuda", worker_init_fn=self._worker_init)
                 fetch = time.perf_counter()
                 for batch in loader:
                     t0 = time.perf_counter()
                     data_s += t0 - fetch
-                    torch.manual_seed(_step_seed(self.cfg.seed, self.step))
+                    torch.manual_seed(_step_seed(self.cfg.seed, self.step, self.dist.rank))
                     lr = learning_rate(self.step, self.total_steps, self.cfg.lr, self.cfg.lr_schedule,
                                        self.cfg.warmup_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, metrics = self.policy.compute_loss(_to_device(batch, self.device))
+                    with self._autocast():
+                        loss, metrics = self.model(_to_device(batch, self.device))
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     self.optimizer.step()
                     if self.ema is not None:
                         self.ema.update(self.policy, self.step)
                     self.step += 1
-                    value = loss.item()
+                    # One all-reduce: the global batch's loss, and whether any rank was asked to stop.
+                    value, stop = all_mean(self.dist, [loss.item(), float(self._stop_requested)], self.device)
                     if not math.isfinite(value):
                         raise self._diverged(f"loss {value}")
                     fetch = time.perf_counter()
@@ -663,15 +738,16 @@ class Trainer:
                         val = None
                         if self.step % self.cfg.val_every == 0 or self.step == self.total_steps:
                             val = self._validate_and_keep_best()
-                        writer.writerow([self.step, self.epoch, f"{self.last_train_loss:.6g}", "" if val is None else f"{val:.6g}",
+                        if writer is not None:
+                            writer.writerow([self.step, self.epoch, f"{self.last_train_loss:.6g}", "" if val is None else f"{val:.6g}",
                                          f"{lr:.6g}", f"{rate:.1f}", f"{data_s:.3f}", f"{compute_s:.3f}",
                                          f"{time.perf_counter() - start:.1f}"])
-                        csv_file.flush()
-                        tb.add_scalar("train/loss", self.last_train_loss, self.step)
-                        tb.add_scalar("train/samples_per_s", rate, self.step)
-                        tb.add_scalar("train/lr", lr, self.step)
-                        if val is not None:
-                            tb.add_scalar("val/loss", val, self.step)
+                            csv_file.flush()
+                            tb.add_scalar("train/loss", self.last_train_loss, self.step)
+                            tb.add_scalar("train/samples_per_s", rate, self.step)
+                            tb.add_scalar("train/lr", lr, self.step)
+                            if val is not None:
+                                tb.add_scalar("val/loss", val, self.step)
                         bar.set_postfix(loss=f"{self.last_train_loss:.4f}",
                                         val="-" if self.last_val_loss is None else f"{self.last_val_loss:.4f}")
                         window_loss, window_n, data_s, compute_s, window_start = 0.0, 0, 0.0, 0.0, time.perf_counter()
@@ -681,15 +757,21 @@ class Trainer:
                         self._save("last", with_state=True)
                     for callback in self.callbacks:
                         callback(self, self.step, metrics)
+                    if stop:
+                        raise KeyboardInterrupt
                     if self.step >= self.total_steps:
                         break
         except KeyboardInterrupt:
             interrupted = True
-            log.warning("interrupted at step %d: saving %s", self.step, self.out / "last")
+            if self.dist.is_main:
+                log.warning("interrupted at step %d: saving %s", self.step, self.out / "last")
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             bar.close()
-            tb.close()
-            csv_file.close()
+            if csv_file is not None:
+                tb.close()
+                csv_file.close()
         self._save("last", with_state=True)
         seconds = time.perf_counter() - start
         summary = TrainSummary(
@@ -706,8 +788,39 @@ class Trainer:
             samples_per_second=(self.step - start_step) * self.cfg.batch_size / max(seconds, 1e-9),
             out=str(self.out),
         )
-        (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
         return summary
+
+    def _open_logs(self):
+        """(csv file, csv writer, TensorBoard writer) on rank 0; (None, None, None) on the other ranks."""
+        if not self.dist.is_main:
+            return None, None, None
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        csv_path = self.out / "log.csv"
+        new_csv = not csv_path.exists()
+        csv_file = open(csv_path, "a", newline="")
+        writer = csv.writer(csv_file)
+        if new_csv:
+            writer.writerow(["step", "epoch", "train_loss", "val_loss", "lr", "samples_per_s", "data_s", "compute_s", "elapsed_s"])
+        return csv_file, writer, SummaryWriter(str(self.out / "tensorboard"))
+
+    def _catch_stop_signals(self) -> dict:
+        """Under DDP, SIGINT/SIGTERM only ask to stop; the ranks agree on it in the next step's all-reduce.
+
+        A KeyboardInterrupt raised wherever a signal lands could leave one rank inside a collective
+        the others have left. One process keeps Python's KeyboardInterrupt. Returns the handlers
+        to put back.
+        """
+        if not self.dist.enabled:
+            return {}
+
+        def request_stop(signum, frame) -> None:
+            self._stop_requested = True
+
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     def _validate_and_keep_best(self) -> float | None:
         val = self.validate()
