@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import h5py
 import numpy as np
@@ -197,3 +199,23 @@ def test_lazy_fast_path_reads_what_h5py_reads(tmp_path, layout):
     for index in (slice(2, 6), slice(None), slice(9, 20), slice(5, 5), slice(-3, None), 0, 4, -1, np.int64(10),
                   slice(0, 10, 3), [1, 3]):
         np.testing.assert_array_equal(lazy[index], frames[index])
+
+
+def first_two(frames) -> np.ndarray:
+    return frames[0:2]
+
+
+def test_lazy_frames_never_read_a_replaced_file(tmp_path):
+    """Frames of a file replaced (by convert's rename) after its episodes were read: refused, not
+    mixed with the old actions; a handle opened before the replacement keeps reading the old file."""
+    path = tmp_path / "d.hdf5"
+    write_hdf5(path, demo_set([episode(5, 0), episode(5, 2)]))
+    first, second = (ep.images["wrist"] for ep in read_hdf5(path, lazy=True).episodes)
+    np.testing.assert_array_equal(first[0:2], episode(5, 0).images["wrist"][0:2])  # opens the file
+    write_hdf5(path, demo_set([episode(5, 1)]))
+    np.testing.assert_array_equal(second[0:2], episode(5, 2).images["wrist"][0:2])  # the old file, still open
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:  # e.g. a DataLoader worker
+        with pytest.raises(DataError, match="was replaced after its episodes were read"):
+            pool.submit(first_two, first).result()
+    new = read_hdf5(path, lazy=True).episodes[0].images["wrist"]
+    np.testing.assert_array_equal(new[0:2], episode(5, 1).images["wrist"][0:2])

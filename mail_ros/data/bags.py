@@ -184,7 +184,6 @@ class Trajectory:
     positions: list[np.ndarray] = field(default_factory=list)  # (P, D) in the order of `joints`
     joints: tuple[str, ...] = ()
     rename: dict[str, str] = field(default_factory=dict)  # message joint name -> ours (a leader's names)
-    kind: str = "command"  # the action source it stands for (teleop: a leader's trajectory)
 
     def __len__(self) -> int:
         return len(self.receive)
@@ -514,7 +513,7 @@ def arm_actions(config: BagConfig, topics: dict[str, str]) -> Trajectory | Measu
     if config.arm_source == "teleop" and topics.get(config.teleop_topic) == JOINT_STATE:
         return MeasuredArm("teleop", config.teleop_topic, config.arm_joints, rename,
                            max_state_gap=config.max_state_gap, max_stamp_lead=config.max_stamp_lead)
-    return Trajectory(config.arm_topic, joints=config.arm_joints, rename=rename, kind=config.arm_source)
+    return Trajectory(config.arm_topic, joints=config.arm_joints, rename=rename)
 
 
 def read_messages(reader: AnyReader, path: Path, topics: Iterable[str]):

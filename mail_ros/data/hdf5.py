@@ -69,10 +69,12 @@ class LazyFrames:
     """
 
     def __init__(self, path: str | Path, key: str, shape: tuple[int, ...], dtype: np.dtype,
-                 codec: str | None = None) -> None:
+                 codec: str | None = None, version: tuple[int, ...] | None = None) -> None:
         self.path, self.key = str(path), key
         self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
         self.codec = codec  # "gzip" / "raw": one frame per chunk (fast path); None: h5py slicing
+        # The file as it was read (see _file_version): frames are never read from a replaced file.
+        self.version = _file_version(self.path) if version is None else tuple(version)
 
     @classmethod
     def of(cls, path: str | Path, ds: h5py.Dataset) -> "LazyFrames":
@@ -82,7 +84,7 @@ class LazyFrames:
             plist = ds.id.get_create_plist()
             filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]  # the filter pipeline
             codec = "raw" if not filters else "gzip" if filters == [h5py.h5z.FILTER_DEFLATE] else None
-        return cls(path, ds.name, ds.shape, ds.dtype, codec)
+        return cls(path, ds.name, ds.shape, ds.dtype, codec, _file_version(path))
 
     @property
     def ndim(self) -> int:
@@ -92,7 +94,7 @@ class LazyFrames:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        ds = _dataset(os.getpid(), self.path, self.key)
+        ds = _dataset(os.getpid(), self.path, self.version, self.key)
         if self.codec is not None and isinstance(index, slice) and index.step in (None, 1):
             start, stop, _ = index.indices(self.shape[0])
             out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
@@ -122,27 +124,34 @@ class LazyFrames:
         return f"LazyFrames({self.path}:{self.key}, shape={self.shape})"
 
 
-_readers: dict[tuple[int, str], h5py.File] = {}
+_readers: dict[tuple[int, str, tuple[int, ...]], h5py.File] = {}
 _readers_lock = threading.Lock()
 
 
+def _file_version(path: str | Path) -> tuple[int, ...]:
+    """(device, inode, size, mtime ns): a file replaced in place (convert's atomic rename) differs."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=1024)
-def _dataset(pid: int, path: str, key: str) -> h5py.Dataset:
+def _dataset(pid: int, path: str, version: tuple[int, ...], key: str) -> h5py.Dataset:
     """An open dataset of this process (``pid`` keys out a forked parent's): looking one up by
     name costs as much as reading two frames. Bounded (an open image dataset holds ~50 KiB of
     HDF5 metadata once read, so at most ~50 MB), so memory does not grow with the episodes; 1024
     covers the demo set's 720 episodes x 2 cameras only in part, which costs a look-up per miss."""
-    return _reader(path)[key]
+    return _reader(path, version)[key]
 
 
-def _reader(path: str) -> h5py.File:
-    """This process's read handle on ``path``, opened on first use.
+def _reader(path: str, version: tuple[int, ...]) -> h5py.File:
+    """This process's read handle on ``path`` as it was when its episodes were read (``version``).
 
-    Keyed by process id: a forked DataLoader worker must not use its parent's HDF5 handle.
+    Keyed by process id: a forked DataLoader worker must not use its parent's HDF5 handle. A file
+    replaced since then is refused, not mixed with the episodes' actions read from the old one.
     ``rdcc_nbytes=0``: no per-dataset chunk cache; a window touches each frame once, and a cache
     per image dataset would grow with the number of episodes.
     """
-    key = (os.getpid(), path)
+    key = (os.getpid(), path, version)
     with _readers_lock:
         handle = _readers.get(key)
         if handle is None:
@@ -150,6 +159,9 @@ def _reader(path: str) -> h5py.File:
                 handle = h5py.File(path, "r", rdcc_nbytes=0)
             except OSError as exc:
                 raise DataError(f"{path}: cannot open as HDF5: {exc}") from exc
+            if _file_version(path) != version:
+                handle.close()
+                raise DataError(f"{path} was replaced after its episodes were read; read it again")
             _readers[key] = handle
         return handle
 
