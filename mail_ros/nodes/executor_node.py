@@ -120,7 +120,7 @@ class ExecutorNode(Node):
                              f"{self.safety.limits.position_max.round(3).tolist()}, got {self.home.tolist()}")
         self.watchdog = Watchdog(safety)
         self._homing_thread: threading.Thread | None = None
-        self.homing_result = ""  # how the last moveit_py homing ended (for the log, diagnostics and tests)
+        self.homing_result = ""  # how the last moveit_py homing ended (also logged)
         self.diagnostics = Diagnostics(self)
         self.gripper = GripperBridge(self, gripper_mode, gripper_topic, gripper_action_ns, close_below, open_above)
         # The gripper width is the last action column, unless the gripper is not driven at all.
