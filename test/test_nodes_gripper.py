@@ -6,6 +6,7 @@ that appears late. Skips, naming the folder, without ../shared/vendor/ros2."""
 from __future__ import annotations
 
 import mujoco
+import numpy as np
 import pytest
 import rclpy
 from rclpy.action import ActionClient, ActionServer, GoalResponse
@@ -198,27 +199,43 @@ def test_bridge_waits_for_a_late_server_and_retries_refused_goals(franka_msgs):
 
 
 def test_executor_auto_mode_drives_the_test_beds_hand(franka_msgs):
+    from std_msgs.msg import Header
+
+    from mail_ros.msg import ActionChunk, InstructionEmbedding
+    from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS
     from mail_ros.nodes.executor_node import ExecutorNode
     from mail_ros.sim.franka_sim import HOME_Q
-    from test_nodes_executor import FakeRobotAndPolicy
+    from mail_ros.spec import FR3_ARM_JOINTS, GRIPPER_ACTION_NAME
 
     with RosGraph() as graph:
-        sim = sim_node(graph, "/franka_gripper")
-        policy = FakeRobotAndPolicy(graph)
-        policy.publish_states = False  # the test bed publishes /joint_states
+        sim = sim_node(graph, "/franka_gripper")  # it publishes /joint_states
         executor = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(
             gripper_mode="auto", joint_state_timeout=0.5)))
         assert executor.gripper.mode == "franka"
-        wait_for(lambda: all(c.server_is_ready() for c in executor.gripper.clients.values()), TIMEOUT, "the servers",
-                 graph=graph)
-        wait_for(lambda: policy.chunk_pub.get_subscription_count() > 0, TIMEOUT, "the executor", graph=graph)
-        policy.set_goal("pick up the red cube")
+        policy = graph.node("policy_stand_in")
+        goal_pub = policy.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
+        chunk_pub = policy.create_publisher(ActionChunk, "/mail/action_chunk", PIPELINE_QOS)
+        goal = InstructionEmbedding(header=Header(stamp=policy.get_clock().now().to_msg()), text="pick up the red cube",
+                                    encoder="minilm:all-MiniLM-L6-v2", embedding=[0.0] * 4)
+        chunk_ids = iter(range(1, 1_000_000))
+
+        def send_chunk(width: float) -> None:
+            """Hold the arm where it stands, with this gripper width."""
+            chunk_pub.publish(ActionChunk(
+                header=Header(stamp=policy.get_clock().now().to_msg()), chunk_id=next(chunk_ids),
+                instruction=goal.text, instruction_stamp=goal.header.stamp, action_space="joint_position",
+                names=list(FR3_ARM_JOINTS) + [GRIPPER_ACTION_NAME], dt=0.1, horizon=8,
+                actions=[float(v) for v in np.tile(np.append(HOME_Q, width), (8, 1)).astype(np.float32).ravel()]))
+
+        wait_for(lambda: all(c.server_is_ready() for c in executor.gripper.clients.values())
+                 and chunk_pub.get_subscription_count() > 0, TIMEOUT, "the servers and the executor", graph=graph)
+        goal_pub.publish(goal)
         wait_for(lambda: executor.goal_id is not None, TIMEOUT, "the goal", graph=graph)
         cube_between_the_fingers(sim)
         # The policy closes the hand where the arm stands: a franka_gripper Grasp holds the cube.
-        wait_for(lambda: (policy.send_chunk(HOME_Q, width=0.0), executor.gripper.counters["succeeded"] >= 1)[1],
+        wait_for(lambda: (send_chunk(0.0), executor.gripper.counters["succeeded"] >= 1)[1],
                  TIMEOUT, "the grasp", graph=graph, period=0.1)
         assert DEFAULT_GRASP_WINDOW.holds(sim.sim.gripper_width()) and executor.gripper.counters["failed"] == 0
-        wait_for(lambda: (policy.send_chunk(HOME_Q, width=0.08), sim.sim.gripper_width() > 0.075)[1],
+        wait_for(lambda: (send_chunk(0.08), sim.sim.gripper_width() > 0.075)[1],
                  TIMEOUT, "the hand open", graph=graph, period=0.1)
         graph.shutdown()

@@ -9,15 +9,23 @@ absent and with a planner that fails, sends the min-jerk trajectory home.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import yaml
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Header
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
 
+from mail_ros.control.limits import fr3_limits
+from mail_ros.nodes.common import COMMAND_QOS
 from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
+from mail_ros.spec import FR3_ARM_JOINTS
 from mail_ros.nodes.homing import REQUIRED_KEYS, HomingFailed, MoveItApi, MoveItHoming, import_moveit
 from ros_harness import RosGraph, overrides, wait_for
-from test_nodes_executor import (CHUNK_TIMEOUT, JOINT_STATE_TIMEOUT, MAX_STEP, PERIOD, RATE, FakeRobotAndPolicy,
-                                 assert_within_limits, call_home)
 
 GROUP = "fr3_arm"
 
@@ -173,17 +181,48 @@ def test_moveit_py_absent_is_a_reason():
 
 
 # --- the executor over DDS ----------------------------------------------------------------------
+AWAY = np.asarray(FR3_HOME) + np.array([0.3, -0.2, 0.0, 0.2, 0.0, 0.0, 0.1])
+
+
+class StandingRobot:
+    """Joint states of an arm standing at AWAY; records the trajectories the executor sends."""
+
+    def __init__(self, graph: RosGraph):
+        self.node = graph.node("standing_robot")
+        self.trajectories: list[np.ndarray] = []
+        self.lock = threading.Lock()
+        self.joint_pub = self.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
+        self.node.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_command,
+                                      COMMAND_QOS)
+        self.node.create_timer(0.01, self._publish_state)
+
+    def _publish_state(self):
+        self.joint_pub.publish(JointState(header=Header(stamp=self.node.get_clock().now().to_msg()),
+                                          name=list(FR3_ARM_JOINTS), position=AWAY.tolist(), velocity=[0.0] * 7,
+                                          effort=[0.0] * 7))
+
+    def _on_command(self, msg: JointTrajectory):
+        with self.lock:
+            self.trajectories.append(np.array([p.positions for p in msg.points]))
+
+
 @pytest.fixture
 def homing_rig(config_file):
     graph = RosGraph()
-    robot = FakeRobotAndPolicy(graph)
+    robot = StandingRobot(graph)
     executor = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(
-        control_rate_hz=RATE, max_step_delta=MAX_STEP, chunk_timeout=CHUNK_TIMEOUT,
-        joint_state_timeout=JOINT_STATE_TIMEOUT, gripper_mode="trajectory", moveit_config_file=config_file)))
-    wait_for(lambda: robot.chunk_pub.get_subscription_count() > 0 and robot.joint_pub.get_subscription_count() > 0,
-             10, "executor subscriptions")
+        joint_state_timeout=0.5, gripper_mode="trajectory", moveit_config_file=config_file)))
+    wait_for(lambda: executor.measured is not None, 10, "joint states at the executor")
     yield robot, executor
     graph.shutdown()
+
+
+def call_home(robot: StandingRobot, executor: ExecutorNode) -> Trigger.Response:
+    client = robot.node.create_client(Trigger, f"/{executor.get_name()}/home")
+    wait_for(client.service_is_ready, 10, "the home service")
+    future = client.call_async(Trigger.Request())
+    wait_for(future.done, 10, "the home service's answer")
+    return future.result()
 
 
 @pytest.mark.ros
@@ -193,19 +232,16 @@ def test_executor_falls_back_to_min_jerk_homing(homing_rig, config_file, planner
     robot, executor = homing_rig
     if planner is not None:
         executor.homing = MoveItHoming(GROUP, config_file, api=api(planner))
-    away = np.asarray(FR3_HOME) + np.array([0.3, -0.2, 0.0, 0.2, 0.0, 0.0, 0.1])
-    robot.set_goal("pick up the red cube")
-    wait_for(lambda: executor.goal_id is not None, 10, "the goal")
-    robot.stream_until(away, away, 10.0)
     answer = call_home(robot, executor)
     assert answer.success and "moveit_py" in answer.message, answer.message
     wait_for(lambda: robot.trajectories, 10, "the min-jerk trajectory")
     assert reason in executor.homing_result and "min-jerk" in executor.homing_result, executor.homing_result
     with robot.lock:
         (trajectory,) = robot.trajectories
-        measured = robot.q.copy()
-    # From where the arm stands (it stopped when homing began) to home, within every limit.
-    assert np.abs(trajectory[0] - measured).max() <= MAX_STEP + 1e-6
+    # From where the arm stands to home, inside the margined limits, in small steps.
+    limits = fr3_limits().with_margins(position_margin=0.05, velocity_scale=0.5, acceleration_scale=0.5)
     np.testing.assert_allclose(trajectory[-1], FR3_HOME)
-    assert_within_limits(np.vstack([measured, trajectory]), np.arange(len(trajectory) + 1) * PERIOD)
+    assert np.abs(trajectory[0] - AWAY).max() < 0.05
+    assert np.all(trajectory >= limits.position_min - 1e-6) and np.all(trajectory <= limits.position_max + 1e-6)
+    assert np.abs(np.diff(np.vstack([AWAY, trajectory]), axis=0)).max() < 0.05
     assert not executor.enabled
