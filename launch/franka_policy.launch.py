@@ -10,14 +10,18 @@ use_fake_hardware, effort with PD gains on the real robot).
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from mail_ros.transport import fastdds_profile_environment
+
 ARGUMENTS = [
+    ("dds_profile", "", "Fast DDS XML profile for every process started here (empty = mail_ros/config/"
+     "fastdds_shm.xml, a shared-memory segment for camera images; 'none' = leave the environment as it is)"),
     ("robot_ip", "", "IP address of the FR3 (passed to franka_bringup)"),
     ("use_fake_hardware", "false", "Use franka_ros2's mock hardware (position-interface trajectory controller)"),
     ("load_gripper", "true", "Load the Franka Hand (passed to franka_bringup)"),
@@ -32,6 +36,17 @@ ARGUMENTS = [
     ("use_sim_time", "false", "Use /clock (bag replay, simulation)"),
     ("params_file", "", "Parameter file of the pipeline nodes (empty = mail_ros/config/pipeline.yaml)"),
 ]
+
+
+def apply_dds_profile(context):
+    """Set the Fast DDS profile variable of this distro (mail_ros.transport) unless the user has one."""
+    profile = LaunchConfiguration("dds_profile").perform(context)
+    if profile == "none":
+        return []
+    share = FindPackageShare("mail_ros")
+    profile = profile or PathJoinSubstitution([share, "config", "fastdds_shm.xml"]).perform(context)
+    return [SetEnvironmentVariable(name, value)
+            for name, value in fastdds_profile_environment(profile, context.environment).items()]
 
 
 def generate_launch_description():
@@ -55,6 +70,7 @@ def generate_launch_description():
         [DeclareLaunchArgument(name, default_value=default, description=description)
          for name, default, description in ARGUMENTS]
         + [
+            OpaqueFunction(function=apply_dds_profile),  # first: every process below inherits it
             IncludeLaunchDescription(
                 PythonLaunchDescriptionSource(
                     PathJoinSubstitution([FindPackageShare("franka_bringup"), "launch", "franka.launch.py"])),

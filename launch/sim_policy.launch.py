@@ -5,14 +5,18 @@
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from mail_ros.transport import fastdds_profile_environment
+
 ARGUMENTS = [
+    ("dds_profile", "", "Fast DDS XML profile for every process started here (empty = mail_ros/config/"
+     "fastdds_shm.xml, a shared-memory segment for camera images; 'none' = leave the environment as it is)"),
     ("checkpoint", "", "MaIL checkpoint directory"),
     ("device", "auto", "Torch device of the policy"),
     ("encoder", "minilm", "Text encoder of language_node"),
@@ -22,12 +26,24 @@ ARGUMENTS = [
 ]
 
 
+def apply_dds_profile(context):
+    """Set the Fast DDS profile variable of this distro (mail_ros.transport) unless the user has one."""
+    profile = LaunchConfiguration("dds_profile").perform(context)
+    if profile == "none":
+        return []
+    share = FindPackageShare("mail_ros")
+    profile = profile or PathJoinSubstitution([share, "config", "fastdds_shm.xml"]).perform(context)
+    return [SetEnvironmentVariable(name, value)
+            for name, value in fastdds_profile_environment(profile, context.environment).items()]
+
+
 def generate_launch_description():
     share = FindPackageShare("mail_ros")
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=default, description=description)
          for name, default, description in ARGUMENTS]
         + [
+            OpaqueFunction(function=apply_dds_profile),  # first: every process below inherits it
             Node(package="mail_ros", executable="franka_sim_node", name="franka_sim_node", output="screen",
                  parameters=[PathJoinSubstitution([share, "config", "franka_sim.yaml"]),
                              {"seed": LaunchConfiguration("seed")}]),
@@ -38,6 +54,7 @@ def generate_launch_description():
                     "device": LaunchConfiguration("device"),
                     "encoder": LaunchConfiguration("encoder"),
                     "executor_mode": LaunchConfiguration("executor_mode"),
+                    "dds_profile": LaunchConfiguration("dds_profile"),
                     "bringup": "false",
                 }.items(),
             ),

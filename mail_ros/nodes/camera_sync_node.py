@@ -177,6 +177,7 @@ class CameraSyncNode(Node):
                   "clock_resets": self.clock_resets}
         for stream in self.builder.streams:
             values[f"{stream}.rate_hz"] = f"{new_received[stream] / elapsed:.2f}"
+            values[f"{stream}.received"] = self.received[stream]  # since start: senders can compare counts
         for key, count in self.invalid.items():
             values[f"{key}.dropped"] = count
         values["sync"] = self.aligner.stats.to_dict()

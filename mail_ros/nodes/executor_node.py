@@ -17,6 +17,7 @@ than ``max_clock_skew`` are refused.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 
@@ -36,6 +37,7 @@ from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare,
                                    now_ns, now_seconds, run_node, stamp_ns, stamp_to_seconds)
 from mail_ros.nodes.gripper import GripperBridge
+from mail_ros.nodes.homing import HomingFailed, MoveItHoming
 from mail_ros.spec import GRIPPER_ACTION_NAME
 from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds
 
@@ -96,8 +98,10 @@ class ExecutorNode(Node):
         open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)")
         self.home = np.asarray(declare(self, "home_position", FR3_HOME, "Joint positions (rad) of the homing "
                                        "pose, inside the margined position limits"), dtype=np.float64)
-        self.moveit_group = declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing "
-                                    "when moveit_py is installed")
+        self.homing = MoveItHoming(
+            declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing with moveit_py"),
+            declare(self, "moveit_config_file", "", "YAML file of MoveItPy's config_dict (robot description, SRDF, "
+                    "kinematics, planning pipeline, controllers) for homing with moveit_py; '' = min-jerk homing"))
         safety = SafetyConfig(
             position_margin=declare(self, "position_margin", 0.05, "Clearance (rad) kept from each joint limit"),
             velocity_scale=declare(self, "velocity_scale", 0.5, "Fraction of the FR3 velocity limits used"),
@@ -119,6 +123,8 @@ class ExecutorNode(Node):
                              f"limits {self.safety.limits.position_min.round(3).tolist()} .. "
                              f"{self.safety.limits.position_max.round(3).tolist()}, got {self.home.tolist()}")
         self.watchdog = Watchdog(safety)
+        self._homing_thread: threading.Thread | None = None
+        self.homing_result = ""  # how the last moveit_py homing ended (also logged)
         self.diagnostics = Diagnostics(self)
         self.gripper = GripperBridge(self, gripper_mode, gripper_topic, gripper_action_ns, close_below, open_above)
         # The gripper width is the last action column, unless the gripper is not driven at all.
@@ -251,38 +257,66 @@ class ExecutorNode(Node):
             response.success, response.message = False, f"not homing: {refusal}"
             self.get_logger().error(response.message)
             return response
-        try:
-            from moveit.core.robot_state import RobotState
-            from moveit.planning import MoveItPy
-        except ImportError:
-            try:
-                points = self._homing_trajectory()
-            except SafetyError as exc:
-                response.success, response.message = False, f"not homing: {exc}"
-                self.get_logger().error(response.message)
+        if self.homing.configured:
+            if self._homing_thread is not None and self._homing_thread.is_alive():
+                response.success, response.message = False, "not homing: homing with moveit_py is under way"
                 return response
+            # MoveIt plans and executes for seconds: on a thread of its own, while this node's
+            # callbacks go on (joint states stay fresh for a fallback); ticks pause until re-enabled.
             self.enabled = False
             self._stop_commanding("homing")
-            self._publish_points(points, self.period)
+            self.gripper.home()
+            self._homing_thread = threading.Thread(target=self._home_with_moveit, name="moveit_homing", daemon=True)
+            self._homing_thread.start()
             response.success = True
-            response.message = (f"moveit_py not installed: homing with a {len(points) * self.period:.1f} s "
-                                "min-jerk trajectory; executor paused until 'enabled' is set again")
+            response.message = ("homing with moveit_py (the min-jerk trajectory if it fails; see the log); executor "
+                                "paused until 'enabled' is set again")
+            return response
+        try:
+            points = self._homing_trajectory()
+        except SafetyError as exc:
+            response.success, response.message = False, f"not homing: {exc}"
+            self.get_logger().error(response.message)
             return response
         self.enabled = False
         self._stop_commanding("homing")
-        robot = MoveItPy(node_name="mail_ros_homing")
-        arm = robot.get_planning_component(self.moveit_group)
-        arm.set_start_state_to_current_state()
-        goal = RobotState(robot.get_robot_model())
-        goal.set_joint_group_positions(self.moveit_group, self.home)
-        arm.set_goal_state(robot_state=goal)
-        plan = arm.plan()
-        if not plan:
-            response.success, response.message = False, "moveit_py found no plan to the home pose"
-            return response
-        robot.execute(plan.trajectory, controllers=[])
-        response.success, response.message = True, "homed with moveit_py; executor paused until re-enabled"
+        self.gripper.home()
+        self._publish_points(points, self.period)
+        response.success = True
+        response.message = (f"min-jerk homing ({self.homing.unavailable_reason}) over {len(points) * self.period:.1f} s; "
+                            "executor paused until 'enabled' is set again")
         return response
+
+    def _home_with_moveit(self) -> None:
+        """The moveit_homing thread: moveit_py, or the min-jerk trajectory from the measured state."""
+        try:
+            self.homing.home(self.home)
+        except HomingFailed as exc:
+            reason = str(exc)
+        else:
+            self.homing_result = "homed with moveit_py"
+            self.get_logger().info(self.homing_result)
+            return
+        decision = self.watchdog.decide(now_seconds(self), self.count_publishers(self.command_topic))
+        if self.enabled:
+            self.homing_result = f"moveit_py failed ({reason}); not falling back: the executor was re-enabled"
+        elif decision.verdict is Verdict.STOP:
+            self.homing_result = f"moveit_py failed ({reason}); not falling back: {decision.reason}"
+        else:
+            try:
+                # Not commanding since homing began, so from the measured state, at rest by now.
+                points = self._homing_trajectory()
+            except SafetyError as exc:
+                self.homing_result = f"moveit_py failed ({reason}); not falling back: {exc}"
+            else:
+                if not self.context.ok():
+                    return  # shut down while MoveIt ran: nothing may be published any more
+                self._publish_points(points, self.period)
+                self.homing_result = (f"moveit_py failed ({reason}); homing with a {len(points) * self.period:.1f} s "
+                                      "min-jerk trajectory instead")
+                self.get_logger().warning(self.homing_result)
+                return
+        self.get_logger().error(self.homing_result)
 
     def _homing_trajectory(self) -> np.ndarray:
         """(N, 7) targets one period apart: brake the commanded motion to rest, then a min-jerk ramp home."""

@@ -3,7 +3,9 @@
 Publishes /joint_states (fr3_joint1..7 + fingers) and /cameras/<name>/image_raw at their rates
 with stamps of the simulated time, accepts /fr3_arm_controller/joint_trajectory with joint
 trajectory controller semantics (invalid trajectories are rejected with a log; the arm holds),
-a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), and offers ~/reset and
+a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), franka_gripper's
+actions (/franka_gripper/move, grasp, homing and the /franka_gripper/stop service, with
+franka_gripper's semantics: see :mod:`mail_ros.sim.gripper`) when franka_msgs is installed, and offers ~/reset and
 ~/task_success (std_srvs/Trigger; the task is the latest /mail/instruction; the message is
 "success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the blue cube's centre, ...").
 
@@ -35,6 +37,7 @@ from mail_ros.nodes.common import (COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics,
                                    seconds_to_stamp, stamp_to_seconds)
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
+from mail_ros.sim.gripper import GoalKind, GripperActions, GripperGoal, homing_goal
 from mail_ros.sim.jtc import TrajectoryRejected
 from mail_ros.sim.tasks import Task, TaskError
 from mail_ros.spec import GRIPPER_COMMAND_JOINT, GRIPPER_COMMAND_PER_WIDTH
@@ -42,6 +45,7 @@ from mail_ros.sync.image import rgb_to_image_fields
 
 # Simulated time starts here rather than at 0, so stamps are never the "unset" zero stamp.
 CLOCK_EPOCH = 1000.0
+GRIPPER_FEEDBACK_PERIOD = 1.0 / 30.0  # s (wall); franka_gripper's feedback_publish_rate is 30 Hz
 
 
 class FrankaSimNode(Node):
@@ -57,8 +61,12 @@ class FrankaSimNode(Node):
         height = declare(self, "image_height", CAMERA_SIZE[0], "Rendered image height")
         width = declare(self, "image_width", CAMERA_SIZE[1], "Rendered image width")
         self.step_period = declare(self, "physics_period", 0.01, "Simulated seconds advanced per loop iteration")
+        gripper_namespace = declare(self, "gripper_action_namespace", "/franka_gripper", "Where to serve "
+                                    "franka_gripper's move, grasp and homing actions and stop service when "
+                                    "franka_msgs is installed ('' = not at all)")
         self.sim = FrankaSim(SimConfig(cameras=tuple(cameras), image_size=(height, width)))
         self.sim.reset(self.seed)
+        self.gripper_actions = GripperActions(self.sim)
         self.episode_seed = self.seed
         self.task: Task | None = None
         self.judged_task: Task | None = None  # from ~/task, overrides `task` until the next reset
@@ -80,10 +88,14 @@ class FrankaSimNode(Node):
         self.create_subscription(String, "~/task", self._on_task, GOAL_QOS)
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/task_success", self._on_task_success)
+        self.gripper_server = FrankaGripperServer.create(self, gripper_namespace) if gripper_namespace else None
         self._thread = threading.Thread(target=self._loop, name="franka_sim", daemon=True)
         self._thread.start()
+        served = (f"franka_gripper actions under {gripper_namespace}" if self.gripper_server else
+                  "no franka_gripper actions (franka_msgs is not installed)" if gripper_namespace else
+                  "no franka_gripper actions (gripper_action_namespace is empty)")
         self.get_logger().info(f"simulated FR3 with cameras {list(cameras)} at {self.camera_rate:g} Hz, "
-                               f"{'owning /clock' if self.publish_clock else 'real time'}, seed {self.seed}")
+                               f"{'owning /clock' if self.publish_clock else 'real time'}, seed {self.seed}; {served}")
 
     # --- time -----------------------------------------------------------------------------------
     def now(self) -> float:
@@ -103,6 +115,7 @@ class FrankaSimNode(Node):
                     wall_start, sim_start = time.monotonic(), self.sim.time
                 self.sim.step(self.step_period)
                 sim_time = self.sim.time
+                self.gripper_actions.update(sim_time)
                 if self.clock_publisher is not None:
                     self.clock_publisher.publish(Clock(clock=seconds_to_stamp(self.now())))
                 if sim_time + 1e-9 >= next_joint:
@@ -158,6 +171,8 @@ class FrankaSimNode(Node):
             return
         width = msg.points[-1].positions[0] / GRIPPER_COMMAND_PER_WIDTH
         with self._lock:
+            if self.gripper_actions.running is not None:
+                self.gripper_actions.stop(error="stopped by a command on /fr3_gripper/joint_trajectory")
             try:
                 if width < 0.5 * self.sim.gripper_width():
                     self.sim.grasp()
@@ -191,6 +206,7 @@ class FrankaSimNode(Node):
                 # ROS time keeps going forward across episodes (with a 1 s gap between them).
                 self.epoch_offset += self.sim.time + 1.0
             self.episode_seed += 1
+            self.gripper_actions.stop(error="the simulation was reset")
             self.sim.reset(self.episode_seed)
             self._was_reset = True
         response.success, response.message = True, f"reset with seed {self.episode_seed}"
@@ -211,11 +227,84 @@ class FrankaSimNode(Node):
     def destroy_node(self):
         self._running = False
         self._thread.join(timeout=5.0)
+        with self._lock:  # a gripper goal waiting for the loop would wait forever
+            self.gripper_actions.stop(error="the simulator is shutting down")
         return super().destroy_node()
 
 
+class FrankaGripperServer:
+    """franka_gripper's actions and stop service on the simulated hand: a thin edge over
+    :class:`mail_ros.sim.gripper.GripperActions` (which holds the semantics)."""
+
+    @classmethod
+    def create(cls, node: FrankaSimNode, namespace: str) -> FrankaGripperServer | None:
+        """The server, or None (logged) when franka_msgs is not installed."""
+        try:
+            from franka_msgs.action import Grasp, Homing, Move
+            from rclpy.action import ActionServer, CancelResponse
+        except ImportError as exc:
+            node.get_logger().info(f"not serving franka_gripper actions: franka_msgs (franka_ros2) is not installed ({exc})")
+            return None
+        return cls(node, namespace.rstrip("/"), (Homing, Move, Grasp), ActionServer, CancelResponse)
+
+    def __init__(self, node: FrankaSimNode, namespace: str, types, action_server, cancel_response) -> None:
+        from rclpy.callback_groups import ReentrantCallbackGroup
+
+        self.node = node
+        self.types = dict(zip((GoalKind.HOMING, GoalKind.MOVE, GoalKind.GRASP), types))
+        # Goals block their execute callback until the hand settles (as franka_gripper's do): a
+        # reentrant group keeps the node's other callbacks (and a stop request) running meanwhile.
+        group = ReentrantCallbackGroup()
+        self.servers = [
+            action_server(node, action_type, f"{namespace}/{kind.value}", execute_callback=self._executor(kind),
+                          cancel_callback=lambda _request: cancel_response.ACCEPT, callback_group=group)
+            for kind, action_type in self.types.items()]
+        node.create_service(Trigger, f"{namespace}/stop", self._on_stop, callback_group=group)
+
+    @staticmethod
+    def _goal(kind: GoalKind, request) -> GripperGoal:
+        if kind is GoalKind.HOMING:
+            return homing_goal()
+        if kind is GoalKind.MOVE:
+            return GripperGoal(kind, width=request.width, speed=request.speed)
+        return GripperGoal(kind, width=request.width, speed=request.speed, force=request.force,
+                           epsilon_inner=request.epsilon.inner, epsilon_outer=request.epsilon.outer)
+
+    def _executor(self, kind: GoalKind):
+        return lambda goal_handle: self._execute(kind, goal_handle)
+
+    def _execute(self, kind: GoalKind, goal_handle):
+        node, actions, action_type = self.node, self.node.gripper_actions, self.types[kind]
+        with node._lock:
+            run = actions.start(self._goal(kind, goal_handle.request), node.sim.time)
+        feedback = action_type.Feedback()
+        while not run.finished.wait(GRIPPER_FEEDBACK_PERIOD):
+            with node._lock:
+                if goal_handle.is_cancel_requested and actions.running is run:
+                    actions.stop(canceled=True)
+                feedback.current_width = node.sim.gripper_width()
+            goal_handle.publish_feedback(feedback)
+        outcome = run.outcome
+        if outcome.canceled:
+            goal_handle.canceled()
+        elif outcome.success:
+            goal_handle.succeed()
+        else:
+            goal_handle.abort()
+        if outcome.error:
+            node.get_logger().warning(f"gripper {kind.value} failed: {outcome.error}")
+        return action_type.Result(success=outcome.success, error=outcome.error)
+
+    def _on_stop(self, request, response):
+        with self.node._lock:
+            self.node.gripper_actions.stop()
+        response.success, response.message = True, ""
+        return response
+
+
 def main(argv=None) -> int:
-    return run_node(FrankaSimNode, argv)
+    # Gripper goals hold an executor thread until the hand settles (see FrankaGripperServer).
+    return run_node(FrankaSimNode, argv, threads=4)
 
 
 if __name__ == "__main__":

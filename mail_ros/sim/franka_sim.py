@@ -371,6 +371,14 @@ class FrankaSim:
             raise SimError(f"grasp force must be within (0, {GRIPPER_MAX_FORCE}] N, got {force}")
         self._command_gripper(0.0, speed, force)
 
+    def stop_gripper(self) -> None:
+        """Halt the fingers where they are now (franka_gripper's stop), keeping the current force limit."""
+        self._gripper_target = self._gripper_command = float(np.clip(self.gripper_width(), 0.0, FR3_GRIPPER_MAX_WIDTH))
+
+    def gripper_command_done(self) -> bool:
+        """Whether the commanded width has reached its target (the fingers may still be moving)."""
+        return self._gripper_command == self._gripper_target
+
     def _command_gripper(self, width: float, speed: float, force: float) -> None:
         if not (math.isfinite(width) and 0.0 <= width <= FR3_GRIPPER_MAX_WIDTH):
             raise SimError(f"gripper width must be within [0, {FR3_GRIPPER_MAX_WIDTH}] m, got {width}")
