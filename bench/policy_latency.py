@@ -1,10 +1,13 @@
-"""Latency of MaILPolicy.predict_chunk: variant x head x DDPM time-token layout x history T x device.
+"""Latency of MaILPolicy.predict_chunk: variant x head x DDPM time-token layout x history T x device x backend.
 
 Each row runs in a fresh Python process (so its peak memory is its own) and simulates
 open-loop chunk execution: every call sees a history window moved forward by A frames, so
 min(A, T) new frames per camera are encoded per call and the rest come from the frame cache.
 
 Columns:
+  backend        Mamba variants on CPU run twice: "kernel" (the fused CPU kernel, the default) and
+                 "ref" (the PyTorch reference scan, MAIL_ROS_CPU_KERNEL=0 in the row's process);
+                 "cuda" for mamba_ssm's kernels, "-" for Transformers
   time           DDPM time-token layout (head.time_token): "first" (reference MaIL layout, the
                  K step contexts prefilled in one batched pass) or "after_obs"
                  ("after_observations": observation prefix prefilled once per chunk, each step
@@ -16,17 +19,23 @@ Columns:
   peak MB        CPU: peak RSS of the row's process (model included); CUDA: peak allocated
   ratio          Mamba variant / its Transformer twin (d_ma/d_tr, ed_ma/ed_tr) with the same
                  layout, same run, on chunk p50 and on the best of seq/plain p50
+  kernel x       on "kernel" rows: the "ref" row's chunk p50 / this row's (same run)
 
 Examples:
   .venv/bin/python bench/policy_latency.py --quick
   .venv/bin/python bench/policy_latency.py --variants d_ma,d_tr --heads ddpm --T 5,200 --repeats 5
   .venv/bin/python bench/policy_latency.py --quick --size demo --time-tokens after_observations
   .venv/bin/python bench/policy_latency.py --devices cpu,cuda --size paper-goal --json out.json
+  .venv/bin/python bench/policy_latency.py --size demo --variants d_ma --heads bc --backends kernel,ref
+
+On a CPU shared with other work, use --threads 1: with 2 OpenMP threads, a descheduled thread
+stalls the other at every parallel region and rows vary by 10x (both families alike).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -36,6 +45,7 @@ import sys
 import time
 
 TWINS = {"d_ma": "d_tr", "ed_ma": "ed_tr"}
+BACKENDS = ("kernel", "ref")
 SHORT = {"after_observations": "after_obs"}
 
 
@@ -112,8 +122,11 @@ def run_row(row: dict) -> dict:
 
 
 def _run_isolated(row: dict) -> dict:
+    env = dict(os.environ)
+    if row["backend_choice"] == "ref":
+        env["MAIL_ROS_CPU_KERNEL"] = "0"  # the kernel's documented switch
     out = subprocess.run(
-        [sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--row", json.dumps(row)], capture_output=True, text=True, check=False, env=env
     )
     if out.returncode != 0:
         raise RuntimeError(f"row {row} failed:\n{out.stderr[-2000:]}")
@@ -121,9 +134,12 @@ def _run_isolated(row: dict) -> dict:
 
 
 def _ratios(results: list[dict]) -> None:
-    index = {(r["variant"], r["head"], r["time_token"], r["T"], r["device"]): r for r in results}
+    index = {(r["variant"], r["head"], r["time_token"], r["T"], r["device"], r["backend_choice"]): r for r in results}
     for r in results:
-        twin = index.get((TWINS.get(r["variant"]), r["head"], r["time_token"], r["T"], r["device"]))
+        key = (r["head"], r["time_token"], r["T"], r["device"])
+        twin = index.get((TWINS.get(r["variant"]), *key, "-"))
+        reference = index.get((r["variant"], *key, "ref")) if r["backend_choice"] == "kernel" else None
+        r["kernel_speedup"] = None if reference is None else reference["chunk_p50"] / r["chunk_p50"]
         if twin is None:
             r["ratio_chunk"] = r["ratio_seq"] = None
             continue
@@ -133,17 +149,20 @@ def _ratios(results: list[dict]) -> None:
 
 def _print_table(results: list[dict]) -> None:
     header = (
-        f"{'variant':7} {'head':4} {'time':9} {'T':>4} {'device':6} {'params':>11} {'chunk p50':>10} {'p99':>9} "
-        f"{'seq p50':>9} {'plain p50':>10} {'peak MB':>8} {'ratio chunk':>11} {'ratio seq':>9}"
+        f"{'variant':7} {'backend':7} {'head':4} {'time':9} {'T':>4} {'device':6} {'params':>11} {'chunk p50':>10} "
+        f"{'p99':>9} {'seq p50':>9} {'plain p50':>10} {'peak MB':>8} {'ratio chunk':>11} {'ratio seq':>9} "
+        f"{'kernel x':>8}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         ratio = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
         print(
-            f"{r['variant']:7} {r['head']:4} {SHORT.get(r['time_token'], r['time_token']):9} {r['T']:>4} {r['device']:6} {r['params']:>11,} "
+            f"{r['variant']:7} {r['backend_choice']:7} {r['head']:4} {SHORT.get(r['time_token'], r['time_token']):9} "
+            f"{r['T']:>4} {r['device']:6} {r['params']:>11,} "
             f"{r['chunk_p50']:>10.1f} {r['chunk_p99']:>9.1f} {r['seq_p50']:>9.1f} {r['plain_p50']:>10.1f} "
-            f"{r['peak_mb']:>8.0f} {ratio(r['ratio_chunk']):>11} {ratio(r['ratio_seq']):>9}"
+            f"{r['peak_mb']:>8.0f} {ratio(r['ratio_chunk']):>11} {ratio(r['ratio_seq']):>9} "
+            f"{ratio(r['kernel_speedup']):>8}"
         )
 
 
@@ -158,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         help="DDPM time-token layouts (head.time_token) for the decoder-only variants",
     )
     parser.add_argument("--devices", default="cpu", help="cpu and/or cuda")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS),
+        help="Mamba backends on CPU: kernel (fused CPU kernel) and/or ref (PyTorch reference scan)",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
@@ -165,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not set(args.backends.split(",")) <= set(BACKENDS):
+        parser.error(f"--backends takes {' and/or '.join(BACKENDS)}, got {args.backends!r}")
     if args.row:
         print(json.dumps(run_row(json.loads(args.row))))
         return 0
@@ -183,11 +208,19 @@ def main(argv: list[str] | None = None) -> int:
                             "time_token": time_token, "T": T, "device": device, "repeats": args.repeats,
                             "warmup": args.warmup, "threads": args.threads,
                         }
-                        results.append(_run_isolated(row))
-                        print(
-                            f"  {row['preset']} time={time_token} T={T} {device}: "
-                            f"chunk p50 {results[-1]['chunk_p50']:.1f} ms", file=sys.stderr, flush=True,
-                        )
+                        if variant not in TWINS:
+                            choices = ["-"]
+                        elif device == "cpu":
+                            choices = args.backends.split(",")
+                        else:
+                            choices = ["cuda"]
+                        for choice in choices:
+                            results.append(_run_isolated(copy.deepcopy(row) | {"backend_choice": choice}))
+                            print(
+                                f"  {row['preset']} backend={choice} time={time_token} T={T} {device}: "
+                                f"chunk p50 {results[-1]['chunk_p50']:.1f} ms ({results[-1]['backend']})",
+                                file=sys.stderr, flush=True,
+                            )
     _ratios(results)
     print(f"size {args.size}, torch threads {args.threads}, backends: {sorted({r['backend'] for r in results})}")
     _print_table(results)
