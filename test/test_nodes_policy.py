@@ -18,6 +18,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from mail_ros.cli import main as cli_main
+from mail_ros.model.mamba import BACKEND_CPU
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, now_seconds, seconds_to_stamp
@@ -260,3 +261,13 @@ def test_language_node_survives_an_encoder_failure():
         assert embeddings[-1].text == "pick up the blue cube" and len(embeddings[-1].embedding) == 384
     finally:
         graph.shutdown()
+
+
+def test_the_sequence_backend_is_reported_on_diagnostics(running):
+    graph, client, policy = running
+    # The tiny checkpoint is a D-Ma on the CPU: the fused kernel runs (test_model_cpu_kernel.py
+    # covers the fallback to the reference and its reason in the same report).
+    expected = f"Mamba: {BACKEND_CPU}"
+    assert policy.policy.backend == expected
+    wait_for(lambda: any(k.key == "backend" and k.value == expected for s in list(client.diagnostics)
+                         if "policy_node" in s.name for k in s.values), 10, "the backend on /diagnostics", graph=graph)

@@ -96,7 +96,6 @@ class PolicyNode(Node):
     def _load(self, device: str) -> None:
         import torch
 
-        from mail_ros.model.mamba import mamba_backend
         from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config
 
         if device == "auto":
@@ -125,11 +124,11 @@ class PolicyNode(Node):
         if device.startswith("cuda"):
             memory = f", GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         self.get_logger().info(
-            f"loaded {self.checkpoint_dir} on {device} ({mamba_backend(torch.device(device))}); cameras "
+            f"loaded {self.checkpoint_dir} on {device} ({self.policy.backend}); cameras "
             f"{self.config['cameras']}, T={self.config['obs_horizon']}, A={self.config['action_horizon']}, "
             f"warm-up chunk {latency * 1e3:.1f} ms{memory}")
         self.diagnostics.set(OK, "policy loaded; waiting for a goal", device=device,
-                             warmup_ms=f"{latency * 1e3:.1f}")
+                             backend=self.policy.backend, warmup_ms=f"{latency * 1e3:.1f}")
 
     def _warm_up(self) -> float:
         """Run a few chunks on synthetic input (allocations, kernels) and return the last latency.

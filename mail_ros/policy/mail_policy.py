@@ -57,7 +57,7 @@ from torch import nn
 
 from mail_ros.model.backbone import build_sequence_model, select_state
 from mail_ros.model.diffusion import CosineDDPM, TimeEmbedding
-from mail_ros.model.mamba import mamba_backend
+from mail_ros.model.mamba import mamba_backend_report
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.action_frame import ActionFrame
 from mail_ros.policy.config import PolicyConfig
@@ -186,7 +186,7 @@ class MaILPolicy(nn.Module):
     def backend(self) -> str:
         """Which implementation runs the sequence model on the current device (for logs)."""
         if self.config.backbone.kind == "mamba":
-            return f"Mamba: {mamba_backend(self.device)}"
+            return f"Mamba: {mamba_backend_report(self.device)}"
         return "Transformer: torch scaled_dot_product_attention"
 
     def num_parameters(self) -> dict[str, int]:
