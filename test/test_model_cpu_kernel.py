@@ -110,6 +110,53 @@ def test_kernel_takes_strided_rows_and_delta_as_given(kernel):
     torch.testing.assert_close(state, last_ref, **TOL)
 
 
+def test_kernel_applies_the_low_rank_dt_projection_and_a_log(kernel):
+    # The layer's call: dt (B, L, R) and B, C as strided views of one x_proj output, dt_proj's
+    # weight (E, R) and A_log instead of A.
+    u, _, dt_bias, A, _, _, D, z, h0 = scan_inputs(2, 13, 70, 16, seed=5)
+    g = torch.Generator().manual_seed(5)
+    x_dbl = torch.randn(2, 13, 5 + 2 * 16, generator=g)
+    dt_low, B, C = x_dbl.split([5, 16, 16], dim=-1)
+    weight = torch.randn(70, 5, generator=g) / 3
+    state = h0.clone()
+    y = kernel.selective_scan(u, dt_low, dt_bias, torch.log(-A), B, C, D, z, state, dt_weight=weight,
+                              a_is_log=True)
+    y_ref, last_ref = reference(u, F.linear(dt_low, weight), dt_bias, A, B, C, D, z, h0)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, last_ref, **TOL)
+    with pytest.raises(ValueError, match="does not match"):
+        kernel.selective_scan(u, dt_low, dt_bias, A, B, C, D, z, h0.clone())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    length=st.one_of(st.just(1), st.integers(2, 70)),
+    channels=st.integers(1, 70),
+    width=st.sampled_from([2, 3, 4]),
+    with_state=st.booleans(),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_kernel_matches_torch_conv1d(kernel, batch, length, channels, width, with_state, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, channels, generator=g)
+    state = torch.randn(batch, channels, width, generator=g) if with_state else None
+    weight = torch.randn(channels, width, generator=g)
+    bias = torch.randn(channels, generator=g) if with_bias else None
+    # Reference: the conv inputs with their K - 1 predecessors, F.conv1d, silu.
+    context = torch.zeros(batch, channels, width - 1) if state is None else state[..., 1:]
+    window = torch.cat([context, x.transpose(1, 2)], dim=-1)  # (B, E, K - 1 + L)
+    expected = F.silu(F.conv1d(window, weight[:, None], bias, groups=channels)).transpose(1, 2)
+    new_state = torch.full((batch, channels, width), float("nan"))
+    out = kernel.causal_conv_silu(x, state, weight, bias, new_state)
+    torch.testing.assert_close(out, expected, **TOL)
+    torch.testing.assert_close(new_state, window[..., -width:])
+    if state is not None:  # in place, as Mamba.step uses it
+        kernel.causal_conv_silu(x, state, weight, bias, state)
+        torch.testing.assert_close(state, window[..., -width:])
+
+
 def test_softplus_matches_torch_over_its_range(kernel):
     # One step with A = 0, u = B = 1 and a zero state leaves delta = softplus(dt) in the state;
     # one channel per value of dt.

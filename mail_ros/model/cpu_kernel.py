@@ -54,8 +54,8 @@ FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=
          "-shared", "-fopenmp")
 BUILD_TIMEOUT_S = 120.0
 
-# The entry points take their arguments (see the C source; at most 28) as one int64 array.
-_Args = ctypes.c_int64 * 28
+# The entry points take their arguments (see the C source; at most 31) as one int64 array.
+_Args = ctypes.c_int64 * 31
 
 
 def cache_dir() -> Path:
@@ -157,13 +157,17 @@ class CpuKernel:
         z: torch.Tensor | None,
         state: torch.Tensor,
         dt_softplus: bool = True,
+        dt_weight: torch.Tensor | None = None,
+        a_is_log: bool = False,
     ) -> torch.Tensor:
         """Fused scan; ``state`` is read and overwritten IN PLACE.
 
         Args:
             u, dt: (B, L, E) scan input and step size before ``dt_bias`` and softplus (with
-                ``dt_softplus=False``: delta itself).
-            dt_bias: (E,) or None; A: (E, N) negative; B, C: (B, L, N); D: (E,) or None.
+                ``dt_softplus=False``: delta itself). With ``dt_weight`` (E, R), dt is (B, L, R)
+                and the step size is ``dt @ dt_weight.T`` (the layer's dt_proj without bias).
+            dt_bias: (E,) or None; A: (E, N) negative, or log(-A) with ``a_is_log`` (the
+                layer's A_log); B, C: (B, L, N); D: (E,) or None.
             z: (B, L, E) gate (y is multiplied by silu(z)) or None.
             state: (B, E, N) contiguous float32: the state before the first step, replaced by
                 the state after the last.
@@ -176,13 +180,17 @@ class CpuKernel:
         _check_state("state", state, (batch, channels, d_state))
         u, dt, B, C = _rows(u), _rows(dt), _rows(B), _rows(C)
         z = None if z is None else _rows(z)
-        A, D, dt_bias = _flat(A), _flat(D), _flat(dt_bias)
+        A, D, dt_bias, dt_weight = _flat(A), _flat(D), _flat(dt_bias), _flat(dt_weight)
+        if dt.shape[-1] != (channels if dt_weight is None else dt_weight.shape[1]):
+            raise ValueError(f"dt of shape {tuple(dt.shape)} does not match u {tuple(u.shape)} "
+                             f"and dt_weight {None if dt_weight is None else tuple(dt_weight.shape)}")
         y = torch.empty(batch, length, channels, dtype=torch.float32)
         self._scan(_Args(
             batch, length, channels, d_state,
             _ptr(u), *_strides(u), _ptr(dt), *_strides(dt), _ptr(dt_bias), int(dt_softplus), _ptr(A),
             _ptr(B), *_strides(B), _ptr(C), *_strides(C), _ptr(D), _ptr(z), *_strides(z),
             _ptr(state), _ptr(y), *_strides(y), torch.get_num_threads(),
+            _ptr(dt_weight), 0 if dt_weight is None else dt_weight.shape[1], int(a_is_log),
         ))
         return y
 

@@ -305,9 +305,9 @@ class Mamba(nn.Module):
             # The kernel updates a contiguous float32 state in place; others go through a copy.
             state = ssm_state if ssm_state.dtype == torch.float32 and ssm_state.is_contiguous() \
                 else ssm_state.to(torch.float32, memory_format=torch.contiguous_format)
-            y = cpu.selective_scan(u[:, None], F.linear(dt, self.dt_proj.weight)[:, None], self.dt_proj.bias,
-                                   -torch.exp(self.A_log), B[:, None], C[:, None], self.D, z[:, None],
-                                   state)[:, 0].to(u.dtype)  # (B, E)
+            y = cpu.selective_scan(u[:, None], dt[:, None], self.dt_proj.bias, self.A_log, B[:, None],
+                                   C[:, None], self.D, z[:, None], state, dt_weight=self.dt_proj.weight,
+                                   a_is_log=True)[:, 0].to(u.dtype)  # (B, E)
             if state is not ssm_state:
                 ssm_state.copy_(state)
         else:
@@ -426,9 +426,9 @@ class Mamba(nn.Module):
             last = u.new_zeros(batch, self.d_inner, self.d_state, dtype=torch.float32)
         else:
             last = ssm_state.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        # The kernel adds the dt bias, applies softplus and the silu(z) gate itself.
-        y = cpu.selective_scan(u, F.linear(dt, self.dt_proj.weight), self.dt_proj.bias,
-                               -torch.exp(self.A_log), B, C, self.D, z, last)  # (B, L, E)
+        # The kernel applies dt_proj, softplus, A = -exp(A_log) and the silu(z) gate itself.
+        y = cpu.selective_scan(u, dt, self.dt_proj.bias, self.A_log, B, C, self.D, z, last,
+                               dt_weight=self.dt_proj.weight, a_is_log=True)  # (B, L, E)
         return self.out_proj(y), new_conv, last
 
     def _in_proj_channels_first(self, x: torch.Tensor) -> torch.Tensor:

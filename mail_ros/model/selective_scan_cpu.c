@@ -3,7 +3,7 @@
  *
  * One pass over the sequence computes, per batch element b, channel e and state index n,
  *
- *     delta_t = softplus(dt_t + dt_bias)                    (or dt_t as given)
+ *     delta_t = softplus(W_dt dt_t + dt_bias)               (W_dt optional; or delta as given)
  *     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
  *     y_t     = (C_t . h_t + D * u_t) * silu(z_t)           (gate optional)
  *
@@ -83,7 +83,10 @@ static inline float softplus_ps(float x) {
 static inline float silu_ps(float x) { return x / (1.0f + exp_ps(-x)); }
 
 /* Strides are in elements; the channel (u, dt, z, y) and state (B, C) dimensions are
- * contiguous. h (B, E, N) contiguous holds the initial state and receives the final one. */
+ * contiguous. h (B, E, N) contiguous holds the initial state and receives the final one.
+ * With dt_weight (E, R), dt rows hold R low-rank values projected to the E channels here (the
+ * layer's dt_proj); without, dt rows hold E values. With a_is_log, A holds log(-A) (the layer's
+ * A_log) and A = -exp(A_log) is formed here. Both spare the caller a tensor op per call. */
 static void selective_scan_f32(
     int64_t batch, int64_t length, int64_t channels, int64_t d_state,
     const float *u, int64_t u_sb, int64_t u_sl,
@@ -96,19 +99,20 @@ static void selective_scan_f32(
     const float *z, int64_t z_sb, int64_t z_sl,
     float *h,
     float *y, int64_t y_sb, int64_t y_sl,
-    int64_t num_threads)
+    int64_t num_threads, const float *dt_weight, int64_t dt_rank, int64_t a_is_log)
 {
     const int64_t blocks = (channels + BLOCK - 1) / BLOCK;
     const int64_t tasks = batch * blocks;
+    const int64_t rank = dt_weight != NULL ? dt_rank : 1;
     /* Fork only when there is enough work to pay for waking the other threads. */
-    const int parallel = num_threads > 1 && tasks > 1 && batch * length * channels * d_state >= 65536;
+    const int parallel = num_threads > 1 && tasks > 1 && batch * length * channels * d_state >= 16384;
 
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
     for (int64_t task = 0; task < tasks; ++task) {
         const int64_t b = task / blocks;
         const int64_t e0 = (task % blocks) * BLOCK;
         const int64_t width = channels - e0 < BLOCK ? channels - e0 : BLOCK;
-        float state[d_state][BLOCK], At[d_state][BLOCK];
+        float state[d_state][BLOCK], At[d_state][BLOCK], Wt[rank][BLOCK];
         float delta[BLOCK], drive[BLOCK], acc[BLOCK], bias[BLOCK], skip[BLOCK];
         for (int64_t n = 0; n < d_state; ++n)
             for (int64_t e = 0; e < BLOCK; ++e) {
@@ -116,19 +120,35 @@ static void selective_scan_f32(
                 state[n][e] = e < width ? h[(b * channels + e0 + e) * d_state + n] : 0.0f;
                 At[n][e] = e < width ? A[(e0 + e) * d_state + n] : 0.0f;
             }
+        if (a_is_log) {
+            for (int64_t n = 0; n < d_state; ++n)
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) At[n][e] = -exp_ps(At[n][e]);
+        }
+        for (int64_t r = 0; r < rank; ++r)
+            for (int64_t e = 0; e < BLOCK; ++e)
+                Wt[r][e] = dt_weight != NULL && e < width ? dt_weight[(e0 + e) * dt_rank + r] : 0.0f;
         for (int64_t e = 0; e < BLOCK; ++e) {
             bias[e] = dt_bias != NULL && e < width ? dt_bias[e0 + e] : 0.0f;
             skip[e] = D != NULL && e < width ? D[e0 + e] : 0.0f;
         }
         for (int64_t t = 0; t < length; ++t) {
             const float *ut = u + b * u_sb + t * u_sl + e0;
-            const float *dtt = dt + b * dt_sb + t * dt_sl + e0;
+            const float *dtt = dt + b * dt_sb + t * dt_sl + (dt_weight != NULL ? 0 : e0);
             const float *Bt = Bm + b * b_sb + t * b_sl;
             const float *Ct = Cm + b * c_sb + t * c_sl;
             float uv[BLOCK];
-            for (int64_t e = 0; e < BLOCK; ++e) {
-                uv[e] = e < width ? ut[e] : 0.0f;
-                delta[e] = (e < width ? dtt[e] : 0.0f) + bias[e];
+            for (int64_t e = 0; e < BLOCK; ++e) uv[e] = e < width ? ut[e] : 0.0f;
+            if (dt_weight != NULL) {
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) delta[e] = bias[e];
+                for (int64_t r = 0; r < rank; ++r) {
+                    const float dr = dtt[r];
+#pragma omp simd
+                    for (int64_t e = 0; e < BLOCK; ++e) delta[e] += Wt[r][e] * dr;
+                }
+            } else {
+                for (int64_t e = 0; e < BLOCK; ++e) delta[e] = (e < width ? dtt[e] : 0.0f) + bias[e];
             }
             if (dt_softplus) {
 #pragma omp simd
@@ -173,7 +193,7 @@ void mail_selective_scan_f32(const int64_t *a) {
 #define P(i) ((float *)(intptr_t)a[i])
     selective_scan_f32(a[0], a[1], a[2], a[3], P(4), a[5], a[6], P(7), a[8], a[9], P(10), a[11], P(12),
                        P(13), a[14], a[15], P(16), a[17], a[18], P(19), P(20), a[21], a[22], P(23), P(24),
-                       a[25], a[26], a[27]);
+                       a[25], a[26], a[27], P(28), a[29], a[30]);
 #undef P
 }
 
