@@ -91,6 +91,25 @@ def test_kernel_is_as_accurate_as_the_reference_under_large_steps(kernel, seed):
         assert error <= 2 * reference_error + 1e-6, (error, reference_error)
 
 
+def test_threads_split_the_work_without_changing_the_result(kernel):
+    # The module runs on one torch thread; the OpenMP path (batch x channel blocks) must give the
+    # same bits, since each block is computed the same way whichever thread runs it.
+    # Sizes above both kernels' thresholds for forking (16 k state updates, 64 k conv taps).
+    u, dt, dt_bias, A, B, C, D, z, h0 = scan_inputs(3, 60, 100, 16, seed=6)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            state, new_conv = h0.clone(), torch.empty(3, 100, 4)
+            y = kernel.selective_scan(u, dt, dt_bias, A, B, C, D, z, state)
+            conv = kernel.causal_conv_silu(u, None, dt[0, :4].T.contiguous(), dt_bias, new_conv)
+            results.append((y, state, conv, new_conv))
+        finally:
+            torch.set_num_threads(1)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 def test_kernel_takes_strided_rows_and_delta_as_given(kernel):
     # Row-strided views as the layer passes them (chunk of in_proj, split of x_proj).
     u, dt, dt_bias, A, B, C, D, z, h0 = scan_inputs(2, 9, 40, 8, seed=1)
