@@ -22,7 +22,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["mail_ros", "mail_ros.*"]),
-    package_data={"mail_ros": ["sim/assets/*"]},
+    # The CPU kernel's C source is built on first use (mail_ros/model/cpu_kernel.py).
+    package_data={"mail_ros": ["sim/assets/*", "model/*.c"]},
     entry_points={
         "console_scripts": ["mail-ros = mail_ros.cli:main"]
         + [f"{name} = mail_ros.nodes.{name}:main" for name in NODES],

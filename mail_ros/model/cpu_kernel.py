@@ -14,7 +14,8 @@ about a second), on the first use in a process, into a cache folder shared by la
 version, the flags and the CPU's feature flags, so an edited source, another compiler or another
 CPU (a home folder shared between machines) builds anew. This works the same for a venv and a
 colcon install on a ROS machine (the .c file is installed beside this module); nothing is built
-at install time.
+at install time; ``python -m mail_ros.model.cpu_kernel`` builds it ahead (say, on a robot computer
+before its first run) and prints where, or why not.
 
 Switches (environment variables, read once per process):
 
@@ -264,3 +265,18 @@ def _load() -> tuple[CpuKernel | None, str | None]:
         function.argtypes = [ctypes.POINTER(ctypes.c_int64)]
         function.restype = None
     return CpuKernel(path, *functions), None
+
+
+def main() -> int:
+    """``python -m mail_ros.model.cpu_kernel``: build (or find) the kernel now and say where."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    kernel = load_cpu_kernel()
+    if kernel is None:
+        print(f"CPU kernel unavailable: {cpu_kernel_unavailable_reason()}")
+        return 1
+    print(f"CPU kernel: {kernel.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
