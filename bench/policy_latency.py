@@ -28,8 +28,11 @@ Examples:
   .venv/bin/python bench/policy_latency.py --devices cpu,cuda --size paper-goal --json out.json
   .venv/bin/python bench/policy_latency.py --size demo --variants d_ma --heads bc --backends kernel,ref
 
-On a CPU shared with other work, use --threads 1: with 2 OpenMP threads, a descheduled thread
-stalls the other at every parallel region and rows vary by 10x (both families alike).
+On a CPU shared with other work, use --threads 1 --clock cpu: with 2 OpenMP threads, a
+descheduled thread stalls the other at every parallel region and rows vary by 10x (both families
+alike), and wall time measures the other work too. --clock cpu times each call by this process's
+CPU time (with one thread: the work of the call, whoever else runs); on an idle machine the
+default wall clock gives latency.
 """
 
 from __future__ import annotations
@@ -86,12 +89,14 @@ def run_row(row: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    clock = time.process_time if row["clock"] == "cpu" else time.perf_counter
+
     def timed(history) -> float:
         sync()
-        start = time.perf_counter()
+        start = clock()
         policy.predict_chunk(history, language, seed=0)
         sync()
-        return (time.perf_counter() - start) * 1e3
+        return (clock() - start) * 1e3
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time calls by the wall clock (latency) or by this process's CPU time")
     parser.add_argument("--quick", action="store_true", help="d_ma + d_tr, DDPM, T in {5, 200}, 3 repeats (both layouts)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                         row = {
                             "preset": f"{args.size}-{variant}-{head}", "variant": variant, "head": head,
                             "time_token": time_token, "T": T, "device": device, "repeats": args.repeats,
-                            "warmup": args.warmup, "threads": args.threads,
+                            "warmup": args.warmup, "threads": args.threads, "clock": args.clock,
                         }
                         if variant not in TWINS:
                             choices = ["-"]
@@ -222,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                                 file=sys.stderr, flush=True,
                             )
     _ratios(results)
-    print(f"size {args.size}, torch threads {args.threads}, backends: {sorted({r['backend'] for r in results})}")
+    print(f"size {args.size}, torch threads {args.threads}, {args.clock} clock (ms), "
+          f"backends: {sorted({r['backend'] for r in results})}")
     _print_table(results)
     if args.json:
         with open(args.json, "w") as stream:
