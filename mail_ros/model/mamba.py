@@ -10,10 +10,10 @@ Backends (pick is per call, from the input's device; see :func:`mamba_backend`):
   ``selective_scan_fn`` for sequences, the Triton ``selective_state_update`` for one-token
   steps; ``causal_conv1d`` kernels when that package imports too). mamba_ssm is imported
   lazily, on the first CUDA tensor only, because on a machine without CUDA it fails at import.
-* float32 CPU inference (no gradient needed): the fused C kernel of
-  :mod:`mail_ros.model.cpu_kernel` for the scan with its softplus, D skip and silu(z) gate
-  (built on first use; when it cannot be built or loaded, the reason is logged once and the
-  PyTorch scan runs).
+* float32 CPU inference (no gradient needed): the fused C kernels of
+  :mod:`mail_ros.model.cpu_kernel`, one for the causal conv with its SiLU and state update, one
+  for dt_proj, softplus, the scan, the D skip and the silu(z) gate (built on first use; when
+  they cannot be built or loaded, the reason is logged once and the PyTorch scan runs).
 * Everything else (training, float64, CUDA without mamba_ssm): the plain PyTorch scan of
   :mod:`mail_ros.model.selective_scan`, the reference the other two are tested against.
 
