@@ -1,7 +1,7 @@
 """The pipeline closed-loop on the simulated FR3 (franka_sim_node stands in for franka_ros2).
 
     ros2 launch mail_ros sim_policy.launch.py
-    ros2 topic pub --once /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+    ros2 service call /language_node/set_goal mail_ros/srv/SetGoal "{instruction: 'pick up the red cube'}"
     ros2 service call /franka_sim_node/task_success std_srvs/srv/Trigger
 
 Without checkpoint:=DIR it runs the demo checkpoint installed with the package

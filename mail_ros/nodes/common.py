@@ -22,6 +22,9 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 # policy node starts is not lost.
 GOAL_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# The second subscription of a goal topic that people publish to (see subscribe_goals).
+GOAL_QOS_VOLATILE = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.VOLATILE)
 # Pipeline data between mail_ros nodes: reliable, shallow (only the newest matters).
 PIPELINE_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                           durability=DurabilityPolicy.VOLATILE)
@@ -99,6 +102,27 @@ class Diagnostics:
         return Header(stamp=self._node.get_clock().now().to_msg())
 
 
+def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[Any, str], None]) -> None:
+    """Subscribe ``callback(msg, channel)`` to a goal topic that any publisher matches.
+
+    Two subscriptions, ``channel`` "transient_local" (GOAL_QOS: receives a goal published before
+    this node started, from a transient-local publisher's history) and "volatile" (matches the
+    volatile publishers a transient-local subscription never matches: ``ros2 topic pub`` from
+    Iron on). A transient-local publication arrives on both; a node to which applying a goal twice
+    matters pairs the copies with mail_ros.language.goals.DuplicateGoalFilter.
+    """
+    try:
+        from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
+    except ImportError:  # Humble
+        from rclpy.qos_event import SubscriptionEventCallbacks
+    # A volatile publisher is incompatible with the transient-local subscription by design (the
+    # volatile one takes its goals): no "incompatible QoS, no messages will be received" warning.
+    quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
+    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "transient_local"), GOAL_QOS,
+                             event_callbacks=quiet)
+    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "volatile"), GOAL_QOS_VOLATILE)
+
+
 def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads: int = 2) -> int:
     """Standard ``main``: init, spin a multi-threaded executor, shut down cleanly.
 
@@ -127,6 +151,6 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 
 
 __all__ = [
-    "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
-    "now_seconds", "run_node", "seconds_to_stamp", "stamp_to_seconds",
+    "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "GOAL_QOS_VOLATILE", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
+    "now_seconds", "run_node", "seconds_to_stamp", "stamp_to_seconds", "subscribe_goals",
 ]

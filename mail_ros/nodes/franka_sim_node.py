@@ -4,8 +4,10 @@ Publishes /joint_states (fr3_joint1..7 + fingers) and /cameras/<name>/image_raw 
 with stamps of the simulated time, accepts /fr3_arm_controller/joint_trajectory with joint
 trajectory controller semantics (invalid trajectories are rejected with a log; the arm holds),
 a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), and offers ~/reset and
-~/task_success (std_srvs/Trigger; the task is the latest /mail/instruction; the message is
-"success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the blue cube's centre, ...").
+~/task_success (std_srvs/Trigger; the task is the latest goal, from /mail/instruction (any
+durability) or /mail/instruction_embedding (goals set through language_node's ~/set_goal); the
+message is "success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the blue
+cube's centre, ...").
 
 Judging instructions outside the test bed's grammar (paraphrases such as "lift the red block"):
 a test-bed instruction on ~/task (std_msgs/String) names the task to judge until the next
@@ -31,7 +33,9 @@ from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from mail_ros.nodes.common import COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, seconds_to_stamp, stamp_to_seconds
+from mail_ros.msg import InstructionEmbedding
+from mail_ros.nodes.common import (COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, seconds_to_stamp,
+                                   stamp_to_seconds, subscribe_goals)
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.jtc import TrajectoryRejected
@@ -75,8 +79,11 @@ class FrankaSimNode(Node):
         self.clock_publisher = self.create_publisher(Clock, "/clock", 10) if self.publish_clock else None
         self.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_arm, COMMAND_QOS)
         self.create_subscription(JointTrajectory, "/fr3_gripper/joint_trajectory", self._on_gripper, COMMAND_QOS)
-        self.create_subscription(String, "/mail/instruction", self._on_instruction, GOAL_QOS)
-        self.create_subscription(String, "~/task", self._on_task, GOAL_QOS)
+        # Both copies of a goal (see subscribe_goals) set the same task: no pairing needed here.
+        subscribe_goals(self, String, "/mail/instruction", lambda msg, _: self._on_instruction(msg.data))
+        self.create_subscription(InstructionEmbedding, "/mail/instruction_embedding",
+                                 lambda msg: self._on_instruction(msg.text), GOAL_QOS)
+        subscribe_goals(self, String, "~/task", lambda msg, _: self._on_task(msg))
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/task_success", self._on_task_success)
         self._thread = threading.Thread(target=self._loop, name="franka_sim", daemon=True)
@@ -165,9 +172,9 @@ class FrankaSimNode(Node):
             except SimError as exc:
                 self.get_logger().error(f"rejected gripper command: {exc}")
 
-    def _on_instruction(self, msg: String) -> None:
+    def _on_instruction(self, text: str) -> None:
         try:
-            self.task = Task.parse(msg.data)
+            self.task = Task.parse(text)
         except TaskError as exc:
             self.task = None
             self.get_logger().warning(f"instruction is not a test-bed task (success cannot be judged): {exc}")
