@@ -101,8 +101,11 @@ class FrankaSimNode(Node):
     def _loop(self) -> None:
         next_camera = next_joint = 0.0
         wall_start, sim_start = time.monotonic(), self.sim.time
-        while self._running:
+        while True:
             with self._lock:
+                # Checked under the lock destroy_node takes: nothing is published once it has begun.
+                if not self._running:
+                    break
                 if self._was_reset:  # a new episode: restart the publishing schedule and the pacing
                     self._was_reset = False
                     next_camera = next_joint = 0.0
@@ -215,7 +218,8 @@ class FrankaSimNode(Node):
         return response
 
     def destroy_node(self):
-        self._running = False
+        with self._lock:
+            self._running = False
         self._thread.join(timeout=5.0)
         return super().destroy_node()
 

@@ -304,15 +304,18 @@ class PolicyNode(Node):
                 self._problem(ERROR, "policy produced non-finite actions; chunks dropped")
                 continue
             with self._lock:
+                # Published under the lock destroy_node takes to stop this thread, so nothing is
+                # published once the node is being destroyed, however long inference took.
+                if self._stopping:
+                    return
                 if goal is not self._goal:
                     continue  # the goal changed during inference: this chunk belongs to the old one
                 self._chunk_id += 1
-                chunk_id = self._chunk_id
-            self.latencies.append(latency)
-            self.publisher.publish(self._chunk_msg(chunk_id, goal, history, published, latency))
-            self.counters["chunks"] += 1
-            if self._arm_columns is not None:
-                self.path_publisher.publish(self._path_marker(history[-1], actions))
+                self.latencies.append(latency)
+                self.publisher.publish(self._chunk_msg(self._chunk_id, goal, history, published, latency))
+                self.counters["chunks"] += 1
+                if self._arm_columns is not None:
+                    self.path_publisher.publish(self._path_marker(history[-1], actions))
 
     def _chunk_msg(self, chunk_id, goal, history, actions, latency) -> ActionChunk:
         return ActionChunk(
