@@ -4,8 +4,8 @@ Publishes /joint_states (fr3_joint1..7 + fingers) and /cameras/<name>/image_raw 
 with stamps of the simulated time, accepts /fr3_arm_controller/joint_trajectory with joint
 trajectory controller semantics (invalid trajectories are rejected with a log; the arm holds),
 a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), and offers ~/reset and
-~/task_success (std_srvs/Trigger; the task is the latest goal, from /mail/instruction (any
-durability) or /mail/instruction_embedding (goals set through language_node's ~/set_goal); the
+~/task_success (std_srvs/Trigger; the task is the latest goal, from /mail/instruction_embedding
+(what language_node accepted, from any publisher or its ~/set_goal) or /mail/instruction; the
 message is "success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the blue
 cube's centre, ...").
 
@@ -79,10 +79,13 @@ class FrankaSimNode(Node):
         self.clock_publisher = self.create_publisher(Clock, "/clock", 10) if self.publish_clock else None
         self.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_arm, COMMAND_QOS)
         self.create_subscription(JointTrajectory, "/fr3_gripper/joint_trajectory", self._on_gripper, COMMAND_QOS)
-        # Both copies of a goal (see subscribe_goals) set the same task: no pairing needed here.
-        subscribe_goals(self, String, "/mail/instruction", lambda msg, _: self._on_instruction(msg.data))
+        # Goals reach the test bed as language_node accepted them (from any publisher, or ~/set_goal)
+        # and, for graphs without language_node (mail-ros collect), from /mail/instruction. That one
+        # stays transient-local only: a volatile subscription here would let `ros2 topic pub -w 1`
+        # count this node and publish before language_node has matched, which then misses the goal.
         self.create_subscription(InstructionEmbedding, "/mail/instruction_embedding",
                                  lambda msg: self._on_instruction(msg.text), GOAL_QOS)
+        self.create_subscription(String, "/mail/instruction", lambda msg: self._on_instruction(msg.data), GOAL_QOS)
         subscribe_goals(self, String, "~/task", lambda msg, _: self._on_task(msg))
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/task_success", self._on_task_success)
