@@ -331,8 +331,10 @@ def test_franka_bringup_with_fake_hardware(machine, tmp_path):
     launch = Launch(BRINGUP_LAUNCH, machine, tmp_path / "franka_policy.log")
     try:
         wait_for(lambda: len(records(machine, "controller_manager/spawner")) >= 2
-                 and records(machine, "controller_manager/ros2_control_node")
-                 and records(machine, "robot_state_publisher/robot_state_publisher"),
+                 and all(records(machine, role) for role in (
+                     "controller_manager/ros2_control_node", "robot_state_publisher/robot_state_publisher",
+                     "joint_state_publisher/joint_state_publisher",
+                     "franka_gripper/fake_gripper_state_publisher.py")),
                  PIPELINE_UP_S, "franka_bringup's nodes (stand-ins)")
         wait_for(lambda: re.search(r"\[policy_node\]: loaded ", launch.output())
                  and "[language_node]: text encoder" in launch.output(), PIPELINE_UP_S, "the mail_ros nodes")

@@ -32,6 +32,10 @@ def parameter_files(argv: list[str]) -> dict[str, object]:
 
 
 def main() -> int:
+    # First of all, as a node's signal handling is in place before it announces anything.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     role = os.environ["FRONT_DOOR_ROLE"]  # "<package>/<executable>", set by the wrapper
     records = Path(os.environ["FRONT_DOOR_RECORDS"])
     argv = sys.argv[1:]
@@ -41,9 +45,6 @@ def main() -> int:
     (records / f".{name}").rename(records / name)  # whole files only
     if role == "controller_manager/spawner":
         return 0  # the real spawner loads, configures and activates, then exits
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     return 0
 
