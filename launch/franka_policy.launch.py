@@ -1,12 +1,18 @@
 """The MaIL pipeline on a Franka FR3 (franka_ros2).
 
     ros2 launch mail_ros franka_policy.launch.py robot_ip:=172.16.0.2 checkpoint:=/path/to/ckpt
-    ros2 topic pub --once /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+    ros2 service call /language_node/set_goal mail_ros/srv/SetGoal "{instruction: 'pick up the red cube'}"
 
 Starts camera_sync_node, language_node, policy_node and executor_node with config/pipeline.yaml;
 with bringup:=true it also includes franka_bringup's franka.launch.py with a controllers file that
 declares the joint trajectory controller the executor commands (position interface under
-use_fake_hardware, effort with PD gains on the real robot).
+use_fake_hardware, effort with PD gains on the real robot), and spawns that controller
+(franka.launch.py spawns only the state broadcasters).
+
+franka_ros2 versions: the arm type (fr3, whose joints the executor commands) goes to
+franka.launch.py both as robot_type (its name from v3.2) and as arm_id (v0.1.15 to v3.1.1); an
+include ignores the one the file does not declare.
+controllers_yaml exists from v2.0.0, so bringup:=true needs franka_ros2 >= v2.0.0.
 """
 
 from launch import LaunchDescription
@@ -75,6 +81,8 @@ def generate_launch_description():
                 PythonLaunchDescriptionSource(
                     PathJoinSubstitution([FindPackageShare("franka_bringup"), "launch", "franka.launch.py"])),
                 launch_arguments={
+                    "robot_type": "fr3",  # franka_ros2 >= v3.2
+                    "arm_id": "fr3",  # franka_ros2 v0.1.15 - v3.1.1
                     "robot_ip": LaunchConfiguration("robot_ip"),
                     "use_fake_hardware": LaunchConfiguration("use_fake_hardware"),
                     "load_gripper": LaunchConfiguration("load_gripper"),
@@ -82,6 +90,10 @@ def generate_launch_description():
                 }.items(),
                 condition=IfCondition(LaunchConfiguration("bringup")),
             ),
+            # Loads and activates the trajectory controller declared in the controllers file; it
+            # waits for franka.launch.py's controller manager.
+            Node(package="controller_manager", executable="spawner", output="screen", arguments=["fr3_arm_controller", "--controller-manager-timeout", "60"],
+                 condition=IfCondition(LaunchConfiguration("bringup"))),
             node("camera_sync_node", checkpoint, {"cameras": cameras}),
             node("language_node", {"encoder": LaunchConfiguration("encoder")}),
             node("policy_node", checkpoint, {"device": LaunchConfiguration("device")}),

@@ -1,14 +1,18 @@
 """The pipeline closed-loop on the simulated FR3 (franka_sim_node stands in for franka_ros2).
 
-    ros2 launch mail_ros sim_policy.launch.py checkpoint:=$(ros2 pkg prefix mail_ros)/share/mail_ros/checkpoints/demo
-    ros2 topic pub --once /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+    ros2 launch mail_ros sim_policy.launch.py
+    ros2 service call /language_node/set_goal mail_ros/srv/SetGoal "{instruction: 'pick up the red cube'}"
+    ros2 service call /franka_sim_node/task_success std_srvs/srv/Trigger
+
+Without checkpoint:=DIR it runs the demo checkpoint installed with the package
+(share/mail_ros/checkpoints/demo).
 """
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
@@ -17,7 +21,7 @@ from mail_ros.transport import fastdds_profile_environment
 ARGUMENTS = [
     ("dds_profile", "", "Fast DDS XML profile for every process started here (empty = mail_ros/config/"
      "fastdds_shm.xml, a shared-memory segment for camera images; 'none' = leave the environment as it is)"),
-    ("checkpoint", "", "MaIL checkpoint directory"),
+    ("checkpoint", "", "MaIL checkpoint directory (empty = the installed demo checkpoint)"),
     ("device", "auto", "Torch device of the policy"),
     ("encoder", "minilm", "Text encoder of language_node"),
     ("executor_mode", "receding_horizon", "receding_horizon | temporal_ensemble | latency_compensation"),
@@ -39,6 +43,8 @@ def apply_dds_profile(context):
 
 def generate_launch_description():
     share = FindPackageShare("mail_ros")
+    demo_checkpoint = PathJoinSubstitution([share, "checkpoints", "demo"])
+    checkpoint = PythonExpression(["'", LaunchConfiguration("checkpoint"), "' or '", demo_checkpoint, "'"])
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=default, description=description)
          for name, default, description in ARGUMENTS]
@@ -50,7 +56,7 @@ def generate_launch_description():
             IncludeLaunchDescription(
                 PythonLaunchDescriptionSource(PathJoinSubstitution([share, "launch", "franka_policy.launch.py"])),
                 launch_arguments={
-                    "checkpoint": LaunchConfiguration("checkpoint"),
+                    "checkpoint": checkpoint,
                     "device": LaunchConfiguration("device"),
                     "encoder": LaunchConfiguration("encoder"),
                     "executor_mode": LaunchConfiguration("executor_mode"),

@@ -14,7 +14,7 @@ die() { echo "setup: $*" >&2; exit 1; }
 # The inputs whose change requires re-running the set-up.
 inputs_hash() {
   cat "$ROOT/requirements/requirements.txt" "$ROOT/requirements/constraints.txt" \
-      "$ROOT/CMakeLists.txt" "$ROOT/package.xml" "$ROOT/setup.py" "$ROOT"/msg/*.msg \
+      "$ROOT/CMakeLists.txt" "$ROOT"/cmake/*.cmake "$ROOT/package.xml" "$ROOT/setup.py" "$ROOT"/msg/*.msg "$ROOT"/srv/*.srv \
       "$ROOT/scripts/setup_venv.sh" | sha256sum | cut -d' ' -f1
 }
 

@@ -36,6 +36,15 @@ def cmake_nodes() -> list[str]:
     return match.group(1).split()
 
 
+def cmake_share_installs() -> set[str]:
+    """Folders CMakeLists.txt installs into share/mail_ros (as written there: launch, checkpoints/demo)."""
+    folders = set()
+    for match in re.finditer(r"install\(DIRECTORY ([\w/ ]+) DESTINATION share/\$\{PROJECT_NAME\}",
+                             (ROOT / "CMakeLists.txt").read_text()):
+        folders.update(match.group(1).split())
+    return folders
+
+
 def launch_calls(path: Path, name: str) -> list[ast.Call]:
     return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)
             and getattr(n.func, "id", getattr(n.func, "attr", None)) == name]
@@ -64,8 +73,11 @@ def test_launch_files_name_existing_executables_and_files(launch_file):
         assert executable in nodes, f"{launch_file.name} starts unknown executable {executable!r}"
     # Files of this package named in PathJoinSubstitution([share, "<dir>", "<file>"]) or expressions.
     assert 'FindPackageShare("mail_ros")' in text
-    for folder, name in re.findall(r'share,\s*"(config|rviz|launch)",\s*"([\w.]+)"', text):
-        assert (ROOT / folder / name).is_file(), f"{launch_file.name} names missing {folder}/{name}"
+    installed = cmake_share_installs()
+    for folder, name in re.findall(r'share,\s*"(config|rviz|launch|checkpoints)",\s*"([\w.]+)"', text):
+        assert (ROOT / folder / name).exists(), f"{launch_file.name} names missing {folder}/{name}"
+        assert folder in installed or f"{folder}/{name}" in installed, \
+            f"{launch_file.name} names share/mail_ros/{folder}/{name}, which CMakeLists.txt does not install"
     for name in re.findall(r"'([\w.]+\.(?:yaml|rviz))'", text):
         assert (ROOT / "config" / name).is_file() or (ROOT / "rviz" / name).is_file(), name
     for call in launch_calls(launch_file, "IncludeLaunchDescription"):

@@ -5,17 +5,20 @@ Only the nodes import this module (it imports rclpy); the algorithms live in the
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import rclpy
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 
 from mail_ros.sync.stamps import StampError, ns_to_seconds, ns_to_stamp, seconds_to_ns, stamp_to_ns
 
@@ -23,6 +26,9 @@ from mail_ros.sync.stamps import StampError, ns_to_seconds, ns_to_stamp, seconds
 # policy node starts is not lost.
 GOAL_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# The second subscription of a goal topic that people publish to (see subscribe_goals).
+GOAL_QOS_VOLATILE = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.VOLATILE)
 # Pipeline data between mail_ros nodes: reliable, shallow (only the newest matters).
 PIPELINE_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                           durability=DurabilityPolicy.VOLATILE)
@@ -31,6 +37,7 @@ COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=R
                          durability=DurabilityPolicy.VOLATILE)
 
 GIL_SWITCH_INTERVAL = 2e-4  # seconds; see run_node
+SPIN_WAKE_PERIOD = 0.1  # seconds: run_node's main thread notices SIGINT/SIGTERM within this
 
 OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR,
                           DiagnosticStatus.STALE)
@@ -124,27 +131,82 @@ class Diagnostics:
         return Header(stamp=self._node.get_clock().now().to_msg())
 
 
-def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads: int = 2) -> int:
-    """Standard ``main``: init, spin a multi-threaded executor, shut down cleanly.
+def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[Any, str], None]) -> None:
+    """Subscribe ``callback(msg, channel)`` to a goal topic that any publisher matches.
 
-    Uses try/finally with ``try_shutdown`` rather than ``with rclpy.init()`` so it works on
-    Humble, Jazzy and Kilted.
+    Two subscriptions, ``channel`` "transient_local" (GOAL_QOS: receives a goal published before
+    this node started, from a transient-local publisher's history) and "volatile" (matches the
+    volatile publishers a transient-local subscription never matches: ``ros2 topic pub`` from
+    Iron on). A transient-local publication arrives on both; a node to which applying a goal twice
+    matters pairs the copies with mail_ros.language.goals.DuplicateGoalFilter.
+    """
+    try:
+        from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
+    except ImportError:  # Humble
+        from rclpy.qos_event import SubscriptionEventCallbacks
+    # A volatile publisher is incompatible with the transient-local subscription by design (the
+    # volatile one takes its goals): no "incompatible QoS, no messages will be received" warning.
+    quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
+    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "transient_local"), GOAL_QOS,
+                             event_callbacks=quiet)
+    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "volatile"), GOAL_QOS_VOLATILE)
+
+
+def shutdown_executor(executor: Executor) -> None:
+    """Let the callbacks in flight finish, then shut the executor down.
+
+    rclpy's Executor.shutdown destroys the executor's guard condition without waiting for the
+    callbacks in flight (its wait for them is skipped on Jazzy and Kilted); those callbacks then
+    fail with "cannot use Destroyable because destruction was requested", printed as "The following
+    exception was never retrieved" when the process exits. Its thread pool is waited for first.
+    """
+    pool = getattr(executor, "_executor", None)  # MultiThreadedExecutor's ThreadPoolExecutor
+    if pool is not None:
+        pool.shutdown(wait=True)
+    executor.shutdown(timeout_sec=5.0)
+    # Callbacks taken from the wait set but never started (the spin stopped first) are cancelled,
+    # which closes their coroutines; else Python warns "coroutine ... was never awaited" at exit.
+    for task, *_ in list(getattr(executor, "_tasks", [])):
+        if not (task.done() or task.executing()):
+            task.cancel()
+
+
+def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads: int = 2) -> int:
+    """Standard ``main``: init, spin a multi-threaded executor, shut down in order; returns 0.
+
+    SIGINT and SIGTERM end the spin; the node is then destroyed (its worker threads stopped, see
+    each node's destroy_node) before the context shuts down, and further signals are ignored. Ctrl-C
+    in the terminal of ``ros2 launch`` sends SIGINT to the whole process group and launch sends its
+    own right after: with rclpy's handlers the first one shut the context down under threads still
+    publishing (RCLError) and the second raised KeyboardInterrupt in the middle of the clean-up.
+    Uses try/finally with ``try_shutdown`` rather than ``with rclpy.init()`` so it works on Humble,
+    Jazzy and Kilted.
     """
     # Executor threads and worker threads (inference, simulation) share the GIL; hand it over
     # every 0.2 ms instead of 5 ms so a subscription or timer is not kept waiting behind them
     # (measured in bench/pipeline_latency.py: with 5 ms the observation stream fell from 10 Hz
     # to ~2 Hz and the executor saw 400 ms tick gaps).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    rclpy.init(args=sys.argv if argv is None else argv)
-    node = None
+    stop = threading.Event()
+    # Python runs a handler in the main thread between bytecodes; spin_once's timeout bounds how
+    # long the main thread stays in rclpy's wait without looking.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
+    node = executor = None
     try:
         node = factory()
         executor = MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_WAKE_PERIOD)
+    except ExternalShutdownException:
         pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        if executor is not None:
+            shutdown_executor(executor)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
@@ -152,6 +214,7 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 
 
 __all__ = [
-    "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "PIPELINE_QOS", "Diagnostics", "Parameter", "declare",
-    "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration", "seconds_to_stamp", "stamp_ns", "stamp_to_seconds",
+    "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "GOAL_QOS_VOLATILE", "PIPELINE_QOS", "Diagnostics", "Parameter",
+    "declare", "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration", "seconds_to_stamp",
+    "shutdown_executor", "stamp_ns", "stamp_to_seconds", "subscribe_goals",
 ]

@@ -5,9 +5,11 @@ with stamps of the simulated time, accepts /fr3_arm_controller/joint_trajectory 
 trajectory controller semantics (invalid trajectories are rejected with a log; the arm holds),
 a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), franka_gripper's
 actions (/franka_gripper/move, grasp, homing and the /franka_gripper/stop service, with
-franka_gripper's semantics: see :mod:`mail_ros.sim.gripper`) when franka_msgs is installed, and offers ~/reset and
-~/task_success (std_srvs/Trigger; the task is the latest /mail/instruction; the message is
-"success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the blue cube's centre, ...").
+franka_gripper's semantics: see :mod:`mail_ros.sim.gripper`) when franka_msgs is installed, and
+offers ~/reset and ~/task_success (std_srvs/Trigger; the task is the latest goal, from
+/mail/instruction_embedding (what language_node accepted, from any publisher or its ~/set_goal)
+or /mail/instruction; the message is "success" or the stage the task is stuck at, e.g. "off
+target: 3.1 cm from the blue cube's centre, ...").
 
 Judging instructions outside the test bed's grammar (paraphrases such as "lift the red block"):
 a test-bed instruction on ~/task (std_msgs/String) names the task to judge until the next
@@ -33,8 +35,9 @@ from std_msgs.msg import Header, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
+from mail_ros.msg import InstructionEmbedding
 from mail_ros.nodes.common import (COMMAND_QOS, GOAL_QOS, OK, WARN, Diagnostics, declare, now_seconds, run_node,
-                                   seconds_to_stamp, stamp_to_seconds)
+                                   seconds_to_stamp, stamp_to_seconds, subscribe_goals)
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.gripper import GoalKind, GripperActions, GripperGoal, homing_goal
@@ -84,8 +87,14 @@ class FrankaSimNode(Node):
         self.clock_publisher = self.create_publisher(Clock, "/clock", 10) if self.publish_clock else None
         self.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_arm, COMMAND_QOS)
         self.create_subscription(JointTrajectory, "/fr3_gripper/joint_trajectory", self._on_gripper, COMMAND_QOS)
-        self.create_subscription(String, "/mail/instruction", self._on_instruction, GOAL_QOS)
-        self.create_subscription(String, "~/task", self._on_task, GOAL_QOS)
+        # Goals reach the test bed as language_node accepted them (from any publisher, or ~/set_goal)
+        # and, for graphs without language_node (mail-ros collect), from /mail/instruction. That one
+        # stays transient-local only: a volatile subscription here would let `ros2 topic pub -w 1`
+        # count this node and publish before language_node has matched, which then misses the goal.
+        self.create_subscription(InstructionEmbedding, "/mail/instruction_embedding",
+                                 lambda msg: self._on_instruction(msg.text), GOAL_QOS)
+        self.create_subscription(String, "/mail/instruction", lambda msg: self._on_instruction(msg.data), GOAL_QOS)
+        subscribe_goals(self, String, "~/task", lambda msg, _: self._on_task(msg))
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/task_success", self._on_task_success)
         self.gripper_server = FrankaGripperServer.create(self, gripper_namespace) if gripper_namespace else None
@@ -107,8 +116,11 @@ class FrankaSimNode(Node):
     def _loop(self) -> None:
         next_camera = next_joint = 0.0
         wall_start, sim_start = time.monotonic(), self.sim.time
-        while self._running:
+        while True:
             with self._lock:
+                # Checked under the lock destroy_node takes: nothing is published once it has begun.
+                if not self._running:
+                    break
                 if self._was_reset:  # a new episode: restart the publishing schedule and the pacing
                     self._was_reset = False
                     next_camera = next_joint = 0.0
@@ -181,9 +193,9 @@ class FrankaSimNode(Node):
             except SimError as exc:
                 self.get_logger().error(f"rejected gripper command: {exc}")
 
-    def _on_instruction(self, msg: String) -> None:
+    def _on_instruction(self, text: str) -> None:
         try:
-            self.task = Task.parse(msg.data)
+            self.task = Task.parse(text)
         except TaskError as exc:
             self.task = None
             self.get_logger().warning(f"instruction is not a test-bed task (success cannot be judged): {exc}")
@@ -225,7 +237,8 @@ class FrankaSimNode(Node):
         return response
 
     def destroy_node(self):
-        self._running = False
+        with self._lock:
+            self._running = False
         self._thread.join(timeout=5.0)
         with self._lock:  # a gripper goal waiting for the loop would wait forever
             self.gripper_actions.stop(error="the simulator is shutting down")

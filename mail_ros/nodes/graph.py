@@ -17,7 +17,7 @@ import rclpy
 from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 
-from mail_ros.nodes.common import GIL_SWITCH_INTERVAL
+from mail_ros.nodes.common import GIL_SWITCH_INTERVAL, shutdown_executor
 
 __all__ = ["GraphError", "InProcessGraph"]
 
@@ -99,7 +99,7 @@ class InProcessGraph:
             return
         self._closing = True
         for executor, thread in [(self.executor, self._thread)] + self._dedicated:
-            executor.shutdown(timeout_sec=5.0)
+            shutdown_executor(executor)  # callbacks in flight finish first
             thread.join(timeout=5.0)
         # Nodes never go away while an executor spins (rclpy raises InvalidHandle then).
         for node in reversed(self.nodes):

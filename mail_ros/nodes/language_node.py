@@ -1,18 +1,29 @@
-"""language_node: /mail/instruction (std_msgs/String) -> /mail/instruction_embedding.
+"""language_node: goals in, /mail/instruction_embedding out.
 
-Both topics are reliable and transient-local, so a goal published from the command line before
-the pipeline is up still reaches it:
-    ros2 topic pub --once /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+Two ways in, both ending in the same checks (validate, encode, publish):
+
+- the ~/set_goal service (mail_ros/srv/SetGoal), which answers accepted, or refused with the
+  reason, so a goal is never silently lost:
+    ros2 service call /language_node/set_goal mail_ros/srv/SetGoal "{instruction: 'pick up the red cube'}"
+- the /mail/instruction topic (std_msgs/String), matched whatever durability the publisher uses
+  (ros2 topic pub's default is transient-local on Humble, volatile from Iron on); a goal published
+  transient-local before this node started still arrives, once:
+    ros2 topic pub --once -w 1 --keep-alive 3 /mail/instruction std_msgs/msg/String "{data: 'pick up the red cube'}"
+
+The embedding is published reliable and transient-local, so nodes that start later get the goal.
 """
 
 from __future__ import annotations
 
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from std_msgs.msg import Header, String
 
 from mail_ros.language.encoders import TextEncoderError, load_text_encoder
+from mail_ros.language.goals import DEFAULT_WINDOW, DuplicateGoalFilter
 from mail_ros.msg import InstructionEmbedding
-from mail_ros.nodes.common import ERROR, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node
+from mail_ros.nodes.common import ERROR, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, subscribe_goals
+from mail_ros.srv import SetGoal
 
 
 def validate_instruction(text, max_chars: int) -> str:
@@ -48,34 +59,52 @@ class LanguageNode(Node):
         else:
             self.get_logger().info(f"text encoder {self.encoder.name} ({self.encoder.dim}-d) on {device}")
             self.diagnostics.set(OK, "waiting for an instruction", encoder=self.encoder.name)
+        duplicate_window = declare(self, "duplicate_window", DEFAULT_WINDOW,
+                                   "Seconds within which an instruction equal to one received on the other "
+                                   "/mail/instruction subscription (transient-local vs volatile) is taken for its "
+                                   "second copy and not applied again")
+        self._duplicates = DuplicateGoalFilter(duplicate_window)
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.publisher = self.create_publisher(InstructionEmbedding, "mail/instruction_embedding", GOAL_QOS)
-        self.create_subscription(String, "mail/instruction", self._on_instruction, GOAL_QOS)
+        subscribe_goals(self, String, "mail/instruction", self._on_instruction)
+        self.create_service(SetGoal, "~/set_goal", self._on_set_goal)
 
-    def _on_instruction(self, msg: String) -> None:
+    def _on_instruction(self, msg: String, channel: str) -> None:
+        if not self._duplicates.accept(channel, msg.data, self._steady.now().nanoseconds * 1e-9):
+            return  # the second copy of a transient-local publication, already applied
+        self.set_goal(msg.data)
+
+    def _on_set_goal(self, request: SetGoal.Request, response: SetGoal.Response) -> SetGoal.Response:
+        response.accepted, response.message = self.set_goal(request.instruction)
+        return response
+
+    def set_goal(self, instruction) -> tuple[bool, str]:
+        """Validate, encode and publish ``instruction``: (published?, what was published or why not)."""
         try:
-            text = validate_instruction(msg.data, self.max_chars)
+            text = validate_instruction(instruction, self.max_chars)
         except ValueError as exc:
             self.get_logger().error(f"rejected instruction: {exc}")
             self.diagnostics.set(WARN, f"rejected instruction: {exc}")
-            return
+            return False, f"rejected instruction: {exc}"
         if self.encoder is None:
             self.get_logger().error(f"cannot encode {text!r}: no text encoder loaded")
-            return
+            return False, f"cannot encode {text!r}: no text encoder loaded (see the node's log)"
         try:
             vector = self.encoder.encode([text])[0]
         except TextEncoderError as exc:
             self.get_logger().error(f"cannot encode {text!r}: {exc}")
             self.diagnostics.set(WARN, f"cannot encode instruction: {exc}")
-            return
+            return False, f"cannot encode {text!r}: {exc}"
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: this instruction is lost, not the node
             self.get_logger().error(f"text encoder failed on {text!r}: {type(exc).__name__}: {exc}")
             self.diagnostics.set(ERROR, f"text encoder failed: {type(exc).__name__}: {exc}")
-            return
+            return False, f"text encoder failed on {text!r}: {type(exc).__name__}: {exc}"
         out = InstructionEmbedding(header=Header(stamp=self.get_clock().now().to_msg()), text=text,
                                    encoder=self.encoder.name, embedding=[float(v) for v in vector])
         self.publisher.publish(out)
         self.get_logger().info(f"new goal: {text!r}")
         self.diagnostics.set(OK, "goal published", instruction=text, encoder=self.encoder.name)
+        return True, f"goal {text!r} published on {self.publisher.topic_name} ({self.encoder.name})"
 
 
 def main(argv=None) -> int:

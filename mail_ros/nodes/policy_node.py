@@ -230,11 +230,16 @@ class PolicyNode(Node):
                 self._problem(ERROR, "policy produced non-finite actions; chunks dropped")
             if chunk is None:
                 continue
-            self.latencies.append(latency)
-            self.publisher.publish(self._chunk_msg(chunk, latency))
-            self.counters["chunks"] += 1
-            if self._arm_columns is not None:
-                self.path_publisher.publish(self._path_marker(request.history[-1], chunk.actions))
+            with self._lock:
+                # Published under the lock destroy_node takes to stop this thread, so nothing is
+                # published once the node is being destroyed, however long inference took.
+                if self._stopping:
+                    return
+                self.latencies.append(latency)
+                self.publisher.publish(self._chunk_msg(chunk, latency))
+                self.counters["chunks"] += 1
+                if self._arm_columns is not None:
+                    self.path_publisher.publish(self._path_marker(request.history[-1], chunk.actions))
 
     def _chunk_msg(self, chunk: Chunk, latency: float) -> ActionChunk:
         # The goal's text and stamp as they came (int ns round-trip exactly): the executor

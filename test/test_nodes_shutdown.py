@@ -1,0 +1,65 @@
+"""Ctrl-C in the terminal of ``ros2 launch``: the node gets SIGINT from the terminal (to the whole
+process group) and another from launch right after. run_node must end the spin, stop the node's
+worker threads before the context goes (franka_sim_node publishes from its simulation thread)
+and exit 0, without a traceback, whichever signal arrives during the clean-up.
+
+test_front_door.py checks the same through ``ros2 launch`` for every node; this runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ros
+
+
+# (node, a line it logs once it spins)
+NODES = [("franka_sim_node", "simulated FR3"), ("language_node", "text encoder")]
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM,)],
+                         ids=["sigint-twice", "sigterm"])
+@pytest.mark.parametrize("name, ready", NODES, ids=[n for n, _ in NODES])
+def test_a_node_exits_0_without_traceback(tmp_path, name, ready, signals):
+    log = open(tmp_path / "node.log", "w+")
+    node = subprocess.Popen([sys.executable, "-m", f"mail_ros.nodes.{name}"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while ready not in (tmp_path / "node.log").read_text():
+            assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+            time.sleep(0.2)
+        start = time.monotonic()
+        for signum in signals:
+            os.killpg(node.pid, signum)
+            time.sleep(0.05)  # launch sends its SIGINT a moment after the terminal's
+        returncode = node.wait(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+    output = (tmp_path / "node.log").read_text()
+    assert returncode == 0, output
+    for sign in ("Traceback", "KeyboardInterrupt", "RCLError", "never retrieved"):
+        assert sign not in output, output
+    assert seconds < 10.0
+
+
+@pytest.mark.slow
+def test_the_demo_ends_cleanly():
+    """``make demo`` (mail-ros demo) closes its in-process graph without a word on stderr about
+    callbacks cut short ("exception was never retrieved", "coroutine ... was never awaited")."""
+    result = subprocess.run([sys.executable, "-m", "mail_ros.cli", "demo", "--episodes", "1",
+                             "--instructions", "pick up the red cube"], capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "overall success" in output
+    for sign in ("Traceback", "never retrieved", "never awaited", "RCLError"):
+        assert sign not in output, output[-4000:]
