@@ -46,6 +46,10 @@ def main() -> int:
     if role == "controller_manager/spawner":
         return 0  # the real spawner loads, configures and activates, then exits
     stop.wait()
+    # launch's SIGINT follows the terminal's: ignored from here on, as run_node does (Python puts
+    # back the default action while it exits, and a signal then would end the process with -2).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
