@@ -30,6 +30,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mail_ros.control.limits import fr3_limits
+from mail_ros.control.robot_state import RobotStateError, check_joint_targets, joint_positions
 from mail_ros.control.safety import SafetyConfig, SafetyError, SafetyFilter, Verdict, Watchdog
 from mail_ros.control.scheduler import Chunk, ChunkScheduler
 from mail_ros.msg import ActionChunk, InstructionEmbedding
@@ -40,8 +41,6 @@ from mail_ros.spec import GRIPPER_ACTION_NAME
 from mail_ros.sync.alignment import DEFAULT_MAX_STAMP_LEAD
 
 FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
-# A measured position this far (rad) beyond a hard limit is a broken reading, not the arm.
-MEASURED_LIMIT_TOLERANCE = 0.05
 # A control tick this many periods after the previous command finds the controller at rest (it
 # reached that command a period after sending), so the next command starts from rest. A tick
 # between one and two periods late also finds it at rest, for part of a period, which is not
@@ -162,20 +161,15 @@ class ExecutorNode(Node):
         return SetParametersResult(successful=True)
 
     def _on_joint_state(self, msg: JointState) -> None:
-        index = {name: i for i, name in enumerate(msg.name)}
-        if len(msg.position) != len(msg.name) or any(name not in index for name in self.arm_joints):
-            self.get_logger().error(f"ignoring joint state without all arm joints {self.arm_joints}: has "
-                                    f"{list(msg.name)}", throttle_duration_sec=2.0)
-            return
-        q = np.array([msg.position[index[name]] for name in self.arm_joints])
         # An ignored state is not fresh: the watchdog sees the joint states go stale and stops commanding.
+        try:
+            q = joint_positions(msg.name, msg.position, self.arm_joints)
+        except RobotStateError as exc:
+            self.get_logger().error(f"ignoring joint state: {exc}", throttle_duration_sec=2.0)
+            return
         problem = ""
         stamp, now = stamp_to_seconds(msg.header.stamp), now_seconds(self)
-        if not np.all(np.isfinite(q)):
-            problem = "non-finite positions"
-        elif not self.limits.contains(q, atol=MEASURED_LIMIT_TOLERANCE):
-            problem = f"positions outside the FR3 limits: {np.round(q, 3).tolist()}"
-        elif stamp <= 0.0:
+        if stamp <= 0.0:
             problem = "no header stamp (its age cannot be known)"
         elif stamp - now > self.max_clock_skew:
             problem = f"stamped {stamp - now:.3f} s ahead of this node's clock"
@@ -218,8 +212,10 @@ class ExecutorNode(Node):
             self._reject_chunk(f"dt {msg.dt} is not positive")
             return
         actions = np.asarray(msg.actions, dtype=np.float64).reshape(msg.horizon, len(names))
-        if not np.all(np.isfinite(actions)):
-            self._reject_chunk("non-finite actions")
+        try:
+            check_joint_targets(names, actions)
+        except RobotStateError as exc:
+            self._reject_chunk(str(exc))
             return
         chunk = Chunk(chunk_id=msg.chunk_id, stamp=stamp_to_seconds(msg.header.stamp), dt=float(msg.dt),
                       actions=actions[:, [names.index(name) for name in self.action_names]],
