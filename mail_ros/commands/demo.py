@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = {"pick": args.pick_seconds, "stack": args.stack_seconds}
     tables = {"main": SuccessTable(), "paraphrase": SuccessTable()}
     inference, ages, commands = [], [], 0
+    setpoint_acceleration, setpoint_jerk = 0.0, 0.0
     started = time.monotonic()
     main_seconds = None
     interrupted = False
@@ -111,9 +112,13 @@ def run(args: argparse.Namespace) -> int:
                     inference += trace.inference
                     ages += trace.chunk_age
                     commands += trace.commands
+                    setpoint_acceleration = max(setpoint_acceleration, trace.setpoint_acceleration)
+                    setpoint_jerk = max(setpoint_jerk, trace.setpoint_jerk)
                     verdict = "success" if outcome.success else f"fail ({outcome.progress.message})"
                     print(f"episode {spec.index:4d} {spec.instruction!r}: {verdict} "
-                          f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands"
+                          f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands, "
+                          f"1 kHz setpoint peaks {trace.setpoint_acceleration:.1f} rad/s^2 "
+                          f"{trace.setpoint_jerk:.0f} rad/s^3"
                           f"{', ' + outcome.note if outcome.note else ''}; {time.monotonic() - started:.0f} s elapsed)",
                           flush=True)
             recording = graph.recording
@@ -138,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"chunk latency (policy inference, wall): p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(inference)} chunks")
     print(f"observation age at chunk arrival (simulated): p50 {a50:.1f} ms, p99 {a99:.1f} ms; "
           f"{commands} arm commands sent")
+    print(f"arm setpoint at 1 kHz (the simulated JTC, every episode): worst acceleration {setpoint_acceleration:.2f} "
+          f"rad/s^2, worst jerk {setpoint_jerk:.0f} rad/s^3 (FR3 limits: 10 rad/s^2, 5000 rad/s^3)")
     if tables["paraphrase"].outcomes:
         print()
         print(tables["paraphrase"].format("paraphrase (not in the training data)"))

@@ -138,7 +138,11 @@ class FrankaSimNode(Node):
 
     # --- commands -------------------------------------------------------------------------------
     def _on_arm(self, msg: JointTrajectory) -> None:
-        points = [(stamp_to_seconds(p.time_from_start), list(p.positions)) for p in msg.points]
+        # A point carries velocities (accelerations) when the list is not empty, as for JTC.
+        points = [(stamp_to_seconds(p.time_from_start), list(p.positions))
+                  + ((list(p.velocities),) if len(p.velocities) else ())
+                  + ((list(p.accelerations),) if len(p.accelerations) and len(p.velocities) else ())
+                  for p in msg.points]
         stamp = stamp_to_seconds(msg.header.stamp)
         with self._lock:
             # A zero stamp means "start now", as for ros2_controllers' JTC.
