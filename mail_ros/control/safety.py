@@ -49,6 +49,8 @@ __all__ = [
     "SafetyFilter",
     "Verdict",
     "Watchdog",
+    "min_jerk",
+    "ramp_duration",
     "ramp_trajectory",
 ]
 
@@ -70,17 +72,18 @@ class SafetyConfig:
     position_margin: float = 0.05  # rad kept clear of each position limit
     velocity_scale: float = 0.5  # fraction of the datasheet velocity limit
     acceleration_scale: float = 0.5  # fraction of the datasheet acceleration limit
-    max_step_delta: float = 0.1  # rad a joint may move per control tick
+    jerk_scale: float = 0.5  # fraction of the datasheet jerk limit
+    max_step_delta: float = 0.05  # rad a joint may move per control tick
     # Watchdog.
-    chunk_timeout: float = 0.5  # s without a fresh chunk -> HOLD
-    joint_state_timeout: float = 0.1  # s without joint_states -> STOP
+    chunk_timeout: float = 0.3  # s without a fresh chunk -> HOLD
+    joint_state_timeout: float = 0.2  # s without joint_states -> STOP
     # Ramps (first chunk, goal change, homing).
     ramp_speed: float = 0.3  # fraction of the margined velocity/acceleration/jerk limits
     ramp_min_duration: float = 1.0  # s; never faster than this
     ramp_distance: float = 0.05  # rad; a target farther than this from the robot is ramped to
 
     def __post_init__(self) -> None:
-        for name in ("velocity_scale", "acceleration_scale", "ramp_speed"):
+        for name in ("velocity_scale", "acceleration_scale", "jerk_scale", "ramp_speed"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= 1):
                 raise SafetyError(f"SafetyConfig.{name} must be in (0, 1], got {value}")
@@ -155,6 +158,7 @@ class SafetyFilter:
             position_margin=self.config.position_margin,
             velocity_scale=self.config.velocity_scale,
             acceleration_scale=self.config.acceleration_scale,
+            jerk_scale=self.config.jerk_scale,
         )
 
     def filter(self, target: np.ndarray, q_prev: np.ndarray, v_prev: np.ndarray, dt: float) -> SafeTarget:
@@ -254,6 +258,34 @@ class SafetyFilter:
         return lo, hi, {"step": step, "brake_up": brake_up, "brake_down": brake_down}
 
 
+def ramp_duration(q_start: np.ndarray, q_goal: np.ndarray, limits: JointLimits, *, min_duration: float = 0.0) -> float:
+    """Shortest duration (>= ``min_duration``) of a minimum-jerk motion from rest at ``q_start`` to
+    rest at ``q_goal`` whose peak velocity, acceleration and jerk stay within ``limits`` on every joint."""
+    span = np.abs(_vector(q_goal, limits.dof, "q_goal") - _vector(q_start, limits.dof, "q_start"))
+    if not np.isfinite(span).all():
+        raise SafetyError(f"ramp endpoints must be finite, got {np.asarray(q_start).tolist()} -> "
+                          f"{np.asarray(q_goal).tolist()}")
+    if not (math.isfinite(min_duration) and min_duration >= 0):
+        raise SafetyError(f"min_duration must be >= 0, got {min_duration}")
+    return max(
+        min_duration,
+        float(np.max(MIN_JERK_PEAK_VELOCITY * span / limits.velocity_max)),
+        float(np.max(np.sqrt(MIN_JERK_PEAK_ACCELERATION * span / limits.acceleration_max))),
+        float(np.max(np.cbrt(MIN_JERK_PEAK_JERK * span / limits.jerk_max))),
+    )
+
+
+def min_jerk(q_start: np.ndarray, q_goal: np.ndarray, duration: float,
+             times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Position, velocity and acceleration (N, J) of the minimum-jerk motion at ``times`` (N,) in [0, duration]."""
+    tau = np.clip(np.asarray(times, dtype=np.float64) / duration, 0.0, 1.0)[:, None]  # (N, 1)
+    s = tau**3 * (10.0 - 15.0 * tau + 6.0 * tau**2)
+    ds = 30.0 * tau**2 * (1.0 - tau) ** 2 / duration
+    dds = 60.0 * tau * (1.0 - tau) * (1.0 - 2.0 * tau) / duration**2
+    span = np.asarray(q_goal, dtype=np.float64) - np.asarray(q_start, dtype=np.float64)  # (J,)
+    return q_start + s * span, ds * span, dds * span
+
+
 def ramp_trajectory(
     q_start: np.ndarray, q_goal: np.ndarray, limits: JointLimits, dt: float, *, min_duration: float = 0.0
 ) -> np.ndarray:
@@ -261,8 +293,9 @@ def ramp_trajectory(
 
     All joints share one duration, the shortest multiple of ``dt`` (and at least ``min_duration``)
     for which the profile's peak velocity, acceleration and jerk stay within ``limits`` on every
-    joint. Returns (N, J) targets for t = dt, 2 dt, ..., N dt; the last row equals ``q_goal``.
-    ``q_goal`` must lie within the limits; ``q_start`` is the measured position and may not.
+    joint (:func:`ramp_duration`). Returns (N, J) targets for t = dt, 2 dt, ..., N dt; the last row
+    equals ``q_goal``. ``q_goal`` must lie within the limits; ``q_start`` is the measured position
+    and may not.
     """
     dof = limits.dof
     start = _vector(q_start, dof, "q_start")
@@ -275,20 +308,10 @@ def ramp_trajectory(
             f"ramp goal {goal.tolist()} is outside the position limits "
             f"[{limits.position_min.tolist()}, {limits.position_max.tolist()}]"
         )
-    if not (math.isfinite(min_duration) and min_duration >= 0):
-        raise SafetyError(f"min_duration must be >= 0, got {min_duration}")
-    span = np.abs(goal - start)
-    duration = max(
-        min_duration,
-        float(np.max(MIN_JERK_PEAK_VELOCITY * span / limits.velocity_max)),
-        float(np.max(np.sqrt(MIN_JERK_PEAK_ACCELERATION * span / limits.acceleration_max))),
-        float(np.max(np.cbrt(MIN_JERK_PEAK_JERK * span / limits.jerk_max))),
-    )
+    duration = ramp_duration(start, goal, limits, min_duration=min_duration)
     # Rounding the duration up to whole ticks only lowers the peaks; 1e-9 absorbs float noise.
     steps = max(1, math.ceil(duration / dt - 1e-9))
-    tau = np.arange(1, steps + 1) / steps  # (N,)
-    s = tau**3 * (10.0 - 15.0 * tau + 6.0 * tau**2)
-    trajectory = start + s[:, None] * (goal - start)  # (N, J)
+    trajectory = min_jerk(start, goal, steps * dt, np.arange(1, steps + 1) * dt)[0]  # (N, J)
     trajectory[-1] = goal
     return trajectory
 

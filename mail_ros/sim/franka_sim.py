@@ -33,7 +33,7 @@ from mail_ros.control.smoothness import CONTROLLER_PERIOD, SetpointMonitor
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.jtc import JOINS, JointTrajectoryController, TrajectoryRejected
 from mail_ros.sim.tasks import COLOURS, CUBE_SIZE, TABLE_HEIGHT, SceneState, Task, TaskProgress, judge
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_HOME, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
 
 __all__ = [
     "CAMERAS",
@@ -50,7 +50,7 @@ __all__ = [
 
 FR3_LIMITS = fr3_limits()
 # Franka's "ready" pose: hand pointing down above the table centre, fingers along world y.
-HOME_Q = np.array([0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4])
+HOME_Q = np.array(FR3_HOME)
 CAMERAS: tuple[str, ...] = ("agentview", "wrist")
 TCP_SITE = "tcp"
 # Between the fingertip pads: the hand origin to pad centre distance along the hand's z axis.

@@ -34,54 +34,46 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["JOINS", "JointTrajectoryController", "TrajectoryPoint", "TrajectoryRejected", "interpolate"]
+__all__ = ["JOINS", "JointTrajectoryController", "TrajectoryRejected", "interpolate"]
 
 JOINS = ("desired", "measured")
+ORDERS = {1: "linear", 2: "cubic", 3: "quintic"}  # fields a point carries -> interpolation
 
 
 class TrajectoryRejected(ValueError):
     """A joint trajectory was refused; the controller keeps its active trajectory."""
 
 
-@dataclass(frozen=True)
-class TrajectoryPoint:
-    """One JointTrajectoryPoint in controller joint order; velocities/accelerations None when absent."""
+def interpolate(fields: int, start: np.ndarray, end: np.ndarray, duration: np.ndarray,
+                s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """JTC's ``interpolate_between_points`` inside a segment, for many samples at once.
 
-    time: float  # absolute time (start + time_from_start) or, for the join point, when it was commanded
-    positions: np.ndarray  # (J,)
-    velocities: np.ndarray | None = None  # (J,)
-    accelerations: np.ndarray | None = None  # (J,)
-
-
-def interpolate(a: TrajectoryPoint, b: TrajectoryPoint, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(position, velocity, acceleration) at ``t`` on the segment a -> b, as JTC's
-    ``interpolate_between_points``: linear, cubic or quintic by the fields both ends carry;
-    clamped to the segment's ends (where the order drops to linear, as in JTC)."""
-    duration = b.time - a.time
-    s = t - a.time
-    has_velocity = a.velocities is not None and b.velocities is not None
-    has_acceleration = has_velocity and a.accelerations is not None and b.accelerations is not None
-    if s < 0.0:
-        s, has_velocity, has_acceleration = 0.0, False, False
-    if s > duration:
-        s, has_velocity, has_acceleration = duration, False, False
-    p0, p1 = a.positions, b.positions
-    if not has_velocity:
-        slope = (p1 - p0) / duration if duration != 0.0 else np.zeros_like(p0)
-        return p0 + s * slope, slope.copy(), np.zeros_like(p0)
-    v0, v1 = a.velocities, b.velocities
-    if duration == 0.0:
-        return p0.copy(), v0.copy(), np.zeros_like(p0)
+    ``start``/``end`` are (3, ..., J) stacks of positions, velocities and accelerations at the
+    segment's ends (the fields beyond ``fields`` are ignored), ``duration`` and ``s`` (time into
+    the segment, 0 <= s <= duration) broadcast against (..., J). ``fields`` 1: linear, 2: cubic
+    Hermite, 3: quintic. Returns (position, velocity, acceleration).
+    """
+    p0, v0, a0 = start
+    p1, v1, a1 = end
     T = duration
-    if not has_acceleration:
-        c2 = (-3.0 * p0 + 3.0 * p1 - 2.0 * v0 * T - v1 * T) / T**2
-        c3 = (2.0 * p0 - 2.0 * p1 + v0 * T + v1 * T) / T**3
-        return (p0 + v0 * s + c2 * s**2 + c3 * s**3, v0 + 2.0 * c2 * s + 3.0 * c3 * s**2, 2.0 * c2 + 6.0 * c3 * s)
-    a0, a1 = a.accelerations, b.accelerations
-    c2 = 0.5 * a0
-    c3 = (-20.0 * p0 + 20.0 * p1 - 3.0 * a0 * T**2 + a1 * T**2 - 12.0 * v0 * T - 8.0 * v1 * T) / (2.0 * T**3)
-    c4 = (30.0 * p0 - 30.0 * p1 + 3.0 * a0 * T**2 - 2.0 * a1 * T**2 + 16.0 * v0 * T + 14.0 * v1 * T) / (2.0 * T**4)
-    c5 = (-12.0 * p0 + 12.0 * p1 - a0 * T**2 + a1 * T**2 - 6.0 * v0 * T - 6.0 * v1 * T) / (2.0 * T**5)
+    if fields == 1:
+        slope = np.divide(p1 - p0, T, out=np.zeros(np.broadcast(p0, T).shape), where=T != 0.0)
+        return p0 + s * slope, slope + 0.0 * s, np.zeros(np.broadcast(p0, s).shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if fields == 2:
+            c2 = (-3.0 * p0 + 3.0 * p1 - 2.0 * v0 * T - v1 * T) / T**2
+            c3 = (2.0 * p0 - 2.0 * p1 + v0 * T + v1 * T) / T**3
+            c4 = c5 = 0.0
+        else:
+            c2 = 0.5 * a0
+            c3 = (-20.0 * p0 + 20.0 * p1 - 3.0 * a0 * T**2 + a1 * T**2 - 12.0 * v0 * T - 8.0 * v1 * T) / (2.0 * T**3)
+            c4 = (30.0 * p0 - 30.0 * p1 + 3.0 * a0 * T**2 - 2.0 * a1 * T**2 + 16.0 * v0 * T
+                  + 14.0 * v1 * T) / (2.0 * T**4)
+            c5 = (-12.0 * p0 + 12.0 * p1 - a0 * T**2 + a1 * T**2 - 6.0 * v0 * T - 6.0 * v1 * T) / (2.0 * T**5)
+    if np.any(T == 0.0):  # JTC leaves the higher coefficients at zero for a zero-length segment
+        zero = T == 0.0
+        c2 = np.where(zero, 0.5 * a0 if fields == 3 else 0.0, c2)
+        c3, c4, c5 = (np.where(zero, 0.0, c) for c in (c3, c4, c5))
     position = p0 + v0 * s + c2 * s**2 + c3 * s**3 + c4 * s**4 + c5 * s**5
     velocity = v0 + 2.0 * c2 * s + 3.0 * c3 * s**2 + 4.0 * c4 * s**3 + 5.0 * c5 * s**4
     acceleration = 2.0 * c2 + 6.0 * c3 * s + 12.0 * c4 * s**2 + 20.0 * c5 * s**3
@@ -118,37 +110,50 @@ class JointTrajectoryController:
     @property
     def end_time(self) -> float:
         """Time from which the last point is held (-inf while only holding)."""
-        return self._points[-1].time if self._points else -math.inf
+        return float(self._times[-1]) if len(self._times) > 1 else -math.inf
 
     def hold(self, positions: np.ndarray) -> None:
         """Drop any trajectory and hold ``positions`` (J,) at rest from now on (used on reset)."""
         positions = np.asarray(positions, dtype=np.float64).copy()
         if positions.shape != (len(self._names),):
             raise ValueError(f"hold positions must have shape ({len(self._names)},), got {positions.shape}")
-        zero = np.zeros_like(positions)
-        self._before = TrajectoryPoint(-math.inf, positions, zero, zero)
-        self._points: list[TrajectoryPoint] = []
+        # Row 0 is the point before the trajectory (the join), then the trajectory's points.
+        self._times = np.array([-math.inf])  # (K + 1,)
+        self._states = np.zeros((3, 1, len(self._names)))  # (3, K + 1, J): positions, velocities, accelerations
+        self._states[0, 0] = positions
+        self._fields = 1  # fields every point carries (the join point is completed with zeros)
 
     def sample(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The controller update at ``t``: (position, velocity, acceleration), each (J,)."""
-        return self._evaluate(t)
+        q, v, a = self.sample_many(np.array([t], dtype=np.float64))
+        return q[0], v[0], a[0]
 
     def setpoint(self, t: float) -> np.ndarray:
         """The (J,) position setpoint of the update at ``t``."""
         return self.sample(t)[0]
 
-    def _evaluate(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        before, points = self._before, self._points
-        zero = np.zeros(len(self._names))
-        if not points or t < before.time:
-            return (before.positions.copy(), _or(before.velocities, zero), _or(before.accelerations, zero))
-        if t < points[0].time:
-            return interpolate(before, points[0], t)
-        for a, b in zip(points, points[1:]):
-            if a.time <= t < b.time:
-                return interpolate(a, b, t)
-        last = points[-1]
-        return last.positions.copy(), _or(last.velocities, zero), _or(last.accelerations, zero)
+    def sample_many(self, times: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Updates at each of ``times`` (N,): (position, velocity, acceleration), each (N, J)."""
+        times = np.asarray(times, dtype=np.float64)
+        knots, states = self._times, self._states
+        segment = np.searchsorted(knots, times, side="right") - 1  # (N,) knots[segment] <= t < knots[segment + 1]
+        held = (segment < 0) | (segment >= len(knots) - 1)
+        # Before the join: the join point; after the last point: the last point (its position held).
+        held_row = np.where(segment < 0, 0, len(knots) - 1)
+        out = [states[f, held_row].copy() for f in range(3)]
+        if self._fields < 3:
+            out[2][:] = 0.0
+            if self._fields < 2:
+                out[1][:] = 0.0
+        inside = np.flatnonzero(~held)
+        if len(inside):
+            k = segment[inside]
+            duration = (knots[k + 1] - knots[k])[:, None]  # (M, 1)
+            s = (times[inside] - knots[k])[:, None]
+            values = interpolate(self._fields, states[:, k], states[:, k + 1], duration, s)
+            for f in range(3):
+                out[f][inside] = values[f]
+        return out[0], out[1], out[2]
 
     def set_trajectory(
         self,
@@ -173,58 +178,56 @@ class JointTrajectoryController:
             raise TrajectoryRejected(f"start_time must be finite, got {start_time}")
         if len(points) == 0:
             raise TrajectoryRejected("empty trajectory: at least one point is required")
-        parsed: list[TrajectoryPoint] = []
         fields = None
         for k, point in enumerate(points):
             if not isinstance(point, (tuple, list)) or not 2 <= len(point) <= 4:
                 raise TrajectoryRejected(f"point {k} must be (time_from_start, positions[, velocities[, "
                                          f"accelerations]]), got {point!r}")
-            try:
-                tfs = float(point[0])
-                arrays = [np.asarray(values, dtype=np.float64) for values in point[1:]]
-            except (TypeError, ValueError) as exc:
-                raise TrajectoryRejected(f"point {k} has non-numeric values: {point!r}") from exc
             if fields is None:
-                fields = len(arrays)
-            elif len(arrays) != fields:
-                raise TrajectoryRejected(f"point {k} carries {len(arrays)} fields, point 0 carries {fields}")
-            if not math.isfinite(tfs) or tfs < 0.0:
-                raise TrajectoryRejected(f"point {k}: time_from_start must be finite and >= 0, got {tfs}")
-            if parsed and start + tfs <= parsed[-1].time:
-                raise TrajectoryRejected(f"point {k}: time_from_start must increase strictly, got {tfs}")
-            ordered = []
-            for what, values in zip(("positions", "velocities", "accelerations"), arrays):
-                if values.shape != (len(joint_names),):
-                    raise TrajectoryRejected(f"point {k}: expected {len(joint_names)} {what}, got shape "
-                                             f"{values.shape}")
-                if not np.all(np.isfinite(values)):
-                    raise TrajectoryRejected(f"point {k}: {what} must be finite, got {values.tolist()}")
-                inner = np.empty(len(self._names))
-                inner[order] = values
-                ordered.append(inner)
-            outside = (ordered[0] < self._lower) | (ordered[0] > self._upper)
-            if np.any(outside):
-                j = int(np.argmax(outside))
-                raise TrajectoryRejected(
-                    f"point {k}: {self._names[j]} = {ordered[0][j]:.4f} rad is outside its limits "
-                    f"[{self._lower[j]:.4f}, {self._upper[j]:.4f}]"
-                )
-            ordered += [None] * (3 - len(ordered))
-            parsed.append(TrajectoryPoint(start + tfs, *ordered))
+                fields = len(point) - 1
+            elif len(point) - 1 != fields:
+                raise TrajectoryRejected(f"point {k} carries {len(point) - 1} fields, point 0 carries {fields}")
+        try:
+            offsets = np.array([float(point[0]) for point in points])
+            values = np.array([[np.asarray(point[f + 1], dtype=np.float64) for f in range(fields)]
+                               for point in points], dtype=np.float64)  # (K, F, n)
+        except (TypeError, ValueError) as exc:
+            raise TrajectoryRejected(f"points must hold numbers, {len(joint_names)} per field: {exc}") from exc
+        if values.shape[2:] != (len(joint_names),) or values.ndim != 3:
+            raise TrajectoryRejected(f"expected {len(joint_names)} values per field, got shape {values.shape[1:]}")
+        bad_time = ~np.isfinite(offsets) | (offsets < 0.0)
+        if bad_time.any():
+            k = int(np.argmax(bad_time))
+            raise TrajectoryRejected(f"point {k}: time_from_start must be finite and >= 0, got {offsets[k]}")
+        times = start + offsets
+        if np.any(np.diff(times) <= 0.0):
+            k = int(np.argmax(np.diff(times) <= 0.0)) + 1
+            raise TrajectoryRejected(f"point {k}: time_from_start must increase strictly, got {offsets[k]}")
+        if not np.all(np.isfinite(values)):
+            k, f = (int(i) for i in np.argwhere(~np.isfinite(values))[0][:2])
+            what = ("positions", "velocities", "accelerations")[f]
+            raise TrajectoryRejected(f"point {k}: {what} must be finite, got {values[k, f].tolist()}")
+        ordered = np.zeros((3, len(points), len(self._names)))  # (3, K, J) in controller order
+        ordered[:fields][:, :, order] = values.transpose(1, 0, 2)
+        outside = (ordered[0] < self._lower) | (ordered[0] > self._upper)
+        if np.any(outside):
+            k, j = (int(i) for i in np.argwhere(outside)[0])
+            raise TrajectoryRejected(
+                f"point {k}: {self._names[j]} = {ordered[0, k, j]:.4f} rad is outside its limits "
+                f"[{self._lower[j]:.4f}, {self._upper[j]:.4f}]"
+            )
         if self.join == "desired":
             # JTC joins at the state it commanded in the previous update, a cycle before; the
             # model takes the update at ``now`` itself (the same state for a cycle-exact caller).
-            (q, v, a), join_time = self._evaluate(now), now
+            join = np.stack(self.sample(now))
         else:
             if measured is None:
                 raise ValueError("join='measured' needs the measured (position, velocity)")
             q, v = (np.asarray(x, dtype=np.float64) for x in measured)
-            a, join_time = np.zeros_like(q), now
-        first = parsed[0]
-        self._before = TrajectoryPoint(join_time, q.copy(),
-                                       None if first.velocities is None else v.copy(),
-                                       None if first.accelerations is None else a.copy())
-        self._points = parsed
+            join = np.stack([q, v, np.zeros_like(q)])
+        self._times = np.concatenate([[now], times])
+        self._states = np.concatenate([join[:, None, :], ordered], axis=1)
+        self._fields = fields
 
     def _validate_names(self, joint_names: Sequence[str]) -> np.ndarray:
         names = list(joint_names)
@@ -238,7 +241,3 @@ class JointTrajectoryController:
         if missing:
             raise TrajectoryRejected(f"missing joints {missing}: a trajectory must command all of {list(self._names)}")
         return np.array([self._index[n] for n in names])
-
-
-def _or(values: np.ndarray | None, default: np.ndarray) -> np.ndarray:
-    return default.copy() if values is None else values.copy()
