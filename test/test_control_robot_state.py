@@ -59,7 +59,7 @@ def test_a_chunk_no_robot_could_mean_is_refused():
         check_joint_targets(names, np.tile(np.append(HOME, np.nan), (8, 1)))
 
 
-@given(st.integers(0, 6), st.floats(-1.0, 1.0), st.booleans())
+@given(st.integers(0, 6), st.floats(-1.0, 3.0), st.booleans())
 def test_the_gate_draws_the_line_at_the_hard_limits_plus_the_tolerance(joint, excess, upper):
     q = HOME.copy()
     limit = LIMITS.position_max[joint] if upper else LIMITS.position_min[joint]

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from mail_ros.control.executor import ExecutorConfig
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
@@ -53,10 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stack-seconds", type=float, default=18.0, help="simulated-time budget of a stack episode")
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="simulated seconds per wall second (lower it on a slow or busy CPU)")
-    p.add_argument("--executor-mode", default="receding_horizon",
+    p.add_argument("--executor-mode", default=ExecutorConfig().mode,
                    choices=("receding_horizon", "temporal_ensemble", "latency_compensation"))
-    p.add_argument("--execute-steps", type=int, default=4,
-                   help="receding horizon: actions executed per chunk (0 = the whole chunk)")
+    p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,
+                   help="receding horizon: actions executed per chunk (0 = the whole chunk); the default is "
+                        "executor_node's, which the launch files deploy")
     p.add_argument("--camera-size", nargs=2, type=int, default=list(CAMERA_SIZE), metavar=("H", "W"),
                    help="rendered camera resolution (the simulated cameras' own, as in sim_policy.launch.py); "
                         "camera_sync_node resizes to the checkpoint's image_size")

@@ -15,7 +15,7 @@ Finger joints are checked against half the hand's opening range; joints the FR3 
 are checked for finiteness only.
 
 :func:`check_joint_targets` refuses action chunks whose joint targets no robot could mean
-(beyond the hard limits by more than ``TARGET_LIMIT_TOLERANCE``, e.g. a chunk of 1e30): those
+(beyond the hard limits by more than ``TARGET_LIMIT_TOLERANCE``, 1.5 rad, e.g. a chunk of 1e30): those
 are refused as a whole rather than clipped into a drive to the limits.
 """
 
@@ -39,10 +39,10 @@ __all__ = [
 # rad (m for fingers) a measured position may lie beyond a hard limit: encoder noise and a
 # controller's overshoot at a limit stay well inside this; a broken reading does not.
 STATE_LIMIT_TOLERANCE = 0.05
-# rad (m for the gripper width) a commanded target may lie beyond a hard limit before the whole
-# chunk counts as meaningless: a policy slightly past a limit is clipped by the safety filter,
-# one far past it is broken.
-TARGET_LIMIT_TOLERANCE = 0.25
+# rad a commanded target may lie beyond a hard limit before the whole chunk counts as
+# meaningless (broken values, not a policy reaching for a limit; an untrained policy's targets
+# stay well within it): nearer targets are clipped to the margined limits by the executor.
+TARGET_LIMIT_TOLERANCE = 1.5
 _GRIPPER_WIDTH_TOLERANCE = 0.02
 
 
