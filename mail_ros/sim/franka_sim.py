@@ -348,17 +348,19 @@ class FrankaSim:
     def _apply_controls(self, dt: float) -> None:
         d = self.data
         d.ctrl[self._arm_act] = self._arm.setpoint(self.time)
-        end = self.time + dt
-        samples = []
-        while self._monitor_cycle * CONTROLLER_PERIOD < end - 1e-12:
-            samples.append(self._arm.setpoint(self._monitor_cycle * CONTROLLER_PERIOD))
-            self._monitor_cycle += 1
-        if samples:
-            self.setpoint_monitor.add(np.array(samples))
+        self._monitor_setpoint()
         # Ramp the width command towards the target at the commanded speed, like the real hand.
         delta = self._gripper_target - self._gripper_command
         self._gripper_command += float(np.clip(delta, -self._gripper_speed * dt, self._gripper_speed * dt))
         d.ctrl[self._gripper_act] = GRIPPER_COMMAND_PER_WIDTH * self._gripper_command
+
+    def _monitor_setpoint(self) -> None:
+        """Sample the arm setpoint every millisecond up to now (before a new trajectory replaces it)."""
+        last = math.floor(self.time / CONTROLLER_PERIOD + 1e-9)
+        if last >= self._monitor_cycle:
+            cycles = np.arange(self._monitor_cycle, last + 1)
+            self.setpoint_monitor.add(self._arm.sample_many(cycles * CONTROLLER_PERIOD)[0])
+            self._monitor_cycle = last + 1
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -376,6 +378,7 @@ class FrankaSim:
         """
         d = self.data
         measured = (d.qpos[self._arm_qadr].copy(), d.qvel[self._arm_dadr].copy())
+        self._monitor_setpoint()
         self._arm.set_trajectory(joint_names, points, start_time, self.time, measured=measured)
 
     def arm_setpoint(self) -> np.ndarray:
