@@ -278,6 +278,26 @@ def test_an_arm_that_does_not_follow_stops_the_commands_near_it():
     assert_smooth(trace)
 
 
+def test_an_arm_blocked_by_a_contact_gets_the_setpoint_back_then_follows_again():
+    # The policy pushes into an obstacle: the arm stops short, the tracking check stops the
+    # executor, the setpoint comes back to the arm (smoothly, from where it was), and commanding
+    # resumes. (Stopping for good left the arm stuck in the demo.)
+    core = ExecutorCore(ExecutorConfig(max_tracking_error=0.25))
+    bench = started(core)
+    blocked = HOME[1] + 0.2
+    measured = bench.measured
+    bench.measured = lambda: np.minimum(measured(), np.r_[np.inf, blocked, np.full(5, np.inf)])
+    bench.run(4.0, constant(HOME + np.array([0, 0.6, 0, 0, 0, 0, 0])))
+    messages = [r.message for _, r in bench.results]
+    assert any(m.startswith("stopped: the arm is not following") for m in messages)
+    assert any(m.startswith("recovering") for m in messages)
+    assert_smooth(bench.trace())
+    bench.measured = measured  # the obstacle is gone
+    bench.run(4.0, constant(HOME + np.array([0, 0.6, 0, 0, 0, 0, 0])))
+    assert abs(bench.trace()[-1][1] - (HOME[1] + 0.6)) < 1e-3
+    assert_smooth(bench.trace())
+
+
 def test_a_second_commander_stops_and_the_restart_is_fresh():
     bench = started()
     bench.run(1.0, constant(HOME + 0.1))

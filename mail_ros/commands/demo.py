@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = {"pick": args.pick_seconds, "stack": args.stack_seconds}
     tables = {"main": SuccessTable(), "paraphrase": SuccessTable()}
     inference, ages, commands = [], [], 0
-    setpoint_acceleration, setpoint_jerk = 0.0, 0.0
+    setpoint_acceleration, setpoint_jerk, delays = 0.0, 0.0, []
     started = time.monotonic()
     main_seconds = None
     interrupted = False
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
                     commands += trace.commands
                     setpoint_acceleration = max(setpoint_acceleration, trace.setpoint_acceleration)
                     setpoint_jerk = max(setpoint_jerk, trace.setpoint_jerk)
+                    delays += trace.command_delay
                     verdict = "success" if outcome.success else f"fail ({outcome.progress.message})"
                     print(f"episode {spec.index:4d} {spec.instruction!r}: {verdict} "
                           f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands, "
@@ -147,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
           f"{commands} arm commands sent")
     print(f"arm setpoint at 1 kHz (the simulated JTC, every episode): worst acceleration {setpoint_acceleration:.2f} "
           f"rad/s^2, worst jerk {setpoint_jerk:.0f} rad/s^3 (FR3 limits: 10 rad/s^2, 5000 rad/s^3)")
+    d50, d99 = percentiles_ms(delays)
+    print(f"arm commands applied after their stamp (simulated): p50 {d50:.0f} ms, p99 {d99:.0f} ms, max "
+          f"{1e3 * max(delays, default=float('nan')):.0f} ms")
     if tables["paraphrase"].outcomes:
         print()
         print(tables["paraphrase"].format("paraphrase (not in the training data)"))

@@ -24,7 +24,9 @@ keeps velocity, acceleration and jerk within the margined FR3 limits. A command 
 
 Holding is planning the stop now. Stopping (stale joint states, the arm not following, another
 commander) is sending nothing: the last command's stop completes. A restart continues from the
-controller's setpoint (the last command), never from the measured position, which lags it. Only
+controller's setpoint (the last command), never from the measured position, which lags it. When
+the arm did not follow (blocked by a contact, or far behind), the next commands move the setpoint
+to the arm at the ramp speed before the policy is followed again. Only
 when the setpoint is unknown (the first command, after a clock jump, another commander, or
 re-enabling) does the plan start at rest at the measured position, ``FRESH_START`` ahead.
 
@@ -67,6 +69,9 @@ POSITION_TIME_CONSTANT = 0.08
 REST_VELOCITY = 1e-5
 REST_ACCELERATION = 1e-4
 MAX_STOP_DURATION = 5.0  # s; a stop from any allowed speed ends well within this
+# After a stop for tracking loss the setpoint is brought to the arm until they are this fraction
+# of max_tracking_error apart; then the policy is followed again (from a ramp).
+RECOVERED = 0.5
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,7 @@ class ExecutorCore:
         self.ramp_until = -math.inf
         self.goal_id: str | None = None
         self.state_fault = False  # the last joint state was refused
+        self.recovering = False  # bringing the setpoint back to an arm that did not follow
         self.last_verdict: Verdict | None = None
         self.counters = {"chunks_accepted": 0, "chunks_rejected": 0, "commands": 0, "holds": 0}
         self.worst_lag = 0.0  # rad, largest |setpoint - measured| since the last report
@@ -292,8 +298,7 @@ class ExecutorCore:
         """Enable or disable commanding. Either way the next command starts afresh from the measured
         position: while disabled, anyone may have moved the arm or its controller."""
         self.enabled = enabled
-        self._stop()
-        self.plan = None
+        self._forget_plan()
 
     # --- the tick -------------------------------------------------------------------------------
     def tick(self, now: float, command_publishers: int = 1) -> TickResult:
@@ -317,16 +322,25 @@ class ExecutorCore:
         if decision.verdict is Verdict.STOP:
             self._stop()
             return TickResult(None, None, 2, f"stopped: {decision.reason}", log)
+        ramp_limits = self.limits.with_margins(0.0, *(self.safety.config.ramp_speed,) * 3)
         if self.plan is not None:
-            # Also before a restart: it continues from the setpoint, which the arm must be near.
             lag = np.abs(self.plan.state(now)[0] - self.measured)
             self.worst_lag = max(self.worst_lag, float(lag.max()))
+            joint = self.arm_joints[int(lag.argmax())]
+            if self.recovering and lag.max() > RECOVERED * self.config.max_tracking_error:
+                # Bring the setpoint to the arm (blocked by contact, or lagging far behind) from
+                # where it is, at the ramp speed; the policy's targets wait until it is near.
+                target = np.clip(self.measured, self.limits.position_min, self.limits.position_max)
+                command = self._command(now, lambda times: np.tile(target, (len(times), 1)), ramp_limits)
+                return TickResult(command, None, 1, f"recovering: moving the setpoint to the arm ({joint} "
+                                  f"{lag.max():.3f} rad away)", log)
+            self.recovering = False
             if lag.max() > self.config.max_tracking_error:
-                joint = self.arm_joints[int(lag.argmax())]
                 reason = (f"the arm is not following: {joint} is {lag.max():.3f} rad from the setpoint "
                           f"(max_tracking_error {self.config.max_tracking_error})")
                 log.append((2, reason))
                 self._stop()
+                self.recovering = True
                 return TickResult(None, None, 2, f"stopped: {reason}", log)
         action = self.scheduler.next_action(now) if decision.command else None
         if action is None:
@@ -348,7 +362,6 @@ class ExecutorCore:
         arm = np.clip(action[: len(self.arm_joints)], self.limits.position_min, self.limits.position_max)
         width = self.safety.gripper_width(action[-1]) if len(action) > len(self.arm_joints) else None
         setpoint = self.plan.state(now)[0]
-        ramp_limits = self.limits.with_margins(0.0, *(self.safety.config.ramp_speed,) * 3)
         if self.needs_ramp:
             # Once per start or goal: a policy whose next target is always a step ahead (fast
             # motion at 10 Hz) must not be slowed to a ramp at every chunk.
@@ -391,6 +404,7 @@ class ExecutorCore:
 
     def _forget_plan(self) -> None:
         self.plan = None
+        self.recovering = False
         self._stop()
 
     # --- planning -------------------------------------------------------------------------------

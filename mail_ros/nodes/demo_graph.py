@@ -44,6 +44,7 @@ class EpisodeTrace:
     # Worst arm setpoint acceleration (rad/s^2) and jerk (rad/s^3) of the simulated JTC sampled at 1 kHz.
     setpoint_acceleration: float = 0.0
     setpoint_jerk: float = 0.0
+    command_delay: list[float] = field(default_factory=list)  # s from each arm command's stamp to its use
 
 
 class DemoGraph:
@@ -132,17 +133,18 @@ class DemoGraph:
                 break
         seconds = session.now() - start
         self._enable(False)
-        acceleration, jerk = self._take_setpoint_extremes()
+        acceleration, jerk, delays = self._take_setpoint_extremes()
         with self._lock:
             trace = self.trace
-            trace.setpoint_acceleration, trace.setpoint_jerk = acceleration, jerk
+            trace.setpoint_acceleration, trace.setpoint_jerk, trace.command_delay = acceleration, jerk, delays
         note = "" if trace.commands else "no command reached the arm"
         return EpisodeOutcome(spec, progress.success, seconds, note=note, progress=progress), trace
 
-    def _take_setpoint_extremes(self) -> tuple[float, float]:
+    def _take_setpoint_extremes(self) -> tuple[float, float, list[float]]:
         sim_node = self.session.sim
         with sim_node._lock:
-            return sim_node.sim.setpoint_monitor.take()
+            delays, sim_node.command_delays = sim_node.command_delays, []
+            return (*sim_node.sim.setpoint_monitor.take(), delays)
 
     def close(self) -> None:
         try:

@@ -62,6 +62,9 @@ class FrankaSimNode(Node):
         self.task: Task | None = None
         self.judged_task: Task | None = None  # from ~/task, overrides `task` until the next reset
         self.rejected = 0
+        # How late (s) each stamped arm command was applied: a command applied later than the
+        # executor's command_latency after its stamp makes the setpoint jump.
+        self.command_delays: list[float] = []
         self._lock = threading.Lock()
         self._running = True
         self._was_reset = False
@@ -147,6 +150,8 @@ class FrankaSimNode(Node):
         with self._lock:
             # A zero stamp means "start now", as for ros2_controllers' JTC.
             start = None if stamp == 0.0 else stamp - (self.now() - self.sim.time)
+            if stamp != 0.0:
+                self.command_delays.append(self.now() - stamp)
             try:
                 self.sim.set_trajectory(list(msg.joint_names), points, start_time=start)
             except TrajectoryRejected as exc:
