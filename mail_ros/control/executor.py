@@ -378,11 +378,16 @@ class ExecutorCore:
         return TickResult(command, None if ramping else width, 0, "ramping" if ramping else "commanding", log)
 
     def _targets(self, times: np.ndarray) -> np.ndarray:
-        """(N, J) arm targets of the policy at ``times`` (the last one known where none is due)."""
+        """(N, J) arm targets of the policy at ``times`` (the last one known where none is due).
+
+        The setpoint reaches the action due at t one control period later, as a per-tick
+        executor commanding "the action due now, reached at the next tick" does, and as the
+        demonstrations' controller did: policies are trained on arms that lag their actions so.
+        """
         out = np.empty((len(times), len(self.arm_joints)))
         last = None
         for i, t in enumerate(times):
-            action = self.scheduler.action_at(float(t))
+            action = self.scheduler.action_at(float(t) - self.config.period)
             if action is not None:
                 last = np.clip(action[: len(self.arm_joints)], self.limits.position_min, self.limits.position_max)
             if last is None:
