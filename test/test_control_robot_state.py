@@ -53,6 +53,7 @@ def test_a_chunk_no_robot_could_mean_is_refused():
         check_joint_targets(names, rogue)
     slightly_past = np.tile(np.append(LIMITS.position_max + 0.1, 0.08), (8, 1))
     check_joint_targets(names, slightly_past)  # clipped later by the safety filter, not refused
+    check_joint_targets(names, np.tile(np.append(HOME, 0.1), (8, 1)))  # "open wide": clipped to 0.08
     with pytest.raises(RobotStateError, match="fr3_gripper_width"):
         check_joint_targets(names, np.tile(np.append(HOME, 0.5), (8, 1)))
     with pytest.raises(RobotStateError, match="non-finite"):

@@ -43,7 +43,9 @@ STATE_LIMIT_TOLERANCE = 0.05
 # meaningless (broken values, not a policy reaching for a limit; an untrained policy's targets
 # stay well within it): nearer targets are clipped to the margined limits by the executor.
 TARGET_LIMIT_TOLERANCE = 1.5
-_GRIPPER_WIDTH_TOLERANCE = 0.02
+# m a commanded gripper width may lie outside [0, 0.08]: the demo policy asks for 0.10 to open
+# fully (clipped to 0.08), a broken one for anything.
+_GRIPPER_WIDTH_TOLERANCE = 0.1
 
 
 class RobotStateError(ValueError):
@@ -99,7 +101,7 @@ def joint_positions(names: Sequence[str], positions: Sequence[float], wanted: Se
 def check_joint_targets(names: Sequence[str], targets: np.ndarray,
                         tolerance: float = TARGET_LIMIT_TOLERANCE) -> None:
     """Raise :class:`RobotStateError` unless every row of ``targets`` (A, len(names)) is finite and
-    within the hard limits plus ``tolerance`` (the gripper width within its range plus 2 cm)."""
+    within the hard limits plus ``tolerance`` (the gripper width within its range plus 10 cm)."""
     targets = np.asarray(targets, dtype=np.float64)
     if not np.all(np.isfinite(targets)):
         raise RobotStateError("non-finite targets")
