@@ -241,22 +241,23 @@ def test_camera_stop_and_policy_death_make_the_executor_hold(pipeline):
     wait_for(lambda: len(world.commands) >= 20, 30, "commands", graph=graph)
 
     world.cameras_on = False
-    t_stop = time.monotonic()
-    time.sleep(2.0)
-    # Chunks stop within the policy's history; then the executor holds (no motion) within its
-    # chunk timeout plus two control ticks.
-    last_chunk_wall = t_stop + 0.6
-    held = world.commands_since(last_chunk_wall + 0.5 + 2 / 20.0)
-    assert len(held) > 5 and np.ptp(held, axis=0).max() < 1e-6
+    # Chunks stop within the policy's history; then the executor holds: it finishes the motion
+    # it committed to (command_latency), comes to rest and keeps commanding that rest. (When
+    # exactly is the control core's, tested on a simulated clock.)
+    wait_for(lambda: holding_still(world), 20, "the executor holding still", graph=graph)
 
     world.start()
     wait_for(lambda: len(world.chunks) and world.commands_since(time.monotonic() - 0.2).size, 20,
              "commanding again", graph=graph)
     graph.remove(nodes["policy"])
-    t_kill = time.monotonic()
-    time.sleep(2.0)
-    held = world.commands_since(t_kill + 0.5 + 0.2 + 2 / 20.0)
-    assert len(held) > 5 and np.ptp(held, axis=0).max() < 1e-6
+    wait_for(lambda: holding_still(world), 20, "the executor holding still", graph=graph)
+
+
+def holding_still(world, n: int = 10) -> bool:
+    """The last ``n`` commands all start at the same point: the executor holds the arm at rest."""
+    with world.lock:
+        recent = [q for _, q in world.commands[-n:]]
+    return len(recent) == n and np.ptp(np.array(recent), axis=0).max() < 1e-6
 
 
 def test_goal_changes_during_inference_never_break_the_policy(pipeline):
