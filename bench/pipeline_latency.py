@@ -149,7 +149,7 @@ def run_variant(args) -> int:
     from mail_ros.msg import ActionChunk
     from mail_ros.nodes.common import (COMMAND_QOS, GIL_SWITCH_INTERVAL, GOAL_QOS, PIPELINE_QOS, now_seconds,
                                        stamp_to_seconds)
-    from mail_ros.nodes.executor_node import FR3_HOME
+    from mail_ros.spec import FR3_HOME
     from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS
 
     jpeg = args.run.endswith("+jpeg")

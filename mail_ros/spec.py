@@ -18,6 +18,8 @@ import numpy as np
 
 FR3_ARM_JOINTS: tuple[str, ...] = tuple(f"fr3_joint{i}" for i in range(1, 8))
 FR3_FINGER_JOINTS: tuple[str, ...] = ("fr3_finger_joint1", "fr3_finger_joint2")
+# The FR3's home pose (rad): where the simulator starts an episode and the executor homes to.
+FR3_HOME: tuple[float, ...] = (0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4)
 # The gripper action dimension is the commanded opening width between the fingers in metres.
 GRIPPER_ACTION_NAME = "fr3_gripper_width"
 FR3_GRIPPER_MAX_WIDTH = 0.08

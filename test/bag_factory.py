@@ -30,10 +30,10 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from mail_ros.data.ros_types import typestore
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, GRIPPER_ACTION_NAME
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_HOME, GRIPPER_ACTION_NAME
 
 LAG = 0.05  # seconds the measured arm position lags the command
-ARM_OFFSET = np.linspace(-0.6, 0.6, 7)
+ARM_OFFSET = np.array(FR3_HOME) + np.linspace(-0.6, 0.6, 7)  # a pose the FR3 can be in
 ARM_SLOPE = np.linspace(0.05, 0.35, 7)  # rad/s
 
 

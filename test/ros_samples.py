@@ -53,7 +53,7 @@ def sample_messages():
         joint_state=JointState(
             header=Header(stamp=Time(sec=17, nanosec=248_000_000)),
             name=[f"fr3_joint{i}" for i in range(1, 8)],
-            position=[0.5 * i for i in range(7)],
+            position=[0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785],
             velocity=[0.0] * 7,
             # Every float64[] filled: Fast CDR 2 (Kilted wheels) pads an EMPTY float64 sequence to
             # 8-byte alignment and rosbags does not, so such messages do not read back from bags.

@@ -232,3 +232,26 @@ def test_bad_configuration_and_chunks():
     action = returned.next_action(0.0)
     action[0] = 99.0  # callers get copies
     assert returned.next_action(0.0)[0] == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["receding_horizon", "temporal_ensemble", "latency_compensation"]),
+    st.lists(st.tuples(st.floats(0.0, 0.3), st.integers(1, 8)), min_size=1, max_size=6),
+    st.sampled_from(["hold", "linear"]),
+)
+def test_action_at_peeks_what_next_action_will_give(mode, arrivals, interpolation):
+    # The executor plans ahead with action_at: without new chunks, next_action must agree.
+    sched = ChunkScheduler(mode, 2, interpolation=interpolation, max_chunk_age=10.0)
+    now = 0.0
+    for i, (gap, horizon) in enumerate(arrivals):
+        now += gap
+        sched.add_chunk(tagged(i + 1, now - 0.01, horizon), now)
+    times = now + 0.013 * np.arange(80)
+    peeked = [sched.action_at(t) for t in times]
+    for t, expected in zip(times, peeked):
+        actual = sched.next_action(t)
+        if expected is None:
+            assert actual is None
+        else:
+            np.testing.assert_allclose(actual, expected)

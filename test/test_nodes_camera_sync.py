@@ -17,7 +17,7 @@ from std_msgs.msg import Header
 from mail_ros.msg import Observation
 from mail_ros.nodes.camera_sync_node import CameraSyncNode
 from mail_ros.nodes.common import PIPELINE_QOS, seconds_to_stamp, stamp_to_seconds
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_HOME
 from ros_harness import RosGraph, overrides, wait_for
 
 pytestmark = pytest.mark.ros
@@ -72,7 +72,7 @@ class SimulatedSensors:
                               encoding="rgb8", step=48, data=bytes(16 * 16 * 3)))
         names = list(FR3_ARM_JOINTS + FR3_FINGER_JOINTS)
         self.joint_pub.publish(JointState(header=Header(stamp=seconds_to_stamp(now + lead)), name=names,
-                                          position=[0.0] * len(names), velocity=[0.0] * len(names),
+                                          position=list(FR3_HOME) + [0.04, 0.04], velocity=[0.0] * len(names),
                                           effort=[0.0] * len(names)))
 
 

@@ -22,7 +22,8 @@ from trajectory_msgs.msg import JointTrajectory
 
 from mail_ros.control.limits import fr3_limits
 from mail_ros.nodes.common import COMMAND_QOS
-from mail_ros.nodes.executor_node import FR3_HOME, ExecutorNode
+from mail_ros.nodes.executor_node import ExecutorNode
+from mail_ros.spec import FR3_HOME
 from mail_ros.spec import FR3_ARM_JOINTS
 from mail_ros.nodes.homing import REQUIRED_KEYS, HomingFailed, MoveItApi, MoveItHoming, import_moveit
 from ros_harness import RosGraph, overrides, wait_for

@@ -24,7 +24,7 @@ from mail_ros.msg import Observation as ObservationMsg
 from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, now_seconds, seconds_to_stamp, stamp_to_seconds
 from mail_ros.nodes.language_node import LanguageNode
 from mail_ros.nodes.policy_node import PolicyNode
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_HOME
 from ros_harness import RosGraph, overrides, wait_for
 
 pytestmark = pytest.mark.ros
@@ -53,7 +53,7 @@ class Client:
         self.diagnostics: list = []
         self.lock = threading.Lock()
         self.streaming = False
-        self.joints = np.zeros(len(FR3_ARM_JOINTS + FR3_FINGER_JOINTS))
+        self.joints = np.array(FR3_HOME + (0.04, 0.04))  # a state the FR3 can be in
         self.rng = np.random.default_rng(0)
         self.observation_pub = self.node.create_publisher(ObservationMsg, "/mail/observation", PIPELINE_QOS)
         self.goal_pub = self.node.create_publisher(InstructionEmbedding, "/mail/instruction_embedding", GOAL_QOS)
@@ -173,15 +173,21 @@ def test_refused_goal_drops_the_current_one(running):
     assert {c.instruction for c in client.chunks_since(n)} == {"put it back"}
 
 
-def test_actions_beyond_float32_are_dropped_and_diagnostics_recover(running):
+def test_a_state_no_robot_could_be_in_yields_no_chunk_and_diagnostics_recover(running):
+    # A joint far beyond its limit (issue 18: fr3_joint1 = -3.3 made the policy aim past the
+    # limit; 1e39 overflowed float32) is refused by the robot-state gate: no chunk from it.
     graph, client, policy = running
     client.goal("pick up the red cube", _unit(0))
-    client.joints[0] = 1e39  # finite, so accepted; relative targets then overflow float32
+    client.joints[0] = 1e39
     client.streaming = True
-    wait_for(lambda: policy.counters["non_finite_chunks"] >= 3, 20, "non-finite chunks counted", graph=graph)
+    wait_for(lambda: policy.counters["refused_observations"] >= 3, 20, "refused observations", graph=graph)
     assert client.chunks_since(0) == []
-    wait_for(lambda: "policy produced non-finite actions; chunks dropped" in client.diagnostic("policy_node", (ERROR,)),
-             5, "an ERROR diagnostic", graph=graph)
+    wait_for(lambda: any("beyond the hard limits" in m for m in client.diagnostic("policy_node", (WARN,))),
+             5, "a WARN diagnostic", graph=graph)
+    client.joints[0] = -3.3
+    n_refused = policy.counters["refused_observations"]
+    wait_for(lambda: policy.counters["refused_observations"] >= n_refused + 3, 20, "more refusals", graph=graph)
+    assert client.chunks_since(0) == []
     client.joints[0] = 0.0
     wait_for(lambda: len(client.chunks_since(0)) >= 3, 20, "chunks once the joints are sane", graph=graph)
     assert all(np.all(np.isfinite(c.actions)) for c in client.chunks_since(0))

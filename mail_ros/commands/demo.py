@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from mail_ros.control.executor import ExecutorConfig
 from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
@@ -53,10 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stack-seconds", type=float, default=18.0, help="simulated-time budget of a stack episode")
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="simulated seconds per wall second (lower it on a slow or busy CPU)")
-    p.add_argument("--executor-mode", default="receding_horizon",
+    p.add_argument("--executor-mode", default=ExecutorConfig().mode,
                    choices=("receding_horizon", "temporal_ensemble", "latency_compensation"))
-    p.add_argument("--execute-steps", type=int, default=4,
-                   help="receding horizon: actions executed per chunk (0 = the whole chunk)")
+    p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,
+                   help="receding horizon: actions executed per chunk (0 = the whole chunk); the default is "
+                        "executor_node's, which the launch files deploy")
     p.add_argument("--camera-size", nargs=2, type=int, default=list(CAMERA_SIZE), metavar=("H", "W"),
                    help="rendered camera resolution (the simulated cameras' own, as in sim_policy.launch.py); "
                         "camera_sync_node resizes to the checkpoint's image_size")
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = {"pick": args.pick_seconds, "stack": args.stack_seconds}
     tables = {"main": SuccessTable(), "paraphrase": SuccessTable()}
     inference, ages, commands = [], [], 0
+    setpoint_acceleration, setpoint_jerk, delays = 0.0, 0.0, []
     started = time.monotonic()
     main_seconds = None
     interrupted = False
@@ -111,9 +114,14 @@ def run(args: argparse.Namespace) -> int:
                     inference += trace.inference
                     ages += trace.chunk_age
                     commands += trace.commands
+                    setpoint_acceleration = max(setpoint_acceleration, trace.setpoint_acceleration)
+                    setpoint_jerk = max(setpoint_jerk, trace.setpoint_jerk)
+                    delays += trace.command_delay
                     verdict = "success" if outcome.success else f"fail ({outcome.progress.message})"
                     print(f"episode {spec.index:4d} {spec.instruction!r}: {verdict} "
-                          f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands"
+                          f"after {outcome.seconds:.1f} s ({len(trace.inference)} chunks, {trace.commands} commands, "
+                          f"1 kHz setpoint peaks {trace.setpoint_acceleration:.1f} rad/s^2 "
+                          f"{trace.setpoint_jerk:.0f} rad/s^3"
                           f"{', ' + outcome.note if outcome.note else ''}; {time.monotonic() - started:.0f} s elapsed)",
                           flush=True)
             recording = graph.recording
@@ -138,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"chunk latency (policy inference, wall): p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(inference)} chunks")
     print(f"observation age at chunk arrival (simulated): p50 {a50:.1f} ms, p99 {a99:.1f} ms; "
           f"{commands} arm commands sent")
+    print(f"arm setpoint at 1 kHz (the simulated JTC, every episode): worst acceleration {setpoint_acceleration:.2f} "
+          f"rad/s^2, worst jerk {setpoint_jerk:.0f} rad/s^3 (FR3 limits: 10 rad/s^2, 5000 rad/s^3)")
+    d50, d99 = percentiles_ms(delays)
+    print(f"arm commands applied after their stamp (simulated): p50 {d50:.0f} ms, p99 {d99:.0f} ms, max "
+          f"{1e3 * max(delays, default=float('nan')):.0f} ms")
     if tables["paraphrase"].outcomes:
         print()
         print(tables["paraphrase"].format("paraphrase (not in the training data)"))

@@ -230,6 +230,24 @@ class ChunkScheduler:
         weights = np.exp(-self.ensemble_decay * np.arange(len(candidates)))  # oldest first, weighted most
         return weights @ np.stack(candidates) / weights.sum()  # (K,) @ (K, action_dim)
 
+    def action_at(self, t: float) -> np.ndarray | None:
+        """The target :meth:`next_action` would give at ``t`` (at or after the last call) with the
+        chunks accepted so far, without advancing: the executor plans ahead with it."""
+        if not math.isfinite(t):
+            raise ChunkError(f"action_at time must be finite, got {t}")
+        linear = self.interpolation == "linear"
+        if self.mode == "receding_horizon":
+            running = [c for c in (self._current, self._waiting) if c is not None and not c.over(t)]
+            action = running[0].action(t, linear) if running else None
+            return None if action is None else action.copy()
+        candidates = [a for c in self._chunks if not c.over(t) and (a := c.action(t, linear)) is not None]
+        if not candidates:
+            return None
+        if self.mode == "latency_compensation":
+            return candidates[-1].copy()
+        weights = np.exp(-self.ensemble_decay * np.arange(len(candidates)))
+        return weights @ np.stack(candidates) / weights.sum()
+
     def _receding_horizon(self, now: float, linear: bool) -> np.ndarray | None:
         if self._current is not None and self._current.over(now):
             self._current = None

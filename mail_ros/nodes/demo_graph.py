@@ -41,6 +41,10 @@ class EpisodeTrace:
     inference: list[float] = field(default_factory=list)
     chunk_age: list[float] = field(default_factory=list)
     commands: int = 0
+    # Worst arm setpoint acceleration (rad/s^2) and jerk (rad/s^3) of the simulated JTC sampled at 1 kHz.
+    setpoint_acceleration: float = 0.0
+    setpoint_jerk: float = 0.0
+    command_delay: list[float] = field(default_factory=list)  # s from each arm command's stamp to its use
 
 
 class DemoGraph:
@@ -119,6 +123,7 @@ class DemoGraph:
         # Enable only once the executor holds the new goal, so no chunk of the old one is executed.
         session.wait_until(lambda: self.executor.goal_id != previous_goal, 30.0,
                            f"executor_node to receive the goal {spec.instruction!r}")
+        self._take_setpoint_extremes()  # what the reset did to the setpoint is not the pipeline's
         self._enable(True)
         start = session.now()
         while True:
@@ -128,10 +133,18 @@ class DemoGraph:
                 break
         seconds = session.now() - start
         self._enable(False)
+        acceleration, jerk, delays = self._take_setpoint_extremes()
         with self._lock:
             trace = self.trace
+            trace.setpoint_acceleration, trace.setpoint_jerk, trace.command_delay = acceleration, jerk, delays
         note = "" if trace.commands else "no command reached the arm"
         return EpisodeOutcome(spec, progress.success, seconds, note=note, progress=progress), trace
+
+    def _take_setpoint_extremes(self) -> tuple[float, float, list[float]]:
+        sim_node = self.session.sim
+        with sim_node._lock:
+            delays, sim_node.command_delays = sim_node.command_delays, []
+            return (*sim_node.sim.setpoint_monitor.take(), delays)
 
     def close(self) -> None:
         try:

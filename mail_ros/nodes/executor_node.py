@@ -1,28 +1,23 @@
 """executor_node: /mail/action_chunk -> FR3 joint trajectory controller (and the gripper).
 
-Once per control tick: the watchdog decides whether commanding is allowed (fresh joint states,
-fresh chunks, nobody else on the command topic); the core ChunkScheduler picks the action due
-now (receding horizon, ACT temporal ensembling or latency compensation); the core SafetyFilter
-clips it to the FR3 limits with margins and bounds velocity, acceleration and the per-tick
-step; the result goes out as a one-point JointTrajectory. The first chunk, every goal change and
-every restart after a stop begin with a min-jerk ramp from the measured joint state (a ramp cut
-short by a hold is planned anew). When in doubt, it holds; when the arm stops following its
-commands, it stops.
+A thin adapter over the control core (mail_ros.control.executor.ExecutorCore), which makes every
+decision: parameters, QoS, message conversions, a control timer and one ``tick`` call. Each tick
+may send a JointTrajectory of points with positions, velocities and accelerations (smooth at the
+controller's 1 kHz; see the core's docstring) and a gripper command. The arm's controller must
+join new trajectories from its desired state (config/fr3_controllers.yaml).
 
-Joint states count as fresh by their header stamp (not by when they arrived), and must lie
-within the FR3's position limits; chunks and joint states stamped ahead of the node clock by more
-than ``max_clock_skew`` are refused.
+Joint states are used only through the robot-state gate and must be stamped; chunks and joint
+states stamped ahead of the node clock by more than ``max_clock_skew`` are refused. Every
+default below is the core's (ExecutorConfig, SafetyConfig); config/pipeline.yaml repeats them.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
 
 import numpy as np
-from builtin_interfaces.msg import Duration
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -30,60 +25,70 @@ from sensor_msgs.msg import JointState
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from mail_ros.control.limits import fr3_limits
-from mail_ros.control.safety import SafetyConfig, SafetyError, SafetyFilter, Verdict, Watchdog
-from mail_ros.control.scheduler import Chunk, ChunkScheduler
+from mail_ros.control.executor import Command, ExecutorConfig, ExecutorCore
+from mail_ros.control.safety import SafetyConfig, SafetyError, Verdict
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare,
-                                   now_ns, now_seconds, run_node, stamp_ns, stamp_to_seconds)
+                                   now_seconds, run_node, seconds_to_duration, seconds_to_stamp, stamp_to_seconds)
 from mail_ros.nodes.gripper import GripperBridge
 from mail_ros.nodes.homing import HomingFailed, MoveItHoming
-from mail_ros.spec import GRIPPER_ACTION_NAME
-from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, ns_to_seconds
 
-FR3_HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
-# A measured position this far (rad) beyond a hard limit is a broken reading, not the arm.
-MEASURED_LIMIT_TOLERANCE = 0.05
-# A control tick this many periods after the previous command finds the controller at rest (it
-# reached that command a period after sending), so the next command starts from rest. A tick
-# between one and two periods late also finds it at rest, for part of a period, which is not
-# modelled: nearer 1 this would mistake timer jitter on a busy computer for a late tick.
-LATE_TICK_PERIODS = 2.0
-
-
-def _duration(seconds: float) -> Duration:
-    nanoseconds = int(round(seconds * 1e9))
-    return Duration(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+LEVELS = {0: OK, 1: WARN, 2: ERROR}
 
 
 class ExecutorNode(Node):
     def __init__(self, **kwargs):
         super().__init__("executor_node", **kwargs)
+        core, safe = ExecutorConfig(), SafetyConfig()  # the defaults
         self.enabled = declare(self, "enabled", True, "Send commands to the robot at all (false for replays); "
                                "can be changed at run time")
-        mode = declare(self, "mode", "receding_horizon", "Chunk execution: receding_horizon, temporal_ensemble "
-                       "or latency_compensation")
-        execute_steps = declare(self, "execute_steps", 0, "Receding horizon: actions executed per chunk before "
-                                "switching to the next (0 = the whole chunk, MaIL's default)")
-        ensemble_decay = declare(self, "ensemble_decay", 0.01, "Temporal ensembling weight decay m in exp(-m*i)")
-        interpolation = declare(self, "interpolation", "linear", "Between action due times: linear (blend "
-                                "towards the next action, for ticks faster than the chunk dt) or hold")
-        self.max_chunk_age = declare(self, "max_chunk_age", 0.5, "Chunks whose newest observation is older "
-                                     "than this (s) are discarded")
-        self.max_clock_skew = declare(self, "max_clock_skew", DEFAULT_MAX_STAMP_LEAD, "Chunks and joint states stamped further "
-                                      "than this (s) ahead of the node clock are refused: the clocks disagree")
-        try:
-            self.stamp_gate = StampGate(self.max_clock_skew)
-        except ValueError as exc:
-            raise SystemExit(f"executor_node: max_clock_skew: {exc}") from exc
-        max_chunk_span = declare(self, "max_chunk_span", 3.0, "Chunks whose executed actions span more than "
-                                 "this (s) are refused (e.g. a dt sent in ms)")
-        self.max_tracking_error = declare(self, "max_tracking_error", 0.25, "Stop commanding (then ramp in "
-                                          "again from the measured state) when a joint is farther than this "
-                                          "(rad) from its last command: the arm is not following")
-        rate = declare(self, "control_rate_hz", 20.0, "Control tick rate (JointTrajectory messages per second)")
-        if not (math.isfinite(rate) and rate > 0):
-            raise SystemExit(f"control_rate_hz must be positive, got {rate}")
+        config = dict(
+            mode=declare(self, "mode", core.mode, "Chunk execution: receding_horizon, temporal_ensemble or "
+                         "latency_compensation"),
+            execute_steps=declare(self, "execute_steps", core.execute_steps, "Receding horizon: actions executed "
+                                  "per chunk before switching to the next (0 = the whole chunk, MaIL's default)"),
+            ensemble_decay=declare(self, "ensemble_decay", core.ensemble_decay, "Temporal ensembling weight decay "
+                                   "m in exp(-m*i)"),
+            interpolation=declare(self, "interpolation", core.interpolation, "Between action due times: linear "
+                                  "(blend towards the next action) or hold"),
+            max_chunk_age=declare(self, "max_chunk_age", core.max_chunk_age, "Chunks whose newest observation is "
+                                  "older than this (s) are discarded"),
+            max_clock_skew=declare(self, "max_clock_skew", core.max_clock_skew, "Chunks and joint states stamped "
+                                   "further than this (s) ahead of the node clock are refused: the clocks disagree"),
+            max_chunk_span=declare(self, "max_chunk_span", core.max_chunk_span, "Chunks whose executed actions span "
+                                   "more than this (s) are refused (e.g. a dt sent in ms)"),
+            max_tracking_error=declare(self, "max_tracking_error", core.max_tracking_error, "Stop commanding when "
+                                       "a joint is farther than this (rad) from the controller's setpoint: the arm "
+                                       "is not following; resume from the setpoint once it is near again"),
+            control_rate_hz=declare(self, "control_rate_hz", core.control_rate_hz, "Control tick rate "
+                                    "(JointTrajectory messages per second)"),
+            home_position=declare(self, "home_position", list(core.home_position), "Joint positions (rad) of the "
+                                  "homing pose, inside the margined position limits"),
+            knot_spacing=declare(self, "knot_spacing", core.knot_spacing, "Time (s) between the points of a "
+                                 "command (each piece between them has constant jerk)"),
+            command_latency=declare(self, "command_latency", core.command_latency, "Largest delay (s) until the "
+                                    "controller applies a command for which the setpoint stays exactly smooth"),
+        )
+        safety = dict(
+            position_margin=declare(self, "position_margin", safe.position_margin, "Clearance (rad) kept from "
+                                    "each joint limit"),
+            velocity_scale=declare(self, "velocity_scale", safe.velocity_scale, "Fraction of the FR3 velocity "
+                                   "limits used"),
+            acceleration_scale=declare(self, "acceleration_scale", safe.acceleration_scale, "Fraction of the FR3 "
+                                       "acceleration limits used"),
+            jerk_scale=declare(self, "jerk_scale", safe.jerk_scale, "Fraction of the FR3 jerk limits used"),
+            max_step_delta=declare(self, "max_step_delta", safe.max_step_delta, "Largest joint motion (rad) per "
+                                   "control tick (a speed limit of max_step_delta * control_rate_hz)"),
+            chunk_timeout=declare(self, "chunk_timeout", safe.chunk_timeout, "Hold when no fresh chunk arrived "
+                                  "for this long (s)"),
+            joint_state_timeout=declare(self, "joint_state_timeout", safe.joint_state_timeout, "Stop commanding "
+                                        "when /joint_states is older than this (s)"),
+            ramp_speed=declare(self, "ramp_speed", safe.ramp_speed, "Ramp speed as a fraction of the margined "
+                               "limits"),
+            ramp_min_duration=declare(self, "ramp_min_duration", safe.ramp_min_duration, "Shortest ramp (s)"),
+            ramp_distance=declare(self, "ramp_distance", safe.ramp_distance, "Ramp first when the target is "
+                                  "farther than this (rad) from the setpoint"),
+        )
         self.command_topic = declare(self, "command_topic", "/fr3_arm_controller/joint_trajectory",
                                      "JointTrajectory topic of the arm's joint trajectory controller")
         gripper_mode = declare(self, "gripper_mode", "auto", "Gripper output: franka (franka_gripper Move/Grasp "
@@ -96,57 +101,24 @@ class ExecutorNode(Node):
         close_below = declare(self, "gripper_close_below", 0.03, "Close (grasp) when the commanded width drops "
                               "below this (m)")
         open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)")
-        self.home = np.asarray(declare(self, "home_position", FR3_HOME, "Joint positions (rad) of the homing "
-                                       "pose, inside the margined position limits"), dtype=np.float64)
         self.homing = MoveItHoming(
             declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing with moveit_py"),
             declare(self, "moveit_config_file", "", "YAML file of MoveItPy's config_dict (robot description, SRDF, "
                     "kinematics, planning pipeline, controllers) for homing with moveit_py; '' = min-jerk homing"))
-        safety = SafetyConfig(
-            position_margin=declare(self, "position_margin", 0.05, "Clearance (rad) kept from each joint limit"),
-            velocity_scale=declare(self, "velocity_scale", 0.5, "Fraction of the FR3 velocity limits used"),
-            acceleration_scale=declare(self, "acceleration_scale", 0.5, "Fraction of the FR3 acceleration limits used"),
-            max_step_delta=declare(self, "max_step_delta", 0.05, "Largest joint motion (rad) per control tick"),
-            chunk_timeout=declare(self, "chunk_timeout", 0.3, "Hold when no fresh chunk arrived for this long (s)"),
-            joint_state_timeout=declare(self, "joint_state_timeout", 0.2, "Stop commanding when /joint_states is "
-                                        "older than this (s)"),
-            ramp_speed=declare(self, "ramp_speed", 0.3, "Ramp speed as a fraction of the margined limits"),
-            ramp_distance=declare(self, "ramp_distance", 0.05, "Ramp first when the target is farther than this "
-                                  "(rad) from the measured position"),
-        )
-        self.period = 1.0 / rate
-        self.limits = fr3_limits()
-        self.arm_joints = list(self.limits.names)
-        self.safety = SafetyFilter(safety, self.limits)
-        if self.home.shape != (len(self.arm_joints),) or not self.safety.limits.contains(self.home):
-            raise SystemExit(f"home_position must be {len(self.arm_joints)} joint positions inside the margined "
-                             f"limits {self.safety.limits.position_min.round(3).tolist()} .. "
-                             f"{self.safety.limits.position_max.round(3).tolist()}, got {self.home.tolist()}")
-        self.watchdog = Watchdog(safety)
         self._homing_thread: threading.Thread | None = None
         self.homing_result = ""  # how the last moveit_py homing ended (also logged)
         self.diagnostics = Diagnostics(self)
         self.gripper = GripperBridge(self, gripper_mode, gripper_topic, gripper_action_ns, close_below, open_above)
-        # The gripper width is the last action column, unless the gripper is not driven at all.
-        self.action_names = self.arm_joints + ([] if self.gripper.mode == "none" else [GRIPPER_ACTION_NAME])
-        self.scheduler = ChunkScheduler(mode=mode, action_dim=len(self.action_names),
-                                        execute_steps=execute_steps or None, ensemble_decay=ensemble_decay,
-                                        max_chunk_age=self.max_chunk_age, max_chunk_lead=self.max_clock_skew,
-                                        max_chunk_span=max_chunk_span, interpolation=interpolation,
-                                        instruction_id="")  # accept nothing before the first goal
-
-        self.measured: np.ndarray | None = None  # (7,) latest valid measured arm position
-        self.q_cmd: np.ndarray | None = None  # (7,) last commanded position (None: not commanding)
-        self.v_cmd = np.zeros(len(self.arm_joints))
-        self.last_command_time = -math.inf  # node clock time of the last command sent
-        self.ramp: deque[np.ndarray] = deque()
-        self.needs_ramp = True
-        self.goal_id: str | None = None
-        self.last_verdict: Verdict | None = None
-        self.counters = {"chunks_accepted": 0, "chunks_rejected": 0, "commands": 0, "clipped_ticks": 0,
-                         "holds": 0}
+        try:
+            self.core = ExecutorCore(ExecutorConfig(**config), SafetyConfig(**safety),
+                                     gripper=self.gripper.mode != "none")
+        except (SafetyError, ValueError) as exc:
+            raise SystemExit(f"executor_node: {exc}") from exc
+        self.core.set_enabled(self.enabled)
+        self.period = self.core.config.period
+        self.arm_joints = self.core.arm_joints
+        self.home = self.core.home
         self.tick_times: deque[float] = deque(maxlen=500)
-        self.worst_lag = 0.0  # rad, largest |command - measured| since the last report (to tune max_tracking_error)
 
         self.publisher = self.create_publisher(JointTrajectory, self.command_topic, COMMAND_QOS)
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, qos_profile_sensor_data)
@@ -156,8 +128,26 @@ class ExecutorNode(Node):
         self.add_on_set_parameters_callback(self._on_parameters)
         self.create_timer(self.period, self._tick)
         self.create_timer(1.0, self._report)
-        self.get_logger().info(f"executing chunks in {mode} mode at {rate:g} Hz on {self.command_topic}; "
+        self.get_logger().info(f"executing chunks in {self.core.config.mode} mode at "
+                               f"{self.core.config.control_rate_hz:g} Hz on {self.command_topic}; "
                                f"gripper: {self.gripper.describe()}; enabled={self.enabled}")
+
+    # The core's state, for tests and tools.
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def goal_id(self) -> str | None:
+        return self.core.goal_id
+
+    @property
+    def measured(self) -> np.ndarray | None:
+        return self.core.measured
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.core.counters
 
     # --- inputs ---------------------------------------------------------------------------------
     def _on_parameters(self, params) -> SetParametersResult:
@@ -166,85 +156,43 @@ class ExecutorNode(Node):
                 if bool(param.value) == self.enabled:
                     continue  # re-asserting the current state must not interrupt a motion
                 self.enabled = bool(param.value)
-                self._stop_commanding("disabled" if not self.enabled else "enabled: waiting to ramp in")
+                self.core.set_enabled(self.enabled)
+                self.diagnostics.set(WARN, "disabled" if not self.enabled else "enabled: waiting to ramp in")
             elif param.name not in ("use_sim_time",):
                 return SetParametersResult(successful=False, reason=f"{param.name} cannot change at run time")
         return SetParametersResult(successful=True)
 
     def _on_joint_state(self, msg: JointState) -> None:
-        index = {name: i for i, name in enumerate(msg.name)}
-        if len(msg.position) != len(msg.name) or any(name not in index for name in self.arm_joints):
-            self.get_logger().error(f"ignoring joint state without all arm joints {self.arm_joints}: has "
-                                    f"{list(msg.name)}", throttle_duration_sec=2.0)
-            return
-        q = np.array([msg.position[index[name]] for name in self.arm_joints])
-        # An ignored state is not fresh: the watchdog sees the joint states go stale and stops commanding.
-        problem = ""
-        stamp, now = stamp_ns(msg.header.stamp), now_ns(self)
-        refusal = self.stamp_gate.check(stamp, now)
-        if not np.all(np.isfinite(q)):
-            problem = "non-finite positions"
-        elif not self.limits.contains(q, atol=MEASURED_LIMIT_TOLERANCE):
-            problem = f"positions outside the FR3 limits: {np.round(q, 3).tolist()}"
-        elif refusal is not None:
-            problem = self.stamp_gate.explain(refusal, stamp, now, "max_clock_skew")
+        problem = self.core.joint_state(now_seconds(self), stamp_to_seconds(msg.header.stamp), list(msg.name),
+                                        list(msg.position))
         if problem:
-            self.get_logger().error(f"ignoring joint state with {problem}", throttle_duration_sec=2.0)
-            return
-        self.measured = q
-        self.watchdog.joint_state_received(ns_to_seconds(min(stamp, now)))
+            self.get_logger().error(f"ignoring joint state: {problem}", throttle_duration_sec=2.0)
 
     def _on_goal(self, msg: InstructionEmbedding) -> None:
-        goal_id = self._goal_id(msg.text, msg.header.stamp)
-        if goal_id == self.goal_id:
-            return
-        self.goal_id = goal_id
-        # Chunks of the old goal, queued or in flight, must never move the arm again.
-        self.scheduler.reset(instruction_id=goal_id, now=now_seconds(self))
-        self.needs_ramp = True
-        self.ramp.clear()
-        self.gripper.stop()
-        self.get_logger().info(f"new goal {msg.text!r}: old chunks discarded")
+        if self.core.goal(self._goal_id(msg.text, msg.header.stamp), now_seconds(self)):
+            self.gripper.stop()
+            self.get_logger().info(f"new goal {msg.text!r}: old chunks discarded")
 
     @staticmethod
     def _goal_id(text: str, stamp) -> str:
         return f"{stamp.sec}.{stamp.nanosec:09d}:{text}"
 
-    def _reject_chunk(self, reason: str) -> None:
-        self.counters["chunks_rejected"] += 1
-        self.get_logger().warning(f"rejected chunk: {reason}", throttle_duration_sec=2.0)
-
     def _on_chunk(self, msg: ActionChunk) -> None:
-        if msg.action_space != "joint_position":
-            self._reject_chunk(f"unsupported action space {msg.action_space!r}")
-            return
         names = list(msg.names)
-        missing = [name for name in self.action_names if name not in names]
-        if missing or len(set(names)) != len(names) or msg.horizon == 0 or len(msg.actions) != msg.horizon * len(names):
-            self._reject_chunk(f"malformed: names {names}, horizon {msg.horizon}, {len(msg.actions)} values")
-            return
-        if not (math.isfinite(msg.dt) and msg.dt > 0):
-            self._reject_chunk(f"dt {msg.dt} is not positive")
-            return
-        actions = np.asarray(msg.actions, dtype=np.float64).reshape(msg.horizon, len(names))
-        if not np.all(np.isfinite(actions)):
-            self._reject_chunk("non-finite actions")
-            return
-        chunk = Chunk(chunk_id=msg.chunk_id, stamp=stamp_to_seconds(msg.header.stamp), dt=float(msg.dt),
-                      actions=actions[:, [names.index(name) for name in self.action_names]],
-                      instruction_id=self._goal_id(msg.instruction, msg.instruction_stamp))
-        now = now_seconds(self)
-        rejected_before = self.scheduler.counters.copy()
-        if not self.scheduler.add_chunk(chunk, now):
-            reason = next(iter(self.scheduler.counters - rejected_before), "rejected")
-            self._reject_chunk(f"chunk {msg.chunk_id} {reason.removeprefix('rejected:')} "
-                               f"(goal {msg.instruction!r}, observation {now - chunk.stamp:.3f} s old)")
-            return
-        self.counters["chunks_accepted"] += 1
-        self.watchdog.chunk_received(now)
+        if msg.horizon == 0 or len(msg.actions) != msg.horizon * len(names):
+            problem = f"chunk {msg.chunk_id}: malformed: {len(msg.actions)} values for horizon {msg.horizon} " \
+                      f"and names {names}"
+            self.core.counters["chunks_rejected"] += 1
+        else:
+            problem = self.core.chunk(
+                now_seconds(self), chunk_id=msg.chunk_id, stamp=stamp_to_seconds(msg.header.stamp), dt=float(msg.dt),
+                names=names, actions=np.asarray(msg.actions, dtype=np.float64).reshape(msg.horizon, len(names)),
+                instruction_id=self._goal_id(msg.instruction, msg.instruction_stamp), action_space=msg.action_space)
+        if problem:
+            self.get_logger().warning(f"rejected {problem} (goal {msg.instruction!r})", throttle_duration_sec=2.0)
 
     def _on_home(self, request, response):
-        decision = self.watchdog.decide(now_seconds(self), self.count_publishers(self.command_topic))
+        decision = self.core.watchdog.decide(now_seconds(self), self.count_publishers(self.command_topic))
         refusal = ""
         # The parameter, not self.enabled: homing itself pauses the executor, and may be repeated.
         if not self.get_parameter("enabled").value:
@@ -281,9 +229,9 @@ class ExecutorNode(Node):
         self.enabled = False
         self._stop_commanding("homing")
         self.gripper.home()
-        self._publish_points(points, self.period)
+        self._publish(points)
         response.success = True
-        response.message = (f"min-jerk homing ({self.homing.unavailable_reason}) over {len(points) * self.period:.1f} s; "
+        response.message = (f"min-jerk homing ({self.homing.unavailable_reason}) over {points.times[-1]:.1f} s; "
                             "executor paused until 'enabled' is set again")
         return response
 
@@ -297,7 +245,7 @@ class ExecutorNode(Node):
             self.homing_result = "homed with moveit_py"
             self.get_logger().info(self.homing_result)
             return
-        decision = self.watchdog.decide(now_seconds(self), self.count_publishers(self.command_topic))
+        decision = self.core.watchdog.decide(now_seconds(self), self.count_publishers(self.command_topic))
         if self.enabled:
             self.homing_result = f"moveit_py failed ({reason}); not falling back: the executor was re-enabled"
         elif decision.verdict is Verdict.STOP:
@@ -311,130 +259,51 @@ class ExecutorNode(Node):
             else:
                 if not self.context.ok():
                     return  # shut down while MoveIt ran: nothing may be published any more
-                self._publish_points(points, self.period)
-                self.homing_result = (f"moveit_py failed ({reason}); homing with a {len(points) * self.period:.1f} s "
+                self._publish(points)
+                self.homing_result = (f"moveit_py failed ({reason}); homing with a {points.times[-1]:.1f} s "
                                       "min-jerk trajectory instead")
                 self.get_logger().warning(self.homing_result)
                 return
         self.get_logger().error(self.homing_result)
 
-    def _homing_trajectory(self) -> np.ndarray:
-        """(N, 7) targets one period apart: brake the commanded motion to rest, then a min-jerk ramp home."""
-        if self.q_cmd is None:
-            return self.safety.ramp(self.measured, self.home, self.period)
-        q, v = self.q_cmd, self.v_cmd
-        braking = []
-        while np.any(v != 0.0):  # hold() takes at least amax * dt off every joint's speed per tick
-            safe = self.safety.hold(q, v, self.period)
-            q, v = safe.position, safe.velocity
-            braking.append(q)
-        return np.vstack(braking + [self.safety.ramp(q, self.home, self.period)])
+    def _homing_trajectory(self) -> Command:
+        """Brake the commanded motion to rest, then a min-jerk motion home (the core plans it)."""
+        return self.core.homing(now_seconds(self))
 
-    # --- control tick ---------------------------------------------------------------------------
     def _stop_commanding(self, reason: str) -> None:
-        self.q_cmd = None
-        self.v_cmd[:] = 0.0
-        self.ramp.clear()
-        self.needs_ramp = True
+        self.core.set_enabled(self.enabled)
         self.diagnostics.set(WARN, reason)
 
+    # --- control tick ---------------------------------------------------------------------------
     def _tick(self) -> None:
         self.tick_times.append(time.monotonic())
-        if not self.enabled:
-            return
-        now = now_seconds(self)
-        decision = self.watchdog.decide(now, self.count_publishers(self.command_topic))
-        if decision.verdict is not self.last_verdict:
-            # (rclpy forbids one call site logging at two severities, hence two calls)
-            if decision.command:
-                self.get_logger().info("commanding")
+        result = self.core.tick(now_seconds(self), self.count_publishers(self.command_topic))
+        for level, line in result.log:
+            # (rclpy forbids one call site logging at two severities, hence three calls)
+            if level == 0:
+                self.get_logger().info(line)
+            elif level == 1:
+                self.get_logger().warning(line)
             else:
-                self.get_logger().warning(f"{decision.verdict.value}: {decision.reason}")
-            self.last_verdict = decision.verdict
-        if decision.clock_jump:
-            # Chunks accepted (and the newest stamp seen) before the jump belong to another timeline.
-            self.scheduler.reset(instruction_id=self.scheduler.instruction_id, now=now)
-        if decision.verdict is Verdict.STOP:
-            if self.q_cmd is not None:
-                self._stop_commanding(f"stopped: {decision.reason}")
-            self.diagnostics.set(ERROR, f"stopped: {decision.reason}")
-            return
-        if self.q_cmd is not None:
-            lag = np.abs(self.q_cmd - self.measured)
-            self.worst_lag = max(self.worst_lag, float(lag.max()))
-            if lag.max() > self.max_tracking_error:
-                joint = self.arm_joints[int(lag.argmax())]
-                reason = (f"the arm is not following: {joint} is {lag.max():.3f} rad from its command "
-                          f"(max_tracking_error {self.max_tracking_error})")
-                self.get_logger().error(reason, throttle_duration_sec=2.0)
-                self._stop_commanding(f"stopped: {reason}")
-                self.diagnostics.set(ERROR, f"stopped: {reason}")
-                return
-            if now - self.last_command_time > LATE_TICK_PERIODS * self.period:
-                # This tick is late: the controller reached the last command and stopped there.
-                self.v_cmd[:] = 0.0
-        action = self.scheduler.next_action(now) if decision.command else None
-        if action is None:
-            if self.q_cmd is None:
-                # Not commanding yet: leave the controller holding on its own rather than sending
-                # "stay here" targets at a robot someone else may be moving.
-                self.diagnostics.set(WARN, f"idle: {decision.reason or 'no action due now'}")
-            else:
-                self._hold(decision.reason or "no action due now")
-            return
-        if self.q_cmd is None:
-            self.q_cmd = self.measured.copy()
-            self.v_cmd[:] = 0.0
-        target = action[: len(self.arm_joints)]
-        width = action[-1] if len(action) > len(self.arm_joints) else math.nan
-        if self.needs_ramp:
-            # Once per start or goal: a policy whose next target is always a step ahead (fast
-            # motion at 10 Hz) must not be slowed to a ramp at every chunk.
-            self.needs_ramp = False
-            if self.safety.needs_ramp(self.measured, target):
-                self.ramp.extend(self.safety.ramp(self.measured, target, self.period))
-                self.get_logger().info(f"ramping to the first action over {len(self.ramp) * self.period:.2f} s")
-        if self.ramp:
-            target = self.ramp.popleft()
-        else:
-            self.gripper.command(width)
-        try:
-            safe = self.safety.filter(target, self.q_cmd, self.v_cmd, self.period)
-        except SafetyError as exc:
-            self._stop_commanding(f"safety error: {exc}")
-            return
-        if safe.clipped:
-            self.counters["clipped_ticks"] += 1
-        self._command(safe)
-        self.diagnostics.set(OK, "ramping" if self.ramp else "commanding")
+                self.get_logger().error(line, throttle_duration_sec=2.0)
+        if result.command is not None:
+            self._publish(result.command)
+        if result.gripper_width is not None:
+            self.gripper.command(result.gripper_width)
+        self.diagnostics.set(LEVELS[result.level], result.message)
 
-    def _hold(self, reason: str) -> None:
-        if self.ramp:
-            # The rest of this ramp leads to a target of the past: plan a new one on resuming.
-            self.ramp.clear()
-            self.needs_ramp = True
-        safe = self.safety.hold(self.q_cmd, self.v_cmd, self.period, reason=reason)
-        self.counters["holds"] += 1
-        self._command(safe)
-        self.diagnostics.set(WARN, f"holding: {reason}")
-
-    def _command(self, safe) -> None:
-        self.q_cmd, self.v_cmd = safe.position, safe.velocity
-        self._publish_points([safe.position], self.period)
-        self.last_command_time = now_seconds(self)
-        self.counters["commands"] += 1
-
-    def _publish_points(self, points, spacing: float) -> None:
+    def _publish(self, command: Command) -> None:
         msg = JointTrajectory(joint_names=self.arm_joints)
-        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in q], time_from_start=_duration((i + 1) * spacing))
-                      for i, q in enumerate(points)]
+        msg.header.stamp = seconds_to_stamp(command.stamp)
+        msg.points = [JointTrajectoryPoint(positions=p.tolist(), velocities=v.tolist(), accelerations=a.tolist(),
+                                           time_from_start=seconds_to_duration(t))
+                      for t, p, v, a in zip(command.times, command.positions, command.velocities,
+                                            command.accelerations)]
         self.publisher.publish(msg)
 
     def _report(self) -> None:
-        values = dict(self.counters, mode=self.scheduler.mode, enabled=self.enabled,
-                      tracking_error_max_rad=f"{self.worst_lag:.3f}")
-        self.worst_lag = 0.0
-        values.update({f"scheduler.{key}": count for key, count in self.scheduler.counters.items()})
+        values = self.core.report()
+        values["enabled"] = str(self.enabled)
         if len(self.tick_times) > 2:
             intervals = np.diff(np.asarray(self.tick_times)) * 1e3
             values.update(tick_p50_ms=f"{np.percentile(intervals, 50):.2f}",

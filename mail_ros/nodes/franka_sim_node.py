@@ -74,6 +74,9 @@ class FrankaSimNode(Node):
         self.task: Task | None = None
         self.judged_task: Task | None = None  # from ~/task, overrides `task` until the next reset
         self.rejected = 0
+        # How late (s) each stamped arm command was applied: a command applied later than the
+        # executor's command_latency after its stamp makes the setpoint jump.
+        self.command_delays: list[float] = []
         self._lock = threading.Lock()
         self._running = True
         self._was_reset = False
@@ -164,11 +167,17 @@ class FrankaSimNode(Node):
 
     # --- commands -------------------------------------------------------------------------------
     def _on_arm(self, msg: JointTrajectory) -> None:
-        points = [(stamp_to_seconds(p.time_from_start), list(p.positions)) for p in msg.points]
+        # A point carries velocities (accelerations) when the list is not empty, as for JTC.
+        points = [(stamp_to_seconds(p.time_from_start), list(p.positions))
+                  + ((list(p.velocities),) if len(p.velocities) else ())
+                  + ((list(p.accelerations),) if len(p.accelerations) and len(p.velocities) else ())
+                  for p in msg.points]
         stamp = stamp_to_seconds(msg.header.stamp)
         with self._lock:
             # A zero stamp means "start now", as for ros2_controllers' JTC.
             start = None if stamp == 0.0 else stamp - (self.now() - self.sim.time)
+            if stamp != 0.0:
+                self.command_delays.append(self.now() - stamp)
             try:
                 self.sim.set_trajectory(list(msg.joint_names), points, start_time=start)
             except TrajectoryRejected as exc:

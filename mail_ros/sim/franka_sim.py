@@ -29,10 +29,11 @@ import mujoco  # mail_ros.sim/__init__.py has set MUJOCO_GL=egl (headless) befor
 import numpy as np
 
 from mail_ros.control.limits import fr3_limits
+from mail_ros.control.smoothness import CONTROLLER_PERIOD, SetpointMonitor
 from mail_ros.sim import CAMERA_SIZE
-from mail_ros.sim.jtc import JointTrajectoryController, TrajectoryRejected
+from mail_ros.sim.jtc import JOINS, JointTrajectoryController, TrajectoryRejected
 from mail_ros.sim.tasks import COLOURS, CUBE_SIZE, TABLE_HEIGHT, SceneState, Task, TaskProgress, judge
-from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
+from mail_ros.spec import FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_HOME, FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_PER_WIDTH
 
 __all__ = [
     "CAMERAS",
@@ -49,7 +50,7 @@ __all__ = [
 
 FR3_LIMITS = fr3_limits()
 # Franka's "ready" pose: hand pointing down above the table centre, fingers along world y.
-HOME_Q = np.array([0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4])
+HOME_Q = np.array(FR3_HOME)
 CAMERAS: tuple[str, ...] = ("agentview", "wrist")
 TCP_SITE = "tcp"
 # Between the fingertip pads: the hand origin to pad centre distance along the hand's z axis.
@@ -96,6 +97,9 @@ class SimConfig:
     timestep: float = 0.002  # physics step in seconds
     control_substeps: int = 5
     visual_meshes: bool = False  # render the detailed visual meshes (~10x slower) instead of collision meshes
+    # How the arm controller joins a new trajectory (see mail_ros.sim.jtc): "desired" as
+    # config/fr3_controllers.yaml sets it up (interpolate_from_desired_state), or "measured".
+    jtc_join: str = "desired"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cameras", tuple(self.cameras))
@@ -109,6 +113,8 @@ class SimConfig:
             raise SimError(f"timestep must be within [1e-4, 0.01] s, got {self.timestep}")
         if self.control_substeps < 1:
             raise SimError(f"control_substeps must be >= 1, got {self.control_substeps}")
+        if self.jtc_join not in JOINS:
+            raise SimError(f"jtc_join must be one of {list(JOINS)}, got {self.jtc_join!r}")
 
     @property
     def control_period(self) -> float:
@@ -266,8 +272,12 @@ class FrankaSim:
         self._finger_body = {m.body("left_finger").id: "left", m.body("right_finger").id: "right"}
         self._tcp_site = m.site(TCP_SITE).id
         self._arm = JointTrajectoryController(
-            FR3_ARM_JOINTS, FR3_LIMITS.position_min, FR3_LIMITS.position_max, HOME_Q
+            FR3_ARM_JOINTS, FR3_LIMITS.position_min, FR3_LIMITS.position_max, HOME_Q, join=self.config.jtc_join
         )
+        # The arm setpoint as the FR3's 1 kHz loop would see it (the physics applies it every
+        # control period; this samples the same controller every millisecond).
+        self.setpoint_monitor = SetpointMonitor(len(FR3_ARM_JOINTS))
+        self._monitor_cycle = 0
         self._renderer: mujoco.Renderer | None = None
         self._scene_option = mujoco.MjvOption()
         self._scene_option.geomgroup[:] = 0
@@ -294,6 +304,8 @@ class FrankaSim:
             d.qpos[adr : adr + 3] = [xy[0], xy[1], TABLE_HEIGHT + 0.5 * CUBE_SIZE]
             d.qpos[adr + 3 : adr + 7] = [math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)]
         self._arm.hold(HOME_Q)
+        self.setpoint_monitor.restart()
+        self._monitor_cycle = 0
         m.actuator_forcerange[self._gripper_act] = [-2 * GRIPPER_MAX_FORCE, 2 * GRIPPER_MAX_FORCE]
         self._gripper_target = FR3_GRIPPER_MAX_WIDTH
         self._gripper_command = FR3_GRIPPER_MAX_WIDTH
@@ -336,26 +348,38 @@ class FrankaSim:
     def _apply_controls(self, dt: float) -> None:
         d = self.data
         d.ctrl[self._arm_act] = self._arm.setpoint(self.time)
+        self._monitor_setpoint()
         # Ramp the width command towards the target at the commanded speed, like the real hand.
         delta = self._gripper_target - self._gripper_command
         self._gripper_command += float(np.clip(delta, -self._gripper_speed * dt, self._gripper_speed * dt))
         d.ctrl[self._gripper_act] = GRIPPER_COMMAND_PER_WIDTH * self._gripper_command
+
+    def _monitor_setpoint(self) -> None:
+        """Sample the arm setpoint every millisecond up to now (before a new trajectory replaces it)."""
+        last = math.floor(self.time / CONTROLLER_PERIOD + 1e-9)
+        if last >= self._monitor_cycle:
+            cycles = np.arange(self._monitor_cycle, last + 1)
+            self.setpoint_monitor.add(self._arm.sample_many(cycles * CONTROLLER_PERIOD)[0])
+            self._monitor_cycle = last + 1
 
     # -- commands ------------------------------------------------------------------------------
 
     def set_trajectory(
         self,
         joint_names: Sequence[str],
-        points: Sequence[tuple[float, Sequence[float]]],
+        points: Sequence[tuple],
         start_time: float | None = None,
     ) -> None:
-        """Replace the arm trajectory (JTC semantics, linear interpolation; see :mod:`mail_ros.sim.jtc`).
+        """Replace the arm trajectory (JTC semantics; see :mod:`mail_ros.sim.jtc`).
 
+        ``points`` are (time_from_start, positions[, velocities[, accelerations]]) tuples;
         ``start_time`` is in simulated seconds (``None``: now). Raises
         :class:`TrajectoryRejected` and keeps the active trajectory on invalid input.
         """
-        now = self.time
-        self._arm.set_trajectory(joint_names, points, now if start_time is None else float(start_time), now)
+        d = self.data
+        measured = (d.qpos[self._arm_qadr].copy(), d.qvel[self._arm_dadr].copy())
+        self._monitor_setpoint()
+        self._arm.set_trajectory(joint_names, points, start_time, self.time, measured=measured)
 
     def arm_setpoint(self) -> np.ndarray:
         """The (7,) joint position setpoint the arm controller outputs now."""

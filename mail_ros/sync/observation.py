@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mail_ros.control.robot_state import RobotStateError, joint_positions
 from mail_ros.spec import Observation, ObservationSpec
 from mail_ros.sync.alignment import AlignedSet
 from mail_ros.sync.image import ImageConversionError, compressed_to_rgb, image_to_rgb, resize_rgb
@@ -32,18 +33,15 @@ def decode_image(msg) -> np.ndarray:
 
 
 def select_joints(names: Sequence[str], positions: Sequence[float], wanted: Sequence[str]) -> np.ndarray:
-    """Positions of ``wanted`` joints, in that order, from a JointState's name/position arrays."""
-    if len(names) != len(positions):
-        raise ObservationError(f"joint state has {len(names)} names but {len(positions)} positions")
-    index = {name: i for i, name in enumerate(names)}
-    missing = [name for name in wanted if name not in index]
-    if missing:
-        raise ObservationError(f"joint state lacks joints {missing} (has {list(names)})")
-    values = np.asarray([positions[index[name]] for name in wanted], dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        bad = [name for name, v in zip(wanted, values) if not np.isfinite(v)]
-        raise ObservationError(f"joint state has non-finite positions for {bad}")
-    return values
+    """Positions of ``wanted`` joints, in that order, from a JointState's name/position arrays.
+
+    The robot-state gate (:func:`mail_ros.control.robot_state.joint_positions`) decides; its
+    refusal becomes an ObservationError, so an invalid state never becomes an observation.
+    """
+    try:
+        return joint_positions(names, positions, wanted)
+    except RobotStateError as exc:
+        raise ObservationError(str(exc)) from exc
 
 
 class ObservationBuilder:
