@@ -16,14 +16,14 @@ controllers_yaml exists from v2.0.0, so bringup:=true needs franka_ros2 >= v2.0.
 """
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
-from mail_ros.transport import fastdds_profile_environment
+from mail_ros.transport import apply_dds_profile
 
 ARGUMENTS = [
     ("dds_profile", "", "Fast DDS XML profile for every process started here (empty = mail_ros/config/"
@@ -42,17 +42,6 @@ ARGUMENTS = [
     ("use_sim_time", "false", "Use /clock (bag replay, simulation)"),
     ("params_file", "", "Parameter file of the pipeline nodes (empty = mail_ros/config/pipeline.yaml)"),
 ]
-
-
-def apply_dds_profile(context):
-    """Set the Fast DDS profile variable of this distro (mail_ros.transport) unless the user has one."""
-    profile = LaunchConfiguration("dds_profile").perform(context)
-    if profile == "none":
-        return []
-    share = FindPackageShare("mail_ros")
-    profile = profile or PathJoinSubstitution([share, "config", "fastdds_shm.xml"]).perform(context)
-    return [SetEnvironmentVariable(name, value)
-            for name, value in fastdds_profile_environment(profile, context.environment).items()]
 
 
 def generate_launch_description():

@@ -7,7 +7,7 @@ honours the old name, with a deprecation warning on every node). Both are ignore
 so setting them never affects Cyclone DDS or Zenoh users.
 
 The launch files apply ``config/fastdds_shm.xml`` (a shared-memory segment big enough for camera
-images) with :func:`fastdds_profile_environment`; a profile the user has set already wins.
+images) through :func:`apply_dds_profile`; a profile the user has set already wins.
 """
 
 from __future__ import annotations
@@ -32,4 +32,21 @@ def fastdds_profile_environment(profile: str, environ: Mapping[str, str]) -> dic
     return {FASTRTPS_VARIABLE if distro in FAST_DDS_2_DISTROS else FASTDDS_VARIABLE: profile}
 
 
-__all__ = ["FASTDDS_VARIABLE", "FASTRTPS_VARIABLE", "fastdds_profile_environment"]
+def apply_dds_profile(context) -> list:
+    """Launch actions (an ``OpaqueFunction``'s) setting the profile named by the ``dds_profile``
+    launch argument for every process started after them: empty = mail_ros's
+    ``config/fastdds_shm.xml``, ``none`` = leave the environment as it is."""
+    from launch.actions import SetEnvironmentVariable
+    from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+    from launch_ros.substitutions import FindPackageShare
+
+    profile = LaunchConfiguration("dds_profile").perform(context)
+    if profile == "none":
+        return []
+    share = FindPackageShare("mail_ros")
+    profile = profile or PathJoinSubstitution([share, "config", "fastdds_shm.xml"]).perform(context)
+    return [SetEnvironmentVariable(name, value)
+            for name, value in fastdds_profile_environment(profile, context.environment).items()]
+
+
+__all__ = ["FASTDDS_VARIABLE", "FASTRTPS_VARIABLE", "apply_dds_profile", "fastdds_profile_environment"]
