@@ -12,7 +12,7 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 import bag_factory as bf
 from mail_ros.data.bags import BagConfig, Trajectory, command_target, read_bag
 from mail_ros.data.hdf5 import DataError
-from mail_ros.spec import ObservationSpec
+from mail_ros.spec import FR3_HOME, ObservationSpec
 from mail_ros.sync.stamps import seconds_to_ns
 
 DT = 0.1
@@ -295,7 +295,8 @@ def write_tie_bag(path, start_sec: int, frames: int) -> list[float]:
         t = ns(103 + 20 * j)
         records.append((t + 2_000_000, "/joint_states", "sensor_msgs/msg/JointState",
                         ts.types["sensor_msgs/msg/JointState"](header=header(t), name=list(bf.FR3_ARM_JOINTS),
-                                                               position=np.zeros(7), velocity=empty, effort=empty)))
+                                                               position=np.asarray(FR3_HOME), velocity=empty,
+                                                               effort=empty)))  # a pose an FR3 can be in
     records.append((ns(0), "/mail/instruction", "std_msgs/msg/String", ts.types["std_msgs/msg/String"](data="tie")))
     records.sort(key=lambda r: r[0])
     with Writer(path, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP) as writer:
