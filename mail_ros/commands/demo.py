@@ -1,7 +1,8 @@
 """``mail-ros demo``: the trained policy closed-loop on the simulated FR3, through the real ROS 2 pipeline.
 
-One process, real DDS, simulated time: franka_sim_node, camera_sync_node, language_node,
-policy_node and executor_node (see :mod:`mail_ros.nodes.demo_graph`). For every instruction,
+Real DDS, simulated time: franka_sim_node here, camera_sync_node, language_node, policy_node
+and executor_node in processes of their own as the launch files run them (see
+:mod:`mail_ros.nodes.demo_graph`). For every instruction,
 ``--episodes`` episodes with fresh random cube layouts (the simulator's ~/reset): the
 instruction goes out on /mail/instruction, the policy acts until the simulator's ~/task_success
 says yes or the step budget runs out. Prints the success per instruction, ``overall success``,
@@ -84,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
     except (TaskError, CollectError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    import torch
-
-    torch.set_num_threads(max(1, args.torch_threads))
     # The rclpy edge is imported only here, so the rest of the CLI stays free of ROS.
     from mail_ros.nodes.demo_graph import DemoGraph
     from mail_ros.nodes.sim_session import SessionError
@@ -101,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with DemoGraph(args.checkpoint, seed=args.seed, real_time_factor=args.real_time_factor, device=args.device,
                        executor_mode=args.executor_mode, execute_steps=args.execute_steps,
-                       domain_id=args.domain_id, record=args.record, camera_size=args.camera_size) as graph:
+                       domain_id=args.domain_id, record=args.record, camera_size=args.camera_size,
+                       torch_threads=args.torch_threads) as graph:
             print(f"{PROG}: {args.checkpoint} ({graph.config.variant}-{graph.config.head}), "
                   f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}",
                   flush=True)

@@ -169,13 +169,12 @@ class ExecutorNode(Node):
             self.get_logger().error(f"ignoring joint state: {problem}", throttle_duration_sec=2.0)
 
     def _on_goal(self, msg: InstructionEmbedding) -> None:
-        if self.core.goal(self._goal_id(msg.text, msg.header.stamp), now_seconds(self)):
+        if self.core.goal(goal_id(msg.text, msg.header.stamp), now_seconds(self)):
             self.gripper.stop()
             self.get_logger().info(f"new goal {msg.text!r}: old chunks discarded")
-
-    @staticmethod
-    def _goal_id(text: str, stamp) -> str:
-        return f"{stamp.sec}.{stamp.nanosec:09d}:{text}"
+            # At once, not at the next report: an operator waits for the executor to hold the goal.
+            self.diagnostics.set(self.diagnostics.level, self.diagnostics.message, goal=self.core.goal_id)
+            self.diagnostics.publish()
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         names = list(msg.names)
@@ -187,7 +186,7 @@ class ExecutorNode(Node):
             problem = self.core.chunk(
                 now_seconds(self), chunk_id=msg.chunk_id, stamp=stamp_to_seconds(msg.header.stamp), dt=float(msg.dt),
                 names=names, actions=np.asarray(msg.actions, dtype=np.float64).reshape(msg.horizon, len(names)),
-                instruction_id=self._goal_id(msg.instruction, msg.instruction_stamp), action_space=msg.action_space)
+                instruction_id=goal_id(msg.instruction, msg.instruction_stamp), action_space=msg.action_space)
         if problem:
             self.get_logger().warning(f"rejected {problem} (goal {msg.instruction!r})", throttle_duration_sec=2.0)
 
@@ -303,12 +302,18 @@ class ExecutorNode(Node):
 
     def _report(self) -> None:
         values = self.core.report()
-        values["enabled"] = str(self.enabled)
+        values.update(enabled=str(self.enabled), goal=self.core.goal_id or "")
         if len(self.tick_times) > 2:
             intervals = np.diff(np.asarray(self.tick_times)) * 1e3
             values.update(tick_p50_ms=f"{np.percentile(intervals, 50):.2f}",
                           tick_p99_ms=f"{np.percentile(intervals, 99):.2f}")
         self.diagnostics.set(self.diagnostics.level, self.diagnostics.message, **values)
+
+
+def goal_id(text: str, stamp) -> str:
+    """The identity of a goal: its instruction and the stamp language_node gave it (the same
+    instruction given again is a new goal)."""
+    return f"{stamp.sec}.{stamp.nanosec:09d}:{text}"
 
 
 def main(argv=None) -> int:
