@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from mail_ros.control.executor import ExecutorConfig
-from mail_ros.sim import CAMERA_SIZE
+from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 
@@ -60,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,
                    help="receding horizon: actions executed per chunk (0 = the whole chunk); the default is "
                         "executor_node's, which the launch files deploy")
+    p.add_argument("--command-latency", type=float, default=SIM_TIME_COMMAND_LATENCY,
+                   help="executor_node's command_latency (s): how late the simulated controller may apply a "
+                        "command while the setpoint stays smooth; larger than on a robot because the nodes see "
+                        "simulated time late (the launch files deploy %.2f s)" % ExecutorConfig().command_latency)
     p.add_argument("--camera-size", nargs=2, type=int, default=list(CAMERA_SIZE), metavar=("H", "W"),
                    help="rendered camera resolution (the simulated cameras' own, as in sim_policy.launch.py); "
                         "camera_sync_node resizes to the checkpoint's image_size")
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         with DemoGraph(args.checkpoint, seed=args.seed, real_time_factor=args.real_time_factor, device=args.device,
                        executor_mode=args.executor_mode, execute_steps=args.execute_steps,
                        domain_id=args.domain_id, record=args.record, camera_size=args.camera_size,
-                       torch_threads=args.torch_threads) as graph:
+                       torch_threads=args.torch_threads, command_latency=args.command_latency) as graph:
             print(f"{PROG}: {args.checkpoint} ({graph.config.variant}-{graph.config.head}), "
                   f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}",
                   flush=True)

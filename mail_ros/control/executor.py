@@ -90,10 +90,11 @@ class ExecutorConfig:
     home_position: tuple[float, ...] = FR3_HOME  # rad, the homing pose
     knot_spacing: float = 0.01  # s between the points of a command
     # s the controller may take to apply a command while its setpoint stays exactly smooth: a
-    # command keeps the previous one's motion this long (its reaction time to new chunks, holds
-    # and goals). The test bed under load (sim time, rendering, a busy CPU) applies 99 % of the
-    # commands within 0.23 s of their stamp; a real controller within milliseconds.
-    command_latency: float = 0.3
+    # command keeps the previous one's motion this long, which is also how late the arm reacts
+    # to new chunks, holds and goals. A real controller on the same clock applies a command within
+    # a few milliseconds of its stamp (DDS delivery plus one 1 kHz cycle). On simulated time the
+    # nodes see the simulator's clock late (see mail_ros.sim.SIM_TIME_COMMAND_LATENCY).
+    command_latency: float = 0.05
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "home_position", tuple(float(v) for v in self.home_position))

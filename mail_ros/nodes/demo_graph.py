@@ -29,7 +29,7 @@ from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, now_seconds, stamp_to_
 from mail_ros.nodes.node_process import NodeProcess, NodeProcessError
 from mail_ros.nodes.sim_session import SessionError, SimSession
 from mail_ros.policy.checkpoint import describe_checkpoint
-from mail_ros.sim import CAMERA_SIZE
+from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import EpisodeOutcome, EpisodeSpec
 
 __all__ = ["DemoGraph", "EpisodeTrace"]
@@ -60,7 +60,7 @@ class DemoGraph:
     def __init__(self, checkpoint: str | Path, *, seed: int, real_time_factor: float, device: str = "cpu",
                  executor_mode: str = "receding_horizon", execute_steps: int = 0, domain_id: int | None = None,
                  record: str | Path | None = None, camera_size: tuple[int, int] | None = None,
-                 torch_threads: int = 1) -> None:
+                 torch_threads: int = 1, command_latency: float = SIM_TIME_COMMAND_LATENCY) -> None:
         config = describe_checkpoint(checkpoint)
         self.config = config
         # The simulated cameras keep their own resolution, whatever the model's (as on a robot, and as
@@ -89,7 +89,8 @@ class DemoGraph:
                     ("policy_node", {"checkpoint": ckpt, "device": device},
                      {"OMP_NUM_THREADS": str(max(1, torch_threads))}),
                     ("executor_node", {"gripper_mode": "trajectory", "mode": executor_mode,
-                                       "execute_steps": execute_steps, "enabled": False}, {})):
+                                       "execute_steps": execute_steps, "command_latency": float(command_latency),
+                                       "enabled": False}, {})):
                 self.processes.append(NodeProcess(module, {**common, **parameters}, env={**env, **extra_env}))
             self._wait_for_pipeline()
             if record is not None:
