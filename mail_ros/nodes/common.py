@@ -32,8 +32,11 @@ GOAL_QOS_VOLATILE = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliabi
 # Pipeline data between mail_ros nodes: reliable, shallow (only the newest matters).
 PIPELINE_QOS = QoSProfile(depth=2, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                           durability=DurabilityPolicy.VOLATILE)
-# Commands to controllers: reliable and volatile, as ros2_controllers subscribe.
-COMMAND_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+# Commands to controllers: reliable and volatile, as ros2_controllers subscribe, and deep enough
+# that none is lost: each executor command continues the one before it exactly, so a controller
+# that missed one would jump to the next. (With depth 1 a reader busy for a few control periods
+# lost all but the newest: setpoint jumps of 1e4 rad/s^2 in the test bed under load.)
+COMMAND_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
 
 GIL_SWITCH_INTERVAL = 2e-4  # seconds; see run_node
