@@ -78,6 +78,8 @@ class FrankaSimNode(Node):
         # executor's command_latency after its stamp makes the setpoint jump.
         self.command_delays: list[float] = []
         self._lock = threading.Lock()
+        self._arm_inbox: list[tuple[list[str], list, float]] = []  # (joint names, points, stamp s) not yet applied
+        self._arm_inbox_lock = threading.Lock()
         self._running = True
         self._was_reset = False
         # Simulated time of the current episode starts at epoch_offset (monotonic across resets).
@@ -128,6 +130,7 @@ class FrankaSimNode(Node):
                     self._was_reset = False
                     next_camera = next_joint = 0.0
                     wall_start, sim_start = time.monotonic(), self.sim.time
+                self._apply_arm_commands()
                 self.sim.step(self.step_period)
                 sim_time = self.sim.time
                 self.gripper_actions.update(sim_time)
@@ -144,6 +147,7 @@ class FrankaSimNode(Node):
                 ahead = (sim_time - sim_start) / factor - (time.monotonic() - wall_start)
                 if ahead > 0:
                     time.sleep(ahead)
+
         # The OpenGL context is current on this thread: release it here, not from another thread.
         self.sim.close()
 
@@ -172,14 +176,23 @@ class FrankaSimNode(Node):
                   + ((list(p.velocities),) if len(p.velocities) else ())
                   + ((list(p.accelerations),) if len(p.accelerations) and len(p.velocities) else ())
                   for p in msg.points]
-        stamp = stamp_to_seconds(msg.header.stamp)
-        with self._lock:
+        # As JTC's subscriber: hand the trajectory to the control loop, which takes it at its next
+        # update (ros2_controllers' realtime buffer); waiting here for the loop's lock would delay
+        # it by whatever the loop is doing (rendering the cameras).
+        with self._arm_inbox_lock:
+            self._arm_inbox.append((list(msg.joint_names), points, stamp_to_seconds(msg.header.stamp)))
+
+    def _apply_arm_commands(self) -> None:
+        """The trajectories received since the last update, in order (called by the loop, under its lock)."""
+        with self._arm_inbox_lock:
+            inbox, self._arm_inbox = self._arm_inbox, []
+        for names, points, stamp in inbox:
             # A zero stamp means "start now", as for ros2_controllers' JTC.
             start = None if stamp == 0.0 else stamp - (self.now() - self.sim.time)
             if stamp != 0.0:
                 self.command_delays.append(self.now() - stamp)
             try:
-                self.sim.set_trajectory(list(msg.joint_names), points, start_time=start)
+                self.sim.set_trajectory(names, points, start_time=start)
             except TrajectoryRejected as exc:
                 self.rejected += 1
                 self.get_logger().error(f"rejected arm trajectory: {exc}", throttle_duration_sec=1.0)
@@ -229,6 +242,8 @@ class FrankaSimNode(Node):
             self.episode_seed += 1
             self.gripper_actions.stop(error="the simulation was reset")
             self.sim.reset(self.episode_seed)
+            with self._arm_inbox_lock:
+                self._arm_inbox.clear()  # commands of the last episode must not move the new one
             self._was_reset = True
         response.success, response.message = True, f"reset with seed {self.episode_seed}"
         self.diagnostics.set(OK, f"episode seed {self.episode_seed}")
