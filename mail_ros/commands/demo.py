@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pick-seconds", type=float, default=10.0, help="simulated-time budget of a pick episode")
     p.add_argument("--stack-seconds", type=float, default=18.0, help="simulated-time budget of a stack episode")
     p.add_argument("--real-time-factor", type=float, default=1.5,
-                   help="simulated seconds per wall second (lower it on a slow or busy CPU)")
+                   help="at most this many simulated seconds per wall second (the simulation slows down when the "
+                        "computer cannot keep up)")
     p.add_argument("--executor-mode", default=ExecutorConfig().mode,
                    choices=("receding_horizon", "temporal_ensemble", "latency_compensation"))
     p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,

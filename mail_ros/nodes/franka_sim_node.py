@@ -48,6 +48,9 @@ from mail_ros.sync.image import rgb_to_image_fields
 
 # Simulated time starts here rather than at 0, so stamps are never the "unset" zero stamp.
 CLOCK_EPOCH = 1000.0
+# Wall seconds the simulation may fall behind its real-time factor before it stops trying to
+# catch up (with publish_clock): real_time_factor is a maximum, never a burst.
+MAX_PACING_DEBT = 0.02
 GRIPPER_FEEDBACK_PERIOD = 1.0 / 30.0  # s (wall); franka_gripper's feedback_publish_rate is 30 Hz
 
 
@@ -58,8 +61,9 @@ class FrankaSimNode(Node):
         self.camera_rate = declare(self, "camera_rate_hz", 20.0, "Camera publish rate (simulated time)")
         self.joint_rate = declare(self, "joint_state_rate_hz", 100.0, "Joint state publish rate (simulated time)")
         self.publish_clock = declare(self, "publish_clock", False, "Own ROS time: publish /clock from the simulation")
-        self.real_time_factor = declare(self, "real_time_factor", 1.0, "Simulated seconds per wall second with "
-                                        "publish_clock (0 = as fast as possible); 1 without it")
+        self.real_time_factor = declare(self, "real_time_factor", 1.0, "At most this many simulated seconds per "
+                                        "wall second with publish_clock (fewer when the computer cannot keep up; "
+                                        "0 = as fast as possible); 1 without it")
         cameras = declare(self, "cameras", ["agentview", "wrist"], "Cameras to render and publish")
         height = declare(self, "image_height", CAMERA_SIZE[0], "Rendered image height")
         width = declare(self, "image_width", CAMERA_SIZE[1], "Rendered image width")
@@ -147,7 +151,11 @@ class FrankaSimNode(Node):
                 ahead = (sim_time - sim_start) / factor - (time.monotonic() - wall_start)
                 if ahead > 0:
                     time.sleep(ahead)
-
+                elif self.publish_clock and ahead < -MAX_PACING_DEBT:
+                    # Owning time, the simulation slows down when the computer cannot keep up
+                    # rather than catching up in a burst, which the nodes would see as simulated
+                    # time racing past their timers and callbacks.
+                    wall_start, sim_start = time.monotonic(), sim_time
         # The OpenGL context is current on this thread: release it here, not from another thread.
         self.sim.close()
 
