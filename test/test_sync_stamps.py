@@ -62,6 +62,9 @@ def test_gate_boundary_is_inclusive_and_the_default_is_shared():
     assert gate.check(now + gate.max_lead_ns, now) is None  # exactly at the limit: accepted
     assert gate.check(now + gate.max_lead_ns + 1, now) == "future"
     assert gate.check(0, now) == "unstamped"
+    # Simulated time before the first /clock: nothing can be judged yet, and the log says so.
+    assert gate.check(now, 0) == "no_clock"
+    assert "/clock" in gate.explain("no_clock", now, 0)
     assert "ahead of the receiver's clock" in gate.explain("future", now + 10**8, now, "max_stamp_lead")
     for bad in (-0.1, math.inf, math.nan):
         with pytest.raises(StampError):

@@ -56,7 +56,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,8 +327,8 @@ class _EpisodeState:
     finger_stamps: list[int] = field(default_factory=list)  # ns
     finger_widths: list[float] = field(default_factory=list)
     first_receive: float = math.inf  # bag time (ns) of the episode's first observation message; inf: none yet
-    # StampGate reason ("future", "unstamped") -> stream -> messages refused before alignment
-    refused: dict[str, Counter] = field(default_factory=lambda: {"future": Counter(), "unstamped": Counter()})
+    # StampGate reason -> stream -> messages refused before alignment
+    refused: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
 
 
 def _seconds(duration: Any) -> float:

@@ -76,6 +76,7 @@ OBSERVATION_COUNTS = {
     "stale": "refused_stale",
     "future": "refused_future",
     "unstamped": "refused_unstamped",
+    "no_clock": "refused_no_clock",
     "duplicate": "ignored_duplicate",
     "restart": "history_restarts",
     "backwards": "history_restarts_backwards",

@@ -41,7 +41,7 @@ __all__ = ["Chunk", "Goal", "ObservationOutcome", "PolicyRunner", "Request", "Ru
 # Outcomes of observe(): the observation is in the history (the last two restarted it) ...
 USED = ("accepted", "restart", "backwards")
 # ... or it is not.
-REFUSED = ("unstamped", "future", "stale")
+REFUSED = ("unstamped", "no_clock", "future", "stale")
 
 
 def as_published(actions: np.ndarray) -> np.ndarray:

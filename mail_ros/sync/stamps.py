@@ -87,9 +87,12 @@ class StampGate:
         return seconds_to_ns(self.max_lead)
 
     def check(self, stamp_ns: int, now_ns: int) -> str | None:
-        """None when the stamp may be used; else the reason: ``"unstamped"`` or ``"future"``."""
+        """None when the stamp may be used; else the reason: ``"unstamped"``, ``"no_clock"`` (the
+        receiver's clock reads zero: simulated time before the first /clock) or ``"future"``."""
         if stamp_ns <= 0:
             return "unstamped"
+        if now_ns <= 0:
+            return "no_clock"
         if stamp_ns - now_ns > self.max_lead_ns:
             return "future"
         return None
@@ -98,5 +101,7 @@ class StampGate:
         """A log line for a refusal by :meth:`check`; ``parameter`` names the receiver's setting."""
         if reason == "unstamped":
             return "no header stamp (its age cannot be known)"
+        if reason == "no_clock":
+            return "the receiver's clock has not started (use_sim_time, and no /clock message yet)"
         return (f"stamped {ns_to_seconds(stamp_ns - now_ns) * 1e3:.0f} ms ahead of the receiver's clock "
                 f"({parameter} {self.max_lead * 1e3:.0f} ms): the clocks disagree")
