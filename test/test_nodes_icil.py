@@ -183,3 +183,18 @@ def test_a_mail_checkpoint_refuses_prompts(graph, files):
     assert not policy.icil
     answer = client.set_prompt([str(files / "demos.hdf5")])
     assert not answer.success and "is a mail checkpoint; prompts need an ICIL one" in answer.message
+
+
+def test_mail_ros_prompt_calls_the_service_with_absolute_paths(graph, files, capsys, monkeypatch):
+    _, policy = _start(graph, files / "icil")
+    monkeypatch.chdir(files)  # relative paths: the node resolves them from the caller's folder
+    assert cli_main(["prompt", "demos.hdf5:demo_1", "demos.hdf5:/data/demo_0"]) == 0
+    out = capsys.readouterr().out
+    assert "goal 'pick up the red cube'" in out and "K=2, 12 prompt frames, prefill" in out
+    assert policy.runner.prompt.paths == (f"{files / 'demos.hdf5'}:demo_1", f"{files / 'demos.hdf5'}:demo_0")
+    assert cli_main(["prompt", "small.hdf5"]) == 1
+    assert "images are 32x32" in capsys.readouterr().err and policy.runner.prompt.k == 2
+    assert cli_main(["prompt", "--clear"]) == 0 and policy.runner.prompt is None
+    assert cli_main(["prompt"]) == 2
+    assert cli_main(["prompt", "demos.hdf5", "--service", "/nobody/set_prompt", "--timeout", "0.5"]) == 2
+    assert "no /nobody/set_prompt service within 0.5 s" in capsys.readouterr().err

@@ -17,18 +17,23 @@ the policy. Anything else raises :class:`~mail_ros.data.hdf5.DataError` naming t
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mail_ros.data.hdf5 import DataError, DemoSet, Episode, _demo_keys, _open
-from mail_ros.policy.icil_config import ICILConfig
-from mail_ros.policy.icil_policy import Demonstration
 from mail_ros.spec import Observation
 from mail_ros.sync.stamps import seconds_to_ns
 
-__all__ = ["PromptDemonstration", "read_prompt", "episode_demonstration", "HDF5_SUFFIXES"]
+if TYPE_CHECKING:  # the policy (torch) is imported where demonstrations are made, not by path handling
+    from mail_ros.policy.icil_config import ICILConfig
+    from mail_ros.policy.icil_policy import Demonstration
+
+__all__ = ["PromptDemonstration", "read_prompt", "episode_demonstration", "split_prompt_path",
+           "absolute_prompt_path", "HDF5_SUFFIXES"]
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
 _GROUP = re.compile(r"^(?P<file>.+?\.(?:hdf5|h5)):/?(?:data/)?(?P<key>demo_\d+)$")
@@ -40,11 +45,29 @@ class PromptDemonstration:
 
     label: str  # "FILE.hdf5:demo_0", "BAG#2" (episode 2 of a bag)
     instruction: str  # the instruction recorded with it ("" when none)
-    demonstration: Demonstration
+    demonstration: "Demonstration"
 
 
-def episode_demonstration(episode: Episode) -> Demonstration:
+def split_prompt_path(text: str) -> tuple[Path, str | None]:
+    """A prompt path -> (file or folder, episode group key or None for all its episodes)."""
+    group = _GROUP.match(text.strip())
+    if group:
+        return Path(group["file"]).expanduser(), group["key"]
+    return Path(text.strip()).expanduser(), None
+
+
+def absolute_prompt_path(text: str) -> str:
+    """``text`` with its file or folder made absolute (the group key kept): what to send to a
+    node whose working directory is not the caller's."""
+    path, key = split_prompt_path(text)
+    absolute = os.path.abspath(path)
+    return absolute if key is None else f"{absolute}:{key}"
+
+
+def episode_demonstration(episode: Episode) -> "Demonstration":
     """An episode's frames as the policy's observations (stamps in ns) with its actions."""
+    from mail_ros.policy.icil_policy import Demonstration
+
     frames = [
         Observation(
             stamp=seconds_to_ns(float(episode.timestamps[i])),
@@ -56,7 +79,7 @@ def episode_demonstration(episode: Episode) -> Demonstration:
     return Demonstration(frames, episode.actions.astype("float64"))
 
 
-def _hdf5(path: Path, keys: list[str] | None, config: ICILConfig) -> list[tuple[str, Episode]]:
+def _hdf5(path: Path, keys: list[str] | None, config: "ICILConfig") -> list[tuple[str, Episode]]:
     from mail_ros.train.trainer import load_demos
 
     if not path.is_file():
@@ -73,7 +96,7 @@ def _hdf5(path: Path, keys: list[str] | None, config: ICILConfig) -> list[tuple[
     return [(f"{path}:{key}", by_key[key]) for key in keys]
 
 
-def _bag(path: Path, config: ICILConfig) -> list[tuple[str, Episode]]:
+def _bag(path: Path, config: "ICILConfig") -> list[tuple[str, Episode]]:
     from mail_ros.data.bags import ACTION_SPACE, BagConfig, read_bag
     from mail_ros.train.trainer import _check_compatible
 
@@ -87,7 +110,7 @@ def _bag(path: Path, config: ICILConfig) -> list[tuple[str, Episode]]:
     return [(f"{path}#{i}", episode) for i, episode in enumerate(readout.episodes)]
 
 
-def read_prompt(paths: Sequence[str], config: ICILConfig) -> list[PromptDemonstration]:
+def read_prompt(paths: Sequence[str], config: "ICILConfig") -> list[PromptDemonstration]:
     """The demonstrations at ``paths`` (see the module docstring), in order; DataError on any problem."""
     if isinstance(paths, str):
         paths = [paths]
@@ -96,10 +119,9 @@ def read_prompt(paths: Sequence[str], config: ICILConfig) -> list[PromptDemonstr
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"prompt path {text!r} is empty")
         text = text.strip()
-        group = _GROUP.match(text)
-        path = Path(group["file"] if group else text).expanduser()
-        if group:
-            found = _hdf5(path, [group["key"]], config)
+        path, key = split_prompt_path(text)
+        if key is not None:
+            found = _hdf5(path, [key], config)
         elif path.suffix in HDF5_SUFFIXES:
             found = _hdf5(path, None, config)
         elif path.is_dir():
