@@ -99,8 +99,10 @@ class PolicyNode(Node):
         self._arm_columns = None  # (action columns, joint columns) of fr3_joint1..7, for the path marker
         self._load(device)
 
-        # A prompt's goal announcement (ICIL), on the one goal channel the executor listens to.
-        self.goal_publisher = self.create_publisher(InstructionEmbedding, "mail/instruction_embedding", GOAL_QOS)
+        # ICIL: a prompt's goal announcement, on the one goal channel the executor listens to.
+        self.goal_publisher = None
+        if self.icil:
+            self.goal_publisher = self.create_publisher(InstructionEmbedding, "mail/instruction_embedding", GOAL_QOS)
         self.create_service(SetPrompt, "~/set_prompt", self._on_set_prompt)
         if prompt:
             self.set_prompt(list(prompt))
