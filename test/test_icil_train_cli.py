@@ -78,3 +78,15 @@ def test_shipped_icil_config_reads():
     assert len(run.data.held_out_tasks) == 2 and run.policy.prompt.k_max == 4
     with pytest.raises(TrainError, match="unknown keys"):
         load_icil_run_config(ROOT / "config" / "train_icil_demo.yaml", {"data.heldout": []})
+
+
+def test_testbed_script_refuses_bad_tasks_before_starting_anything(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("icil_testbed", ROOT / "scripts" / "icil_testbed.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--checkpoint", "x", "--task", "pick up the blue cube"]) == 2
+    assert "expects 'INSTRUCTION=DEMO[,DEMO...]'" in capsys.readouterr().err
+    assert script.main(["--checkpoint", "x", "--task", "fly to the moon=a.hdf5"]) == 2
+    assert "unrecognised instruction 'fly to the moon'" in capsys.readouterr().err
