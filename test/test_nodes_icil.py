@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
@@ -127,6 +128,9 @@ def test_prompt_at_start_up_is_a_goal_that_the_chunks_carry(graph, files):
     wait_for(lambda: "12" in client.status("prompt_frames"), TIMEOUT, "the prompt on /diagnostics", graph=graph)
     assert "2" in client.status("prompt_k") and client.status("prompt_prefill_ms")
     assert len(client.since(client.goals, 0)) == 1  # its own announcement coming back is not a new goal
+    # The parameter is the start-up prompt; changing it is refused with a pointer to the service.
+    result = policy.set_parameters([Parameter("prompt", value=[str(demos)])])[0]
+    assert not result.successful and policy.runner.prompt.k == 2
 
 
 def test_set_prompt_swaps_refuses_and_clears(graph, files):

@@ -75,7 +75,8 @@ class PolicyNode(Node):
             raise SystemExit(f"policy_node: {exc}") from exc
         prompt = declare(self, "prompt", Parameter.Type.STRING_ARRAY, "ICIL checkpoints: the demonstrations to "
                          "imitate from start-up: HDF5 files from 'mail-ros convert', episode groups "
-                         "(FILE.hdf5:demo_N) or rosbag2 folders; change them with ~/set_prompt")
+                         "(FILE.hdf5:demo_N) or rosbag2 folders; change them with ~/set_prompt",
+                         read_only=True)
         self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
                                   "arm's base link (with any prefix your robot description uses)")
         self.diagnostics = Diagnostics(self)
