@@ -202,3 +202,22 @@ def test_mail_ros_prompt_calls_the_service_with_absolute_paths(graph, files, cap
     assert cli_main(["prompt"]) == 2
     assert cli_main(["prompt", "demos.hdf5", "--service", "/nobody/set_prompt", "--timeout", "0.5"]) == 2
     assert "no /nobody/set_prompt service within 0.5 s" in capsys.readouterr().err
+
+
+def test_the_executor_takes_each_prompt_as_a_new_goal(graph, files):
+    from mail_ros.nodes.executor_node import ExecutorNode
+
+    demos = files / "demos.hdf5"
+    client, policy = _start(graph, files / "icil")
+    executor = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(enabled=False)))
+
+    def executor_goal(msg) -> str:  # the executor's goal identity: "sec.nanosec:text"
+        return f"{msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d}:{msg.text}"
+
+    for k, paths in enumerate(([f"{demos}:demo_0"], [f"{demos}:demo_2", f"{demos}:demo_3"])):
+        assert client.set_prompt(paths).success
+        wait_for(lambda: len(client.since(client.goals, 0)) > k, TIMEOUT, f"prompt {k}'s goal", graph=graph)
+        announced = client.since(client.goals, 0)[k]
+        wait_for(lambda: executor.goal_id == executor_goal(announced), TIMEOUT,
+                 f"executor_node on prompt {k}'s goal", graph=graph)
+    assert executor.goal_id.endswith(":pick up the green cube")
