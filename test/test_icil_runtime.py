@@ -16,7 +16,7 @@ from mail_ros.policy.presets import get_icil_preset
 from mail_ros.policy.runner import Goal, RunnerSettings
 from mail_ros.spec import FR3_HOME, Observation
 
-from icil_demos import JOINTS, task_target, write_demos
+from icil_demos import task_target, write_demos
 
 torch.set_num_threads(1)
 TASKS = {"pick up the red cube": 0, "pick up the green cube": 1}

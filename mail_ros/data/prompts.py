@@ -103,7 +103,8 @@ def _bag(path: Path, config: "ICILConfig") -> list[tuple[str, Episode]]:
     spec = config.spec
     readout = read_bag(path, BagConfig(observation=spec.observation, action_names=spec.action.names))
     if not readout.episodes:
-        raise DataError(f"{path}: no usable episode" + (f" ({'; '.join(readout.failures)})" if readout.failures else ""))
+        detail = f" ({'; '.join(readout.failures)})" if readout.failures else ""
+        raise DataError(f"{path}: no usable episode{detail}")
     demos = DemoSet(readout.episodes, spec.observation.cameras, spec.observation.joint_names, spec.action.names,
                     spec.observation.rate_hz, ACTION_SPACE, source=str(path))
     _check_compatible(demos, config)

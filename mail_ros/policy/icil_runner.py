@@ -108,7 +108,8 @@ class StreamingPolicy:
         self.policy.reset()
         self._last_stamp = -math.inf
 
-    def predict_chunk(self, history: Sequence[Observation], embedding: np.ndarray | None = None) -> np.ndarray:  # noqa: ARG002
+    def predict_chunk(self, history: Sequence[Observation],
+                      embedding: np.ndarray | None = None) -> np.ndarray:  # noqa: ARG002 - no language input
         observation = history[-1]
         if observation.stamp <= self._last_stamp:
             self.reset()  # time went back (a restarted simulator): a new episode from the prompt
