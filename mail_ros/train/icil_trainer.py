@@ -45,7 +45,8 @@ from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.icil_policy import ICILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
-from mail_ros.train.trainer import TrainError, _as_train_error, _dataclass, _is_device, load_demos, resolve_device
+from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass, _is_device,
+                                    load_demos, resolve_device)
 
 __all__ = ["ICILDataConfig", "ICILTrainConfig", "ICILRunConfig", "ICILSummary", "is_icil_config",
            "load_icil_run_config", "train_icil"]
@@ -62,7 +63,7 @@ class ICILDataConfig:
     camera_map: dict[str, str] = field(default_factory=dict)  # file camera -> policy camera
     held_out_tasks: list[str] = field(default_factory=list)  # instructions never trained on
     feature_cache: str | None = DEFAULT_FEATURE_CACHE  # frozen-encoder features; None: in memory only
-    embedding_cache: str | None = "~/.cache/mail_ros/embeddings"  # instruction embeddings (language on)
+    embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # instruction embeddings (language on)
     cut_stride: int = 4  # predict a chunk after every cut_stride-th live frame
 
     def __post_init__(self) -> None:
