@@ -21,6 +21,7 @@ COMMANDS = {
     "collect": "collect",
     "collect": "collect",
     "demo": "demo",
+    "prompt": "prompt",
 }
 
 

@@ -329,7 +329,7 @@ def test_cli_init_info_presets(tmp_path, capsys):
     assert "d_ma / bc" in text and "agentview" in text and "model.safetensors" in text
     assert cli_main(["checkpoint", "presets"]) == 0
     names = capsys.readouterr().out.split()
-    assert len(names) == 56 and "paper-goal-d_ma-ddpm" in names and "tiny-ed_tr-bc" in names
+    assert len(names) == 60 and "paper-goal-d_ma-ddpm" in names and "tiny-ed_tr-bc" in names and "icil-demo-ma" in names
     assert cli_main(["checkpoint", "init", "--preset", "huge-d_ma-bc", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'huge-d_ma-bc'" in capsys.readouterr().err
     # An existing checkpoint (perhaps a trained one) is replaced only on request.
@@ -359,3 +359,122 @@ def test_cli_info_on_damaged_weights_gives_the_loading_error(saved, tmp_path, ca
     err = capsys.readouterr().err
     assert err == f"mail-ros checkpoint info: error: {loading.value}\n"
     assert "Traceback" not in err and "SafetensorError" not in err
+
+
+# --- ICIL checkpoints: the same module, the same files, the same errors ------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_icil(tmp_path_factory):
+    from mail_ros.policy.icil_policy import ICILPolicy
+    from mail_ros.policy.presets import get_icil_preset
+
+    torch.manual_seed(0)
+    policy = ICILPolicy(get_icil_preset("icil-tiny-ma", {"prompt.dilation": 2}))
+    policy.set_normalization(
+        {"mean": np.arange(8.0), "std": np.full(8, 0.5), "min": np.arange(8.0) - 1, "max": np.arange(8.0) + 1},
+        {"mean": np.zeros(9), "std": np.ones(9), "min": -np.ones(9), "max": np.ones(9)},
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "icil"
+    save_checkpoint(path, policy, step=7, epoch=0, extra={"held_out_tasks": ["stack"]})
+    return policy, path
+
+
+def _prompt(policy, rng):
+    from mail_ros.policy.icil_policy import Demonstration
+
+    frames = [Observation(int(i * 1e8), {c: rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for c in policy.cameras},
+                          rng.normal(size=policy.joint_dim)) for i in range(5)]
+    return Demonstration(frames, rng.normal(size=(5, policy.action_dim)))
+
+
+@pytest.mark.parametrize("preset", ["icil-tiny-ma", "icil-tiny-tr"])
+def test_icil_round_trip_gives_identical_streaming_predictions(preset, tmp_path):
+    from mail_ros.policy.icil_policy import ICILPolicy
+    from mail_ros.policy.presets import get_icil_preset
+
+    torch.manual_seed(0)
+    policy = ICILPolicy(get_icil_preset(preset)).eval()
+    save_checkpoint(tmp_path / "ckpt", policy)
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(loaded, ICILPolicy) and loaded.config == policy.config and not loaded.training
+    rng = np.random.default_rng(1)
+    demos = [_prompt(policy, rng) for _ in range(2)]
+    live = _prompt(policy, rng).observations
+    for p in (policy, loaded):
+        p.set_prompt(demos)
+    for observation in live:
+        np.testing.assert_array_equal(policy.predict_chunk(observation), loaded.predict_chunk(observation))
+
+
+def test_icil_config_json_names_the_policy_type_and_describes_it(saved_icil):
+    policy, path = saved_icil
+    data = read_checkpoint_config(path)
+    assert data["policy_type"] == "icil" and data["policy"]["prompt"] == {"k_max": 4, "dilation": 2}
+    assert (data["variant"], data["head"], data["obs_horizon"]) == ("icil-ma", "bc", 1)
+    description = describe_checkpoint(path)
+    assert description.policy_type == "icil" and description.config == policy.config
+    assert (description.variant, description.head) == ("icil-ma", "bc")
+    assert description.summary() == {key: data[key] for key in description.summary()}
+    assert description.extra == {"held_out_tasks": ["stack"]}
+
+
+def test_checkpoints_without_a_policy_type_are_mail_ones(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    assert read_checkpoint_config(path)["policy_type"] == "mail"
+    _edit_json(path, lambda data: data.pop("policy_type"))
+    assert isinstance(load_checkpoint(path), MaILPolicy) and describe_checkpoint(path).policy_type == "mail"
+
+
+BAD_ICIL = {
+    "unknown type": (_set(["policy_type"], "rt2"), r"config.json key 'policy_type' is 'rt2'; known types are \['icil', 'mail'\]"),
+    # An ICIL config read as a MaIL one (the type key lost): named, not a crash.
+    "type mismatch": (_set(["policy_type"], "mail"), r"config.json key 'policy': .*missing keys"),
+    "bad prompt": (_set(["policy", "prompt", "dilation"], 0), r"key 'policy': prompt.dilation must be an integer >= 1"),
+    "obs horizon": (_set(["policy", "spec", "observation", "obs_horizon"], 2), r"obs_horizon must be 1"),
+    "variant copy": (_set(["variant"], "d_ma"), r"key 'variant' is 'd_ma' but the policy config says 'icil-ma'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ICIL))
+def test_bad_icil_config_json(saved_icil, tmp_path, case):
+    edit, message = BAD_ICIL[case]
+    path = _copy(saved_icil, tmp_path)
+    _edit_json(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing tensor", "nan"])
+def test_damaged_icil_weights(saved_icil, tmp_path, damage):
+    path = _copy(saved_icil, tmp_path)
+    if damage == "truncated":
+        data = (path / WEIGHTS_FILE).read_bytes()
+        (path / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+        message = "model.safetensors is corrupt or truncated"
+    elif damage == "missing tensor":
+        _edit_tensors(path, lambda t: t.pop("sequence.queries"))
+        message = r"lacks tensors \['sequence.queries'\]"
+    else:
+        _edit_tensors(path, lambda t: t["sequence.queries"].view(-1).__setitem__(0, float("nan")))
+        message = r"tensor 'sequence.queries' contains NaN"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_cli_init_and_info_of_an_icil_checkpoint(tmp_path, capsys):
+    from mail_ros.policy.icil_policy import ICILPolicy
+
+    out = tmp_path / "icil"
+    assert cli_main(["checkpoint", "init", "--preset", "icil-tiny-tr", "--out", str(out),
+                     "--set", "prompt.k_max=2"]) == 0
+    policy = load_checkpoint(out)
+    assert isinstance(policy, ICILPolicy) and policy.config.prompt.k_max == 2
+    # Untrained statistics from the FR3 limits, absolute targets (joint 4 in [-3.0421, -0.1518]).
+    stats = read_checkpoint_config(out)["normalization"]["action"]
+    assert stats["min"][3] == pytest.approx(-3.0421) and stats["max"][3] == pytest.approx(-0.1518)
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "policy type    icil" in text and "icil-tr / bc" in text and '"k_max": 2' in text
+    assert "action frame   absolute" in text

@@ -1,14 +1,15 @@
 """``mail-ros checkpoint``: create untrained checkpoints, inspect them, list presets.
 
 * ``init --preset NAME --out DIR [--seed N] [--set group.field=value ...] [--overwrite]``: untrained weights
+  (a MaIL preset, or an ICIL one: ``icil-*``)
   with normalisation statistics derived from the FR3 joint limits (mean = middle of the range,
   std = half the range, min/max = the limits), so a fresh checkpoint already commands
   positions inside the limits; useful for wiring tests and latency checks before training.
   With ``relative_actions`` the arm dimensions are offsets instead: mean 0, bounded by what the
   joint's velocity limit covers in one chunk, so an untrained policy stays near the arm.
   An existing DIR is refused unless ``--overwrite`` (it may hold a trained checkpoint).
-* ``info DIR``: the spec, variant, parameter counts and file sizes (reads no model code).
-* ``presets``: the preset names (``--params`` also builds each one to count its parameters).
+* ``info DIR``: the policy type, spec, variant, parameter counts and file sizes (reads no model code).
+* ``presets``: the preset names, MaIL then ICIL (``--params`` also builds each one to count its parameters).
 """
 
 from __future__ import annotations
@@ -67,19 +68,34 @@ def action_stats(config: "PolicyConfig") -> dict[str, list[float]]:
     return stats
 
 
+def _build(name: str, overrides: dict | None = None):
+    """The untrained policy of preset ``name``: an ICILPolicy for ``icil-*``, else a MaILPolicy."""
+    from mail_ros.policy.presets import get_icil_preset, get_preset
+
+    if name.startswith("icil-"):
+        from mail_ros.policy.icil_policy import ICILPolicy
+
+        return ICILPolicy(get_icil_preset(name, overrides))
+    from mail_ros.policy.mail_policy import MaILPolicy
+
+    return MaILPolicy(get_preset(name, overrides))
+
+
 def _init(args: argparse.Namespace) -> int:
     import torch
 
     from mail_ros.policy.checkpoint import CheckpointError, save_checkpoint
     from mail_ros.policy.mail_policy import MaILPolicy
-    from mail_ros.policy.presets import get_preset, parse_override
+    from mail_ros.policy.presets import parse_override
 
     if Path(args.out).exists() and not args.overwrite:
         raise CheckpointError(f"{args.out} already exists; pass --overwrite to replace it")
-    config = get_preset(args.preset, dict(parse_override(text) for text in args.set))
     torch.manual_seed(args.seed)
-    policy = MaILPolicy(config)
-    policy.set_normalization(action_stats(config), limit_stats(config.spec.observation.joint_names))
+    policy = _build(args.preset, dict(parse_override(text) for text in args.set))
+    config = policy.config
+    # ICIL actions are absolute joint targets: the limits' statistics as they are.
+    actions = action_stats(config) if isinstance(policy, MaILPolicy) else limit_stats(config.spec.action.names)
+    policy.set_normalization(actions, limit_stats(config.spec.observation.joint_names))
     path = save_checkpoint(args.out, policy, step=0, epoch=0, extra={"preset": args.preset, "seed": args.seed})
     print(f"wrote untrained {args.preset} ({policy.num_parameters()['total']:,} parameters) to {path}")
     return 0
@@ -95,9 +111,16 @@ def _info(args: argparse.Namespace) -> int:
         part = key.split(".", 1)[0]
         counts[part] = counts.get(part, 0) + math.prod(shape)
     policy = data["policy"]
+    icil = data["policy_type"] == "icil"
     print(f"checkpoint     {root}")
     print(f"format         v{data['format_version']} (mail_ros {data['mail_ros_version']})")
-    print(f"variant/head   {data['variant']} / {data['head']}  (init {policy['init']})")
+    if icil:
+        print("policy type    icil (in-context imitation: prompted with demonstrations, see 'mail-ros prompt')")
+        print(f"variant/head   {data['variant']} / {data['head']}")
+        print(f"prompt         {json.dumps(policy['prompt'])}")
+    else:
+        print("policy type    mail")
+        print(f"variant/head   {data['variant']} / {data['head']}  (init {policy['init']})")
     print(f"backbone       {json.dumps(policy['backbone'])}")
     print(f"vision         {json.dumps(policy['vision'])}")
     print(f"cameras        {data['cameras']} at {data['image_size'][0]}x{data['image_size'][1]} (H x W)")
@@ -105,7 +128,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"actions A      {data['action_horizon']} x {data['action_space']} {data['action_names']}, dt {data['dt']} s")
     print(f"language       {data['language_encoder']} ({data['language_dim']}-d)")
     print(f"proprio        {policy['proprio']}")
-    print(f"action frame   {'offsets from the current joint positions (arm)' if policy['relative_actions'] else 'absolute'}")
+    relative = not icil and policy["relative_actions"]
+    print(f"action frame   {'offsets from the current joint positions (arm)' if relative else 'absolute'}")
     print(f"training       {data['training']}")
     print("tensors        " + ", ".join(f"{part} {n:,}" for part, n in sorted(counts.items())) + f"; total {sum(counts.values()):,}")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -114,17 +138,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from mail_ros.policy.presets import list_presets
+    from mail_ros.policy.presets import list_icil_presets, list_presets
 
-    for name in list_presets():
+    for name in list_presets() + list_icil_presets():
         if args.params:
             import torch
 
-            from mail_ros.policy.mail_policy import MaILPolicy
-            from mail_ros.policy.presets import get_preset
-
             with torch.device("meta"):
-                total = MaILPolicy(get_preset(name)).num_parameters()["total"]
+                total = _build(name).num_parameters()["total"]
             print(f"{name:28s} {total:>12,}")
         else:
             print(name)

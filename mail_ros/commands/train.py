@@ -1,4 +1,8 @@
-"""``mail-ros train``: train a MaIL policy on demo files; checkpoints in OUT/best and OUT/last.
+"""``mail-ros train``: train a policy on demo files; checkpoints in OUT/best and OUT/last.
+
+A config whose preset is an ICIL one (``icil-*``, e.g. config/train_icil_demo.yaml) trains a
+prompt-conditioned policy instead (:mod:`mail_ros.train.icil_trainer`: tasks held out by name,
+frozen-encoder features cached once per dataset; OUT/last only, no --resume, one process).
 
 The YAML config names a preset and overrides (see config/train_*.yaml and
 :func:`mail_ros.train.trainer.load_run_config`). ``--resume DIR`` continues the run in DIR with
@@ -46,6 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mail_ros.train.distributed import SINGLE, shutdown
+    from mail_ros.train.icil_trainer import is_icil_config
+    from mail_ros.train.trainer import TrainError
+
+    try:
+        icil = args.config is not None and args.resume is None and is_icil_config(args.config)
+    except TrainError as exc:
+        print(f"mail-ros train: {exc}", file=sys.stderr)
+        return 2
+    if icil:
+        return _run_icil(args)
 
     joined = [SINGLE]  # the process group _run joins, left here whatever happens
     try:
@@ -130,3 +144,37 @@ def _run(args: argparse.Namespace, joined: list) -> int:
         lines.insert(2, f"val loss of predicting the mean action: {summary.mean_predictor_val_loss:.4f}")
     print("\n".join(lines))
     return 130 if summary.interrupted else 0
+
+
+def _run_icil(args: argparse.Namespace) -> int:
+    from mail_ros.data.hdf5 import DataError
+    from mail_ros.policy.checkpoint import CheckpointError
+    from mail_ros.policy.presets import parse_override
+    from mail_ros.train.icil_trainer import load_icil_run_config, train_icil
+    from mail_ros.train.trainer import TrainError, remove_run_outputs, run_outputs
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = dict(parse_override(text) for text in args.set)
+        for key, value in (("train.seed", args.seed), ("train.device", args.device), ("train.steps", args.steps)):
+            if value is not None:
+                overrides[key] = value
+        if args.out is None or not args.data:
+            raise TrainError("give --config CONFIG.yaml, --out DIR and at least one DATA file")
+        run_config = load_icil_run_config(args.config, overrides)
+        replaced = run_outputs(args.out)
+        if replaced and not args.overwrite:
+            raise TrainError(f"{args.out} already holds a run ({', '.join(replaced)}); choose another --out, "
+                             "or pass --overwrite to replace it")
+        if replaced:
+            remove_run_outputs(args.out)
+        summary = train_icil(run_config, [str(f) for f in args.data], args.out)
+    except (TrainError, DataError, CheckpointError, ValueError) as exc:
+        print(f"mail-ros train: {exc}", file=sys.stderr)
+        return 2
+    print(f"finished ICIL {run_config.preset} at step {summary.step} in {summary.seconds:.1f} s "
+          f"(frame features {summary.feature_seconds:.1f} s)\n"
+          f"train loss {summary.first_loss:.4f} -> {summary.last_loss:.4f} on {summary.episodes} episodes of "
+          f"{len(summary.tasks)} tasks; held out {summary.held_out_tasks}\n"
+          f"checkpoint: {Path(summary.out) / 'last'}")
+    return 0

@@ -1,5 +1,18 @@
 """policy_node: /mail/observation + /mail/instruction_embedding -> /mail/action_chunk.
 
+With an ICIL checkpoint (``policy_type`` "icil") the task comes from a prompt of
+demonstrations: the ``prompt`` parameter at start-up and the ``~/set_prompt`` service
+(mail_ros/srv/SetPrompt) while running, e.g.
+
+    ros2 service call /policy_node/set_prompt mail_ros/srv/SetPrompt "{paths: ['demos.hdf5']}"
+
+An accepted prompt is a new goal: it is announced on /mail/instruction_embedding (text: the
+demonstrations' instruction or their names; no embedding) so the executor drops older chunks,
+and its K, frames and prefill time go to the log and /diagnostics. A refused prompt (files
+that do not match the checkpoint's contract) is answered with the reason and leaves the
+previous prompt in place; with no prompt there are no chunks. The rules are the core's
+:class:`~mail_ros.policy.icil_runner.ICILRunner`.
+
 The rules between a message and a chunk (goal checks, the stamp gate and age limit, the
 history, chunk checks) are the core :class:`~mail_ros.policy.runner.PolicyRunner`, which the
 offline replay runs too; this node converts messages, serialises the runner's calls and runs its
@@ -26,6 +39,7 @@ from collections import deque
 
 import numpy as np
 from geometry_msgs.msg import Point, Vector3
+from rclpy.parameter import Parameter
 from rclpy.node import Node
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker
@@ -37,6 +51,7 @@ from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diag
                                    ns_to_time, run_node, seconds_to_duration, stamp_ns)
 from mail_ros.policy.runner import Chunk, Goal, PolicyRunner, RunnerSettings
 from mail_ros.spec import Observation
+from mail_ros.srv import SetPrompt
 from mail_ros.sync.observation import ObservationError, decode_image, select_joints
 
 
@@ -58,6 +73,10 @@ class PolicyNode(Node):
                                            max_gap_periods=max_gap_periods, seed=seed)
         except ValueError as exc:
             raise SystemExit(f"policy_node: {exc}") from exc
+        prompt = declare(self, "prompt", Parameter.Type.STRING_ARRAY, "ICIL checkpoints: the demonstrations to "
+                         "imitate from start-up: HDF5 files from 'mail-ros convert', episode groups "
+                         "(FILE.hdf5:demo_N) or rosbag2 folders; change them with ~/set_prompt",
+                         read_only=True)
         self.base_frame = declare(self, "base_frame", "fr3_link0", "Frame of the predicted hand path marker: the "
                                   "arm's base link (with any prefix your robot description uses)")
         self.diagnostics = Diagnostics(self)
@@ -70,6 +89,9 @@ class PolicyNode(Node):
 
         # Guards the runner (all but its predict, which only the inference thread calls).
         self._lock = threading.Lock()
+        # Guards the policy: the inference thread's predictions and prompt swaps (ICIL). Taken
+        # before _lock when both are held.
+        self._policy_lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
 
@@ -78,6 +100,13 @@ class PolicyNode(Node):
         self._arm_columns = None  # (action columns, joint columns) of fr3_joint1..7, for the path marker
         self._load(device)
 
+        # ICIL: a prompt's goal announcement, on the one goal channel the executor listens to.
+        self.goal_publisher = None
+        if self.icil:
+            self.goal_publisher = self.create_publisher(InstructionEmbedding, "mail/instruction_embedding", GOAL_QOS)
+        self.create_service(SetPrompt, "~/set_prompt", self._on_set_prompt)
+        if prompt:
+            self.set_prompt(list(prompt))
         self.publisher = self.create_publisher(ActionChunk, "mail/action_chunk", PIPELINE_QOS)
         self.path_publisher = self.create_publisher(Marker, "mail/predicted_path", PIPELINE_QOS)
         self.create_subscription(ObservationMsg, "mail/observation", self._on_observation, PIPELINE_QOS)
@@ -88,8 +117,15 @@ class PolicyNode(Node):
 
     @property
     def policy(self):
-        """The loaded MaILPolicy, or None."""
+        """The loaded policy (a MaILPolicy, or an ICILPolicy behind its streaming adapter), or None."""
         return None if self.runner is None else self.runner.policy
+
+    @property
+    def icil(self) -> bool:
+        """An ICIL checkpoint is loaded: it acts on a prompt of demonstrations."""
+        from mail_ros.policy.icil_runner import ICILRunner
+
+        return isinstance(self.runner, ICILRunner)
 
     # --- start-up -------------------------------------------------------------------------------
     def _load(self, device: str) -> None:
@@ -103,7 +139,13 @@ class PolicyNode(Node):
             if not self.checkpoint_dir:
                 raise CheckpointError("no checkpoint given (parameter 'checkpoint')")
             self.checkpoint = describe_checkpoint(self.checkpoint_dir)
-            runner = PolicyRunner(load_checkpoint(self.checkpoint_dir, device=device), self.settings)
+            policy = load_checkpoint(self.checkpoint_dir, device=device)
+            if self.checkpoint.policy_type == "icil":
+                from mail_ros.policy.icil_runner import ICILRunner
+
+                runner = ICILRunner(policy, self.settings)
+            else:
+                runner = PolicyRunner(policy, self.settings)
             latency = runner.warm_up()
         except Exception as exc:  # noqa: BLE001 - whatever fails, the node must stay up to say so
             # Stay up in a safe state: no chunk is ever published, and the reason is visible.
@@ -124,8 +166,63 @@ class PolicyNode(Node):
             f"loaded {self.checkpoint_dir} on {device} ({self.policy.backend}); cameras "
             f"{list(self.checkpoint.cameras)}, T={self.checkpoint.obs_horizon}, A={self.checkpoint.action_horizon}, "
             f"warm-up chunk {latency * 1e3:.1f} ms{memory}")
-        self.diagnostics.set(OK, "policy loaded; waiting for a goal", device=device,
+        self.diagnostics.set(OK, "policy loaded; " + self._waiting(), device=device,
                              backend=self.policy.backend, warmup_ms=f"{latency * 1e3:.1f}")
+
+    def _waiting(self) -> str:
+        if self.icil and self.runner.prompt is None:
+            return "waiting for a prompt (parameter 'prompt' or ~/set_prompt)"
+        return "waiting for a goal"
+
+    # --- prompts (ICIL) -------------------------------------------------------------------------
+    def _on_set_prompt(self, request: SetPrompt.Request, response: SetPrompt.Response) -> SetPrompt.Response:
+        response.success, response.message = self.set_prompt(list(request.paths))
+        prompt = self.runner.prompt if self.icil else None
+        if prompt is not None:
+            response.k, response.frames = prompt.k, prompt.frames
+            response.prefill_ms = prompt.info.prefill_s * 1e3 if response.success else 0.0
+        return response
+
+    def set_prompt(self, paths: list[str]) -> tuple[bool, str]:
+        """Make the demonstrations at ``paths`` the prompt (an empty list clears it): (accepted?, what
+        happened or why not). A refused prompt leaves the previous one in place."""
+        from mail_ros.policy.icil_runner import PromptError, prompt_goal
+
+        if not self.icil:
+            reason = ("no policy loaded" if self.runner is None else
+                      f"{self.checkpoint_dir} is a {self.checkpoint.policy_type} checkpoint; prompts need an ICIL one")
+            self.get_logger().error(f"refused prompt: {reason}")
+            return False, f"refused prompt: {reason}"
+        with self._policy_lock:
+            if not paths:
+                with self._lock:
+                    self.runner.clear_prompt()
+                self.get_logger().warning("prompt cleared: no chunks until a new prompt is set")
+                self.diagnostics.set(WARN, "prompt cleared; " + self._waiting())
+                return True, "prompt cleared; no chunks until a new prompt is set"
+            try:
+                prompt = self.runner.load_prompt(paths)
+            except PromptError as exc:
+                kept = "none" if self.runner.prompt is None else self.runner.prompt.describe()
+                self.get_logger().error(f"refused prompt {paths}: {exc}; keeping the previous prompt ({kept})")
+                self._problem(WARN, f"refused prompt: {exc}")
+                return False, f"refused prompt: {exc}; the previous prompt ({kept}) stays in use"
+            goal = prompt_goal(prompt, now_ns(self))
+            with self._lock:
+                self.runner.use_prompt(prompt, goal)
+        self.goal_publisher.publish(InstructionEmbedding(header=Header(stamp=ns_to_time(goal.stamp)), text=goal.text,
+                                                         encoder="", embedding=[]))
+        self.get_logger().info(f"new prompt, goal {goal.text!r}: {prompt.describe()}")
+        self.diagnostics.set(OK, f"new prompt: {goal.text}", **self._prompt_values())
+        return True, f"prompt set, goal {goal.text!r}: {prompt.describe()}"
+
+    def _prompt_values(self) -> dict[str, str]:
+        prompt = self.runner.prompt if self.icil else None
+        if prompt is None:
+            return {"prompt_k": "0", "prompt_frames": "0"} if self.icil else {}
+        return {"prompt_k": str(prompt.k), "prompt_frames": str(prompt.frames),
+                "prompt_prefill_ms": f"{prompt.info.prefill_s * 1e3:.1f}",
+                "prompt_encode_ms": f"{prompt.info.encode_s * 1e3:.1f}"}
 
     # --- subscriptions: validate and store ------------------------------------------------------
     def _problem(self, level: int, message: str) -> None:
@@ -148,6 +245,8 @@ class PolicyNode(Node):
         with self._lock:
             previous = self.runner.goal
             reason = self.runner.set_goal(goal)
+            if reason is None and self.runner.goal is previous:
+                return  # the goal in use already (a prompt's own announcement)
         if reason is not None:
             self._refuse("embeddings", reason)
         if reason is None:
@@ -211,7 +310,8 @@ class PolicyNode(Node):
                 request = self.runner.take()
             start = time.perf_counter()
             try:
-                actions = self.runner.predict(request)
+                with self._policy_lock:
+                    actions = self.runner.predict(request)
             except Exception as exc:  # noqa: BLE001 - this thread must outlive any one bad chunk
                 # No chunk: the executor holds once the last one goes stale.
                 self.get_logger().error(f"inference failed: {type(exc).__name__}: {exc}", throttle_duration_sec=2.0)
@@ -278,6 +378,7 @@ class PolicyNode(Node):
         if self.runner is None:
             return
         values = dict(self.counters)
+        values.update(self._prompt_values())
         if self.latencies:
             ms = np.asarray(self.latencies) * 1e3
             values.update(latency_p50_ms=f"{np.percentile(ms, 50):.1f}", latency_p99_ms=f"{np.percentile(ms, 99):.1f}")
@@ -287,7 +388,8 @@ class PolicyNode(Node):
                 level = max(problems)
                 message = problems[level]
             else:
-                level, message = OK, "running" if self.runner.goal is not None else "waiting for a goal"
+                active = self.runner.goal is not None and (not self.icil or self.runner.prompt is not None)
+                level, message = OK, "running" if active else self._waiting()
             self.diagnostics.set(level, message, **values)
 
     def destroy_node(self):

@@ -1,10 +1,14 @@
 """Self-describing policy checkpoints: a directory with ``config.json`` and ``model.safetensors``.
 
-``config.json`` holds the format version, the code version, the full :class:`PolicyConfig`
+Two policy types share the format, named by ``config.json``'s ``policy_type``: ``"mail"``
+(:class:`MaILPolicy`, :class:`PolicyConfig`; also every checkpoint written before the key
+existed) and ``"icil"`` (the prompt-conditioned :class:`ICILPolicy`, :class:`ICILConfig`).
+``config.json`` holds the format version, the code version, the policy type, the full config
 (``"policy"``), the normalisation statistics, training progress, and top-level copies of what
 other tools read without building the model (``cameras``, ``image_size`` [H, W],
 ``obs_horizon``, ``action_horizon``, ``action_space``, ``action_names``, ``joint_names``,
-``rate_hz``, ``dt``, ``language_encoder``, ``language_dim``, ``variant``, ``head``).
+``rate_hz``, ``dt``, ``language_encoder``, ``language_dim``, ``variant``, ``head``; an ICIL
+policy's variant is ``icil-ma`` or ``icil-tr`` and its head ``bc``, as it regresses its chunks).
 ``model.safetensors`` holds every parameter and persistent buffer, the statistics included
 (they are the source of truth; the JSON copy must agree). No pickle is used anywhere.
 
@@ -29,6 +33,8 @@ from safetensors.torch import load_file, save_file
 
 import mail_ros
 from mail_ros.policy.config import ConfigError, PolicyConfig
+from mail_ros.policy.icil_config import ICILConfig
+from mail_ros.policy.icil_policy import ICILPolicy
 from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import FIELDS, NormalizerError
 from mail_ros.spec import ObservationSpec
@@ -45,20 +51,41 @@ __all__ = [
     "read_weight_shapes",
     "checkpoint_config",
     "describe_checkpoint",
+    "POLICY_TYPES",
+    "policy_type_of",
 ]
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NORMALIZERS = {"action": "action_norm", "proprio": "proprio_norm", "language": "language_norm"}
+# policy_type -> (config class, policy class); a config.json without the key is a "mail" one.
+POLICY_TYPES: dict[str, tuple[type, type]] = {"mail": (PolicyConfig, MaILPolicy), "icil": (ICILConfig, ICILPolicy)}
+DEFAULT_POLICY_TYPE = "mail"
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, malformed or inconsistent."""
 
 
-def _top_level(config: PolicyConfig) -> dict[str, Any]:
+def policy_type_of(policy_or_config: Any) -> str:
+    """The ``policy_type`` of a policy or config object (a key of :data:`POLICY_TYPES`)."""
+    for name, classes in POLICY_TYPES.items():
+        if isinstance(policy_or_config, classes):
+            return name
+    raise CheckpointError(f"cannot save a {type(policy_or_config).__name__}: known policy types are "
+                          f"{sorted(POLICY_TYPES)}")
+
+
+def _variant_and_head(config: PolicyConfig | ICILConfig) -> tuple[str, str]:
+    if isinstance(config, ICILConfig):
+        return f"icil-{config.backbone.variant.split('_')[-1]}", "bc"
+    return config.variant, config.head.kind
+
+
+def _top_level(config: PolicyConfig | ICILConfig) -> dict[str, Any]:
     observation, action = config.spec.observation, config.spec.action
+    variant, head = _variant_and_head(config)
     return {
         "cameras": list(observation.cameras),
         "image_size": list(observation.image_size),
@@ -71,16 +98,18 @@ def _top_level(config: PolicyConfig) -> dict[str, Any]:
         "dt": action.dt,
         "language_encoder": config.language.encoder,
         "language_dim": config.language.dim,
-        "variant": config.variant,
-        "head": config.head.kind,
+        "variant": variant,
+        "head": head,
     }
 
 
 def checkpoint_config(
-    policy: MaILPolicy, step: int | None = None, epoch: int | None = None, extra: dict[str, Any] | None = None
+    policy: MaILPolicy | ICILPolicy, step: int | None = None, epoch: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` content for ``policy``."""
-    data: dict[str, Any] = {"format_version": FORMAT_VERSION, "mail_ros_version": mail_ros.__version__}
+    data: dict[str, Any] = {"format_version": FORMAT_VERSION, "mail_ros_version": mail_ros.__version__,
+                            "policy_type": policy_type_of(policy)}
     data.update(_top_level(policy.config))
     data["policy"] = policy.config.to_dict()
     data["normalization"] = {key: getattr(policy, attr).stats() for key, attr in NORMALIZERS.items()}
@@ -91,7 +120,7 @@ def checkpoint_config(
 
 def save_checkpoint(
     directory: str | os.PathLike,
-    policy: MaILPolicy,
+    policy: MaILPolicy | ICILPolicy,
     step: int | None = None,
     epoch: int | None = None,
     extra: dict[str, Any] | None = None,
@@ -157,7 +186,8 @@ def _check_stats(stats: Any, where: str, dim: int) -> None:
 def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and fully validate ``config.json`` without touching the weights (cheap, no model).
 
-    Returns the parsed JSON; ``PolicyConfig.from_dict(result["policy"])`` rebuilds the config.
+    Returns the parsed JSON with ``policy_type`` filled in (``"mail"`` when the file has none);
+    :func:`describe_checkpoint` gives the rebuilt, typed config.
     """
     root = Path(directory)
     path = root / CONFIG_FILE
@@ -176,8 +206,12 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+    policy_type = data.setdefault("policy_type", DEFAULT_POLICY_TYPE)
+    if policy_type not in POLICY_TYPES:
+        raise CheckpointError(f"{path} key 'policy_type' is {policy_type!r}; known types are {sorted(POLICY_TYPES)}")
+    config_class = POLICY_TYPES[policy_type][0]
     try:
-        config = PolicyConfig.from_dict(data.get("policy"))
+        config = config_class.from_dict(data.get("policy"))
     except ConfigError as exc:
         raise CheckpointError(f"{path} key 'policy': {exc}") from exc
     for key, expected in _top_level(config).items():
@@ -233,16 +267,18 @@ class CheckpointDescription:
     """What a checkpoint folder says about its policy, read and validated from ``config.json`` alone.
 
     The typed view the nodes and tools configure themselves from (no model is built, no weight is
-    read); the values come from the saved :class:`PolicyConfig`, which ``read_checkpoint_config``
-    has checked the top-level copies against.
+    read); the values come from the saved config (:class:`PolicyConfig` or :class:`ICILConfig`,
+    as ``policy_type`` says), which ``read_checkpoint_config`` has checked the top-level copies
+    against.
     """
 
     directory: Path
-    config: PolicyConfig
+    config: PolicyConfig | ICILConfig
     normalization: dict[str, dict[str, list[float]]]  # "action" / "proprio" / "language" -> statistics
     training: dict[str, Any]  # {"step": ..., "epoch": ...}
     extra: dict[str, Any]  # stored verbatim by whoever saved it
     mail_ros_version: str
+    policy_type: str = DEFAULT_POLICY_TYPE  # "mail" or "icil" (POLICY_TYPES)
 
     @property
     def observation(self) -> ObservationSpec:
@@ -300,11 +336,12 @@ class CheckpointDescription:
 
     @property
     def variant(self) -> str:
-        return self.config.variant
+        """d_ma, ed_ma, d_tr, ed_tr (MaIL) or icil-ma, icil-tr (ICIL)."""
+        return _variant_and_head(self.config)[0]
 
     @property
     def head(self) -> str:
-        return self.config.head.kind
+        return _variant_and_head(self.config)[1]
 
     def summary(self) -> dict[str, Any]:
         """The top-level keys of ``config.json`` (cameras, horizons, rates, names, variant, head)."""
@@ -316,16 +353,18 @@ def describe_checkpoint(directory: str | os.PathLike) -> CheckpointDescription:
     data = read_checkpoint_config(directory)
     return CheckpointDescription(
         directory=Path(directory),
-        config=PolicyConfig.from_dict(data["policy"]),
+        config=POLICY_TYPES[data["policy_type"]][0].from_dict(data["policy"]),
         normalization=data["normalization"],
         training=dict(data.get("training") or {}),
         extra=dict(data.get("extra") or {}),
         mail_ros_version=str(data.get("mail_ros_version")),
+        policy_type=data["policy_type"],
     )
 
 
-def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaILPolicy:
-    """Rebuild the policy saved in ``directory`` on ``device``, in eval mode, validated throughout."""
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> MaILPolicy | ICILPolicy:
+    """Rebuild the policy saved in ``directory`` on ``device``, in eval mode, validated throughout:
+    a :class:`MaILPolicy` or an :class:`ICILPolicy`, as the checkpoint's ``policy_type`` says."""
     root = Path(directory)
     data = read_checkpoint_config(root)
     weights = _weights_file(root)
@@ -336,7 +375,8 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     try:
         # Building the model draws random initial weights; keep the caller's RNG stream untouched.
         with torch.random.fork_rng(devices=[]):
-            policy = MaILPolicy(PolicyConfig.from_dict(data["policy"]))
+            config_class, policy_class = POLICY_TYPES[data["policy_type"]]
+            policy = policy_class(config_class.from_dict(data["policy"]))
     except Exception as exc:  # noqa: BLE001 - whatever the model makes of the config, the checkpoint is unusable
         raise CheckpointError(
             f"{root / CONFIG_FILE} key 'policy' does not build a model: {type(exc).__name__}: {exc}"

@@ -1,0 +1,255 @@
+"""Training of prompt-conditioned (ICIL) policies: ``mail-ros train`` with an ``icil-*`` preset.
+
+The YAML has MaIL's shape (``preset``, ``policy`` dotted overrides, ``data``, ``train``; see
+config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
+(:class:`ICILDataConfig`, :class:`ICILTrainConfig`). A run:
+
+1. reads the demo files and checks them against the policy's contract (the MaIL trainer's
+   :func:`~mail_ros.train.trainer.load_demos`);
+2. groups the episodes by task (their instruction) and drops ``data.held_out_tasks``, named
+   exactly (a name that matches no task is an error: :func:`~mail_ros.data.icil_data.task_groups`);
+3. sets the normalisation statistics from the kept episodes' actions and joint positions;
+4. freezes the image encoders (as initialised from ``train.seed``) and computes every frame's
+   features once, cached on disk per (encoder weights, episode) in ``data.feature_cache``
+   (:class:`~mail_ros.data.icil_data.FrameFeatureCache`); the steps after that run the sequence
+   model and the proprio projection only;
+5. each step draws ``train.batch_size`` live episodes, each with a prompt of K ~ U{1 .. k_max}
+   other demonstrations of its task (:class:`~mail_ros.data.icil_data.ICILSampler`), and
+   minimises the chunk MSE at every ``data.cut_stride``-th live frame.
+
+The run folder holds ``last/`` (the checkpoint, ``policy_type`` "icil", with the held-out and
+trained task names in its ``extra``), ``log.csv`` and ``summary.json``. There is no validation
+split (what matters is behaviour on held-out tasks, which the test bed measures) and no
+``--resume``; the run is deterministic per ``train.seed`` on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
+from mail_ros.policy.checkpoint import save_checkpoint
+from mail_ros.policy.config import check, check_float, check_int
+from mail_ros.policy.icil_config import ICILConfig
+from mail_ros.policy.icil_policy import ICILPolicy
+from mail_ros.policy.normalizer import Normalizer
+from mail_ros.policy.presets import get_icil_preset
+from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass, _is_device,
+                                    load_demos, resolve_device)
+
+__all__ = ["ICILDataConfig", "ICILTrainConfig", "ICILRunConfig", "ICILSummary", "is_icil_config",
+           "load_icil_run_config", "train_icil"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FEATURE_CACHE = "~/.cache/mail_ros/icil_features"
+
+
+@dataclass
+class ICILDataConfig:
+    """How demo files become ICIL training sequences."""
+
+    camera_map: dict[str, str] = field(default_factory=dict)  # file camera -> policy camera
+    held_out_tasks: list[str] = field(default_factory=list)  # instructions never trained on
+    feature_cache: str | None = DEFAULT_FEATURE_CACHE  # frozen-encoder features; None: in memory only
+    embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # instruction embeddings (language on)
+    cut_stride: int = 4  # predict a chunk after every cut_stride-th live frame
+
+    def __post_init__(self) -> None:
+        with _as_train_error():
+            check(isinstance(self.camera_map, dict), f"data.camera_map must be a mapping, got {self.camera_map!r}")
+            check(isinstance(self.held_out_tasks, list) and all(isinstance(t, str) and t for t in self.held_out_tasks),
+                  f"data.held_out_tasks must be a list of instructions, got {self.held_out_tasks!r}")
+            for name in ("feature_cache", "embedding_cache"):
+                value = getattr(self, name)
+                check(value is None or (isinstance(value, str) and value != ""),
+                      f"data.{name} must be a folder name or null, got {value!r}")
+            check_int(self.cut_stride, "data.cut_stride", 1)
+
+
+@dataclass
+class ICILTrainConfig:
+    """Optimisation settings: Adam on the sequence model and the proprio projection."""
+
+    steps: int = 2000
+    batch_size: int = 8  # live episodes (each with its own prompt) per step
+    lr: float = 1e-3
+    log_every: int = 50
+    checkpoint_every: int = 500  # steps between last/ saves (and at the end)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        with _as_train_error():
+            for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+                check_int(getattr(self, name), f"train.{name}", 1)
+            check_int(self.seed, "train.seed", 0)
+            check_float(self.lr, "train.lr")
+            check(self.lr > 0, f"train.lr must be positive, got {self.lr!r}")
+            check(isinstance(self.device, str) and (self.device == "auto" or _is_device(self.device)),
+                  f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class ICILRunConfig:
+    preset: str
+    policy: ICILConfig
+    data: ICILDataConfig
+    train: ICILTrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "policy": self.policy.to_dict(), "data": asdict(self.data),
+                "train": asdict(self.train)}
+
+
+@dataclass
+class ICILSummary:
+    out: str
+    step: int
+    seconds: float
+    first_loss: float
+    last_loss: float
+    tasks: list[str]
+    held_out_tasks: list[str]
+    episodes: int
+    feature_seconds: float  # encoding the frames (0 when every episode was cached)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise TrainError(f"{path}: cannot read training config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise TrainError(f"{path}: a training config is a mapping with preset/policy/data/train")
+    return raw
+
+
+def is_icil_config(path: str | Path) -> bool:
+    """Whether the training YAML at ``path`` names an ICIL preset (``icil-*``)."""
+    return str(_read_yaml(Path(path)).get("preset", "")).startswith("icil-")
+
+
+def load_icil_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ICILRunConfig:
+    """Read an ICIL training YAML; ``overrides`` ({"train.steps": 5, "policy.prompt.k_max": 2}) on top."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    unknown = sorted(set(raw) - {"preset", "policy", "data", "train"})
+    if unknown:
+        raise TrainError(f"{path}: unknown top-level keys {unknown}; known: preset, policy, data, train")
+    policy_overrides = dict(raw.get("policy") or {})
+    sections = {"data": dict(raw.get("data") or {}), "train": dict(raw.get("train") or {})}
+    for key, value in (overrides or {}).items():
+        group, _, name = key.partition(".")
+        if group == "policy":
+            policy_overrides[name] = value
+        elif group in sections and name:
+            sections[group][name] = value
+        else:
+            raise TrainError(f"override {key!r} must start with policy., data. or train.")
+    try:
+        policy = get_icil_preset(str(raw.get("preset")), policy_overrides)
+        return ICILRunConfig(str(raw["preset"]), policy, _dataclass(ICILDataConfig, sections["data"], f"{path}: data"),
+                             _dataclass(ICILTrainConfig, sections["train"], f"{path}: train"))
+    except (TypeError, ValueError) as exc:
+        raise TrainError(f"{path}: {exc}") from exc
+
+
+def _folder(name: str | None) -> str | None:
+    return None if name is None else os.path.expanduser(name)
+
+
+def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path,
+               language_loader=None) -> ICILSummary:
+    """Train ``run`` on ``data_files`` into ``out`` (see the module docstring); raises TrainError or DataError."""
+    out = Path(out)
+    config, data, cfg = run.policy, run.data, run.train
+    device = resolve_device(cfg.device)
+    episodes = load_demos(data_files, config, data.camera_map, lazy=True)
+    groups = task_groups(episodes, data.held_out_tasks)
+    kept = sorted(index for ids in groups.values() for index in ids)
+    log.info("ICIL %s on %d episodes of %d tasks (held out: %s) on %s", run.preset, len(kept), len(groups),
+             data.held_out_tasks or "none", device)
+
+    torch.manual_seed(cfg.seed)
+    policy = ICILPolicy(config)
+    language_stats, embeddings = None, None
+    if config.language.enabled:
+        from mail_ros.data.dataset import EmbeddingCache
+        from mail_ros.language.encoders import load_text_encoder
+
+        embeddings = EmbeddingCache(_folder(data.embedding_cache)).embeddings(
+            config.language.encoder, list(groups), language_loader or load_text_encoder)
+        language_stats = Normalizer.stats_from_data(np.stack(list(embeddings.values())))
+    policy.set_normalization(
+        Normalizer.stats_from_data(np.concatenate([episodes[i].actions for i in kept])),
+        Normalizer.stats_from_data(np.concatenate([episodes[i].joint_positions for i in kept])),
+        language_stats,
+    )
+    policy.to(device)
+    for parameter in policy.encoder.parameters():
+        parameter.requires_grad_(False)
+
+    def encode(images):
+        with torch.inference_mode():
+            batch = {c: torch.from_numpy(np.ascontiguousarray(v)).to(device) for c, v in images.items()}
+            return policy.eval().frame_features(batch).float().cpu().numpy()
+
+    start = time.perf_counter()
+    kept_episodes = [episodes[i] for i in kept]
+    features = FrameFeatureCache(_folder(data.feature_cache)).features(kept_episodes, encode,
+                                                                       module_digest(policy.encoder))
+    feature_seconds = time.perf_counter() - start
+    remap = {index: position for position, index in enumerate(kept)}
+    sampler = ICILSampler(kept_episodes, features, {task: [remap[i] for i in ids] for task, ids in groups.items()},
+                          k_max=config.prompt.k_max, dilation=config.prompt.dilation, action_horizon=policy.A,
+                          cut_stride=data.cut_stride, embeddings=embeddings)
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
+    extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
+             "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    first = last = float("nan")
+    started = time.perf_counter()
+    with open(out / "log.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["step", "loss", "chunks", "seconds"])
+        for step in range(1, cfg.steps + 1):
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, reproducible per step
+            rng = np.random.default_rng([cfg.seed, step])
+            batch = [sampler.sample(int(live), rng, device) for live in rng.choice(sampler.live, size=cfg.batch_size)]
+            policy.train()
+            policy.encoder.eval()  # frozen: its features are the cached ones
+            loss, info = policy.compute_loss(batch)
+            if not torch.isfinite(loss):
+                raise TrainError(f"the training loss is not finite at step {step}; nothing more is saved")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last = info["loss"]
+            first = last if step == 1 else first
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                seconds = time.perf_counter() - started
+                writer.writerow([step, f"{last:.6f}", int(info["chunks"]), f"{seconds:.1f}"])
+                stream.flush()
+                log.info("step %d/%d loss %.4f (%.1f s)", step, cfg.steps, last, seconds)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(out / "last", policy.eval(), step=step, epoch=None,
+                                extra={**extra, "train_loss": last})
+    summary = ICILSummary(str(out), cfg.steps, time.perf_counter() - started, first, last, sorted(groups),
+                          list(data.held_out_tasks), len(kept), feature_seconds)
+    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
