@@ -19,6 +19,8 @@ from launch_ros.substitutions import FindPackageShare
 from mail_ros.transport import apply_dds_profile
 
 ARGUMENTS = [
+    ("sigterm_timeout", "15", "Seconds every process started here has to exit after Ctrl-C (SIGINT) before launch "
+     "sends SIGTERM (launch's own default is 5; policy_node may be releasing a GPU, and a busy CPU slows every exit)"),
     ("dds_profile", "", "Fast DDS XML profile for every process started here (empty = mail_ros/config/"
      "fastdds_shm.xml, a shared-memory segment for camera images; 'none' = leave the environment as it is)"),
     ("checkpoint", "", "MaIL checkpoint directory (empty = the installed demo checkpoint)"),

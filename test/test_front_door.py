@@ -71,7 +71,11 @@ BRINGUP_LAUNCH = ("ros2 launch mail_ros franka_policy.launch.py bringup:=true us
 # Bounds on a busy 2-core machine. A pick takes the demo policy about 6 s of simulated time.
 PIPELINE_UP_S = 180.0
 TASK_S = 120.0
-SHUTDOWN_S = 10.0  # issue 17: every node exits 0 within 10 s of Ctrl-C
+# Every node exits 0 after Ctrl-C, without launch escalating to SIGTERM (its sigterm_timeout, 15 s
+# in mail_ros's launch files). Within 10 s on an idle machine (issue 17); the bound is generous,
+# as a busy one stretches every process's exit.
+SHUTDOWN_S = 60.0
+SERVICE_S = 120.0  # s for a service of the launched graph to answer on a busy machine
 
 # Executables franka_bringup starts that are C++ (or packages the index lacks): stand-ins.
 STANDINS = {
@@ -196,15 +200,21 @@ class Launch:
         self._log.close()
 
 
-def assert_clean_shutdown(launch: Launch, seconds: float) -> None:
+def assert_clean_shutdown(launch: Launch, seconds: float, records: Path | None = None) -> None:
     output = launch.output()
-    started = re.findall(r"\[INFO\] \[([\w.\-]+)\]: process started with pid", output)
+    started = dict(re.findall(r"\[INFO\] \[([\w.\-]+)\]: process started with pid \[(\d+)\]", output))
     assert started, output[-3000:]
+    # On a busy machine asyncio's child watcher in launch sometimes finds a child already reaped
+    # ("Unknown child process pid N, will report returncode 255") and launch reports it as died
+    # with 255. A stand-in records how it really exited; a mail_ros node is never excused.
+    lost = set(re.findall(r"Unknown child process pid (\d+), will report returncode 255", output))
+    excused = {pid for pid in lost if records is not None and (records / f"exit--{pid}").is_file()}
     # launch's own "process has died [...]" names exit codes other than 0.
-    assert "process has died" not in output, output[-6000:]
-    for name in started:
-        assert re.search(rf"\[INFO\] \[{re.escape(name)}\]: process has finished cleanly", output), \
-            f"{name} did not exit 0:\n{output[-6000:]}"
+    died = re.findall(r"\]: process has died \[pid (\d+)", output)
+    assert set(died) <= excused, output[-6000:]
+    for name, pid in started.items():
+        assert pid in excused or re.search(rf"\[INFO\] \[{re.escape(name)}\]: process has finished cleanly",
+                                           output), f"{name} did not exit 0:\n{output[-6000:]}"
     for sign in ("Traceback", "KeyboardInterrupt", "RCLError", "never retrieved", "escalating to 'SIGTERM'",
                  "cannot use Destroyable"):
         assert sign not in output, f"{sign!r} in the output of the launch:\n{output[-6000:]}"
@@ -234,10 +244,10 @@ class Operator:
     def enable(self, enabled: bool) -> None:
         request = SetParameters.Request(parameters=[Parameter("enabled", value=enabled).to_parameter_msg()])
         future = self.parameters.call_async(request)
-        wait_for(future.done, 30.0, "executor_node's set_parameters", graph=self.graph)
+        wait_for(future.done, SERVICE_S, "executor_node's set_parameters", graph=self.graph)
         assert future.result().results[0].successful, future.result().results[0].reason
 
-    def call(self, client, timeout: float = 30.0) -> Trigger.Response:
+    def call(self, client, timeout: float = SERVICE_S) -> Trigger.Response:
         future = client.call_async(Trigger.Request())
         wait_for(future.done, timeout, f"an answer from {client.srv_name}", graph=self.graph)
         return future.result()
@@ -309,7 +319,7 @@ def test_sim_policy_goals_from_the_cli_and_clean_shutdown(machine, tmp_path):
         refused = shell(SET_GOAL.replace("pick up the green cube", "  "), env, workspace, timeout=120)
         assert "accepted=False" in refused.stdout and "instruction is empty" in refused.stdout, refused.stdout
         # Each goal applied exactly once (a transient-local one reaches language_node twice).
-        wait_for(lambda: len(operator.goals) >= len(published), 30.0, "every goal's embedding", graph=graph)
+        wait_for(lambda: len(operator.goals) >= len(published), SERVICE_S, "every goal's embedding", graph=graph)
         assert operator.goals == published, (operator.goals, published)
     except BaseException:
         launch.kill()
@@ -369,4 +379,4 @@ def test_franka_bringup_with_fake_hardware(machine, tmp_path):
     (installed,) = (machine["workspace"] / "install").glob("**/share/mail_ros/config/pipeline.yaml")
     pipeline = yaml.safe_load(installed.read_text())
     assert pipeline["executor_node"]["ros__parameters"]["command_topic"] == "/fr3_arm_controller/joint_trajectory"
-    assert_clean_shutdown(launch, seconds)
+    assert_clean_shutdown(launch, seconds, machine["records"])
