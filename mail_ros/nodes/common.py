@@ -5,6 +5,7 @@ Only the nodes import this module (it imports rclpy); the algorithms live in the
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -13,7 +14,8 @@ from typing import Any, Callable
 import rclpy
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterValueException
 from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -46,15 +48,36 @@ OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, Diagnostic
                           DiagnosticStatus.STALE)
 
 
-def declare(node: Node, name: str, default: Any, description: str, *, read_only: bool = False) -> Any:
+INT64_MAX = 2**63 - 1  # an IntegerRange without an upper bound ends here
+
+
+def declare(node: Node, name: str, default: Any, description: str, *, read_only: bool = False,
+            low: float | None = None, high: float | None = None) -> Any:
     """Declare a typed parameter with a description and return its value.
 
     ``default`` may be a ``Parameter.Type`` for a typed parameter without a default (used for
     optional array parameters, whose empty default would otherwise be typed as a byte array);
     its value is then None unless set.
+
+    ``low`` and/or ``high`` declare the parameter's range (an IntegerRange for an integer
+    default, else a FloatingPointRange; None = unbounded on that side): ``ros2 param describe``
+    shows it, and rclpy refuses values outside it, at start-up (a clear SystemExit naming the
+    parameter) and on every later set. ROS ranges are inclusive: a value that must be strictly
+    positive is declared from 0, and the core that takes it refuses 0 itself.
     """
     descriptor = ParameterDescriptor(description=description, read_only=read_only)
-    return node.declare_parameter(name, default, descriptor).value
+    if low is not None or high is not None:
+        integer = (isinstance(default, int) and not isinstance(default, bool)) or default == Parameter.Type.INTEGER
+        if integer:
+            descriptor.integer_range = [IntegerRange(from_value=-INT64_MAX if low is None else int(low),
+                                                     to_value=INT64_MAX if high is None else int(high))]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=-math.inf if low is None else float(low), to_value=math.inf if high is None else float(high))]
+    try:
+        return node.declare_parameter(name, default, descriptor).value
+    except InvalidParameterValueException as exc:
+        raise SystemExit(f"{node.get_name()}: {exc}") from exc
 
 
 def stamp_ns(stamp: Time) -> int:

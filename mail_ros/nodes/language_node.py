@@ -47,7 +47,7 @@ class LanguageNode(Node):
                           "'clip:<local folder or cached model id>' (CLIP text features); it must match the "
                           "checkpoint's language_encoder")
         device = declare(self, "device", "cpu", "Torch device for the encoder")
-        self.max_chars = declare(self, "max_chars", 512, "Longest accepted instruction, in characters")
+        self.max_chars = declare(self, "max_chars", 512, "Longest accepted instruction, in characters", low=1)
         self.diagnostics = Diagnostics(self)
         self.encoder = None
         try:
@@ -62,7 +62,7 @@ class LanguageNode(Node):
         duplicate_window = declare(self, "duplicate_window", DEFAULT_WINDOW,
                                    "Seconds within which an instruction equal to one received on the other "
                                    "/mail/instruction subscription (transient-local vs volatile) is taken for its "
-                                   "second copy and not applied again")
+                                   "second copy and not applied again", low=0.0)
         self._duplicates = DuplicateGoalFilter(duplicate_window)
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.publisher = self.create_publisher(InstructionEmbedding, "mail/instruction_embedding", GOAL_QOS)
