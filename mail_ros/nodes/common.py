@@ -9,6 +9,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import rclpy
@@ -22,6 +23,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
+from mail_ros.language.goals import DEFAULT_WINDOW, DuplicateGoalFilter
 from mail_ros.sync.stamps import StampError, ns_to_seconds, ns_to_stamp, seconds_to_ns, stamp_to_ns
 
 # Goals (instructions and their embeddings) must reach late joiners: a goal published before the
@@ -157,14 +159,15 @@ class Diagnostics:
         return Header(stamp=self._node.get_clock().now().to_msg())
 
 
-def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[Any, str], None]) -> None:
+def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[Any, str], None], *,
+                    raw: bool = False) -> None:
     """Subscribe ``callback(msg, channel)`` to a goal topic that any publisher matches.
 
     Two subscriptions, ``channel`` "transient_local" (GOAL_QOS: receives a goal published before
     this node started, from a transient-local publisher's history) and "volatile" (matches the
     volatile publishers a transient-local subscription never matches: ``ros2 topic pub`` from
     Iron on). A transient-local publication arrives on both; a node to which applying a goal twice
-    matters pairs the copies with mail_ros.language.goals.DuplicateGoalFilter.
+    matters pairs the copies (subscribe_goals_once). ``raw``: ``msg`` is the serialised bytes.
     """
     try:
         from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
@@ -174,8 +177,22 @@ def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[
     # volatile one takes its goals): no "incompatible QoS, no messages will be received" warning.
     quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
     node.create_subscription(msg_type, topic, lambda msg: callback(msg, "transient_local"), GOAL_QOS,
-                             event_callbacks=quiet)
-    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "volatile"), GOAL_QOS_VOLATILE)
+                             event_callbacks=quiet, raw=raw)
+    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "volatile"), GOAL_QOS_VOLATILE, raw=raw)
+
+
+def subscribe_goals_once(node: Node, msg_type: type, topic: str, callback: Callable[[Any], None],
+                         window: float = DEFAULT_WINDOW, *, raw: bool = False) -> None:
+    """:func:`subscribe_goals` with the two copies of a transient-local publication paired by
+    content (mail_ros.language.goals.DuplicateGoalFilter, ``window`` s on a steady clock):
+    ``callback(msg)`` once per publication. Raises ValueError for a window that is not positive."""
+    duplicates = DuplicateGoalFilter(window)
+
+    def on_goal(msg: Any, channel: str) -> None:
+        if duplicates.accept(channel, msg, time.monotonic()):
+            callback(msg)
+
+    subscribe_goals(node, msg_type, topic, on_goal, raw=raw)
 
 
 def shutdown_executor(executor: Executor) -> None:
@@ -242,5 +259,5 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 __all__ = [
     "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "GOAL_QOS_VOLATILE", "PIPELINE_QOS", "Diagnostics", "Parameter",
     "declare", "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration", "seconds_to_stamp",
-    "shutdown_executor", "stamp_ns", "stamp_to_seconds", "subscribe_goals",
+    "shutdown_executor", "stamp_ns", "stamp_to_seconds", "subscribe_goals", "subscribe_goals_once",
 ]
