@@ -40,10 +40,11 @@ Examples (the machine's load changes the absolute numbers, not much the ratios):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+
+from tables import print_table, write_json
 
 TWINS = ("ma", "tr")
 
@@ -176,25 +177,39 @@ def _ratios(results: list[dict]) -> None:
 RATIO_KEYS = ("step_p50", "step_cpu_p50", "seq_cpu_p50", "seq_p50")
 
 
-def _print_table(results: list[dict]) -> None:
-    header = (
-        f"{'twin':4} {'device':6} {'K':>3} {'frames':>6} {'tokens':>6} {'prefill s':>9} {'state MB':>8} {'peak MB':>7} "
-        f"{'step p50':>8} {'cpu':>6} {'seq p50':>7} {'cpu':>6} | {'xK1 step':>8} {'seq':>5} | {'tr/ma step':>10} {'seq':>5}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        cuda = r["device"] != "cpu"
-        step_key, seq_key = ("step_p50", "seq_p50") if cuda else ("step_cpu_p50", "seq_cpu_p50")
-        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        cpu = lambda key: "-" if cuda else f"{r[key]:.2f}"  # noqa: E731
-        twin = ("", "") if r["twin"] == "ma" else (f"{r[f'{step_key}_tr_over_ma']:.2f}", f"{r[f'{seq_key}_tr_over_ma']:.2f}")
-        print(
-            f"{r['twin']:4} {r['device']:6} {r['K']:>3} {r['frames']:>6} {r['tokens']:>6} {r['prefill_s']:>9.3f} "
-            f"{r['state_mb']:>8.3f} {peak:>7} {r['step_p50']:>8.2f} {cpu('step_cpu_p50'):>6} {r['seq_p50']:>7.2f} "
-            f"{cpu('seq_cpu_p50'):>6} | {r[f'{step_key}_x_k1']:>8.2f} {r[f'{seq_key}_x_k1']:>5.2f} | "
-            f"{twin[0]:>10} {twin[1]:>5}"
-        )
+def _keys(r: dict) -> tuple[str, str]:
+    """The step and sequence keys compared across K and twins: wall clock on CUDA, CPU time on the CPU."""
+    return ("step_p50", "seq_p50") if r["device"] != "cpu" else ("step_cpu_p50", "seq_cpu_p50")
+
+
+def _cpu(r: dict, key: str) -> str | float:
+    return "-" if r["device"] != "cpu" else r[key]
+
+
+def _twin(r: dict, which: int) -> str | float:
+    return "" if r["twin"] == "ma" else r[f"{_keys(r)[which]}_tr_over_ma"]
+
+
+TABLE = [
+    ("twin", "<", "twin"),
+    ("device", "<", "device"),
+    ("K", "d", "K"),
+    ("frames", "d", "frames"),
+    ("tokens", "d", "tokens"),
+    ("prefill s", ".3f", "prefill_s"),
+    ("state MB", ".3f", "state_mb"),
+    ("peak MB", ".0f", lambda r: "-" if r["peak_mb"] is None else r["peak_mb"]),
+    ("step p50", ".2f", "step_p50"),
+    ("cpu", ".2f", lambda r: _cpu(r, "step_cpu_p50")),
+    ("seq p50", ".2f", "seq_p50"),
+    ("cpu", ".2f", lambda r: _cpu(r, "seq_cpu_p50")),
+    ("|", "<", lambda r: "|"),
+    ("xK1 step", ".2f", lambda r: r[f"{_keys(r)[0]}_x_k1"]),
+    ("seq", ".2f", lambda r: r[f"{_keys(r)[1]}_x_k1"]),
+    ("|", "<", lambda r: "|"),
+    ("tr/ma step", ".2f", lambda r: _twin(r, 0)),
+    ("seq", ".2f", lambda r: _twin(r, 1)),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tr {next(r['sequence_params'] for r in results if r['twin'] == 'tr'):,}; "
         f"encoders {first['encode_ms_per_frame']:.2f} ms/frame; backends: {sorted({r['backend'] for r in results})}"
     )
-    _print_table(results)
+    print_table(TABLE, results)
     for device in args.devices.split(","):
         ma = [r for r in results if r["twin"] == "ma" and r["device"] == device]
         for key in ("step_p50", "seq_p50") if device != "cpu" else ("step_cpu_p50", "seq_cpu_p50"):
@@ -237,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"K={ma[-1]['K']}: at most x{worst:.2f} of K={ma[0]['K']} "
                 f"(goal: flat within 10 %: {'met' if worst <= 1.10 else 'NOT met'})"
             )
-    if args.json:
-        with open(args.json, "w") as stream:
-            json.dump(results, stream, indent=2)
+    write_json(args.json, results)
     return 0
 
 

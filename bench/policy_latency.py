@@ -47,6 +47,8 @@ import subprocess
 import sys
 import time
 
+from tables import print_table, write_json
+
 TWINS = {"d_ma": "d_tr", "ed_ma": "ed_tr"}
 BACKENDS = ("kernel", "ref")
 SHORT = {"after_observations": "after_obs"}
@@ -152,23 +154,27 @@ def _ratios(results: list[dict]) -> None:
         r["ratio_seq"] = min(r["seq_p50"], r["plain_p50"]) / min(twin["seq_p50"], twin["plain_p50"])
 
 
-def _print_table(results: list[dict]) -> None:
-    header = (
-        f"{'variant':7} {'backend':7} {'head':4} {'time':9} {'T':>4} {'device':6} {'params':>11} {'chunk p50':>10} "
-        f"{'p99':>9} {'seq p50':>9} {'plain p50':>10} {'peak MB':>8} {'ratio chunk':>11} {'ratio seq':>9} "
-        f"{'kernel x':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        ratio = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-        print(
-            f"{r['variant']:7} {r['backend_choice']:7} {r['head']:4} {SHORT.get(r['time_token'], r['time_token']):9} "
-            f"{r['T']:>4} {r['device']:6} {r['params']:>11,} "
-            f"{r['chunk_p50']:>10.1f} {r['chunk_p99']:>9.1f} {r['seq_p50']:>9.1f} {r['plain_p50']:>10.1f} "
-            f"{r['peak_mb']:>8.0f} {ratio(r['ratio_chunk']):>11} {ratio(r['ratio_seq']):>9} "
-            f"{ratio(r['kernel_speedup']):>8}"
-        )
+def _ratio(value: float | None) -> str | float:
+    return "" if value is None else value
+
+
+TABLE = [
+    ("variant", "<", "variant"),
+    ("backend", "<", "backend_choice"),
+    ("head", "<", "head"),
+    ("time", "<", lambda r: SHORT.get(r["time_token"], r["time_token"])),
+    ("T", "d", "T"),
+    ("device", "<", "device"),
+    ("params", ",", "params"),
+    ("chunk p50", ".1f", "chunk_p50"),
+    ("p99", ".1f", "chunk_p99"),
+    ("seq p50", ".1f", "seq_p50"),
+    ("plain p50", ".1f", "plain_p50"),
+    ("peak MB", ".0f", "peak_mb"),
+    ("ratio chunk", ".2f", lambda r: _ratio(r["ratio_chunk"])),
+    ("ratio seq", ".2f", lambda r: _ratio(r["ratio_seq"])),
+    ("kernel x", ".2f", lambda r: _ratio(r["kernel_speedup"])),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,10 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     _ratios(results)
     print(f"size {args.size}, torch threads {args.threads}, {args.clock} clock (ms), "
           f"backends: {sorted({r['backend'] for r in results})}")
-    _print_table(results)
-    if args.json:
-        with open(args.json, "w") as stream:
-            json.dump(results, stream, indent=2)
+    print_table(TABLE, results)
+    write_json(args.json, results)
     return 0
 
 

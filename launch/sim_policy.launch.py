@@ -4,8 +4,8 @@
     ros2 service call /language_node/set_goal mail_ros/srv/SetGoal "{instruction: 'pick up the red cube'}"
     ros2 service call /franka_sim_node/task_success std_srvs/srv/Trigger
 
-Without checkpoint:=DIR it runs the demo checkpoint installed with the package
-(share/mail_ros/checkpoints/demo).
+Without checkpoint:=DIR it runs the demo checkpoint shipped with the package
+(share/mail_ros/checkpoints/demo; see mail_ros.resources).
 """
 
 from launch import LaunchDescription
@@ -16,6 +16,7 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, Pyth
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from mail_ros.resources import demo_checkpoint
 from mail_ros.transport import apply_dds_profile
 
 ARGUMENTS = [
@@ -34,8 +35,7 @@ ARGUMENTS = [
 
 def generate_launch_description():
     share = FindPackageShare("mail_ros")
-    demo_checkpoint = PathJoinSubstitution([share, "checkpoints", "demo"])
-    checkpoint = PythonExpression(["'", LaunchConfiguration("checkpoint"), "' or '", demo_checkpoint, "'"])
+    checkpoint = PythonExpression(["'", LaunchConfiguration("checkpoint"), "' or '", str(demo_checkpoint()), "'"])
     return LaunchDescription(
         [DeclareLaunchArgument(name, default_value=default, description=description)
          for name, default, description in ARGUMENTS]

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from mail_ros.commands.demo import DEFAULT_CHECKPOINT, PARAPHRASES
+from mail_ros.commands.demo import PARAPHRASES
+from mail_ros.resources import demo_checkpoint
 from mail_ros.sim.collect import schedule
 from mail_ros.sim.tasks import Task
 
@@ -33,9 +34,9 @@ def test_paraphrases_mean_test_bed_tasks():
 def test_shipped_checkpoint_commands_the_sim_and_the_episode_ends():
     from mail_ros.nodes.demo_graph import DemoGraph
 
-    assert (DEFAULT_CHECKPOINT / "config.json").is_file(), "checkpoints/demo is not in the repository"
+    assert (demo_checkpoint() / "config.json").is_file(), "checkpoints/demo is not in the repository"
     (spec,) = schedule([("lift the red block", Task("pick", "red"))], 1)
-    with DemoGraph(DEFAULT_CHECKPOINT, seed=123, real_time_factor=1.0) as graph:
+    with DemoGraph(demo_checkpoint(), seed=123, real_time_factor=1.0) as graph:
         _, home, _ = graph.session.sim.sim.joint_state()
         outcome, trace = graph.run_episode(spec, budget=3.0)
         _, moved, _ = graph.session.sim.sim.joint_state()

@@ -20,7 +20,7 @@ import torch
 from rosbags.highlevel import AnyReader
 from rosbags.rosbag2 import StoragePlugin, Writer
 
-from bag_factory import Camera, DemoBag, arm_target, gripper_target, write_demo_bag
+from bag_factory import ARM_SLOPE, Camera, DemoBag, arm_target, gripper_target, write_demo_bag
 from mail_ros import cli
 from mail_ros.commands.checkpoint import limit_stats
 from mail_ros.data.ros_types import typestore
@@ -152,6 +152,17 @@ def test_report_matches_known_truth(tmp_path, checkpoint, storage, gripper_topic
         assert (out / name).stat().st_size > 1000
     page = (out / "report.html").read_text()
     assert "bag0_actions.png" in page and "no_match:wrist" in page
+
+    # The commands are positions-only points on lines of slope ARM_SLOPE, each joining the last
+    # on the line: the 1 kHz setpoint moves at constant velocity until the last point, where it
+    # stops within one cycle: acceleration ARM_SLOPE / 1 ms and jerk ARM_SLOPE / (1 ms)^2.
+    setpoint = report["bags"][0]["setpoint_1khz"]
+    assert setpoint["commands"] == len(truth.command_receive) and setpoint["rejected"] == 0
+    assert list(setpoint["acceleration_per_joint"].values()) == pytest.approx(ARM_SLOPE / 1e-3, rel=1e-6)
+    assert list(setpoint["jerk_per_joint"].values()) == pytest.approx(ARM_SLOPE / 1e-6, rel=1e-5)
+    assert report["setpoint_1khz"]["acceleration_max"] == pytest.approx(ARM_SLOPE.max() / 1e-3, rel=1e-6)
+    assert report["setpoint_1khz"]["fr3_acceleration_limit_min"] == 10.0
+    assert "1 kHz" in page
 
 
 def test_replay_is_deterministic_and_storage_independent(tmp_path):

@@ -17,6 +17,8 @@ import pytest
 import rclpy
 import yaml
 
+from mail_ros.resources import DEMO_CHECKPOINT
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILES = sorted((ROOT / "launch").glob("*.launch.py"))
 NODE_CONFIGS = [ROOT / "config" / "pipeline.yaml", ROOT / "config" / "franka_sim.yaml"]
@@ -54,6 +56,11 @@ def test_nodes_are_installed_for_ros2_run_and_pip():
     assert setup_py_nodes() == cmake_nodes()
     for name in setup_py_nodes():
         assert (ROOT / "mail_ros" / "nodes" / f"{name}.py").is_file(), name
+
+
+def test_the_demo_checkpoint_is_installed_where_the_package_looks_for_it():
+    assert DEMO_CHECKPOINT in cmake_share_installs()
+    assert (ROOT / DEMO_CHECKPOINT / "config.json").is_file()
 
 
 @pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)

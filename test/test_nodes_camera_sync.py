@@ -115,3 +115,12 @@ def test_stamps_ahead_of_the_node_clock_are_refused(rig):
     for msg in sensors.observations_since(n):
         assert abs(stamp_to_seconds(msg.joint_state.header.stamp) - stamp_to_seconds(msg.header.stamp)) <= 0.025
     assert np.all(np.isfinite([msg.joint_state_skew for msg in sensors.observations_since(n)]))
+
+
+def test_a_value_outside_a_declared_range_is_refused_at_run_time(rig):
+    _, _, node = rig
+    assert node.describe_parameter("max_skew").floating_point_range[0].from_value == 0.0
+    result = node.set_parameters(overrides(max_skew=-0.01, image_height=-1))
+    assert [r.successful for r in result] == [False, False]
+    assert "out of range" in result[0].reason
+    assert node.get_parameter("max_skew").value >= 0.0 and node.get_parameter("image_height").value == 16

@@ -320,6 +320,24 @@ def test_declared_defaults_are_the_cores_and_pipeline_yaml_repeats_them(rig):
     assert yaml_section == declared
 
 
+def test_numeric_settings_declare_their_ranges_and_out_of_range_values_are_refused_at_start_up():
+    graph = RosGraph()
+    try:
+        node = graph.add(ExecutorNode(context=graph.context, parameter_overrides=overrides(gripper_mode="none")))
+        core = {**vars(ExecutorConfig()), **vars(SafetyConfig())}
+        for name, value in core.items():
+            if isinstance(value, (int, float)):
+                descriptor = node.describe_parameter(name)
+                assert descriptor.floating_point_range or descriptor.integer_range, f"{name} declares no range"
+        assert node.describe_parameter("velocity_scale").floating_point_range[0].to_value == 1.0
+        for name, value in (("velocity_scale", 1.5), ("chunk_timeout", -0.1), ("execute_steps", -1),
+                            ("gripper_close_below", 0.2)):
+            with pytest.raises(SystemExit, match=f"{name}.*out of range"):
+                ExecutorNode(context=graph.context, parameter_overrides=overrides(gripper_mode="none", **{name: value}))
+    finally:
+        graph.shutdown()
+
+
 def test_a_clock_jump_back_stops_then_recovers_with_fresh_messages():
     # Simulated time (a restarted simulator, a looping bag) jumps 10 s back: everything timed
     # before is void, and commanding resumes from fresh joint states and chunks, not 10 s later.

@@ -111,6 +111,59 @@ def test_recorder_records_live_topics(tmp_path):
                       ("/mail/episode", "start"), ("/mail/instruction", "second goal"), ("/mail/episode", "stop")]
 
 
+def test_instructions_from_volatile_and_transient_local_publishers_are_recorded_once_each(tmp_path):
+    # A goal published transient-local before the recorder started, then one from a volatile
+    # publisher (`ros2 topic pub` from Iron on) while the transient-local publisher still exists,
+    # then another transient-local one: each recorded once, each starting an episode.
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from std_msgs.msg import String
+
+    from mail_ros.data.recording import BagRecording
+    from mail_ros.nodes.common import GOAL_QOS, GOAL_QOS_VOLATILE
+    from mail_ros.nodes.recorder import RecorderNode
+
+    out = tmp_path / "goals"
+    publisher_context, recorder_context = rclpy.Context(), rclpy.Context()
+    rclpy.init(context=publisher_context)
+    rclpy.init(context=recorder_context)
+    executors = [SingleThreadedExecutor(context=c) for c in (publisher_context, recorder_context)]
+    recording = BagRecording(out)
+    try:
+        node = rclpy.create_node("goal_publishers", context=publisher_context)
+        latched = node.create_publisher(String, "/mail/instruction", GOAL_QOS)
+        latched.publish(String(data="early goal"))  # before the recorder exists
+        recorder = RecorderNode(recording, ("/mail/instruction",), context=recorder_context, discovery_period=0.2)
+        for executor, spun in zip(executors, (node, recorder)):
+            executor.add_node(spun)
+            threading.Thread(target=executor.spin, daemon=True).start()
+
+        def recorded(n: int, what: str) -> None:
+            _wait(lambda: recording.counts["/mail/instruction"] >= n, 30.0, what)
+
+        recorded(1, "the goal published before the recorder started")
+        volatile = node.create_publisher(String, "/mail/instruction", GOAL_QOS_VOLATILE)
+        # Matched on the recorder's side (its volatile reader sees both publishers): a volatile
+        # sample sent before that would be lost to any subscriber, as DDS defines it.
+        _wait(lambda: max(s.get_publisher_count() for s in recorder.subscriptions) >= 2, 30.0,
+              "the recorder's volatile reader to match the volatile publisher")
+        volatile.publish(String(data="volatile goal"))
+        recorded(2, "the goal from the volatile publisher")
+        latched.publish(String(data="late goal"))
+        recorded(3, "the second transient-local goal")
+    finally:
+        for executor in executors:
+            executor.shutdown()
+        recording.close()
+        rclpy.try_shutdown(context=publisher_context)
+        rclpy.try_shutdown(context=recorder_context)
+
+    counts, messages = _read(out)
+    goals = [m.data for topic, _, m in messages if topic == "/mail/instruction"]
+    assert goals == ["early goal", "volatile goal", "late goal"]
+    assert counts["/mail/episode"] == 4  # three starts and the stop
+
+
 def test_cli_stops_cleanly_on_sigint(tmp_path):
     import rclpy
     from sensor_msgs.msg import JointState

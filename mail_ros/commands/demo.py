@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from mail_ros.control.executor import ExecutorConfig
+from mail_ros.resources import ResourceError, demo_checkpoint
 from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 
-__all__ = ["DEFAULT_CHECKPOINT", "PARAPHRASES", "register", "run"]
+__all__ = ["PARAPHRASES", "register", "run"]
 
 PROG = "mail-ros demo"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "demo"
 # Instructions unlike the nine the demos use, with the task each one means.
 PARAPHRASES: tuple[tuple[str, Task], ...] = (
     ("lift the red block", Task("pick", "red")),
@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mail-ros demo``."""
     p = subparsers.add_parser("demo", help="run a trained policy closed-loop on the simulated FR3 and print its success",
                               description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="policy checkpoint directory")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="policy checkpoint directory (default: the shipped demo policy, checkpoints/demo of a source "
+                        "checkout or share/mail_ros/checkpoints/demo of a colcon install)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per instruction")
     p.add_argument("--instructions", nargs="+", default=None, help="test-bed instructions (default: all nine)")
     p.add_argument("--paraphrases", action="store_true", help="also run paraphrased instructions (reported apart)")
@@ -82,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
         paraphrases = schedule(list(PARAPHRASES), args.paraphrase_episodes, start=len(plan)) if args.paraphrases else []
         if not (args.pick_seconds > 0 and args.stack_seconds > 0 and args.real_time_factor > 0):
             raise CollectError("--pick-seconds, --stack-seconds and --real-time-factor must be positive")
+        if args.checkpoint is None:
+            args.checkpoint = demo_checkpoint()
         if not (args.checkpoint / "config.json").is_file():
             raise CollectError(f"no checkpoint at {args.checkpoint} (config.json missing); train one or pass "
                                "--checkpoint DIR")
         if args.record is not None and args.record.exists():
             raise CollectError(f"--record {args.record} already exists; rosbag2 writes a new folder")
-    except (TaskError, CollectError) as exc:
+    except (TaskError, CollectError, ResourceError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     # The rclpy edge is imported only here, so the rest of the CLI stays free of ROS.

@@ -2,7 +2,10 @@
 
 Each bag is replayed in bag time through the nodes' alignment, observation and history code and
 the policy (see :mod:`mail_ros.eval.replay`); every predicted chunk is compared with the actions
-commanded in the bag over the same horizon, by the rule that makes training labels. Writes
+commanded in the bag over the same horizon, by the rule that makes training labels. The recorded
+arm commands are also run through the model of the 1 kHz joint trajectory controller, and their
+setpoint's worst acceleration and jerk reported against the FR3's limits
+(:mod:`mail_ros.eval.setpoints`). Writes
 ``report.json``, PNG plots and ``report.html`` into ``--out`` (see :mod:`mail_ros.eval.report`).
 Exit status 2 with one line on stderr for an unreadable, corrupt or truncated bag, missing
 topics, cameras that differ from the checkpoint's, or a bad checkpoint or text encoder.
@@ -107,12 +110,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         "device": args.device,
     }
     report = write_report(args.out, replays, checkpoint.summary(), options)
-    error, latency = report["action_error"], report["inference_ms"]
+    error, latency, setpoint = report["action_error"], report["inference_ms"], report["setpoint_1khz"]
     mae = "n/a" if error["mae"] is None else f"{error['mae']:.4g}"
     print(
         f"{len(replays)} bag(s): {report['frames']} aligned frames, {report['chunks']} chunks, MAE {mae} over "
         f"{error['compared']} values, inference p50 {latency.get('p50', float('nan')):.1f} ms; "
-        f"report: {Path(args.out) / REPORT_HTML}"
+        f"recorded arm commands at 1 kHz: worst acceleration {setpoint.get('acceleration_max', 0.0):.3g} rad/s^2, "
+        f"jerk {setpoint.get('jerk_max', 0.0):.3g} rad/s^3; report: {Path(args.out) / REPORT_HTML}"
     )
     if report["chunks"] == 0:
         print(f"{PROG}: error: no chunk was predicted (observations: {report['observations']})", file=sys.stderr)

@@ -54,6 +54,7 @@ from mail_ros.data import bags
 from mail_ros.data.bags import BagConfig, DemonstratedActions, Trajectory
 from mail_ros.data.hdf5 import DataError
 from mail_ros.data.ros_types import typestore
+from mail_ros.eval.setpoints import SetpointPlayback, SetpointSummary
 from mail_ros.policy.runner import Goal, PolicyRunner, RunnerSettings
 from mail_ros.sync.alignment import DEFAULT_MAX_SKEW, AlignedSet, AlignerConfig, StreamAligner
 from mail_ros.sync.observation import JOINT_STATES, ObservationBuilder, ObservationError
@@ -156,6 +157,7 @@ class BagReplay:
     skews: dict[str, list[float]] = field(default_factory=dict)  # stream -> member minus reference (s)
     observations: Counter[str] = field(default_factory=Counter)  # refused / no_goal / skipped / restarts
     instructions: list[tuple[float, str]] = field(default_factory=list)  # (bag time ns, -inf: given; text) goals used
+    setpoints: SetpointSummary | None = None  # the arm commands as the 1 kHz controller runs them
 
 
 def bag_cameras(topics: dict[str, str]) -> dict[str, str]:
@@ -269,7 +271,7 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
     result = BagReplay(path, cameras, spec.action.names, dt, gripper)
 
     # Pass 1: commands (and the measured finger widths), needed ahead of the replay position.
-    demonstrated = _read_commands(reader, path, bag_config, gripper, dt)
+    demonstrated, result.setpoints = _read_commands(reader, path, bag_config, gripper, dt)
 
     # Pass 2: observations and instructions in log order, as the nodes would receive them.
     builder = ObservationBuilder(spec.observation)
@@ -382,9 +384,11 @@ def _replay(reader: AnyReader, path: Path, policy, config: ReplayConfig, embed, 
 
 def _read_commands(
     reader: AnyReader, path: Path, bag_config: BagConfig, gripper: str, dt: float
-) -> DemonstratedActions:
-    """The demonstrated actions: arm and gripper commands, or the measured gripper widths."""
+) -> tuple[DemonstratedActions, SetpointSummary]:
+    """The demonstrated actions (arm and gripper commands, or the measured gripper widths) and the
+    arm commands' 1 kHz setpoint summary."""
     arm = Trajectory(bag_config.arm_command_topic, joints=bag_config.arm_joints)
+    playback = SetpointPlayback(bag_config.arm_joints)
     grip = Trajectory(bag_config.gripper_command_topic, joints=(bag_config.gripper_action,))
     finger_t: list[int] = []  # ns
     finger_w: list[float] = []
@@ -398,6 +402,8 @@ def _read_commands(
             where = f"{path}: {conn.topic} at t={ns_to_seconds(ns):.3f} s"
             if conn.topic == bag_config.arm_command_topic:
                 arm.add(msg, ns, where)
+                playback.command(ns, stamp_to_ns(msg.header.stamp.sec, msg.header.stamp.nanosec), msg.joint_names,
+                                 _trajectory_points(msg))
             elif conn.topic == bag_config.gripper_command_topic:
                 grip.add(msg, ns, where)
             else:
@@ -407,7 +413,16 @@ def _read_commands(
         raise ReplayError(str(exc)) from exc
     if not arm.receive:
         raise ReplayError(f"{path}: no messages on {bag_config.arm_command_topic}; nothing to compare against")
-    return DemonstratedActions(bag_config, arm, grip, gripper, finger_t, finger_w, dt)
+    return DemonstratedActions(bag_config, arm, grip, gripper, finger_t, finger_w, dt), playback.finish()
+
+
+def _trajectory_points(msg: Any) -> list[tuple]:
+    """A JointTrajectory's points as the JTC model takes them: (time_from_start, positions[,
+    velocities[, accelerations]]), with the fields the first point carries."""
+    first = msg.points[0]
+    fields = 1 + (len(first.velocities) > 0) + (len(first.velocities) > 0 and len(first.accelerations) > 0)
+    return [(ns_to_seconds(stamp_to_ns(p.time_from_start.sec, p.time_from_start.nanosec)), p.positions,
+             p.velocities, p.accelerations)[:fields + 1] for p in msg.points]
 
 
 def _sync_summary(aligner: StreamAligner, invalid: dict[str, Counter[str]]) -> dict[str, Any]:

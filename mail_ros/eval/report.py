@@ -23,7 +23,8 @@ import numpy as np
 from mail_ros.eval.replay import BagReplay
 from mail_ros.sync.stamps import ns_to_seconds
 
-__all__ = ["REPORT_JSON", "REPORT_HTML", "action_error", "latency_summary", "merge_sync", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_HTML", "action_error", "latency_summary", "merge_sync", "setpoint_summary",
+           "write_report"]
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -74,6 +75,22 @@ def latency_summary(replays: list[BagReplay]) -> dict[str, Any]:
             "max": float(ms.max())}
 
 
+def setpoint_summary(replays: list[BagReplay]) -> dict[str, Any]:
+    """The recorded arm commands at the controller's 1 kHz (mail_ros.eval.setpoints): the worst
+    setpoint acceleration and jerk over all bags, against the FR3's limits."""
+    bags = [r.setpoints.to_dict() for r in replays if r.setpoints is not None]
+    if not bags:
+        return {"commands": 0}
+    return {
+        "commands": sum(b["commands"] for b in bags),
+        "rejected": sum(b["rejected"] for b in bags),
+        "acceleration_max": max(b["acceleration_max"] for b in bags),
+        "jerk_max": max(b["jerk_max"] for b in bags),
+        "fr3_acceleration_limit_min": min(bags[0]["fr3_acceleration_limit"].values()),
+        "fr3_jerk_limit_min": min(bags[0]["fr3_jerk_limit"].values()),
+    }
+
+
 def _skew_ms(samples: list[float]) -> dict[str, float]:
     if not samples:
         return {}
@@ -122,6 +139,7 @@ def _bag_entry(index: int, replay: BagReplay) -> dict[str, Any]:
         "sync": _bag_sync(replay),
         "action_error": action_error([replay], replay.action_names),
         "inference_ms": latency_summary([replay]),
+        "setpoint_1khz": replay.setpoints.to_dict() if replay.setpoints is not None else {"commands": 0},
         "chunks_file": f"bag{index}_chunks.npz",
         "plot": f"bag{index}_actions.png",
     }
@@ -152,6 +170,7 @@ def write_report(
         "sync": merge_sync(replays),
         "action_error": action_error(replays, names),
         "inference_ms": latency_summary(replays),
+        "setpoint_1khz": setpoint_summary(replays),
         "bags": [_bag_entry(i, r) for i, r in enumerate(replays)],
         "plots": {"error_vs_step": "error_vs_step.png", "skew_histogram": "skew_histogram.png"},
     }
@@ -271,6 +290,7 @@ def _sync_table(sync: dict[str, Any]) -> str:
 
 def _html(report: dict[str, Any]) -> str:
     err, lat, ck = report["action_error"], report["inference_ms"], report["checkpoint"]
+    sp = report["setpoint_1khz"]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>mail-ros eval-bag report</title><style>",
         "body{font-family:sans-serif;margin:1.5em;max-width:1200px} table{border-collapse:collapse;margin:.5em 0}",
@@ -284,6 +304,12 @@ def _html(report: dict[str, Any]) -> str:
                 "p99 ms"],
                [[len(report["bags"]), report["frames"], report["chunks"], err["compared"], err["mae"], err["rmse"],
                  err["max"], lat.get("p50"), lat.get("p99")]]),
+        "<h2>Recorded arm commands at the controller's 1 kHz</h2>",
+        "<p>The commands played through the JTC model (joining from its desired state) and sampled every "
+        "millisecond, as libfranka checks them; limits are the FR3's smallest per joint.</p>",
+        _table(["commands", "rejected", "worst acceleration rad/s^2", "limit", "worst jerk rad/s^3", "limit"],
+               [[sp.get("commands"), sp.get("rejected"), sp.get("acceleration_max"),
+                 sp.get("fr3_acceleration_limit_min"), sp.get("jerk_max"), sp.get("fr3_jerk_limit_min")]]),
         "<h2>Error per action dimension</h2>",
         _table(["dimension", "MAE"], [[k, v] for k, v in err["per_dimension"].items()]),
         "<h2>Error per horizon step</h2>",

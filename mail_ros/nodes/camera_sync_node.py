@@ -45,16 +45,19 @@ class CameraSyncNode(Node):
                              "policy rate are read from its config.json")
         cameras = declare(self, "cameras", Parameter.Type.STRING_ARRAY,
                           "Camera names, overriding the checkpoint's list (the first is the time reference)")
-        height = declare(self, "image_height", 0, "Model image height when no checkpoint is given (0 = 128)")
-        width = declare(self, "image_width", 0, "Model image width when no checkpoint is given (0 = 128)")
-        rate = declare(self, "rate_hz", 0.0, "Observation rate; 0 = the checkpoint's policy rate")
+        height = declare(self, "image_height", 0, "Model image height when no checkpoint is given (0 = 128)",
+                         low=0)
+        width = declare(self, "image_width", 0, "Model image width when no checkpoint is given (0 = 128)",
+                        low=0)
+        rate = declare(self, "rate_hz", 0.0, "Observation rate; 0 = the checkpoint's policy rate", low=0.0)
         self.max_skew = declare(self, "max_skew", DEFAULT_MAX_SKEW, "Largest allowed |stamp difference| (s) "
                                 "between a member of a set and the reference camera (as `mail-ros convert` "
-                                "used for the training data)")
+                                "used for the training data)", low=0.0)
         self.max_stamp_lead = declare(self, "max_stamp_lead", DEFAULT_MAX_STAMP_LEAD, "Messages stamped further than this (s) "
-                                      "ahead of the node clock are refused: their clock disagrees")
+                                      "ahead of the node clock are refused: their clock disagrees",
+                                      low=0.0)
         latency = declare(self, "latency_allowance", 0.05, "How long (s) past ref stamp + max_skew to wait for "
-                          "late messages before deciding a set")
+                          "late messages before deciding a set", low=0.0)
         compressed = declare(self, "compressed", False, "Subscribe to <camera>/image_raw/compressed "
                              "(sensor_msgs/CompressedImage) instead of raw images")
         image_topic = declare(self, "image_topic_format", "/cameras/{camera}/image_raw",

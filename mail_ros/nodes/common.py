@@ -5,21 +5,25 @@ Only the nodes import this module (it imports rclpy); the algorithms live in the
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import rclpy
 from builtin_interfaces.msg import Duration, Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterValueException
 from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
 
+from mail_ros.language.goals import DEFAULT_WINDOW, DuplicateGoalFilter
 from mail_ros.sync.stamps import StampError, ns_to_seconds, ns_to_stamp, seconds_to_ns, stamp_to_ns
 
 # Goals (instructions and their embeddings) must reach late joiners: a goal published before the
@@ -46,15 +50,36 @@ OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, Diagnostic
                           DiagnosticStatus.STALE)
 
 
-def declare(node: Node, name: str, default: Any, description: str, *, read_only: bool = False) -> Any:
+INT64_MAX = 2**63 - 1  # an IntegerRange without an upper bound ends here
+
+
+def declare(node: Node, name: str, default: Any, description: str, *, read_only: bool = False,
+            low: float | None = None, high: float | None = None) -> Any:
     """Declare a typed parameter with a description and return its value.
 
     ``default`` may be a ``Parameter.Type`` for a typed parameter without a default (used for
     optional array parameters, whose empty default would otherwise be typed as a byte array);
     its value is then None unless set.
+
+    ``low`` and/or ``high`` declare the parameter's range (an IntegerRange for an integer
+    default, else a FloatingPointRange; None = unbounded on that side): ``ros2 param describe``
+    shows it, and rclpy refuses values outside it, at start-up (a clear SystemExit naming the
+    parameter) and on every later set. ROS ranges are inclusive: a value that must be strictly
+    positive is declared from 0, and the core that takes it refuses 0 itself.
     """
     descriptor = ParameterDescriptor(description=description, read_only=read_only)
-    return node.declare_parameter(name, default, descriptor).value
+    if low is not None or high is not None:
+        integer = (isinstance(default, int) and not isinstance(default, bool)) or default == Parameter.Type.INTEGER
+        if integer:
+            descriptor.integer_range = [IntegerRange(from_value=-INT64_MAX if low is None else int(low),
+                                                     to_value=INT64_MAX if high is None else int(high))]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=-math.inf if low is None else float(low), to_value=math.inf if high is None else float(high))]
+    try:
+        return node.declare_parameter(name, default, descriptor).value
+    except InvalidParameterValueException as exc:
+        raise SystemExit(f"{node.get_name()}: {exc}") from exc
 
 
 def stamp_ns(stamp: Time) -> int:
@@ -134,14 +159,15 @@ class Diagnostics:
         return Header(stamp=self._node.get_clock().now().to_msg())
 
 
-def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[Any, str], None]) -> None:
+def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[Any, str], None], *,
+                    raw: bool = False) -> None:
     """Subscribe ``callback(msg, channel)`` to a goal topic that any publisher matches.
 
     Two subscriptions, ``channel`` "transient_local" (GOAL_QOS: receives a goal published before
     this node started, from a transient-local publisher's history) and "volatile" (matches the
     volatile publishers a transient-local subscription never matches: ``ros2 topic pub`` from
     Iron on). A transient-local publication arrives on both; a node to which applying a goal twice
-    matters pairs the copies with mail_ros.language.goals.DuplicateGoalFilter.
+    matters pairs the copies (subscribe_goals_once). ``raw``: ``msg`` is the serialised bytes.
     """
     try:
         from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
@@ -151,8 +177,22 @@ def subscribe_goals(node: Node, msg_type: type, topic: str, callback: Callable[[
     # volatile one takes its goals): no "incompatible QoS, no messages will be received" warning.
     quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)
     node.create_subscription(msg_type, topic, lambda msg: callback(msg, "transient_local"), GOAL_QOS,
-                             event_callbacks=quiet)
-    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "volatile"), GOAL_QOS_VOLATILE)
+                             event_callbacks=quiet, raw=raw)
+    node.create_subscription(msg_type, topic, lambda msg: callback(msg, "volatile"), GOAL_QOS_VOLATILE, raw=raw)
+
+
+def subscribe_goals_once(node: Node, msg_type: type, topic: str, callback: Callable[[Any], None],
+                         window: float = DEFAULT_WINDOW, *, raw: bool = False) -> None:
+    """:func:`subscribe_goals` with the two copies of a transient-local publication paired by
+    content (mail_ros.language.goals.DuplicateGoalFilter, ``window`` s on a steady clock):
+    ``callback(msg)`` once per publication. Raises ValueError for a window that is not positive."""
+    duplicates = DuplicateGoalFilter(window)
+
+    def on_goal(msg: Any, channel: str) -> None:
+        if duplicates.accept(channel, msg, time.monotonic()):
+            callback(msg)
+
+    subscribe_goals(node, msg_type, topic, on_goal, raw=raw)
 
 
 def shutdown_executor(executor: Executor) -> None:
@@ -219,5 +259,5 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 __all__ = [
     "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "GOAL_QOS_VOLATILE", "PIPELINE_QOS", "Diagnostics", "Parameter",
     "declare", "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration", "seconds_to_stamp",
-    "shutdown_executor", "stamp_ns", "stamp_to_seconds", "subscribe_goals",
+    "shutdown_executor", "stamp_ns", "stamp_to_seconds", "subscribe_goals", "subscribe_goals_once",
 ]

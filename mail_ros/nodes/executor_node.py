@@ -32,8 +32,52 @@ from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QO
                                    now_seconds, run_node, seconds_to_duration, seconds_to_stamp, stamp_to_seconds)
 from mail_ros.nodes.gripper import GripperBridge
 from mail_ros.nodes.homing import HomingFailed, MoveItHoming
+from mail_ros.spec import FR3_GRIPPER_MAX_WIDTH
 
 LEVELS = {0: OK, 1: WARN, 2: ERROR}
+
+# ExecutorConfig's fields: (description, low, high). ROS ranges are inclusive; the core refuses 0
+# where a value must be positive.
+CORE_PARAMETERS = {
+    "mode": ("Chunk execution: receding_horizon, temporal_ensemble or latency_compensation", None, None),
+    "execute_steps": ("Receding horizon: actions executed per chunk before switching to the next (0 = the whole "
+                      "chunk, MaIL's default)", 0, None),
+    "ensemble_decay": ("Temporal ensembling weight decay m in exp(-m*i)", 0.0, None),
+    "interpolation": ("Between action due times: linear (blend towards the next action) or hold", None, None),
+    "max_chunk_age": ("Chunks whose newest observation is older than this (s) are discarded", 0.0, None),
+    "max_clock_skew": ("Chunks and joint states stamped further than this (s) ahead of the node clock are "
+                       "refused: the clocks disagree", 0.0, None),
+    "max_chunk_span": ("Chunks whose executed actions span more than this (s) are refused (e.g. a dt sent in ms)",
+                       0.0, None),
+    "max_tracking_error": ("Stop commanding when a joint is farther than this (rad) from the controller's "
+                           "setpoint: the arm is not following; resume from the setpoint once it is near again",
+                           0.0, None),
+    "control_rate_hz": ("Control tick rate (JointTrajectory messages per second)", 0.0, None),
+    "home_position": ("Joint positions (rad) of the homing pose, inside the margined position limits", None, None),
+    "knot_spacing": ("Time (s) between the points of a command (each piece between them has constant jerk)",
+                     0.0, None),
+    "command_latency": ("Largest delay (s) until the controller applies a command for which the setpoint stays "
+                        "exactly smooth", 0.0, None),
+}
+# SafetyConfig's fields: (description, low, high).
+SAFETY_PARAMETERS = {
+    "position_margin": ("Clearance (rad) kept from each joint limit", 0.0, None),
+    "velocity_scale": ("Fraction of the FR3 velocity limits used", 0.0, 1.0),
+    "acceleration_scale": ("Fraction of the FR3 acceleration limits used", 0.0, 1.0),
+    "jerk_scale": ("Fraction of the FR3 jerk limits used", 0.0, 1.0),
+    "max_step_delta": ("Largest joint motion (rad) per control tick (a speed limit of max_step_delta * "
+                       "control_rate_hz)", 0.0, None),
+    "chunk_timeout": ("Hold when no fresh chunk arrived for this long (s)", 0.0, None),
+    "joint_state_timeout": ("Stop commanding when /joint_states is older than this (s)", 0.0, None),
+    "ramp_speed": ("Ramp speed as a fraction of the margined limits", 0.0, 1.0),
+    "ramp_min_duration": ("Shortest ramp (s)", 0.0, None),
+    "ramp_distance": ("Ramp first when the target is farther than this (rad) from the setpoint", 0.0, None),
+}
+
+
+def _default(config: ExecutorConfig | SafetyConfig, name: str):
+    value = getattr(config, name)
+    return list(value) if isinstance(value, tuple) else value  # a ROS array parameter is a list
 
 
 class ExecutorNode(Node):
@@ -42,53 +86,11 @@ class ExecutorNode(Node):
         core, safe = ExecutorConfig(), SafetyConfig()  # the defaults
         self.enabled = declare(self, "enabled", True, "Send commands to the robot at all (false for replays); "
                                "can be changed at run time")
-        config = dict(
-            mode=declare(self, "mode", core.mode, "Chunk execution: receding_horizon, temporal_ensemble or "
-                         "latency_compensation"),
-            execute_steps=declare(self, "execute_steps", core.execute_steps, "Receding horizon: actions executed "
-                                  "per chunk before switching to the next (0 = the whole chunk, MaIL's default)"),
-            ensemble_decay=declare(self, "ensemble_decay", core.ensemble_decay, "Temporal ensembling weight decay "
-                                   "m in exp(-m*i)"),
-            interpolation=declare(self, "interpolation", core.interpolation, "Between action due times: linear "
-                                  "(blend towards the next action) or hold"),
-            max_chunk_age=declare(self, "max_chunk_age", core.max_chunk_age, "Chunks whose newest observation is "
-                                  "older than this (s) are discarded"),
-            max_clock_skew=declare(self, "max_clock_skew", core.max_clock_skew, "Chunks and joint states stamped "
-                                   "further than this (s) ahead of the node clock are refused: the clocks disagree"),
-            max_chunk_span=declare(self, "max_chunk_span", core.max_chunk_span, "Chunks whose executed actions span "
-                                   "more than this (s) are refused (e.g. a dt sent in ms)"),
-            max_tracking_error=declare(self, "max_tracking_error", core.max_tracking_error, "Stop commanding when "
-                                       "a joint is farther than this (rad) from the controller's setpoint: the arm "
-                                       "is not following; resume from the setpoint once it is near again"),
-            control_rate_hz=declare(self, "control_rate_hz", core.control_rate_hz, "Control tick rate "
-                                    "(JointTrajectory messages per second)"),
-            home_position=declare(self, "home_position", list(core.home_position), "Joint positions (rad) of the "
-                                  "homing pose, inside the margined position limits"),
-            knot_spacing=declare(self, "knot_spacing", core.knot_spacing, "Time (s) between the points of a "
-                                 "command (each piece between them has constant jerk)"),
-            command_latency=declare(self, "command_latency", core.command_latency, "Largest delay (s) until the "
-                                    "controller applies a command for which the setpoint stays exactly smooth"),
-        )
-        safety = dict(
-            position_margin=declare(self, "position_margin", safe.position_margin, "Clearance (rad) kept from "
-                                    "each joint limit"),
-            velocity_scale=declare(self, "velocity_scale", safe.velocity_scale, "Fraction of the FR3 velocity "
-                                   "limits used"),
-            acceleration_scale=declare(self, "acceleration_scale", safe.acceleration_scale, "Fraction of the FR3 "
-                                       "acceleration limits used"),
-            jerk_scale=declare(self, "jerk_scale", safe.jerk_scale, "Fraction of the FR3 jerk limits used"),
-            max_step_delta=declare(self, "max_step_delta", safe.max_step_delta, "Largest joint motion (rad) per "
-                                   "control tick (a speed limit of max_step_delta * control_rate_hz)"),
-            chunk_timeout=declare(self, "chunk_timeout", safe.chunk_timeout, "Hold when no fresh chunk arrived "
-                                  "for this long (s)"),
-            joint_state_timeout=declare(self, "joint_state_timeout", safe.joint_state_timeout, "Stop commanding "
-                                        "when /joint_states is older than this (s)"),
-            ramp_speed=declare(self, "ramp_speed", safe.ramp_speed, "Ramp speed as a fraction of the margined "
-                               "limits"),
-            ramp_min_duration=declare(self, "ramp_min_duration", safe.ramp_min_duration, "Shortest ramp (s)"),
-            ramp_distance=declare(self, "ramp_distance", safe.ramp_distance, "Ramp first when the target is "
-                                  "farther than this (rad) from the setpoint"),
-        )
+        # The core's settings, declared with the core's defaults (None: unbounded on that side).
+        config = {name: declare(self, name, _default(core, name), description, low=low, high=high)
+                  for name, (description, low, high) in CORE_PARAMETERS.items()}
+        safety = {name: declare(self, name, _default(safe, name), description, low=low, high=high)
+                  for name, (description, low, high) in SAFETY_PARAMETERS.items()}
         self.command_topic = declare(self, "command_topic", "/fr3_arm_controller/joint_trajectory",
                                      "JointTrajectory topic of the arm's joint trajectory controller")
         gripper_mode = declare(self, "gripper_mode", "auto", "Gripper output: franka (franka_gripper Move/Grasp "
@@ -99,8 +101,9 @@ class ExecutorNode(Node):
         gripper_action_ns = declare(self, "gripper_action_namespace", "/franka_gripper",
                                     "Namespace of franka_gripper's move/grasp actions")
         close_below = declare(self, "gripper_close_below", 0.03, "Close (grasp) when the commanded width drops "
-                              "below this (m)")
-        open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)")
+                              "below this (m)", low=0.0, high=FR3_GRIPPER_MAX_WIDTH)
+        open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)",
+                             low=0.0, high=FR3_GRIPPER_MAX_WIDTH)
         self.homing = MoveItHoming(
             declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing with moveit_py"),
             declare(self, "moveit_config_file", "", "YAML file of MoveItPy's config_dict (robot description, SRDF, "

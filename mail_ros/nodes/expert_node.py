@@ -56,16 +56,18 @@ class ExpertNode(Node):
 
     def __init__(self, privileged: PrivilegedState, model=None, **kwargs):
         super().__init__("expert_node", **kwargs)
-        rate = declare(self, "rate_hz", 10.0, "Expert decisions per second of ROS time (the policy rate)")
+        rate = declare(self, "rate_hz", 10.0, "Expert decisions per second of ROS time (the policy rate)",
+                       low=0.0)
         noise_std = declare(self, "noise_std", 0.0, "Std (rad) of Gaussian noise on the executed, not the "
-                            "recorded, arm targets")
+                            "recorded, arm targets", low=0.0)
         detour = declare(self, "detour", 0.0, "Radius (m) of the random horizontal offset of the executed, not the "
                          "recorded, goals above a cube (approach, carry), so demonstrations show the hand "
-                         "corrected back over the cube")
+                         "corrected back over the cube", low=0.0)
         grasp_height = declare(self, "grasp_height", 0.0, "Height (m) of the grasp point above the cube's centre")
         retreat = declare(self, "retreat", False, "Stack: lift the open hand after the release (otherwise the "
                           "episode ends when the fingers have opened)")
-        self.seed = declare(self, "seed", 0, "Seed of the execution noise and detours (combined with the episode number)")
+        self.seed = declare(self, "seed", 0, "Seed of the execution noise and detours (combined with the episode number)",
+                            low=0)
         config = ExpertConfig(rate_hz=rate, detour=detour, grasp_height=grasp_height, noise_std=noise_std,
                               retreat=retreat)
         self.expert = ScriptedExpert(config, model=model)

@@ -25,6 +25,9 @@ from mail_ros.spec import FR3_GRIPPER_MAX_WIDTH, GRIPPER_COMMAND_JOINT, GRIPPER_
 RETRY_PERIOD = 0.5  # s (wall) between attempts to send a goal that was refused or had no server
 GOAL_TIMEOUT = 15.0  # s (wall) after which a goal without a result is given up (server gone)
 HOMING = "homing"
+# franka_gripper's bounds on a Grasp's force (N) and the fingers' speed (m/s); both must be positive.
+MAX_GRASP_FORCE = 70.0
+MAX_FINGER_SPEED = 0.2
 
 
 class GripperBridge:
@@ -74,18 +77,22 @@ class GripperBridge:
     def _declare_franka_parameters(self) -> None:
         node = self.node
         low = declare(node, "gripper_grasp_min_width", DEFAULT_GRASP_WINDOW.min_width, "Smallest object width (m) "
-                      "a franka_gripper Grasp may end on and count as holding it (gripper_mode franka)")
+                      "a franka_gripper Grasp may end on and count as holding it (gripper_mode franka)",
+                      low=0.0, high=FR3_GRIPPER_MAX_WIDTH)
         high = declare(node, "gripper_grasp_max_width", DEFAULT_GRASP_WINDOW.max_width, "Largest object width (m) "
-                       "a franka_gripper Grasp may end on and count as holding it (gripper_mode franka)")
+                       "a franka_gripper Grasp may end on and count as holding it (gripper_mode franka)",
+                       low=0.0, high=FR3_GRIPPER_MAX_WIDTH)
         try:
             self.window = GraspWindow(low, high)
         except ValueError as exc:
             raise SystemExit(f"gripper_grasp_min_width/max_width: {exc}") from exc
-        self.grasp_force = declare(node, "gripper_grasp_force", 40.0, "franka_gripper Grasp force (N), in (0, 70]")
-        self.speed = declare(node, "gripper_speed", 0.1, "franka_gripper Move/Grasp finger speed (m/s), in (0, 0.2]")
-        if not (0.0 < self.grasp_force <= 70.0 and 0.0 < self.speed <= 0.2):
-            raise SystemExit(f"gripper_grasp_force must be in (0, 70] N and gripper_speed in (0, 0.2] m/s, got "
-                             f"{self.grasp_force} and {self.speed}")
+        self.grasp_force = declare(node, "gripper_grasp_force", 40.0, f"franka_gripper Grasp force (N), in "
+                                   f"(0, {MAX_GRASP_FORCE:g}]", low=0.0, high=MAX_GRASP_FORCE)
+        self.speed = declare(node, "gripper_speed", 0.1, f"franka_gripper Move/Grasp finger speed (m/s), in "
+                             f"(0, {MAX_FINGER_SPEED:g}]", low=0.0, high=MAX_FINGER_SPEED)
+        if self.grasp_force == 0.0 or self.speed == 0.0:  # (the declared ranges bound the rest)
+            raise SystemExit(f"gripper_grasp_force and gripper_speed must be positive, got {self.grasp_force} and "
+                             f"{self.speed}")
 
     def describe(self) -> str:
         if self.mode == "trajectory":

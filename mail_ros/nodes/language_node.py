@@ -15,14 +15,14 @@ The embedding is published reliable and transient-local, so nodes that start lat
 
 from __future__ import annotations
 
-from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from std_msgs.msg import Header, String
 
 from mail_ros.language.encoders import TextEncoderError, load_text_encoder
-from mail_ros.language.goals import DEFAULT_WINDOW, DuplicateGoalFilter
+from mail_ros.language.goals import DEFAULT_WINDOW
 from mail_ros.msg import InstructionEmbedding
-from mail_ros.nodes.common import ERROR, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node, subscribe_goals
+from mail_ros.nodes.common import (ERROR, GOAL_QOS, OK, WARN, Diagnostics, declare, run_node,
+                                   subscribe_goals_once)
 from mail_ros.srv import SetGoal
 
 
@@ -47,7 +47,7 @@ class LanguageNode(Node):
                           "'clip:<local folder or cached model id>' (CLIP text features); it must match the "
                           "checkpoint's language_encoder")
         device = declare(self, "device", "cpu", "Torch device for the encoder")
-        self.max_chars = declare(self, "max_chars", 512, "Longest accepted instruction, in characters")
+        self.max_chars = declare(self, "max_chars", 512, "Longest accepted instruction, in characters", low=1)
         self.diagnostics = Diagnostics(self)
         self.encoder = None
         try:
@@ -62,17 +62,14 @@ class LanguageNode(Node):
         duplicate_window = declare(self, "duplicate_window", DEFAULT_WINDOW,
                                    "Seconds within which an instruction equal to one received on the other "
                                    "/mail/instruction subscription (transient-local vs volatile) is taken for its "
-                                   "second copy and not applied again")
-        self._duplicates = DuplicateGoalFilter(duplicate_window)
-        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+                                   "second copy and not applied again", low=0.0)
         self.publisher = self.create_publisher(InstructionEmbedding, "mail/instruction_embedding", GOAL_QOS)
-        subscribe_goals(self, String, "mail/instruction", self._on_instruction)
+        try:
+            subscribe_goals_once(self, String, "mail/instruction", lambda msg: self.set_goal(msg.data),
+                                 duplicate_window)
+        except ValueError as exc:
+            raise SystemExit(f"language_node: duplicate_window: {exc}") from exc
         self.create_service(SetGoal, "~/set_goal", self._on_set_goal)
-
-    def _on_instruction(self, msg: String, channel: str) -> None:
-        if not self._duplicates.accept(channel, msg.data, self._steady.now().nanoseconds * 1e-9):
-            return  # the second copy of a transient-local publication, already applied
-        self.set_goal(msg.data)
 
     def _on_set_goal(self, request: SetGoal.Request, response: SetGoal.Response) -> SetGoal.Response:
         response.accepted, response.message = self.set_goal(request.instruction)

@@ -62,12 +62,15 @@ class PolicyNode(Node):
         self.checkpoint_dir = declare(self, "checkpoint", "", "Checkpoint directory (config.json + model.safetensors)")
         device = declare(self, "device", "auto", "Torch device: auto (CUDA when available), cpu, cuda, cuda:N")
         max_age = declare(self, "max_observation_age", defaults.max_observation_age, "Observations older than this "
-                          "(s, by the node clock) are refused")
+                          "(s, by the node clock) are refused", low=0.0)
         max_lead = declare(self, "max_observation_lead", defaults.max_observation_lead, "Observations stamped further "
-                           "ahead of the node clock than this (s) are refused: the clocks are out of sync")
+                           "ahead of the node clock than this (s) are refused: the clocks are out of sync",
+                           low=0.0)
         max_gap_periods = declare(self, "max_gap_periods", defaults.max_gap_periods, "A gap between consecutive "
-                                  "observations longer than this many policy periods restarts the history")
-        seed = declare(self, "seed", defaults.seed, "Seed of the policy's sampler (DDPM); reset with every new goal")
+                                  "observations longer than this many policy periods restarts the history",
+                                  low=0.0)
+        seed = declare(self, "seed", defaults.seed, "Seed of the policy's sampler (DDPM); reset with every new goal",
+                       low=0)
         try:
             self.settings = RunnerSettings(max_observation_age=max_age, max_observation_lead=max_lead,
                                            max_gap_periods=max_gap_periods, seed=seed)

@@ -5,7 +5,11 @@ controllers that come up after the recorder are still recorded. Each matching to
 subscription (serialised CDR bytes, nothing deserialised) whose QoS is adapted to its publishers
 at subscription time, as ``ros2 bag record`` does: reliable only if every publisher is reliable
 (a reliable reader never matches a best-effort writer), transient-local only if every publisher
-is (so a goal on /mail/instruction published before the recording started is still recorded).
+is. The instruction topic is the exception: it is subscribed from the start as the nodes take
+goals (:func:`mail_ros.nodes.common.subscribe_goals_once`: a transient-local and a volatile
+reader, the two copies of one publication paired), so a goal published before the recording
+started is recorded, and so is one from a volatile publisher such as ``ros2 topic pub`` (Iron
+on) that appears while a transient-local one exists, or publishes right after it matched.
 The bag time of a message is its receive time on this node's clock.
 """
 
@@ -24,7 +28,8 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from mail_ros.data.recording import BagRecording, RecordError
+from mail_ros.data.recording import STRING, BagRecording, RecordError
+from mail_ros.nodes.common import subscribe_goals_once
 
 __all__ = ["RecorderNode", "adapted_qos", "main", "message_class", "record"]
 
@@ -74,6 +79,8 @@ class RecorderNode(Node):
         self.patterns = tuple(patterns)
         self.subscribed: dict[str, str] = {}  # topic -> msgtype
         self.refused: dict[str, str] = {}  # topic -> reason (reported once)
+        if self.wanted(recording.instruction_topic):
+            self._subscribe_instructions(recording.instruction_topic)
         self.create_timer(discovery_period, self.discover)
         self.discover()
 
@@ -101,6 +108,13 @@ class RecorderNode(Node):
             self.subscribed[topic] = types[0]
             self.get_logger().info(f"recording {topic} ({types[0]}, {qos.reliability.name.lower()}, "
                                    f"{qos.durability.name.lower()})")
+
+    def _subscribe_instructions(self, topic: str) -> None:
+        """Goals (std_msgs/String) from publishers of either durability, each publication once."""
+        self.recording.add_topic(topic, STRING)
+        subscribe_goals_once(self, message_class(STRING), topic, partial(self._on_message, topic), raw=True)
+        self.subscribed[topic] = STRING
+        self.get_logger().info(f"recording {topic} ({STRING}, transient-local and volatile publishers)")
 
     def _on_message(self, topic: str, data: bytes) -> None:
         self.recording.write(topic, data, self.get_clock().now().nanoseconds)

@@ -77,6 +77,28 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+def check_groups(config: Any, groups: dict[str, type]) -> None:
+    """A policy config's ``spec`` is a PolicySpec and each of its ``groups`` (name -> dataclass) has its type."""
+    check(isinstance(config.spec, PolicySpec), f"spec must be a PolicySpec, got {type(config.spec).__name__}")
+    for name, group in groups.items():
+        value = getattr(config, name)
+        check(isinstance(value, group), f"{name} must be a {group.__name__}, got {type(value).__name__}")
+
+
+def fields_from_dict(cls: type, data: Any, what: str, groups: dict[str, type]) -> dict[str, Any]:
+    """The constructor arguments of the policy config ``cls`` from its ``to_dict()`` form: exactly
+    its fields, with the spec and the ``groups`` rebuilt; ConfigError naming ``what`` otherwise."""
+    check(isinstance(data, dict), f"{what} must be a JSON object, got {type(data).__name__}")
+    required = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - required)
+    check(not missing and not unknown, f"{what}: missing keys {missing}, unknown keys {unknown}")
+    try:
+        spec = PolicySpec.from_dict(data["spec"])
+    except (SpecError, TypeError) as exc:
+        raise ConfigError(f"{what} 'spec': {exc}") from exc
+    return dict(data, spec=spec, **{name: _build(group, data[name], name) for name, group in groups.items()})
+
+
 @dataclass
 class VisionConfig:
     """Per-camera ResNet-18 -> SpatialSoftmax -> Linear encoders."""
@@ -225,12 +247,8 @@ class PolicyConfig:
     init: str = "mamba"
 
     def __post_init__(self) -> None:
-        check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
+        check_groups(self, self.groups())
         check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
-        for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("head", HeadConfig),
-                            ("language", LanguageConfig)):
-            check(isinstance(getattr(self, name), group),
-                   f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
         check_bool(self.proprio, "proprio")
         check_bool(self.relative_actions, "relative_actions")
         if self.relative_actions:
@@ -255,6 +273,11 @@ class PolicyConfig:
     def variant(self) -> str:
         return self.backbone.variant
 
+    @staticmethod
+    def groups() -> dict[str, type]:
+        """The grouped settings: field name -> dataclass."""
+        return {"vision": VisionConfig, "backbone": BackboneConfig, "head": HeadConfig, "language": LanguageConfig}
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["spec"] = self.spec.to_dict()
@@ -263,22 +286,4 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "PolicyConfig":
         """Inverse of :meth:`to_dict`; raises ConfigError on any missing, unknown or invalid field."""
-        check(isinstance(data, dict), f"policy config must be a JSON object, got {type(data).__name__}")
-        required = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(required - set(data))
-        unknown = sorted(set(data) - required)
-        check(not missing and not unknown, f"policy config: missing keys {missing}, unknown keys {unknown}")
-        try:
-            spec = PolicySpec.from_dict(data["spec"])
-        except (SpecError, TypeError) as exc:
-            raise ConfigError(f"policy config 'spec': {exc}") from exc
-        return cls(
-            spec=spec,
-            vision=_build(VisionConfig, data["vision"], "vision"),
-            backbone=_build(BackboneConfig, data["backbone"], "backbone"),
-            head=_build(HeadConfig, data["head"], "head"),
-            language=_build(LanguageConfig, data["language"], "language"),
-            proprio=data["proprio"],
-            relative_actions=data["relative_actions"],
-            init=data["init"],
-        )
+        return cls(**fields_from_dict(cls, data, "policy config", cls.groups()))

@@ -9,21 +9,20 @@ no history window; the recurrent state or K/V cache is the history).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mail_ros.policy.config import (
     BackboneConfig,
-    ConfigError,
     LanguageConfig,
     VisionConfig,
-    _build,
     check,
     check_bool,
+    check_groups,
     check_int,
+    fields_from_dict,
 )
-from mail_ros.spec import PolicySpec, SpecError
+from mail_ros.spec import PolicySpec
 
 __all__ = ["PromptConfig", "ICILConfig"]
 
@@ -60,11 +59,7 @@ class ICILConfig:
     proprio: bool = True
 
     def __post_init__(self) -> None:
-        check(isinstance(self.spec, PolicySpec), f"spec must be a PolicySpec, got {type(self.spec).__name__}")
-        for name, group in (("vision", VisionConfig), ("backbone", BackboneConfig), ("prompt", PromptConfig),
-                            ("language", LanguageConfig)):
-            check(isinstance(getattr(self, name), group),
-                  f"{name} must be a {group.__name__}, got {type(getattr(self, name)).__name__}")
+        check_groups(self, self.groups())
         check_bool(self.proprio, "proprio")
         check(
             self.backbone.layout == "decoder",
@@ -83,22 +78,12 @@ class ICILConfig:
         data["spec"] = self.spec.to_dict()
         return data
 
+    @staticmethod
+    def groups() -> dict[str, type]:
+        """The grouped settings: field name -> dataclass."""
+        return {"vision": VisionConfig, "backbone": BackboneConfig, "prompt": PromptConfig, "language": LanguageConfig}
+
     @classmethod
     def from_dict(cls, data: Any) -> "ICILConfig":
         """Inverse of :meth:`to_dict`; raises ConfigError on any missing, unknown or invalid field."""
-        check(isinstance(data, dict), f"ICIL policy config must be a JSON object, got {type(data).__name__}")
-        required = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = sorted(required - set(data)), sorted(set(data) - required)
-        check(not missing and not unknown, f"ICIL policy config: missing keys {missing}, unknown keys {unknown}")
-        try:
-            spec = PolicySpec.from_dict(data["spec"])
-        except (SpecError, TypeError) as exc:
-            raise ConfigError(f"ICIL policy config 'spec': {exc}") from exc
-        return cls(
-            spec=spec,
-            vision=_build(VisionConfig, data["vision"], "vision"),
-            backbone=_build(BackboneConfig, data["backbone"], "backbone"),
-            prompt=_build(PromptConfig, data["prompt"], "prompt"),
-            language=_build(LanguageConfig, data["language"], "language"),
-            proprio=data["proprio"],
-        )
+        return cls(**fields_from_dict(cls, data, "ICIL policy config", cls.groups()))

@@ -49,7 +49,7 @@ from mail_ros.model.icil import ICILSequence, StreamState
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.icil_config import ICILConfig
-from mail_ros.policy.mail_policy import PolicyInputError, check_instruction, check_observation
+from mail_ros.policy.mail_policy import PolicyInputError, check_instruction, check_observation, parameter_counts
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
 
@@ -185,12 +185,7 @@ class ICILPolicy(nn.Module):
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: total and per top-level part (encoder, sequence, ...)."""
-        counts: dict[str, int] = {}
-        for name, param in self.named_parameters():
-            part = name.split(".", 1)[0]
-            counts[part] = counts.get(part, 0) + param.numel()
-        counts["total"] = sum(counts.values())
-        return counts
+        return parameter_counts(self)
 
     @property
     def prompt_info(self) -> PromptInfo:

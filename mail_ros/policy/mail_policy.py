@@ -64,11 +64,21 @@ from mail_ros.policy.config import LanguageConfig, PolicyConfig
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation, ObservationSpec
 
-__all__ = ["MaILPolicy", "PolicyInputError", "check_instruction", "check_observation"]
+__all__ = ["MaILPolicy", "PolicyInputError", "check_instruction", "check_observation", "parameter_counts"]
 
 
 class PolicyInputError(ValueError):
     """An observation, batch or instruction does not match the policy's spec."""
+
+
+def parameter_counts(module: nn.Module) -> dict[str, int]:
+    """Parameter counts of ``module``: per top-level child (encoder, sequence, ...) and "total"."""
+    counts: dict[str, int] = {}
+    for name, param in module.named_parameters():
+        part = name.split(".", 1)[0]
+        counts[part] = counts.get(part, 0) + param.numel()
+    counts["total"] = sum(counts.values())
+    return counts
 
 
 def check_instruction(embedding: np.ndarray | None, language: LanguageConfig) -> np.ndarray | None:
@@ -231,12 +241,7 @@ class MaILPolicy(nn.Module):
 
     def num_parameters(self) -> dict[str, int]:
         """Parameter counts: total and per top-level part (encoder, sequence, ...)."""
-        counts: dict[str, int] = {}
-        for name, param in self.named_parameters():
-            part = name.split(".", 1)[0]
-            counts[part] = counts.get(part, 0) + param.numel()
-        counts["total"] = sum(counts.values())
-        return counts
+        return parameter_counts(self)
 
     def reset(self, seed: int | None = None) -> None:
         """Start an episode: forget cached frames; with ``seed``, restart the sampling noise."""
