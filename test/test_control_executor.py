@@ -34,7 +34,7 @@ class Bench:
     """The world around one ExecutorCore, stepped in whole milliseconds of simulated time."""
 
     def __init__(self, core: ExecutorCore | None = None, *, seed: int = 0, latency: float = 0.02,
-                 tick_jitter: float = 0.0, arm_delay: float = 0.0, follows: bool = True):
+                 tick_jitter: float = 0.0, arm_delay: float = 0.0, follows: bool = True, t0: float = T0):
         self.core = core or ExecutorCore()
         self.rng = np.random.default_rng(seed)
         self.latency = latency  # s, the largest delay before the controller applies a command
@@ -42,7 +42,7 @@ class Bench:
         self.arm_delay = arm_delay  # s the arm lags its setpoint
         self.follows = follows  # False: the arm stays where it is (a controller that is not running)
         self.jtc = JointTrajectoryController(FR3_ARM_JOINTS, HARD.position_min, HARD.position_max, HOME)
-        self.cycle = round(T0 / MS)
+        self.cycle = round(t0 / MS)
         self.setpoints = {self.cycle: HOME.copy()}  # cycle -> controller setpoint
         self.pending: list[tuple[int, Command]] = []  # (cycle to apply at, command)
         self.commands: list[tuple[float, Command]] = []
@@ -193,6 +193,19 @@ def test_the_wave_is_tracked_closely():
     # Each action is reached one control period after it is due.
     wanted = HOME + 0.3 * np.sin(2 * np.pi * 0.4 * (times - bench.core.config.period))[:, None] * shape
     assert np.abs(trace - wanted).max() < 0.01
+
+
+def test_the_1khz_report_is_the_same_on_a_clock_since_1970():
+    # ROS time on a robot is seconds since the epoch: 1 ms differences sampled there must not
+    # read as acceleration and jerk that are not in the commands.
+    reports = []
+    for t0 in (T0, 1.7e9):
+        bench = started(t0=t0)
+        bench.run(3.0, wave(0.3))
+        reports.append(bench.core.report())
+    (near, epoch) = [(float(r["setpoint_1khz_acceleration_max"]), float(r["setpoint_1khz_jerk_max"])) for r in reports]
+    assert epoch[0] <= MARGINED.acceleration_max.max() and epoch[1] <= MARGINED.jerk_max.max()
+    assert epoch == pytest.approx(near, rel=0.02)
 
 
 def test_identical_inputs_give_identical_commands():

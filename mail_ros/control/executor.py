@@ -166,6 +166,14 @@ class Plan:
     def end_time(self) -> float:
         return self.time(self.last)
 
+    def knot(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(position, velocity, acceleration) at the grid point ``k`` (>= first), exactly as stored."""
+        i = k - self.first
+        if i >= len(self.positions) - 1:
+            zero = np.zeros(self.positions.shape[1])
+            return self.positions[-1].copy(), zero, zero.copy()
+        return self.positions[i].copy(), self.velocities[i].copy(), self.accelerations[i].copy()
+
     def state(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(position, velocity, acceleration) at ``t``: the first point before it, rest after the last."""
         s = (t - self.origin) / self.spacing
@@ -224,6 +232,10 @@ class ExecutorCore:
                                               self.safety.hard_limits.position_max, home, join="desired")
         self.monitor = SetpointMonitor(len(self.arm_joints))
         self._monitor_cycle: int | None = None
+        # The JTC model and the monitor run on the clock minus this whole second: ROS time is
+        # seconds since 1970, where a float64 resolves 0.24 us, and 1 ms differences of positions
+        # sampled there read as jerk (484 rad/s^3 for a steady 1 rad/s) that is not in the commands.
+        self._time_origin: float | None = None
 
     # --- inputs ---------------------------------------------------------------------------------
     def joint_state(self, now: float, stamp: float, names, positions) -> str:
@@ -409,6 +421,12 @@ class ExecutorCore:
         self._jtc.hold(self.measured)
         self.monitor.restart()
 
+    def _controller_time(self, t: float) -> float:
+        """``t`` on the clock of the JTC model and the 1 kHz monitor (see ``_time_origin``)."""
+        if self._time_origin is None:
+            self._time_origin = float(math.floor(t))
+        return t - self._time_origin
+
     def _forget_plan(self) -> None:
         self.plan = None
         self.recovering = False
@@ -422,7 +440,7 @@ class ExecutorCore:
         h = cfg.knot_spacing
         k_now = max(old.first, math.floor((now - old.origin) / h + 1e-9))
         k_branch = max(k_now + 1, math.ceil((now + cfg.command_latency - old.origin) / h - 1e-9))
-        kept = [old.state(old.time(k)) for k in range(k_now, k_branch + 1)]
+        kept = [old.knot(k) for k in range(k_now, k_branch + 1)]
         p, v, a = kept[-1]
         horizon = k_branch + (0 if targets is None else math.ceil(2 * cfg.period / h))
         track_times = old.origin + h * np.arange(k_branch + 1, horizon + 2)  # one beyond, for the feed-forward
@@ -455,12 +473,13 @@ class ExecutorCore:
         accelerations = np.array([s[2] for s in kept] + [s[2] for s in points])
         self.plan = Plan(old.origin, h, k_now, positions, velocities, accelerations)
         ks = np.arange(k_now, k_now + len(positions))
-        times = old.origin + h * ks - now
+        times = (old.origin - now) + h * ks  # the offset first: every point exactly h apart
         after = times > 1e-9
         command = Command(stamp=now, times=times[after], positions=positions[after], velocities=velocities[after],
                           accelerations=accelerations[after])
+        start = self._controller_time(now)
         self._jtc.set_trajectory(self.arm_joints, list(zip(command.times, command.positions, command.velocities,
-                                                               command.accelerations)), start_time=now, now=now)
+                                                               command.accelerations)), start_time=start, now=start)
         self.counters["commands"] += 1
         return command
 
@@ -518,15 +537,16 @@ class ExecutorCore:
         times = np.concatenate([stop.times, stop.times[-1] + h * np.arange(1, steps + 1)])
         command = Command(stamp=now, times=times, positions=np.vstack([stop.positions, p]),
                           velocities=np.vstack([stop.velocities, v]), accelerations=np.vstack([stop.accelerations, a]))
+        start = self._controller_time(now)
         self._jtc.set_trajectory(self.arm_joints, list(zip(command.times, command.positions, command.velocities,
-                                                               command.accelerations)), start_time=now, now=now)
+                                                               command.accelerations)), start_time=start, now=start)
         self._stop()
         return command
 
     # --- diagnostics ----------------------------------------------------------------------------
     def _monitor_until(self, now: float) -> None:
         """Sample this executor's commands, as the controller runs them, every 1 ms up to ``now``."""
-        cycle = math.floor(now / CONTROLLER_PERIOD)
+        cycle = math.floor(self._controller_time(now) / CONTROLLER_PERIOD)
         if self._monitor_cycle is None or cycle < self._monitor_cycle or cycle - self._monitor_cycle > 10_000:
             self._monitor_cycle = cycle  # first call, a clock jump, or a long pause: no difference across it
             self.monitor.restart()
