@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
 from mail_ros.policy.checkpoint import save_checkpoint
@@ -46,7 +45,7 @@ from mail_ros.policy.icil_policy import ICILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
 from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass, _is_device,
-                                    load_demos, resolve_device)
+                                    load_demos, read_run_yaml, resolve_device, split_overrides)
 
 __all__ = ["ICILDataConfig", "ICILTrainConfig", "ICILRunConfig", "ICILSummary", "is_icil_config",
            "load_icil_run_config", "train_icil"]
@@ -126,38 +125,16 @@ class ICILSummary:
     feature_seconds: float  # encoding the frames (0 when every episode was cached)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise TrainError(f"{path}: cannot read training config: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise TrainError(f"{path}: a training config is a mapping with preset/policy/data/train")
-    return raw
-
-
 def is_icil_config(path: str | Path) -> bool:
     """Whether the training YAML at ``path`` names an ICIL preset (``icil-*``)."""
-    return str(_read_yaml(Path(path)).get("preset", "")).startswith("icil-")
+    return str(read_run_yaml(Path(path)).get("preset", "")).startswith("icil-")
 
 
 def load_icil_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ICILRunConfig:
     """Read an ICIL training YAML; ``overrides`` ({"train.steps": 5, "policy.prompt.k_max": 2}) on top."""
     path = Path(path)
-    raw = _read_yaml(path)
-    unknown = sorted(set(raw) - {"preset", "policy", "data", "train"})
-    if unknown:
-        raise TrainError(f"{path}: unknown top-level keys {unknown}; known: preset, policy, data, train")
-    policy_overrides = dict(raw.get("policy") or {})
-    sections = {"data": dict(raw.get("data") or {}), "train": dict(raw.get("train") or {})}
-    for key, value in (overrides or {}).items():
-        group, _, name = key.partition(".")
-        if group == "policy":
-            policy_overrides[name] = value
-        elif group in sections and name:
-            sections[group][name] = value
-        else:
-            raise TrainError(f"override {key!r} must start with policy., data. or train.")
+    raw = read_run_yaml(path)
+    policy_overrides, sections = split_overrides(raw, overrides)
     try:
         policy = get_icil_preset(str(raw.get("preset")), policy_overrides)
         return ICILRunConfig(str(raw["preset"]), policy, _dataclass(ICILDataConfig, sections["data"], f"{path}: data"),

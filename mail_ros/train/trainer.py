@@ -242,12 +242,8 @@ def _dataclass(cls: type, data: Any, where: str) -> Any:
     return cls(**data)
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a training YAML: ``preset``, ``policy`` (dotted overrides), ``data``, ``train``.
-
-    ``overrides`` ({"train.steps": 100, "policy.head.kind": "bc", ...}) apply on top.
-    """
-    path = Path(path)
+def read_run_yaml(path: Path) -> dict[str, Any]:
+    """A training YAML as a mapping of preset, policy, data and train (nothing else)."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -257,8 +253,12 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     unknown = sorted(set(raw) - {"preset", "policy", "data", "train"})
     if unknown:
         raise TrainError(f"{path}: unknown top-level keys {unknown}; known: preset, policy, data, train")
-    if "preset" not in raw:
-        raise TrainError(f"{path}: 'preset' is required (e.g. demo-d_ma-ddpm; see mail_ros.policy.presets)")
+    return raw
+
+
+def split_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(policy overrides, {"data": ..., "train": ...}) of a training YAML with ``overrides``
+    ({"train.steps": 5, "policy.x": 1}) on top."""
     policy_overrides = dict(raw.get("policy") or {})
     sections = {"data": dict(raw.get("data") or {}), "train": dict(raw.get("train") or {})}
     for key, value in (overrides or {}).items():
@@ -269,6 +269,19 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
             sections[group][name] = value
         else:
             raise TrainError(f"override {key!r} must start with policy., data. or train.")
+    return policy_overrides, sections
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a training YAML: ``preset``, ``policy`` (dotted overrides), ``data``, ``train``.
+
+    ``overrides`` ({"train.steps": 100, "policy.head.kind": "bc", ...}) apply on top.
+    """
+    path = Path(path)
+    raw = read_run_yaml(path)
+    if "preset" not in raw:
+        raise TrainError(f"{path}: 'preset' is required (e.g. demo-d_ma-ddpm; see mail_ros.policy.presets)")
+    policy_overrides, sections = split_overrides(raw, overrides)
     try:
         policy = get_preset(raw["preset"], policy_overrides)
         return RunConfig(policy, _dataclass(DataConfig, sections["data"], f"{path}: data"),
