@@ -115,7 +115,12 @@ class DemoGraph:
             raise SessionError(str(exc)) from exc
 
     def _wait_until(self, predicate, timeout: float, what: str) -> None:
-        self.session.wait_until(lambda: (self.check(), predicate())[1], timeout, what, period=0.01)
+        """Poll ``predicate`` (wall ``timeout``), failing at once when a node process has ended."""
+        def checked() -> bool:
+            self.check()
+            return predicate()
+
+        self.session.wait_until(checked, timeout, what, period=0.01)
 
     def _wait_for_pipeline(self) -> None:
         """Until policy_node has loaded the checkpoint (or says why not) and executor_node answers."""
@@ -127,6 +132,7 @@ class DemoGraph:
             raise SessionError(f"policy_node: {self._message('policy_node')}")
         self._wait_until(lambda: self._set_parameters.service_is_ready() and bool(self._values("executor_node")),
                          START_TIMEOUT, "executor_node")
+
     def _on_chunk(self, msg: ActionChunk) -> None:
         age = now_seconds(self.session.operator) - stamp_to_seconds(msg.header.stamp)
         with self._lock:
