@@ -165,7 +165,11 @@ def test_the_1khz_setpoint_stays_within_the_limits_through_anything(seed, latenc
             bench.run(1.0, wave())
         else:
             bench.run(0.5)
-    assert bench.commands, "no command"
+    if set(events) == {"hold"}:
+        # No chunk ever came: the executor never starts commanding (the controller holds by itself).
+        assert not bench.commands
+    else:
+        assert bench.commands, "no command"
     assert_smooth(bench.trace())
 
 
