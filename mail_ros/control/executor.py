@@ -46,8 +46,8 @@ import numpy as np
 
 from mail_ros.control.limits import JointLimits, fr3_limits
 from mail_ros.control.robot_state import RobotStateError, check_joint_targets, joint_positions
-from mail_ros.control.safety import (SafetyConfig, SafetyError, SafetyFilter, Verdict, Watchdog, min_jerk,
-                                     ramp_duration)
+from mail_ros.control.safety import (SafetyConfig, SafetyError, SafetyFilter, Verdict, Watchdog, check_fields,
+                                     min_jerk, ramp_duration)
 from mail_ros.control.scheduler import SCHEDULER_MODES, Chunk, ChunkScheduler
 from mail_ros.control.smoothness import CONTROLLER_PERIOD, SetpointMonitor
 from mail_ros.sim.jtc import JointTrajectoryController
@@ -98,14 +98,9 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "home_position", tuple(float(v) for v in self.home_position))
-        for name in ("control_rate_hz", "max_chunk_age", "max_chunk_span", "max_tracking_error", "knot_spacing"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise SafetyError(f"{name} must be positive, got {value}")
-        for name in ("max_clock_skew", "command_latency", "ensemble_decay"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise SafetyError(f"{name} must be >= 0, got {value}")
+        check_fields(self, "", positive=("control_rate_hz", "max_chunk_age", "max_chunk_span", "max_tracking_error",
+                                         "knot_spacing"),
+                     non_negative=("max_clock_skew", "command_latency", "ensemble_decay"))
         if self.mode not in SCHEDULER_MODES:
             raise SafetyError(f"mode must be one of {list(SCHEDULER_MODES)}, got {self.mode!r}")
         if self.execute_steps < 0:

@@ -25,6 +25,7 @@ __all__ = [
     "SafetyFilter",
     "Verdict",
     "Watchdog",
+    "check_fields",
     "min_jerk",
     "ramp_duration",
 ]
@@ -58,18 +59,21 @@ class SafetyConfig:
     ramp_distance: float = 0.05  # rad; a target farther than this from the robot is ramped to
 
     def __post_init__(self) -> None:
-        for name in ("velocity_scale", "acceleration_scale", "jerk_scale", "ramp_speed"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 < value <= 1):
-                raise SafetyError(f"SafetyConfig.{name} must be in (0, 1], got {value}")
-        for name in ("max_step_delta", "chunk_timeout", "joint_state_timeout"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise SafetyError(f"SafetyConfig.{name} must be positive, got {value}")
-        for name in ("position_margin", "ramp_min_duration", "ramp_distance"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise SafetyError(f"SafetyConfig.{name} must be >= 0, got {value}")
+        check_fields(self, "SafetyConfig.",
+                     fractions=("velocity_scale", "acceleration_scale", "jerk_scale", "ramp_speed"),
+                     positive=("max_step_delta", "chunk_timeout", "joint_state_timeout"),
+                     non_negative=("position_margin", "ramp_min_duration", "ramp_distance"))
+
+
+def check_fields(config, prefix: str, *, fractions=(), positive=(), non_negative=()) -> None:
+    """Raise SafetyError naming the first field of ``config`` that is not finite and in its range:
+    ``fractions`` in (0, 1], ``positive`` > 0, ``non_negative`` >= 0 (``prefix`` starts each name)."""
+    for names, ok, what in ((fractions, lambda v: 0 < v <= 1, "in (0, 1]"), (positive, lambda v: v > 0, "positive"),
+                            (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(config, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise SafetyError(f"{prefix}{name} must be {what}, got {value}")
 
 
 def _vector(value: np.ndarray, dof: int, what: str) -> np.ndarray:
