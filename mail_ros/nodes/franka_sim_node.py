@@ -24,6 +24,7 @@ use_sim_time:=true. Without it, it runs in real time and stamps with the node cl
 from __future__ import annotations
 
 import array
+import math
 import threading
 import time
 
@@ -42,14 +43,15 @@ from mail_ros.sim import CAMERA_SIZE
 from mail_ros.sim.franka_sim import CubePose, FrankaSim, SimConfig, SimError
 from mail_ros.sim.gripper import GoalKind, GripperActions, GripperGoal, homing_goal
 from mail_ros.sim.jtc import TrajectoryRejected
+from mail_ros.sim.pacing import Pacer
 from mail_ros.sim.tasks import Task, TaskError
 from mail_ros.spec import GRIPPER_COMMAND_JOINT, GRIPPER_COMMAND_PER_WIDTH
 from mail_ros.sync.image import rgb_to_image_fields
 
 # Simulated time starts here rather than at 0, so stamps are never the "unset" zero stamp.
 CLOCK_EPOCH = 1000.0
-# Wall seconds the simulation may fall behind its real-time factor before it stops trying to
-# catch up (with publish_clock): real_time_factor is a maximum, never a burst.
+# Wall seconds the simulation may fall behind its real-time factor before its schedule restarts
+# (with publish_clock): real_time_factor is a maximum, never a burst (mail_ros.sim.pacing).
 MAX_PACING_DEBT = 0.02
 GRIPPER_FEEDBACK_PERIOD = 1.0 / 30.0  # s (wall); franka_gripper's feedback_publish_rate is 30 Hz
 
@@ -124,7 +126,10 @@ class FrankaSimNode(Node):
 
     def _loop(self) -> None:
         next_camera = next_joint = 0.0
-        wall_start, sim_start = time.monotonic(), self.sim.time
+        # Owning time, the simulation slows down when the computer cannot keep up (see
+        # mail_ros.sim.pacing); on the wall clock its time must keep up with the stamps.
+        pacer = Pacer(self.real_time_factor if self.publish_clock else 1.0,
+                      MAX_PACING_DEBT if self.publish_clock else math.inf, self.sim.time, time.monotonic())
         while True:
             with self._lock:
                 # Checked under the lock destroy_node takes: nothing is published once it has begun.
@@ -133,7 +138,7 @@ class FrankaSimNode(Node):
                 if self._was_reset:  # a new episode: restart the publishing schedule and the pacing
                     self._was_reset = False
                     next_camera = next_joint = 0.0
-                    wall_start, sim_start = time.monotonic(), self.sim.time
+                    pacer.restart(self.sim.time, time.monotonic())
                 self._apply_arm_commands()
                 self.sim.step(self.step_period)
                 sim_time = self.sim.time
@@ -146,16 +151,8 @@ class FrankaSimNode(Node):
                 if sim_time + 1e-9 >= next_camera:
                     self._publish_images()
                     next_camera = sim_time + 1.0 / self.camera_rate
-            factor = self.real_time_factor if self.publish_clock else 1.0
-            if factor > 0:
-                ahead = (sim_time - sim_start) / factor - (time.monotonic() - wall_start)
-                if ahead > 0:
-                    time.sleep(ahead)
-                elif self.publish_clock and ahead < -MAX_PACING_DEBT:
-                    # Owning time, the simulation slows down when the computer cannot keep up
-                    # rather than catching up in a burst, which the nodes would see as simulated
-                    # time racing past their timers and callbacks.
-                    wall_start, sim_start = time.monotonic(), sim_time
+            if (delay := pacer.delay(sim_time, time.monotonic())) > 0:
+                time.sleep(delay)
         # The OpenGL context is current on this thread: release it here, not from another thread.
         self.sim.close()
 
