@@ -50,6 +50,19 @@ def test_receding_horizon_late_chunk_skips_past_slots_and_waits_for_the_switch()
     assert sched.next_action(0.65) is None  # chunk 1's window [0.2, 0.6) is over
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 10), st.data(), st.floats(0.0, 0.99))
+def test_linear_blend_runs_to_the_chunks_next_action_also_in_the_last_executed_slot(horizon, data, phase):
+    # Holding the last executed action for its whole slot would leave the arm one dt behind at
+    # every receding-horizon switch; the chunk's next action is where the policy wants it next.
+    k = data.draw(st.integers(1, horizon))
+    sched = ChunkScheduler("receding_horizon", 2, execute_steps=k, interpolation="linear")
+    sched.add_chunk(tagged(0, 0.0, horizon), now=0.0)
+    target = sched.next_action((k - 1 + phase) * DT)
+    blend = min(k - 1 + phase, horizon - 1)  # the chunk's last action holds (nothing after it)
+    assert target == pytest.approx((0.0, blend), abs=1e-6)
+
+
 def test_receding_horizon_newer_chunk_supersedes_a_waiting_one():
     sched = ChunkScheduler("receding_horizon", 2)
     sched.add_chunk(tagged(0, 0.0, 4), now=0.0)

@@ -21,8 +21,8 @@ Modes:
   slot starts, the previous chunk continues.
 
 Between due times the target is the action of the running slot (``interpolation="hold"``) or
-the linear blend towards the next action of the same chunk (``"linear"``), for control ticks
-faster than ``dt``.
+the linear blend towards the next action of the same chunk (``"linear"``; also in the last
+executed slot when the chunk has a next action), for control ticks faster than ``dt``.
 
 All times are explicit arguments (no clock inside). Not thread-safe: the node serialises calls.
 """
@@ -97,7 +97,10 @@ class _Scheduled:
         if not self.first <= i < self.end:
             return None
         actions = self.chunk.actions
-        if not linear or i + 1 >= self.end:
+        # The blend runs towards the chunk's next action even past the executed slots (the last
+        # executed slot of a receding horizon): it is where the policy wants the arm at the next
+        # due time, and holding instead would lag the arm one dt behind at every switch.
+        if not linear or i + 1 >= self.chunk.horizon:
             return actions[i]
         frac = min(max((now - self.start) / self.chunk.dt - i, 0.0), 1.0)
         return actions[i] + frac * (actions[i + 1] - actions[i])
