@@ -390,6 +390,9 @@ def test_a_joint_beyond_its_limit_is_no_state_and_no_target_from_before_it_is_us
     assert "beyond the hard limits" in bench.core.joint_state(bench.now, bench.now, FR3_ARM_JOINTS,
                                                              [-3.3] + list(HOME[1:]))
     assert max(t for t, _ in bench.commands) <= t_bad + 0.2 + 0.05 + 1e-9
+    refusal = bench.core.chunk(bench.now, chunk_id=-1, stamp=bench.now - 0.05, dt=0.1, names=NAMES,
+                               actions=constant(HOME)(bench.now), instruction_id=bench.core.goal_id)
+    assert "robot state is invalid" in refusal  # nothing new starts during the fault
     bench.state_override = None
     n = len(bench.commands)
     bench.run(1.0)  # chunks predicted before the fault cleared are never executed

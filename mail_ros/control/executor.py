@@ -206,7 +206,9 @@ class ExecutorCore:
         self.action_names = self.arm_joints + ([GRIPPER_ACTION_NAME] if gripper else [])
         cfg = self.config
         self.scheduler = ChunkScheduler(mode=cfg.mode, action_dim=len(self.action_names),
-                                        execute_steps=cfg.execute_steps or None, ensemble_decay=cfg.ensemble_decay,
+                                        # execute_steps is the receding horizon's; the other modes use whole chunks.
+                                        execute_steps=(cfg.execute_steps or None) if cfg.mode == "receding_horizon"
+                                        else None, ensemble_decay=cfg.ensemble_decay,
                                         max_chunk_age=cfg.max_chunk_age, max_chunk_lead=cfg.max_clock_skew,
                                         max_chunk_span=cfg.max_chunk_span, interpolation=cfg.interpolation,
                                         instruction_id="")  # accept nothing before the first goal
@@ -236,9 +238,9 @@ class ExecutorCore:
     def joint_state(self, now: float, stamp: float, names, positions) -> str:
         """A /joint_states message at ``now``; returns why it was ignored ("" when used).
 
-        An ignored state is not fresh: the watchdog sees the joint states go stale and stops. When
-        states become valid again, chunks predicted before are void (a ramp or restart never aims
-        at a target from before a fault cleared).
+        An ignored state is not fresh: the watchdog sees the joint states go stale and stops.
+        Meanwhile no chunk is accepted, and when states become valid again, chunks predicted
+        before are void (a ramp or restart never aims at a target from before a fault cleared).
         """
         try:
             q = joint_positions(names, positions, self.arm_joints)
@@ -271,6 +273,9 @@ class ExecutorCore:
               instruction_id: str, action_space: str = "joint_position") -> str:
         """An ActionChunk at ``now`` (actions (A, len(names))); returns why it was refused ("" when accepted)."""
         reason = self._chunk_problem(names, actions, dt, action_space)
+        if not reason and self.state_fault:
+            # When in doubt, hold: nothing new is started while the arm's state is not known to be valid.
+            reason = "the robot state is invalid (the last joint state was refused)"
         if not reason:
             names = list(names)
             chunk = Chunk(chunk_id=chunk_id, stamp=stamp, dt=float(dt),
