@@ -58,8 +58,10 @@ ENV_SWITCH = "MAIL_ROS_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
 # -fno-trapping-math lets the compiler turn the selects in softplus into vector blends (with
 # it the softplus loop is vectorised and the kernel runs 3x faster; torch is built with it too).
-FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c11", "-fPIC",
-         "-shared", "-fopenmp")
+# -ffp-contract=fast fuses multiply-adds into FMA instructions, which -std=c11 (ISO mode) turns
+# off in GCC: 1.5-1.7x on the projections and the scan (d_model 128, L = 201).
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=fast", "-std=c11",
+         "-fPIC", "-shared", "-fopenmp")
 BUILD_TIMEOUT_S = 120.0
 
 # The tensors of one Mamba block that CpuKernel.mamba_stack takes, in order (the C enum F_*).
