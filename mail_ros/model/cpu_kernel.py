@@ -256,6 +256,8 @@ class CpuKernel:
             (B, L, E) float32, contiguous.
         """
         batch, length, channels = x.shape
+        if length < 1:
+            raise ValueError(f"causal_conv_silu needs at least one step, got x of shape {tuple(x.shape)}")
         width = weight.shape[-1]
         for name, state in (("conv_state", conv_state), ("new_state", new_state)):
             if state is not None:

@@ -33,6 +33,7 @@
 #endif
 
 #define BLOCK 32
+#define CONV_TILE 64 /* time steps per tile of the causal conv's input window */
 
 /* Denormal states (a channel whose input stays near zero decays below 1e-38 over a long
  * prefill) cost about 4x per operation on x86; the kernels flush them to zero instead (the
@@ -260,7 +261,7 @@ void mail_selective_scan_f32(const int64_t *a) {
  *     out_t   = silu(bias + sum_k weight[:, k] * seq[:, :, t + k])         t = 0 .. L - 1
  *     state'  = seq[:, :, L - 1:]                      the last K inputs, oldest first
  *
- * x (B, L, E) has contiguous channels (row strides given); out (B, L, E) is contiguous;
+ * x (B, L >= 1, E) has contiguous channels (row strides given); out (B, L, E) is contiguous;
  * conv_state (B, E, K) contiguous, or NULL for zeros; new_state (B, E, K) contiguous or NULL,
  * and may be conv_state itself (it is written after all reads). weight (E, K), bias (E) or NULL. */
 static void causal_conv_silu_f32(
@@ -279,39 +280,56 @@ static void causal_conv_silu_f32(
         const int64_t e0 = (task % blocks) * BLOCK;
         const int64_t cw = channels - e0 < BLOCK ? channels - e0 : BLOCK;
         const fp_mode_t fp_mode = flush_denormals();
-        /* The last width inputs seen, oldest first, as a ring of rows [slot][e]. */
-        float ring[width][BLOCK], wT[width][BLOCK], bv[BLOCK];
+        /* win holds rows [t][e]: the width - 1 inputs before a tile of CONV_TILE steps, then the
+         * tile's inputs, so that output t reads rows t .. t + width - 1 (no index arithmetic in
+         * the inner loops, which then vectorise over the BLOCK channels). */
+        float win[width - 1 + CONV_TILE][BLOCK], wT[width][BLOCK], bv[BLOCK];
         for (int64_t k = 0; k < width; ++k)
-            for (int64_t e = 0; e < BLOCK; ++e) {
-                const int64_t ch = (b * channels + e0 + e) * width + k;
-                ring[k][e] = conv_state != NULL && e < cw ? conv_state[ch] : 0.0f;
-                wT[k][e] = e < cw ? weight[(e0 + e) * width + k] : 0.0f;
-            }
+            for (int64_t e = 0; e < BLOCK; ++e) wT[k][e] = e < cw ? weight[(e0 + e) * width + k] : 0.0f;
+        for (int64_t k = 0; k + 1 < width; ++k) /* the state's oldest input drops out */
+            for (int64_t e = 0; e < BLOCK; ++e)
+                win[k][e] = conv_state != NULL && e < cw ? conv_state[(b * channels + e0 + e) * width + k + 1] : 0.0f;
         for (int64_t e = 0; e < BLOCK; ++e) bv[e] = bias != NULL && e < cw ? bias[e0 + e] : 0.0f;
-        /* ring[(head + k) % width] is the k-th oldest input; the state's oldest drops first. */
-        int64_t head = 0;
-        for (int64_t t = 0; t < length; ++t) {
-            const float *xt = x + b * x_sb + t * x_sl + e0;
-            for (int64_t e = 0; e < BLOCK; ++e) ring[head][e] = e < cw ? xt[e] : 0.0f;
-            head = head + 1 == width ? 0 : head + 1;
-            float acc[BLOCK];
+        for (int64_t t0 = 0; t0 < length; t0 += CONV_TILE) {
+            const int64_t tile = length - t0 < CONV_TILE ? length - t0 : CONV_TILE;
+            for (int64_t t = 0; t < tile; ++t) {
+                const float *xt = x + b * x_sb + (t0 + t) * x_sl + e0;
+                float *row = win[width - 1 + t];
+                if (cw == BLOCK) {
 #pragma omp simd
-            for (int64_t e = 0; e < BLOCK; ++e) acc[e] = bv[e];
-            for (int64_t k = 0; k < width; ++k) {
-                const int64_t slot = head + k < width ? head + k : head + k - width;
-#pragma omp simd
-                for (int64_t e = 0; e < BLOCK; ++e) acc[e] += wT[k][e] * ring[slot][e];
+                    for (int64_t e = 0; e < BLOCK; ++e) row[e] = xt[e];
+                } else {
+                    for (int64_t e = 0; e < BLOCK; ++e) row[e] = e < cw ? xt[e] : 0.0f;
+                }
             }
+            for (int64_t t = 0; t < tile; ++t) {
+                float acc[BLOCK];
 #pragma omp simd
-            for (int64_t e = 0; e < BLOCK; ++e) acc[e] = silu_ps(acc[e]);
-            float *ot = out + (b * length + t) * channels + e0;
-            for (int64_t e = 0; e < cw; ++e) ot[e] = acc[e];
+                for (int64_t e = 0; e < BLOCK; ++e) acc[e] = bv[e];
+                for (int64_t k = 0; k < width; ++k) {
+#pragma omp simd
+                    for (int64_t e = 0; e < BLOCK; ++e) acc[e] += wT[k][e] * win[t + k][e];
+                }
+                float *ot = out + (b * length + t0 + t) * channels + e0;
+                if (cw == BLOCK) {
+#pragma omp simd
+                    for (int64_t e = 0; e < BLOCK; ++e) ot[e] = silu_ps(acc[e]);
+                } else {
+#pragma omp simd
+                    for (int64_t e = 0; e < BLOCK; ++e) acc[e] = silu_ps(acc[e]);
+                    for (int64_t e = 0; e < cw; ++e) ot[e] = acc[e];
+                }
+            }
+            if (t0 + tile < length) {
+                /* The tile's last width - 1 inputs become the next tile's context. */
+                memmove(win[0], win[tile], (size_t)(width - 1) * BLOCK * sizeof(float));
+            } else if (new_state != NULL) {
+                /* The last width inputs, oldest first: rows tile - 1 .. tile + width - 2. */
+                for (int64_t k = 0; k < width; ++k)
+                    for (int64_t e = 0; e < cw; ++e)
+                        new_state[(b * channels + e0 + e) * width + k] = win[tile - 1 + k][e];
+            }
         }
-        if (new_state != NULL)
-            for (int64_t k = 0; k < width; ++k) {
-                const int64_t slot = head + k < width ? head + k : head + k - width;
-                for (int64_t e = 0; e < cw; ++e) new_state[(b * channels + e0 + e) * width + k] = ring[slot][e];
-            }
         restore_fp_mode(fp_mode);
     }
 }
