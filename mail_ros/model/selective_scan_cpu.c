@@ -167,12 +167,23 @@ static void selective_scan_f32(
         const fp_mode_t fp_mode = flush_denormals();
         float state[d_state][BLOCK], At[d_state][BLOCK], Wt[rank][BLOCK];
         float delta[BLOCK], drive[BLOCK], acc[BLOCK], bias[BLOCK], skip[BLOCK];
-        for (int64_t n = 0; n < d_state; ++n)
-            for (int64_t e = 0; e < BLOCK; ++e) {
-                /* Padding lanes of a partial block compute on zeros and are never stored. */
-                state[n][e] = e < width ? h[(b * channels + e0 + e) * d_state + n] : 0.0f;
-                At[n][e] = e < width ? A[(e0 + e) * d_state + n] : 0.0f;
+        /* Transposed in (and out, below): a full block as vector gathers, a partial one lane by
+         * lane, its padding lanes computing on zeros that are never stored. */
+        const float *hb = h + (b * channels + e0) * d_state, *Ab = A + e0 * d_state;
+        for (int64_t n = 0; n < d_state; ++n) {
+            if (width == BLOCK) {
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) {
+                    state[n][e] = hb[e * d_state + n];
+                    At[n][e] = Ab[e * d_state + n];
+                }
+            } else {
+                for (int64_t e = 0; e < BLOCK; ++e) {
+                    state[n][e] = e < width ? hb[e * d_state + n] : 0.0f;
+                    At[n][e] = e < width ? Ab[e * d_state + n] : 0.0f;
+                }
             }
+        }
         if (a_is_log) {
             for (int64_t n = 0; n < d_state; ++n)
 #pragma omp simd
@@ -182,8 +193,8 @@ static void selective_scan_f32(
         for (int64_t n = 0; n < d_state; ++n)
 #pragma omp simd
             for (int64_t e = 0; e < BLOCK; ++e) At[n][e] *= 1.44269504088896341f;
-        for (int64_t r = 0; r < rank; ++r)
-            for (int64_t e = 0; e < BLOCK; ++e)
+        for (int64_t e = 0; e < BLOCK; ++e)
+            for (int64_t r = 0; r < rank; ++r)
                 Wt[r][e] = dt_weight != NULL && e < width ? dt_weight[(e0 + e) * dt_rank + r] : 0.0f;
         for (int64_t e = 0; e < BLOCK; ++e) {
             bias[e] = dt_bias != NULL && e < width ? dt_bias[e0 + e] : 0.0f;
@@ -238,8 +249,14 @@ static void selective_scan_f32(
             }
             for (int64_t e = 0; e < width; ++e) yt[e] = acc[e];
         }
-        for (int64_t n = 0; n < d_state; ++n)
-            for (int64_t e = 0; e < width; ++e) h[(b * channels + e0 + e) * d_state + n] = state[n][e];
+        for (int64_t n = 0; n < d_state; ++n) {
+            if (width == BLOCK) {
+#pragma omp simd
+                for (int64_t e = 0; e < BLOCK; ++e) h[(b * channels + e0 + e) * d_state + n] = state[n][e];
+            } else {
+                for (int64_t e = 0; e < width; ++e) h[(b * channels + e0 + e) * d_state + n] = state[n][e];
+            }
+        }
         restore_fp_mode(fp_mode);
     }
 }
