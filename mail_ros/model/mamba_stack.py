@@ -123,13 +123,14 @@ class MambaStack(nn.Module):
         layers = self._fused_layer_fields()
         final_norm = (self.norm.weight, self.norm.bias, self.norm.eps)
         key = stack_weights_key(layers, final_norm)
-        if self._packed is None or self._packed.key != key:
-            self._packed = cpu.pack_mamba_stack(layers, final_norm)
+        packed = self._packed
+        if packed is None or packed.key != key:
+            packed = self._packed = cpu.pack_mamba_stack(layers, final_norm)
         new = None
         if return_states:
             n, B = len(self.layers), x.shape[0]
             new = (x.new_empty(n, B, first.d_inner, first.d_conv), x.new_empty(n, B, first.d_inner, first.d_state))
-        y = cpu.mamba_stack(x, self._packed, states, new, memory)
+        y = cpu.mamba_stack(x, packed, states, new, memory)
         return y, None if new is None else list(zip(new[0].unbind(0), new[1].unbind(0)))
 
     def _fused_layer_fields(self) -> list[tuple[torch.Tensor | float | None, ...]]:
