@@ -14,6 +14,8 @@ Backends (pick is per call, from the input's device; see :func:`mamba_backend`):
   :mod:`mail_ros.model.cpu_kernel`, one for the causal conv with its SiLU and state update, one
   for dt_proj, softplus, the scan, the D skip and the silu(z) gate (built on first use; when
   they cannot be built or loaded, the reason is logged once and the PyTorch scan runs).
+  :class:`mail_ros.model.mamba_stack.MambaStack` runs whole stacks of these layers in one call
+  of the same library instead.
 * Everything else (training, float64, CUDA without mamba_ssm): the plain PyTorch scan of
   :mod:`mail_ros.model.selective_scan`, the reference the other two are tested against.
 
