@@ -27,6 +27,7 @@ Examples:
   .venv/bin/python bench/policy_latency.py --quick --size demo --time-tokens after_observations
   .venv/bin/python bench/policy_latency.py --devices cpu,cuda --size paper-goal --json out.json
   .venv/bin/python bench/policy_latency.py --size demo --variants d_ma --heads bc --backends kernel,ref
+  .venv/bin/python bench/policy_latency.py --checkpoint checkpoints/demo --threads 1 --clock cpu
 
 On a CPU shared with other work, use --threads 1 --clock cpu: with 2 OpenMP threads, a
 descheduled thread stalls the other at every parallel region and rows vary by 10x (both families
@@ -65,6 +66,7 @@ def run_row(row: dict) -> dict:
     import numpy as np
     import torch
 
+    from mail_ros.policy.checkpoint import load_checkpoint
     from mail_ros.policy.mail_policy import MaILPolicy
     from mail_ros.policy.presets import get_preset
     from mail_ros.spec import Observation
@@ -73,10 +75,13 @@ def run_row(row: dict) -> dict:
     device = torch.device(row["device"])
     T = row["T"]
     torch.manual_seed(0)
-    overrides = {"spec.observation.obs_horizon": T}
-    if row["time_token"] != "-":
-        overrides["head.time_token"] = row["time_token"]
-    policy = MaILPolicy(get_preset(row["preset"], overrides)).to(device).eval()
+    if row.get("checkpoint"):
+        policy = load_checkpoint(row["checkpoint"], device)
+    else:
+        overrides = {"spec.observation.obs_horizon": T}
+        if row["time_token"] != "-":
+            overrides["head.time_token"] = row["time_token"]
+        policy = MaILPolicy(get_preset(row["preset"], overrides)).to(device).eval()
     A, calls = policy.A, row["warmup"] + row["repeats"]
     rng = np.random.default_rng(0)
     H, W = policy.image_size
@@ -177,6 +182,30 @@ TABLE = [
 ]
 
 
+def _checkpoint_rows(args: argparse.Namespace) -> list[dict]:
+    """The --checkpoint rows: the saved policy as it is, with each Mamba backend on CPU."""
+    from mail_ros.policy.checkpoint import read_checkpoint_config
+
+    data = read_checkpoint_config(args.checkpoint)
+    config = data["policy"]
+    variant, head = data.get("variant", "-"), config["head"]["kind"]
+    time_token = config["head"].get("time_token", "first") if head == "ddpm" else "-"
+    results = []
+    for device in args.devices.split(","):
+        choices = (args.backends.split(",") if device == "cpu" else ["cuda"]) if variant in TWINS else ["-"]
+        for choice in choices:
+            row = {
+                "checkpoint": args.checkpoint, "preset": args.checkpoint, "variant": variant, "head": head,
+                "time_token": time_token, "T": config["spec"]["observation"]["obs_horizon"], "device": device,
+                "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "clock": args.clock,
+                "backend_choice": choice,
+            }
+            results.append(_run_isolated(row))
+            print(f"  {args.checkpoint} backend={choice} {device}: chunk p50 {results[-1]['chunk_p50']:.1f} ms "
+                  f"({results[-1]['backend']})", file=sys.stderr, flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="paper-spatial", help="preset size (tiny, demo, paper-SUITE)")
@@ -198,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time calls by the wall clock (latency) or by this process's CPU time")
     parser.add_argument("--quick", action="store_true", help="d_ma + d_tr, DDPM, T in {5, 200}, 3 repeats (both layouts)")
+    parser.add_argument("--checkpoint", help="time this policy checkpoint (its own T, head and sizes) "
+                        "instead of the presets; --variants, --heads, --T, --time-tokens and --size are ignored")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -209,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.variants, args.heads, args.T, args.repeats, args.warmup = "d_ma,d_tr", "ddpm", "5,200", 3, 1
     results = []
-    for device in args.devices.split(","):
+    if args.checkpoint:
+        results = _checkpoint_rows(args)
+    for device in ([] if args.checkpoint else args.devices.split(",")):
         for head in args.heads.split(","):
             for T in (int(v) for v in args.T.split(",")):
                 for variant in args.variants.split(","):
@@ -235,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                 file=sys.stderr, flush=True,
                             )
     _ratios(results)
-    print(f"size {args.size}, torch threads {args.threads}, {args.clock} clock (ms), "
+    print(f"size {args.checkpoint or args.size}, torch threads {args.threads}, {args.clock} clock (ms), "
           f"backends: {sorted({r['backend'] for r in results})}")
     print_table(TABLE, results)
     write_json(args.json, results)

@@ -8,6 +8,7 @@ kernel's documented switches (CC, MAIL_ROS_CPU_KERNEL), so a real failed build i
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from mail_ros.model.cpu_kernel import load_cpu_kernel
 from mail_ros.model.mamba import BACKEND_CPU, Mamba, mamba_backend, mamba_backend_report
+from mail_ros.model.mamba_stack import MambaStack
 from mail_ros.model.selective_scan import selective_scan
 
 torch.set_num_threads(1)
@@ -150,7 +152,7 @@ def test_kernel_applies_the_low_rank_dt_projection_and_a_log(kernel):
 @settings(max_examples=30, deadline=None)
 @given(
     batch=st.integers(1, 3),
-    length=st.one_of(st.just(1), st.integers(2, 70)),
+    length=st.one_of(st.just(1), st.integers(2, 70), st.integers(120, 200)),  # 64-step tiles
     channels=st.integers(1, 70),
     width=st.sampled_from([2, 3, 4]),
     with_state=st.booleans(),
@@ -283,6 +285,173 @@ def test_float64_and_training_run_the_reference():
     x = torch.randn(2, 7, 16, requires_grad=True)
     m(x).sum().backward()
     assert x.grad is not None and m.A_log.grad is not None
+
+
+# ---------------------------------------------------------------- the whole stack in one call
+
+
+def make_stack(n_layers, d_model, d_state, d_conv, seed) -> MambaStack:
+    torch.manual_seed(seed)
+    stack = MambaStack(n_layers, d_model, d_state, d_conv)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return stack
+
+
+def reference_stack(stack: MambaStack, x, states=None, memory=None):
+    """The block-by-block PyTorch reference: gradients enabled, as in training (the parameters
+    require grad), so neither the fused stack nor the per-layer kernels run."""
+    assert all(p.requires_grad for p in stack.parameters())
+    y, new_states = stack.extend(x, states, memory)
+    return y.detach(), [(conv.detach(), ssm.detach()) for conv, ssm in new_states]
+
+
+def assert_states_close(ours, theirs):
+    assert len(ours) == len(theirs)
+    for (conv, ssm), (conv_ref, ssm_ref) in zip(ours, theirs):
+        torch.testing.assert_close(conv, conv_ref, **TOL)
+        torch.testing.assert_close(ssm, ssm_ref, **TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    prefix=st.one_of(st.just(1), st.integers(2, 40), st.integers(150, 260)),
+    steps=st.integers(1, 12),
+    n_layers=st.integers(1, 3),
+    d_model=st.sampled_from([8, 24, 64, 128]),
+    d_state=st.sampled_from([8, 16]),
+    d_conv=st.sampled_from([2, 4]),
+    with_memory=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_stack_matches_the_reference_with_state_handover(
+    kernel, batch, prefix, steps, n_layers, d_model, d_state, d_conv, with_memory, seed
+):
+    stack = make_stack(n_layers, d_model, d_state, d_conv, seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, prefix + 2 * steps + 1, d_model, generator=g)
+    memory = torch.randn(x.shape, generator=g) if with_memory else None
+    cut = prefix + steps
+
+    def part(t, start, stop):
+        return None if t is None else t[:, start:stop]
+
+    y_ref, states_ref = reference_stack(stack, x, memory=memory)
+    _, states_ref_prefix = reference_stack(stack, x[:, :prefix], memory=part(memory, 0, prefix))
+    with torch.no_grad():
+        # A prefill, a continuation (states handed over), then one-token steps.
+        y_pre, states = stack.prefill(x[:, :prefix], memory=part(memory, 0, prefix))
+        assert_states_close(states, states_ref_prefix)
+        y_cont, states = stack.extend(x[:, prefix:cut], states, part(memory, prefix, cut))
+        outputs = [y_pre, y_cont]
+        for t in range(cut, x.shape[1]):
+            y_step, states = stack.extend(x[:, t:t + 1], states, part(memory, t, t + 1))
+            outputs.append(y_step)
+        torch.testing.assert_close(torch.cat(outputs, dim=1), y_ref, **TOL)
+        assert_states_close(states, states_ref)
+        # A denoising step's call: continue a prefix without returning states, twice from the
+        # same states (they must not be modified), and forward() over the whole sequence.
+        _, prefix_states = stack.prefill(x[:, :prefix], memory=part(memory, 0, prefix))
+        for _ in range(2):
+            y_tail, none = stack.extend(x[:, prefix:], prefix_states, part(memory, prefix, None),
+                                        return_states=False)
+            assert none is None
+            torch.testing.assert_close(y_tail, y_ref[:, prefix:], **TOL)
+        torch.testing.assert_close(stack(x, memory), y_ref, **TOL)
+
+
+def test_paper_size_fused_stack_long_prefill_matches_the_reference(kernel):
+    # D-Ma's paper size: 16 layers of d_model 128 (E = 256), d_state 16; a T = 200 context, then
+    # the 6 tokens of a denoising step.
+    stack = make_stack(16, 128, 16, 4, seed=7)
+    x = torch.randn(1, 207, 128, generator=torch.Generator().manual_seed(7))
+    y_ref, states_ref = reference_stack(stack, x)
+    with torch.no_grad():
+        y_pre, states = stack.prefill(x[:, :201])
+        y_step, states = stack.extend(x[:, 201:], states)
+    torch.testing.assert_close(torch.cat([y_pre, y_step], dim=1), y_ref, **TOL)
+    assert_states_close(states, states_ref)
+
+
+def test_fused_stack_follows_weight_changes(kernel):
+    # The packed weights are a cache: in-place updates (load_state_dict, optimiser and EMA
+    # steps), replaced parameters and replaced storages must all be seen by the next call.
+    stack, other = make_stack(2, 24, 8, 4, seed=1), make_stack(2, 24, 8, 4, seed=2)
+    x = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(3))
+
+    def check():
+        with torch.no_grad():
+            y = stack(x)
+        torch.testing.assert_close(y, reference_stack(stack, x)[0], **TOL)
+        return y
+
+    first = check()
+    stack.load_state_dict(other.state_dict())
+    assert not torch.allclose(check(), first)
+    with torch.no_grad():
+        stack.layers[1].mixer.out_proj.weight.mul_(0.5)  # as an EMA update does
+        stack.layers[0].norm.bias.add_(0.1)  # unpacked tensors are read in place
+    check()
+    stack.load_state_dict(make_stack(2, 24, 8, 4, seed=4).state_dict(), assign=True)
+    check()
+    with torch.no_grad():
+        stack.layers[0].mixer.in_proj.weight.data = torch.randn(96, 24)
+    check()
+    stack.layers[0].norm.eps = 1e-2
+    check()
+    twin = copy.deepcopy(stack)  # a copy packs its own weights, never points at the original's
+    assert twin._packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), stack(x), rtol=0, atol=0)
+
+
+def test_fused_stack_threads_split_the_work_without_changing_the_result(kernel):
+    # Sizes above the projections' threshold for forking (1 M multiply-adds).
+    stack = make_stack(2, 64, 16, 4, seed=5)
+    x = torch.randn(2, 300, 64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                y, states = stack.prefill(x)
+            results.append([y, *(t for state in states for t in state)])
+        finally:
+            torch.set_num_threads(1)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def test_fused_stack_runs_only_for_float32_inference(kernel):
+    stack = make_stack(2, 16, 8, 4, seed=6).double()
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, states = stack.prefill(x)
+    assert y.dtype == torch.float64 and states[0][1].dtype == torch.float64
+    assert stack._packed is None
+    stack = make_stack(2, 16, 8, 4, seed=6)
+    x = torch.randn(1, 5, 16, requires_grad=True)
+    stack(x).sum().backward()  # training: the reference, with gradients
+    assert x.grad is not None and stack._packed is None
+    with torch.no_grad():
+        stack(x)
+    assert stack._packed is not None
+
+
+def test_fused_stack_rejects_mismatched_inputs(kernel):
+    stack = make_stack(2, 16, 8, 4, seed=8)
+    with torch.no_grad():
+        _, states = stack.prefill(torch.randn(2, 5, 16))
+        with pytest.raises(ValueError, match="expects x of shape"):
+            stack.extend(torch.randn(2, 5, 15), states)
+        with pytest.raises(ValueError, match="must have shape"):
+            stack.extend(torch.randn(1, 5, 16), states)
+        with pytest.raises(ValueError, match="states for 1 layers"):
+            stack.extend(torch.randn(2, 5, 16), states[:1])
+        with pytest.raises(ValueError, match="memory of shape"):
+            stack.extend(torch.randn(2, 5, 16), states, memory=torch.randn(2, 4, 16))
 
 
 # ---------------------------------------------------------------- selection and fallback

@@ -14,6 +14,8 @@ Backends (pick is per call, from the input's device; see :func:`mamba_backend`):
   :mod:`mail_ros.model.cpu_kernel`, one for the causal conv with its SiLU and state update, one
   for dt_proj, softplus, the scan, the D skip and the silu(z) gate (built on first use; when
   they cannot be built or loaded, the reason is logged once and the PyTorch scan runs).
+  :class:`mail_ros.model.mamba_stack.MambaStack` runs whole stacks of these layers in one call
+  of the same library instead.
 * Everything else (training, float64, CUDA without mamba_ssm): the plain PyTorch scan of
   :mod:`mail_ros.model.selective_scan`, the reference the other two are tested against.
 
@@ -38,7 +40,8 @@ from torch import nn
 from mail_ros.model.cpu_kernel import CpuKernel, cpu_kernel_unavailable_reason, load_cpu_kernel
 from mail_ros.model.selective_scan import selective_scan, selective_state_step
 
-__all__ = ["BACKEND_CPU", "BACKEND_CUDA", "BACKEND_TORCH", "Mamba", "mamba_backend", "mamba_backend_report"]
+__all__ = ["BACKEND_CPU", "BACKEND_CUDA", "BACKEND_TORCH", "Mamba", "cpu_inference_kernel", "mamba_backend",
+           "mamba_backend_report"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +91,10 @@ def _cuda_kernels(device: torch.device) -> _CudaKernels | None:
     return _import_cuda_kernels()
 
 
-def _cpu_kernel(x: torch.Tensor, module: nn.Module) -> CpuKernel | None:
-    """The fused CPU kernel when it may run this call: float32 CPU inference (no gradient)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or module.A_log.dtype != torch.float32:
+def cpu_inference_kernel(x: torch.Tensor, module: nn.Module, *weights: torch.Tensor) -> CpuKernel | None:
+    """The fused CPU kernels when they may run this call of ``module``: float32 CPU inference
+    (no gradient needed), ``x`` and the given ``weights`` float32."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
         return None
@@ -280,7 +284,7 @@ class Mamba(nn.Module):
                              f"got {tuple(x.shape)}")
         self._check_states(x.shape[0], conv_state, ssm_state)
         kernels = _cuda_kernels(x.device)
-        cpu = None if kernels is not None else _cpu_kernel(x, self)
+        cpu = None if kernels is not None else cpu_inference_kernel(x, self, self.A_log)
         u, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, E) each
         if kernels is not None and kernels.causal_conv1d_update is not None:
             u = kernels.causal_conv1d_update(u, conv_state, self.conv1d.weight[:, 0], self.conv1d.bias,
@@ -397,7 +401,7 @@ class Mamba(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(y, conv window, last scan state) on the PyTorch scan, or the CPU kernel for inference."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
-        if (cpu := _cpu_kernel(x, self)) is not None:
+        if (cpu := cpu_inference_kernel(x, self, self.A_log)) is not None:
             return self._sequence_cpu_kernel(cpu, u, z, conv_state, ssm_state)
         window = self._conv_window(u.transpose(1, 2), conv_state)  # (B, E, K - 1 + L)
         u = F.silu(self._causal_conv(window)).transpose(1, 2)  # (B, L, E)
