@@ -120,7 +120,12 @@ def test_collect_records_one_episode_that_reads_back_as_a_demo(tmp_path):
                                            gripper_command_topic=config.gripper_command_topic)).episodes[0]
     gap = np.abs(executed.actions[:, :7] - episode.actions[:, :7]).max(axis=1)
     assert gap.max() > 0.01
-    assert np.all(gap[-10:] == 0.0)
+    # The expert publishes both at once, but the recorder receives them on two subscriptions: on
+    # a loaded machine one may arrive after a camera frame that the other preceded, and that
+    # frame's label is then its neighbour's (seen once in three loaded runs of the suite).
+    for k in range(len(gap) - 10, len(gap)):
+        neighbours = [episode.actions[j, :7] for j in (k - 1, k, k + 1) if j < len(gap)]
+        assert min(np.abs(executed.actions[k, :7] - a).max() for a in neighbours) == 0.0
 
 
 @pytest.mark.ros
