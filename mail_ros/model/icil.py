@@ -174,8 +174,8 @@ class ICILSequence(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whole stream (B, L, D) (prompt, then live tokens) -> the next chunk (B, A, Da).
 
-        The reference computation (and the training path): the A queries are appended and the
-        whole sequence runs from zero state.
+        The reference computation: the A queries are appended and the whole sequence runs
+        from zero state (training uses :meth:`chunks_at`, the robot the streaming API).
         """
         B, L, D = tokens.shape
         x = torch.cat([tokens, self.queries.expand(B, -1, -1)], dim=1)  # (B, L + A, D)
