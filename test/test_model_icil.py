@@ -55,6 +55,40 @@ def test_streaming_equals_full_sequence(kind, demo_lengths, live, batch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+    picks=st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 1.0)), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_chunks_at_prefixes_equal_streaming_with_gradients(kind, lengths, picks, seed):
+    # Streams of different lengths, right-padded; prefixes anywhere in them, in any order,
+    # some twice. Each chunk and the gradients of a loss over all of them must be those of
+    # the runtime API run prefix by prefix.
+    model = _model(kind)
+    torch.manual_seed(seed)
+    streams = [torch.randn(n, D) for n in lengths]
+    tokens = torch.nn.utils.rnn.pad_sequence(streams, batch_first=True)
+    pairs = [(row % len(lengths), 1 + round(where * (lengths[row % len(lengths)] - 1))) for row, where in picks]
+    rows, ends = (torch.tensor(column) for column in zip(*pairs))
+    weights = torch.randn(len(pairs), A, DA)
+    params = list(model.parameters())
+    batched = model.chunks_at(tokens, rows, ends)
+    assert batched.shape == (len(pairs), A, DA)
+    grads = torch.autograd.grad((weights * batched).sum(), params, allow_unused=True)
+    streamed = torch.stack([model.predict(model.prefill(streams[r][None, :e]))[0] for r, e in pairs])
+    torch.testing.assert_close(batched, streamed, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():  # inference: the paths that keep only final states must not be taken
+        torch.testing.assert_close(model.chunks_at(tokens, rows, ends), streamed, atol=2e-5, rtol=1e-4)
+    expected = torch.autograd.grad((weights * streamed).sum(), params, allow_unused=True)
+    for name, g, g_ref in zip([n for n, _ in model.named_parameters()], grads, expected):
+        if g_ref is None:
+            assert g is None or not g.any(), name
+        else:
+            torch.testing.assert_close(g, g_ref, atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_empty_stream_predicts_from_queries_alone(kind):
     model = _model(kind)
     with torch.no_grad():
@@ -107,6 +141,9 @@ def test_sinusoidal_positions_do_not_depend_on_where_a_piece_starts():
     whole = sinusoidal_positions(0, 50, 6, torch.device("cpu"))
     torch.testing.assert_close(sinusoidal_positions(17, 9, 6, torch.device("cpu")), whole[17:26])
     assert whole.shape == (50, 6) and not torch.allclose(whole[3], whole[4])
+    per_row = sinusoidal_positions(torch.tensor([17, 0, 40]), 9, 6, torch.device("cpu"))
+    assert per_row.shape == (3, 9, 6)
+    torch.testing.assert_close(per_row, torch.stack([whole[17:26], whole[0:9], whole[40:49]]), atol=0, rtol=0)
 
 
 def test_unknown_kind_is_refused():

@@ -201,6 +201,59 @@ def test_blockwise_inference_scan_matches_the_oracle_and_the_autograd_path(chunk
     torch.testing.assert_close(last_grad.detach(), last, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_scan_states_at_are_the_states_of_the_prefixes(grad):
+    # L = 150 of 2 x 64 x 16 float64: without autograd the scan runs in blocks, and the picked
+    # steps (in no particular order, some twice) fall into several of them.
+    u, delta, A, B, C, D, h0 = random_scan_inputs(2, 150, 64, 16, torch.float64)
+    rows = torch.tensor([1, 0, 0, 1, 1, 0])
+    steps = torch.tensor([149, 0, 77, 3, 3, 31])
+    with torch.set_grad_enabled(grad):
+        y, picked = selective_scan(u.requires_grad_(grad), delta, A, B, C, D, h0=h0, states_at=(rows, steps))
+    y_ref, _ = sequential_scan(u.detach(), delta, A, B, C, D, h0=h0)
+    torch.testing.assert_close(y.detach(), y_ref, rtol=1e-12, atol=1e-12)
+    assert picked.shape == (6, 64, 16) and picked.requires_grad == grad
+    for state, r, t in zip(picked, rows.tolist(), steps.tolist()):
+        _, last = sequential_scan(*(x[r : r + 1, : t + 1] for x in (u.detach(), delta)), A,
+                                  B[r : r + 1, : t + 1], C[r : r + 1, : t + 1], D, h0=h0[r : r + 1])
+        torch.testing.assert_close(state.detach(), last[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="steps in"):
+        selective_scan(u.detach(), delta, A, B, C, D, states_at=(rows, steps + 1))
+
+
+@pytest.mark.parametrize("with_states", [False, True])
+def test_layer_states_at_equal_the_states_of_each_prefix_with_gradients(with_states):
+    m = make_layer(16, 4, 4, 2, dtype=torch.float64)
+    x = torch.randn(3, 10, 16, dtype=torch.float64, requires_grad=True)
+    start = m.allocate_inference_cache(3, dtype=torch.float64) if with_states else (None, None)
+    if with_states:
+        start = tuple(torch.randn_like(s) for s in start)
+    rows = torch.tensor([2, 0, 1, 2, 0])
+    ends = torch.tensor([10, 1, 4, 3, 7])
+    y, conv, ssm = m.forward_with_state(x, *start, states_at=(rows, ends))
+    torch.testing.assert_close(y, m.forward_with_state(x, *start)[0], rtol=1e-11, atol=1e-11)
+    weights = torch.randn(5, 1, 1, dtype=torch.float64), torch.randn(5, 1, 1, dtype=torch.float64)
+    params = [x, *m.parameters()]
+    grads = torch.autograd.grad((weights[0] * conv).sum() + (weights[1] * ssm).sum(), params, allow_unused=True)
+    # Reference: each prefix run on its own, its final states.
+    loss = 0
+    for s, (r, e) in enumerate(zip(rows.tolist(), ends.tolist())):
+        initial = (None, None) if not with_states else (start[0][r : r + 1], start[1][r : r + 1])
+        _, conv_ref, ssm_ref = m.forward_with_state(x[r : r + 1, :e], *initial)
+        torch.testing.assert_close(conv[s], conv_ref[0], rtol=1e-11, atol=1e-11)
+        torch.testing.assert_close(ssm[s], ssm_ref[0], rtol=1e-11, atol=1e-11)
+        loss = loss + (weights[0][s] * conv_ref[0]).sum() + (weights[1][s] * ssm_ref[0]).sum()
+    for g, g_ref in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+        if g_ref is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="ends in"):
+        m.forward_with_state(x, states_at=(rows, ends - 1))
+    with pytest.raises(ValueError, match="long tensors"):
+        m.forward_with_state(x, states_at=(rows, ends.float()))
+
+
 def test_scan_is_finite_and_accurate_in_float32_under_extreme_decay():
     # delta * A down to about -1e4 (decays underflow to 0) next to delta ~ 1e-4 (decay ~ 1, state
     # accumulates over the whole sequence): forms using exp(+cumsum) would overflow here.

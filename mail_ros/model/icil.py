@@ -35,6 +35,12 @@ episodes; ``predict(state)`` gives the next chunk. Per control step Mamba costs 
 whatever the stream length (state: per layer conv (B, E, d_conv) and ssm (B, E, d_state)); the
 Transformer attends over every cached key and its cache grows by one key/value per token.
 
+Training (:meth:`ICILSequence.chunks_at`, exact, tested against the streaming API): the chunks
+after many prefixes of a batch of streams (every cut of every training sequence) from ONE pass
+over the padded streams, which yields the backbone's state after each prefix (Mamba: the conv
+window and scan state there, picked from the states the scan computes anyway; Transformer: the
+keys/values up to there, the rest masked), then one batched run of the queries of all prefixes.
+
 The Transformer's inference cache is a preallocated :class:`KVBuffer` that the newest state
 of a stream writes in place (a step writes its own keys/values, instead of copying the whole
 cache as ``torch.cat`` would). States that share the buffer stay valid: slots before a state's
@@ -71,18 +77,22 @@ TRANSFORMER_PREFILL_CHUNK = 1024
 BUFFER_HEADROOM = 256
 
 
-def sinusoidal_positions(start: int, length: int, d_model: int, device: torch.device) -> torch.Tensor:
-    """(length, d_model) sinusoidal encodings of the indices start .. start + length - 1.
+def sinusoidal_positions(start: int | torch.Tensor, length: int, d_model: int, device: torch.device) -> torch.Tensor:
+    """(length, d_model) sinusoidal encodings of the indices start .. start + length - 1;
+    (B, length, d_model) for a start per row, ``start`` (B,) long.
 
     Each index is encoded on its own (no cumulative computation), so a token gets the same
     vector whether it is encoded in a long prefill or alone in a streaming step.
     """
-    index = torch.arange(start, start + length, device=device, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    if isinstance(start, torch.Tensor):
+        index = (start.to(device).unsqueeze(-1) + torch.arange(length, device=device)).float()  # (B, L)
+    else:
+        index = torch.arange(start, start + length, device=device, dtype=torch.float32)  # (L,)
     half = torch.arange(0, d_model, 2, device=device, dtype=torch.float32)  # (ceil(D/2),)
-    angle = index * torch.exp(half * (-math.log(10000.0) / d_model))  # (L, ceil(D/2))
-    out = torch.zeros(length, d_model, device=device)
-    out[:, 0::2] = torch.sin(angle)
-    out[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    angle = index.unsqueeze(-1) * torch.exp(half * (-math.log(10000.0) / d_model))  # (..., L, ceil(D/2))
+    out = torch.zeros(*index.shape, d_model, device=device)
+    out[..., 0::2] = torch.sin(angle)
+    out[..., 1::2] = torch.cos(angle[..., : d_model // 2])
     return out
 
 
@@ -164,8 +174,8 @@ class ICILSequence(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whole stream (B, L, D) (prompt, then live tokens) -> the next chunk (B, A, Da).
 
-        The reference computation (and the training path): the A queries are appended and the
-        whole sequence runs from zero state.
+        The reference computation: the A queries are appended and the whole sequence runs
+        from zero state (training uses :meth:`chunks_at`, the robot the streaming API).
         """
         B, L, D = tokens.shape
         x = torch.cat([tokens, self.queries.expand(B, -1, -1)], dim=1)  # (B, L + A, D)
@@ -215,15 +225,42 @@ class ICILSequence(nn.Module):
         layers = state.layers if self.kind == "mamba" else self._as_cache(state)
         return self.action_out(self._run(queries, layers, state.length, return_states=False)[0])
 
+    # ------------------------------------------------------------------ training
+
+    def chunks_at(self, tokens: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The chunks after S prefixes of a batch of streams in one batched run: (S, A, Da).
+
+        Row s is ``predict(prefill(tokens[rows[s]:rows[s] + 1, :ends[s]]))`` (within float
+        rounding); ``tokens`` (B, L, D) are whole streams, right-padded to one length (the
+        model is causal, so what follows a prefix never changes its chunk), rows and ends (S,)
+        long with 1 <= ends[s] <= L. One pass over ``tokens`` gives the backbone's state after
+        every requested prefix (Mamba: each layer's conv window and scan state there;
+        Transformer: the keys/values up to there), then the A queries of all S prefixes run
+        from those states as one batch. The training loss's path: every cut of every sample,
+        where streaming them would run the backbone once per cut.
+        """
+        _, layers = self._run(tokens, None, 0, states_at=(rows, ends))
+        queries = self.queries.expand(rows.shape[0], -1, -1)  # (S, A, D)
+        return self.action_out(self._run(queries, layers, ends, return_states=False)[0])
+
     # ------------------------------------------------------------------ internals
 
     def _run(
-        self, x: torch.Tensor, layers: Any, start: int, return_states: bool = True
+        self,
+        x: torch.Tensor,
+        layers: Any,
+        start: int | torch.Tensor,
+        return_states: bool = True,
+        states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Backbone over x (B, L, D) whose first token has stream index ``start``."""
-        if self.kind == "transformer":
-            x = x + sinusoidal_positions(start, x.shape[1], self.d_model, x.device)
-        return self.stack.extend(x, layers, return_states=return_states)
+        """Backbone over x (B, L, D) whose first token has stream index ``start``: one int, or
+        (B,) per row when ``layers`` holds states of prefixes of different lengths (from
+        ``states_at``; a Transformer row then attends to its first start[b] cached keys)."""
+        if self.kind == "mamba":
+            return self.stack.extend(x, layers, return_states=return_states, states_at=states_at)
+        x = x + sinusoidal_positions(start, x.shape[1], self.d_model, x.device)
+        lengths = start if isinstance(start, torch.Tensor) else None
+        return self.stack.extend(x, layers, return_states=return_states, states_at=states_at, past_lengths=lengths)
 
     def _run_in_place(self, x: torch.Tensor, buffer: KVBuffer, start: int) -> torch.Tensor:
         """Transformer over x (B, L, D) at stream index ``start``, keys/values written into ``buffer``."""

@@ -232,6 +232,7 @@ class Mamba(nn.Module):
         x: torch.Tensor,
         conv_state: torch.Tensor | None = None,
         ssm_state: torch.Tensor | None = None,
+        states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run a whole sequence starting from the given states and also return the final ones.
 
@@ -239,6 +240,12 @@ class Mamba(nn.Module):
             x: (B, L, D) input, L >= 1.
             conv_state: (B, E, K) and ssm_state (B, E, N) from :meth:`allocate_inference_cache`,
                 a previous call or :meth:`step`; both None to start from zeros (a prefill).
+            states_at: (rows (S,), ends (S,)) long: return instead the states after the first
+                ends[s] tokens (1 <= ends[s] <= L) of batch row rows[s], (S, E, K) and (S, E, N):
+                what this call would have returned for ``x[rows[s]:rows[s] + 1, :ends[s]]``.
+                The states of every position are computed for the sequence anyway (the scan's
+                h, the conv's input window), so S states cost a gather, not S runs. Always on
+                the PyTorch scan (the fused kernels keep only the last state).
 
         Returns:
             ``(y, conv_state, ssm_state)``: y (B, L, D) equals the corresponding slice of
@@ -249,7 +256,14 @@ class Mamba(nn.Module):
         """
         self._check_input(x, "x")
         self._check_optional_states(x.shape[0], conv_state, ssm_state)
-        return self._sequence(x, conv_state, ssm_state, return_state=True)
+        if states_at is not None:
+            rows, ends = states_at
+            if rows.dim() != 1 or rows.shape != ends.shape or rows.dtype != torch.long or ends.dtype != torch.long:
+                raise ValueError("Mamba states_at must be (rows, ends), two long tensors of one shape (S,)")
+            if len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < x.shape[0]
+                                  and 1 <= int(ends.min()) and int(ends.max()) <= x.shape[1]):
+                raise ValueError(f"Mamba states_at rows must be in [0, {x.shape[0]}) and ends in [1, {x.shape[1]}]")
+        return self._sequence(x, conv_state, ssm_state, return_state=True, states_at=states_at)
 
     def allocate_inference_cache(
         self,
@@ -351,10 +365,11 @@ class Mamba(nn.Module):
         conv_state: torch.Tensor | None,
         ssm_state: torch.Tensor | None,
         return_state: bool,
+        states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        kernels = _cuda_kernels(x.device)
+        kernels = _cuda_kernels(x.device) if states_at is None else None
         if kernels is None:
-            y, window, last = self._sequence_torch(x, conv_state, ssm_state)
+            y, window, last = self._sequence_torch(x, conv_state, ssm_state, states_at)
         else:
             fused = self.use_fast_path and kernels.causal_conv1d_fn is not None
             if fused and not return_state and conv_state is None:
@@ -364,8 +379,14 @@ class Mamba(nn.Module):
             return y, None, None
         conv_dtype = self.conv1d.weight.dtype if conv_state is None else conv_state.dtype
         ssm_dtype = self.dt_proj.weight.dtype if ssm_state is None else ssm_state.dtype
-        # Cloned: the slices are views of tensors autograd saved, and step() writes in place.
-        new_conv_state = window[..., -self.d_conv:].to(conv_dtype, copy=True)  # (B, E, K)
+        if states_at is None:
+            # Cloned: the slices are views of tensors autograd saved, and step() writes in place.
+            new_conv_state = window[..., -self.d_conv:].to(conv_dtype, copy=True)  # (B, E, K)
+        else:
+            # The conv state after token t is the window's columns t .. t + K - 1 (its inputs
+            # t - K + 1 .. t); unfold gives every such K-column view, indexing copies.
+            rows, ends = states_at
+            new_conv_state = window.unfold(-1, self.d_conv, 1)[rows, :, ends - 1].to(conv_dtype)  # (S, E, K)
         return y, new_conv_state, last.to(ssm_dtype, copy=True)
 
     def _conv_window(self, u: torch.Tensor, conv_state: torch.Tensor | None) -> torch.Tensor:
@@ -397,17 +418,23 @@ class Mamba(nn.Module):
         return y
 
     def _sequence_torch(
-        self, x: torch.Tensor, conv_state: torch.Tensor | None, ssm_state: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        ssm_state: torch.Tensor | None,
+        states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, conv window, last scan state) on the PyTorch scan, or the CPU kernel for inference."""
+        """(y, conv window, last scan state, or those of ``states_at``) on the PyTorch scan, or
+        the CPU kernel for inference without ``states_at``."""
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
-        if (cpu := cpu_inference_kernel(x, self, self.A_log)) is not None:
+        if states_at is None and (cpu := cpu_inference_kernel(x, self, self.A_log)) is not None:
             return self._sequence_cpu_kernel(cpu, u, z, conv_state, ssm_state)
         window = self._conv_window(u.transpose(1, 2), conv_state)  # (B, E, K - 1 + L)
         u = F.silu(self._causal_conv(window)).transpose(1, 2)  # (B, L, E)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))  # (B, L, E)
-        y, last = selective_scan(u, delta, -torch.exp(self.A_log), B, C, self.D, h0=ssm_state)
+        steps = None if states_at is None else (states_at[0], states_at[1] - 1)
+        y, last = selective_scan(u, delta, -torch.exp(self.A_log), B, C, self.D, h0=ssm_state, states_at=steps)
         return self.out_proj(y * F.silu(z)), window, last
 
     def _sequence_cpu_kernel(

@@ -74,21 +74,27 @@ class MambaStack(nn.Module):
         states: MambaStates | None,
         memory: torch.Tensor | None = None,
         return_states: bool = True,
+        states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, MambaStates | None]:
         """Continue the sequence whose states are ``states`` (zeros when None) with ``x`` (B, L, D).
 
         Outputs equal the matching positions of :meth:`forward` over the whole sequence;
         ``memory`` holds the memory rows of these positions only. Returns the new states, or
         None with ``return_states=False`` (a continuation nothing extends further, such as a
-        denoising step, saves computing them).
+        denoising step, saves computing them). ``states_at`` (rows (S,), ends (S,)): return
+        the S states after the first ends[s] tokens of row rows[s] instead of the final ones
+        (see :meth:`Mamba.forward_with_state`), e.g. to continue S prefixes of a batch of
+        sequences at once.
         """
-        if (cpu := self._cpu_kernel(x, states, memory)) is not None:
+        # The fused kernel keeps only the final states: states_at runs block by block.
+        if states_at is None and (cpu := self._cpu_kernel(x, states, memory)) is not None:
             return self._extend_cpu_kernel(cpu, x, states, memory, return_states)
         new_states: MambaStates = []
         for index, layer in enumerate(self.layers):
             conv_state, ssm_state = (None, None) if states is None else states[index]
             if return_states:
-                y, conv_state, ssm_state = layer.mixer.forward_with_state(layer.norm(x), conv_state, ssm_state)
+                y, conv_state, ssm_state = layer.mixer.forward_with_state(layer.norm(x), conv_state, ssm_state,
+                                                                          states_at=states_at)
                 new_states.append((conv_state, ssm_state))
             else:
                 y = layer.mixer(layer.norm(x), conv_state, ssm_state)

@@ -146,6 +146,7 @@ def selective_scan(
     D: torch.Tensor,
     h0: torch.Tensor | None = None,
     chunk_len: int | None = None,
+    states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the selective scan over a whole sequence, differentiable in every input.
 
@@ -159,10 +160,13 @@ def selective_scan(
         h0: (B, E, N) state before the first step; zeros when None.
         chunk_len: steps scanned in parallel before the sequential carry; None picks one
             for the device and size (the result does not depend on it beyond rounding).
+        states_at: (rows (S,), steps (S,)) long: return the states h after step steps[s] of
+            batch row rows[s] (S, E, N) instead of the last state (which is rows 0 .. B - 1 at
+            step L - 1). The scan computes every state anyway; this only picks.
 
     Returns:
-        y (B, L, E) in u's dtype, and the state after the last step (B, E, N) in the scan
-        dtype (float32, or float64 for float64 inputs).
+        y (B, L, E) in u's dtype, and the state after the last step (B, E, N) (or the picked
+        states (S, E, N)) in the scan dtype (float32, or float64 for float64 inputs).
     """
     batch, length, channels = u.shape
     if length < 1:
@@ -182,6 +186,15 @@ def selective_scan(
     inputs = (u, delta, A, B, C, D) + (() if h0 is None else (h0,))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     block = length if needs_grad else _block_len(u.device, length, step_bytes, chunk_len)
+    if states_at is not None:
+        at_rows, at_steps = states_at
+        if at_rows.shape != at_steps.shape or at_rows.dim() != 1:
+            raise ValueError(f"states_at needs rows and steps of one shape (S,), got {tuple(at_rows.shape)}, "
+                             f"{tuple(at_steps.shape)}")
+        if len(at_steps) and not (0 <= int(at_rows.min()) and int(at_rows.max()) < batch
+                                  and 0 <= int(at_steps.min()) and int(at_steps.max()) < length):
+            raise ValueError(f"states_at rows must be in [0, {batch}) and steps in [0, {length})")
+        picked, order = [], []
     ys = []
     for start in range(0, length, block):
         steps = slice(start, start + block)
@@ -194,8 +207,15 @@ def selective_scan(
             h = _linear_scan(a, b, carry, chunk_len, overwrite=True)
         ys.append(torch.einsum("bqen,bqn->bqe", h, C_[:, steps]))  # (B, Q, E)
         carry = h[:, -1]
+        if states_at is not None:
+            inside = ((at_steps >= start) & (at_steps < start + h.shape[1])).nonzero().squeeze(1)
+            picked.append(h[at_rows[inside], at_steps[inside] - start])  # (S', E, N)
+            order.append(inside)
     y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]
     y = y + D.to(dtype) * u_
+    if states_at is not None:
+        # Blocks pick in step order; put the states back in the caller's order.
+        carry = picked[0] if len(picked) == 1 else torch.cat(picked)[torch.argsort(torch.cat(order))]
     return y.to(u.dtype), carry
 
 

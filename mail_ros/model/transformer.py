@@ -53,10 +53,19 @@ class MultiHeadAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
-def causal_mask(new: int, past: int, device: torch.device) -> torch.Tensor:
-    """(new, past + new) bool: new token i sees every past token and new tokens <= i."""
+def causal_mask(new: int, past: int, device: torch.device, past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """(new, past + new) bool: new token i sees every past token and new tokens <= i.
+
+    With ``past_lengths`` (B,): (B, 1, new, past + new), row b's new tokens seeing only the
+    first past_lengths[b] past tokens (a cache of right-padded rows, see TransformerStack.extend).
+    """
     rows = torch.arange(new, device=device).unsqueeze(1) + past
-    return torch.arange(past + new, device=device).unsqueeze(0) <= rows
+    mask = torch.arange(past + new, device=device).unsqueeze(0) <= rows  # (new, past + new)
+    if past_lengths is None:
+        return mask
+    keys = torch.arange(past + new, device=device)
+    visible = (keys < past_lengths.unsqueeze(1)) | (keys >= past)  # (B, past + new)
+    return (mask & visible[:, None, :]).unsqueeze(1)
 
 
 class MLP(nn.Sequential):
@@ -76,13 +85,16 @@ class SelfAttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         h = self.norm1(x)
         k, v = self.attn.project_kv(h)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        return self._attend_and_mlp(x, h, k, v), (k, v)
+        return self._attend_and_mlp(x, h, k, v, past_lengths), (k, v)
 
     def forward_in_place(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
         """``x`` (B, L, D) as the tokens start .. start + L - 1 of a stream whose earlier keys and
@@ -99,9 +111,12 @@ class SelfAttentionBlock(nn.Module):
         values[:, :, start:end] = v
         return self._attend_and_mlp(x, h, keys[:, :, :end], values[:, :, :end])
 
-    def _attend_and_mlp(self, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The block after the key/value projection; k, v (B, H, past + L, Dh) end with x's own."""
-        mask = causal_mask(x.shape[1], k.shape[2] - x.shape[1], x.device)
+    def _attend_and_mlp(
+        self, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block after the key/value projection; k, v (B, H, past + L, Dh) end with x's own;
+        ``past_lengths`` (B,): the past keys each row sees (all when None)."""
+        mask = causal_mask(x.shape[1], k.shape[2] - x.shape[1], x.device, past_lengths)
         x = x + self.drop(self.attn.attend(h, k, v, mask))
         return x + self.mlp(self.norm2(x))
 
@@ -122,17 +137,33 @@ class TransformerStack(nn.Module):
         return self.extend(x, None)
 
     def extend(
-        self, x: torch.Tensor, cache: KVCache | None, return_states: bool = True
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None,
+        return_states: bool = True,
+        states_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """Run ``x`` (B, L, D) as the continuation of the cached prefix; the cache is not modified.
 
         Returns the extended cache, or None with ``return_states=False`` (as
         :meth:`MambaStack.extend`; here the cache is a by-product of attention, so nothing is saved).
+
+        Prefixes of a batch (as ``MambaStack.extend``'s ``states_at``): ``states_at`` (rows (S,),
+        ends (S,)), from an empty cache only, returns for each s the cache of row rows[s]
+        (S, H, L, Dh) of which the first ends[s] slots are the state after ends[s] tokens; a
+        continuation from it passes those lengths as ``past_lengths`` (S,), so that row s
+        attends to its first past_lengths[s] cached keys only (the later ones are the padding
+        or the future of that prefix).
         """
+        if states_at is not None and cache is not None:
+            raise ValueError("TransformerStack.extend: states_at is only for a sequence from an empty cache")
         new_cache: KVCache = []
         for index, layer in enumerate(self.layers):
-            x, kv = layer(x, None if cache is None else cache[index])
+            x, kv = layer(x, None if cache is None else cache[index], past_lengths)
             new_cache.append(kv)
+        if states_at is not None:
+            new_cache = [(k[states_at[0]], v[states_at[0]]) for k, v in new_cache]
         return self.norm(x), new_cache if return_states else None
 
     def extend_in_place(self, x: torch.Tensor, buffer: "KVBuffer", start: int) -> torch.Tensor:

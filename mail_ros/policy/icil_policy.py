@@ -293,14 +293,16 @@ class ICILPolicy(nn.Module):
     def compute_loss(self, samples: Sequence[ICILSample]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean MSE of the normalised chunks at every cut of every sample (the live part only).
 
-        Each sample runs as at inference: its prompt is prefilled, the live frames are committed
-        up to each cut and the queries run from there, so training sees exactly the computation
-        the robot runs (sequences of different lengths need no padding, hence one sequence at a
-        time). Gradients reach the sequence model and the proprio projection, not the encoders.
+        The chunks are those the runtime computes (the prompt prefilled, the live frames
+        committed up to the cut, the queries run from there), computed in one batch: each
+        sample's stream (instruction token, prompt, live frames up to its last cut) is
+        right-padded to the longest and :meth:`ICILSequence.chunks_at` runs the streams once
+        and the queries of every cut of every sample together. Gradients reach the sequence
+        model and the proprio projection, not the encoders.
         """
         if not samples:
             raise PolicyInputError("compute_loss needs at least one sample")
-        losses = []
+        streams, rows, ends, targets = [], [], [], []
         for index, sample in enumerate(samples):
             self._check_sample(sample, index)
             parts = [] if self.language_proj is None else [self._language_token(sample.language.float())]
@@ -308,16 +310,19 @@ class ICILPolicy(nn.Module):
                 self.sequence.demo_tokens(self._tokens(f, j).unsqueeze(0), self.action_norm.normalize_input(a).unsqueeze(0))
                 for f, j, a in sample.prompt
             ]
-            state = self.sequence.prefill(torch.cat(parts, dim=1)) if parts else None
-            live = self.sequence.live_tokens(self._tokens(sample.live_features, sample.live_joints).unsqueeze(0))
+            live = sample.cuts[-1] + 1  # frames after the last cut change no chunk
+            parts.append(self.sequence.live_tokens(
+                self._tokens(sample.live_features[:live], sample.live_joints[:live]).unsqueeze(0)))
+            streams.append(torch.cat(parts, dim=1)[0])  # (L_b, D)
+            cuts = torch.tensor(sample.cuts, device=self.device)  # (C_b,)
+            rows.append(torch.full_like(cuts, index))
+            ends.append(cuts + 1 + (streams[-1].shape[0] - live))  # stream tokens up to and with the cut's frame
             target = self.action_norm.normalize(sample.live_actions.float())  # (M, Da)
-            committed = 0
-            for cut in sample.cuts:
-                state = self.sequence.extend(live[:, committed : cut + 1], state)
-                committed = cut + 1
-                losses.append(F.mse_loss(self.sequence.predict(state)[0], target[cut : cut + self.A]))
-        loss = torch.stack(losses).mean()
-        return loss, {"loss": loss.item(), "chunks": float(len(losses))}
+            targets.append(target.unfold(0, self.A, 1)[cuts].transpose(1, 2))  # (C_b, A, Da)
+        tokens = nn.utils.rnn.pad_sequence(streams, batch_first=True)  # (B, max L_b, D)
+        chunks = self.sequence.chunks_at(tokens, torch.cat(rows), torch.cat(ends))  # (sum C_b, A, Da)
+        loss = F.mse_loss(chunks, torch.cat(targets))
+        return loss, {"loss": loss.item(), "chunks": float(chunks.shape[0])}
 
     def _language_token(self, embedding: torch.Tensor) -> torch.Tensor:
         """Instruction embedding (L,) -> its token (1, 1, D) (normalised, then projected)."""
