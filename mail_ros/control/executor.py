@@ -80,10 +80,7 @@ class ExecutorConfig:
 
     control_rate_hz: float = 20.0  # control ticks (JointTrajectory messages) per second
     mode: str = "receding_horizon"  # chunk execution, one of SCHEDULER_MODES
-    # Receding horizon: actions executed per chunk before the newest chunk takes over (0 = the
-    # whole chunk, MaIL's LIBERO setting). 4 = replan every 0.4 s at 10 Hz, as Diffusion Policy's
-    # real-robot code executes part of each chunk: the test bed's demo scores best with it (README).
-    execute_steps: int = 4
+    execute_steps: int = 0  # receding horizon: actions executed per chunk (0 = the whole chunk, MaIL)
     ensemble_decay: float = 0.01  # temporal ensembling weight decay m in exp(-m*i)
     interpolation: str = "linear"  # between action due times: linear or hold
     max_chunk_age: float = 0.5  # s; chunks from older observations are discarded

@@ -40,8 +40,8 @@ LEVELS = {0: OK, 1: WARN, 2: ERROR}
 # where a value must be positive.
 CORE_PARAMETERS = {
     "mode": ("Chunk execution: receding_horizon, temporal_ensemble or latency_compensation", None, None),
-    "execute_steps": ("Receding horizon: actions executed per chunk before switching to the newest one (0 = "
-                      "the whole chunk, MaIL's LIBERO setting)", 0, None),
+    "execute_steps": ("Receding horizon: actions executed per chunk before switching to the next (0 = the whole "
+                      "chunk, MaIL's default)", 0, None),
     "ensemble_decay": ("Temporal ensembling weight decay m in exp(-m*i)", 0.0, None),
     "interpolation": ("Between action due times: linear (blend towards the next action) or hold", None, None),
     "max_chunk_age": ("Chunks whose newest observation is older than this (s) are discarded", 0.0, None),
