@@ -180,6 +180,9 @@ def test_images_and_instruction_become_limit_respecting_commands(pipeline):
     assert_within_limits(commands, arrivals)
 
     # RViz's path of that chunk: the hand from the joints it was computed from through its 4 targets.
+    # It is published right after the chunk, on another topic, so it may be received after it.
+    wait_for(lambda: any(m.header.stamp == chunk.header.stamp for m in world.paths), 10,
+             "the predicted path of the last chunk", graph=graph)
     path = next(m for m in world.paths if m.header.stamp == chunk.header.stamp)
     assert path.type == Marker.LINE_STRIP and path.header.frame_id == "fr3_link0" and len(path.points) == 5
     targets = np.asarray(chunk.actions).reshape(4, 8)[:, :7]
