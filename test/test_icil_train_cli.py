@@ -90,3 +90,60 @@ def test_testbed_script_refuses_bad_tasks_before_starting_anything(capsys):
     assert "expects 'INSTRUCTION=DEMO[,DEMO...]'" in capsys.readouterr().err
     assert script.main(["--checkpoint", "x", "--task", "fly to the moon=a.hdf5"]) == 2
     assert "unrecognised instruction 'fly to the moon'" in capsys.readouterr().err
+
+
+def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, tiny_config, capsys):
+    from safetensors.torch import load_file
+
+    from mail_ros.train.icil_trainer import train_icil
+
+    data = str(write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3))
+    run = load_icil_run_config(tiny_config, {"train.steps": 5, "train.checkpoint_every": 2})
+    straight = train_icil(run, [data], tmp_path / "a")
+    assert not straight.interrupted and straight.step == 5
+
+    def ctrl_c_at_3(step, info):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    stopped = train_icil(run, [data], tmp_path / "b", callbacks=[ctrl_c_at_3])
+    assert stopped.interrupted and stopped.step == 3
+    assert describe_checkpoint(tmp_path / "b/last").training["step"] == 3  # saved at the completed step
+    # A kill after step 4 was logged but before its checkpoint: that row is logged again, once.
+    with open(tmp_path / "b/log.csv", "a") as stream:
+        stream.write("4,0.5,8,1.0\n")
+    assert cli_main(["train", "--resume", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "finished ICIL icil-tiny-ma at step 5" in capsys.readouterr().out
+    assert load_file(str(tmp_path / "b/last/model.safetensors")).keys() == load_file(
+        str(tmp_path / "a/last/model.safetensors")).keys()
+    for name in ("model.safetensors", "trainer_state.safetensors"):  # weights and Adam state, bit for bit
+        torch.testing.assert_close(load_file(str(tmp_path / "b/last" / name)), load_file(str(tmp_path / "a/last" / name)),
+                                   rtol=0, atol=0)
+
+    def losses(folder):
+        return [row.split(",")[:3] for row in (folder / "log.csv").read_text().splitlines()]
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 6
+    # Extending the budget continues from step 5.
+    assert cli_main(["train", "--resume", str(tmp_path / "b"), "--steps", "6"]) == 0
+    assert describe_checkpoint(tmp_path / "b/last").training["step"] == 6
+
+
+def test_an_icil_resume_that_would_change_the_run_is_refused(tmp_path, tiny_config, capsys):
+    data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--steps", "2"]) == 0
+    capsys.readouterr()
+    refusals = [
+        (["--set", "policy.prompt.k_max=3"], "--resume accepts train.* overrides only"),
+        (["--set", "train.lr=0.01"], "this run's train.lr differ from the saved run's"),
+        (["--out", str(tmp_path / "elsewhere")], "an ICIL run is resumed in place"),
+        ([str(write_demos(tmp_path / "other.hdf5", TASKS, per_task=3, seed=7))], "the demo data differ"),
+    ]
+    for extra, message in refusals:
+        assert cli_main(["train", "--resume", str(out), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert describe_checkpoint(out / "last").training["step"] == 2  # untouched
+    (out / "last" / "trainer_state.safetensors").unlink()  # e.g. a checkpoint from before resumable ICIL runs
+    assert cli_main(["train", "--resume", str(out)]) == 2
+    assert "holds no resumable state" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 A config whose preset is an ICIL one (``icil-*``, e.g. config/train_icil_demo.yaml) trains a
 prompt-conditioned policy instead (:mod:`mail_ros.train.icil_trainer`: tasks held out by name,
-frozen-encoder features cached once per dataset; OUT/last only, no --resume, one process).
+frozen-encoder features cached once per dataset; OUT/last only, one process; ``--resume DIR``
+continues it in place).
 
 The YAML config names a preset and overrides (see config/train_*.yaml and
 :func:`mail_ros.train.trainer.load_run_config`). ``--resume DIR`` continues the run in DIR with
@@ -50,11 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mail_ros.train.distributed import SINGLE, shutdown
-    from mail_ros.train.icil_trainer import is_icil_config
+    from mail_ros.train.icil_trainer import is_icil_config, is_icil_run
     from mail_ros.train.trainer import TrainError
 
     try:
-        icil = args.config is not None and args.resume is None and is_icil_config(args.config)
+        icil = is_icil_run(args.resume) if args.resume is not None else (
+            args.config is not None and is_icil_config(args.config))
     except TrainError as exc:
         print(f"mail-ros train: {exc}", file=sys.stderr)
         return 2
@@ -73,8 +75,8 @@ def _run(args: argparse.Namespace, joined: list) -> int:
     from mail_ros.policy.checkpoint import CheckpointError
     from mail_ros.policy.presets import parse_override
     from mail_ros.train.distributed import init_from_env
-    from mail_ros.train.trainer import (TRAINER_JSON, RunConfig, Trainer, TrainError, build_datasets, load_demos,
-                                        load_run_config, remove_run_outputs, run_outputs)
+    from mail_ros.train.trainer import (RunConfig, Trainer, TrainError, build_datasets, load_demos, load_run_config,
+                                        remove_run_outputs, run_outputs)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -87,18 +89,8 @@ def _run(args: argparse.Namespace, joined: list) -> int:
             overrides["train.steps"] = args.steps
             overrides["train.epochs"] = None
         if args.resume is not None:
-            info_path = args.resume / "last" / TRAINER_JSON
-            if not info_path.is_file():
-                raise TrainError(f"--resume {args.resume}: {info_path} not found")
-            info = json.loads(info_path.read_text())
-            saved = info["run"]
-            for key, value in overrides.items():
-                group, _, name = key.partition(".")
-                if group != "train" or name not in saved["train"]:
-                    raise TrainError(f"--resume accepts train.* overrides only, got {key!r}")
-                saved["train"][name] = value
+            saved, data_files = _resumed_run(args, overrides)
             run_config = RunConfig.from_dict(saved)
-            data_files = args.data or info["data_files"]
             out = args.out or args.resume
         else:
             if args.config is None or args.out is None or not args.data:
@@ -146,11 +138,29 @@ def _run(args: argparse.Namespace, joined: list) -> int:
     return 130 if summary.interrupted else 0
 
 
+def _resumed_run(args: argparse.Namespace, overrides: dict) -> tuple[dict, list[str]]:
+    """For ``--resume DIR``: the saved run config (a dict) with the ``train.*`` overrides applied, and
+    the data files (the command's, else the run's own)."""
+    from mail_ros.train.trainer import TRAINER_JSON, TrainError
+
+    info_path = args.resume / "last" / TRAINER_JSON
+    if not info_path.is_file():
+        raise TrainError(f"--resume {args.resume}: {info_path} not found")
+    info = json.loads(info_path.read_text())
+    saved = info["run"]
+    for key, value in overrides.items():
+        group, _, name = key.partition(".")
+        if group != "train" or name not in saved["train"]:
+            raise TrainError(f"--resume accepts train.* overrides only, got {key!r}")
+        saved["train"][name] = value
+    return saved, [str(f) for f in (args.data or info["data_files"])]
+
+
 def _run_icil(args: argparse.Namespace) -> int:
     from mail_ros.data.hdf5 import DataError
     from mail_ros.policy.checkpoint import CheckpointError
     from mail_ros.policy.presets import parse_override
-    from mail_ros.train.icil_trainer import load_icil_run_config, train_icil
+    from mail_ros.train.icil_trainer import ICILRunConfig, load_icil_run_config, train_icil
     from mail_ros.train.trainer import TrainError, remove_run_outputs, run_outputs
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -159,22 +169,30 @@ def _run_icil(args: argparse.Namespace) -> int:
         for key, value in (("train.seed", args.seed), ("train.device", args.device), ("train.steps", args.steps)):
             if value is not None:
                 overrides[key] = value
-        if args.out is None or not args.data:
-            raise TrainError("give --config CONFIG.yaml, --out DIR and at least one DATA file")
-        run_config = load_icil_run_config(args.config, overrides)
-        replaced = run_outputs(args.out)
-        if replaced and not args.overwrite:
-            raise TrainError(f"{args.out} already holds a run ({', '.join(replaced)}); choose another --out, "
-                             "or pass --overwrite to replace it")
-        if replaced:
-            remove_run_outputs(args.out)
-        summary = train_icil(run_config, [str(f) for f in args.data], args.out)
+        if args.resume is not None:
+            if args.out is not None and args.out.resolve() != args.resume.resolve():
+                raise TrainError(f"an ICIL run is resumed in place: drop --out or give --out {args.resume}")
+            if args.overwrite:
+                raise TrainError(f"--overwrite replaces a run, --resume {args.resume} continues it; give one of them")
+            saved, data_files = _resumed_run(args, overrides)
+            run_config, out = ICILRunConfig.from_dict(saved), args.resume
+        else:
+            if args.out is None or not args.data:
+                raise TrainError("give --config CONFIG.yaml, --out DIR and at least one DATA file (or --resume DIR)")
+            run_config, data_files, out = load_icil_run_config(args.config, overrides), [str(f) for f in args.data], args.out
+            replaced = run_outputs(out)
+            if replaced and not args.overwrite:
+                raise TrainError(f"{out} already holds a run ({', '.join(replaced)}); continue it with --resume {out}, "
+                                 "choose another --out, or pass --overwrite to replace it")
+            if replaced:
+                remove_run_outputs(out)
+        summary = train_icil(run_config, data_files, out, resume=args.resume is not None)
     except (TrainError, DataError, CheckpointError, ValueError) as exc:
         print(f"mail-ros train: {exc}", file=sys.stderr)
         return 2
-    print(f"finished ICIL {run_config.preset} at step {summary.step} in {summary.seconds:.1f} s "
-          f"(frame features {summary.feature_seconds:.1f} s)\n"
+    print(f"{'interrupted' if summary.interrupted else 'finished'} ICIL {run_config.preset} at step {summary.step} "
+          f"in {summary.seconds:.1f} s (frame features {summary.feature_seconds:.1f} s)\n"
           f"train loss {summary.first_loss:.4f} -> {summary.last_loss:.4f} on {summary.episodes} episodes of "
           f"{len(summary.tasks)} tasks; held out {summary.held_out_tasks}\n"
           f"checkpoint: {Path(summary.out) / 'last'}")
-    return 0
+    return 130 if summary.interrupted else 0

@@ -18,9 +18,13 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
    minimises the chunk MSE at every ``data.cut_stride``-th live frame.
 
 The run folder holds ``last/`` (the checkpoint, ``policy_type`` "icil", with the held-out and
-trained task names in its ``extra``), ``log.csv`` and ``summary.json``. There is no validation
-split (what matters is behaviour on held-out tasks, which the test bed measures) and no
-``--resume``; the run is deterministic per ``train.seed`` on CPU.
+trained task names in its ``extra``, and the resume state of the MaIL trainer's format:
+:func:`~mail_ros.train.trainer.write_resume_state`), ``log.csv`` and ``summary.json``. There is no
+validation split: what matters is behaviour on held-out tasks, which the test bed measures.
+
+Every step draws its batch and dropout from ``(train.seed, step)`` alone and the Adam state is
+saved with the weights, so a run stopped by Ctrl-C (last/ saved at the completed step) and
+continued with ``--resume`` follows the uninterrupted run exactly on CPU.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -44,10 +51,14 @@ from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.icil_policy import ICILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
-from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass, _is_device,
-                                    load_demos, read_run_yaml, resolve_device, split_overrides)
+from mail_ros.data.hdf5 import fingerprint_hdf5
+from mail_ros.policy.checkpoint import read_checkpoint_config
+from mail_ros.policy.config import ConfigError
+from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass,
+                                    _is_device, check_same_data, load_demos, load_resume_state, read_resume_info,
+                                    read_run_yaml, resolve_device, split_overrides, write_resume_state)
 
-__all__ = ["ICILDataConfig", "ICILTrainConfig", "ICILRunConfig", "ICILSummary", "is_icil_config",
+__all__ = ["ICILDataConfig", "ICILTrainConfig", "ICILRunConfig", "ICILSummary", "is_icil_config", "is_icil_run",
            "load_icil_run_config", "train_icil"]
 
 log = logging.getLogger(__name__)
@@ -111,6 +122,27 @@ class ICILRunConfig:
         return {"preset": self.preset, "policy": self.policy.to_dict(), "data": asdict(self.data),
                 "train": asdict(self.train)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ICILRunConfig":
+        """Rebuild a saved run config (``trainer.json``'s ``run``); anything malformed is a TrainError."""
+        try:
+            return cls(str(data["preset"]), ICILConfig.from_dict(data["policy"]),
+                       _dataclass(ICILDataConfig, data["data"], "data"), _dataclass(ICILTrainConfig, data["train"], "train"))
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise TrainError(f"invalid saved ICIL run config: {detail}") from exc
+
+    def same_curve_as(self, other: "ICILRunConfig") -> list[str]:
+        """The settings in which ``other`` differs from this run in a way that changes its loss curve
+        (all but the step budget, logging, checkpointing, device and cache folders): empty to resume."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        free = {"train": {"steps", "log_every", "checkpoint_every", "device"},
+                "data": {"feature_cache", "embedding_cache"}}
+        differ = [group for group in ("preset", "policy") if mine[group] != theirs[group]]
+        for group, names in free.items():
+            differ += [f"{group}.{key}" for key in mine[group] if key not in names and mine[group][key] != theirs[group][key]]
+        return differ
+
 
 @dataclass
 class ICILSummary:
@@ -123,11 +155,21 @@ class ICILSummary:
     held_out_tasks: list[str]
     episodes: int
     feature_seconds: float  # encoding the frames (0 when every episode was cached)
+    interrupted: bool = False  # stopped by Ctrl-C: last/ holds the completed steps, --resume continues
 
 
 def is_icil_config(path: str | Path) -> bool:
     """Whether the training YAML at ``path`` names an ICIL preset (``icil-*``)."""
     return str(read_run_yaml(Path(path)).get("preset", "")).startswith("icil-")
+
+
+def is_icil_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir/last`` is an ICIL checkpoint (what ``--resume run_dir`` continues)."""
+    last = Path(run_dir) / "last"
+    try:
+        return (last / "config.json").is_file() and read_checkpoint_config(last)["policy_type"] == "icil"
+    except (OSError, ValueError):
+        return False
 
 
 def load_icil_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ICILRunConfig:
@@ -147,9 +189,16 @@ def _folder(name: str | None) -> str | None:
     return None if name is None else os.path.expanduser(name)
 
 
-def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path,
-               language_loader=None) -> ICILSummary:
-    """Train ``run`` on ``data_files`` into ``out`` (see the module docstring); raises TrainError or DataError."""
+def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, language_loader=None,
+               resume: bool = False, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> ICILSummary:
+    """Train ``run`` on ``data_files`` into ``out`` (see the module docstring); raises TrainError or DataError.
+
+    ``resume``: continue the run saved in ``out/last`` up to ``run.train.steps`` (the same data and,
+    but for the step budget, logging and device, the same settings; else a TrainError).
+    ``callbacks`` are called as ``callback(step, info)`` after every optimizer step; a
+    KeyboardInterrupt (Ctrl-C, or raised by a callback) saves last/ at the completed step and
+    returns the summary with ``interrupted=True``.
+    """
     out = Path(out)
     config, data, cfg = run.policy, run.data, run.train
     device = resolve_device(cfg.device)
@@ -177,6 +226,11 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path,
     policy.to(device)
     for parameter in policy.encoder.parameters():
         parameter.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
+    fingerprints = [fingerprint_hdf5(f) for f in data_files]
+    done, first, seconds_before = 0, None, 0.0
+    if resume:
+        done, first, seconds_before = _load_resume(out / "last", run, policy, optimizer, data_files, fingerprints)
 
     def encode(images):
         with torch.inference_mode():
@@ -193,40 +247,86 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path,
                           k_max=config.prompt.k_max, dilation=config.prompt.dilation, action_horizon=policy.A,
                           cut_stride=data.cut_stride, embeddings=embeddings)
 
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
     extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
              "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-    first = last = float("nan")
     started = time.perf_counter()
-    with open(out / "log.csv", "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["step", "loss", "chunks", "seconds"])
-        for step in range(1, cfg.steps + 1):
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, reproducible per step
-            rng = np.random.default_rng([cfg.seed, step])
-            batch = [sampler.sample(int(live), rng, device) for live in rng.choice(sampler.live, size=cfg.batch_size)]
-            policy.train()
-            policy.encoder.eval()  # frozen: its features are the cached ones
-            loss, info = policy.compute_loss(batch)
-            if not torch.isfinite(loss):
-                raise TrainError(f"the training loss is not finite at step {step}; nothing more is saved")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            last = info["loss"]
-            first = last if step == 1 else first
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                seconds = time.perf_counter() - started
-                writer.writerow([step, f"{last:.6f}", int(info["chunks"]), f"{seconds:.1f}"])
-                stream.flush()
-                log.info("step %d/%d loss %.4f (%.1f s)", step, cfg.steps, last, seconds)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(out / "last", policy.eval(), step=step, epoch=None,
-                                extra={**extra, "train_loss": last})
-    summary = ICILSummary(str(out), cfg.steps, time.perf_counter() - started, first, last, sorted(groups),
-                          list(data.held_out_tasks), len(kept), feature_seconds)
+    last = float("nan")  # the newest step's loss
+
+    def save(step: int) -> None:  # also at step 0 (Ctrl-C during the first step): no loss yet
+        info = {"policy_type": "icil", "step": step, "run": run.to_dict(), "data_files": [str(f) for f in data_files],
+                "data_fingerprints": fingerprints, "first_loss": first,
+                "seconds": seconds_before + time.perf_counter() - started}
+        save_checkpoint(out / "last", policy.eval(), step=step, epoch=None, extra={**extra, "train_loss": None if math.isnan(last) else last},
+                        write_files=lambda folder: write_resume_state(folder, policy, optimizer, info))
+
+    interrupted = False
+    with _open_log(out / "log.csv", done) as (stream, writer):
+        try:
+            for step in range(done + 1, cfg.steps + 1):
+                torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, reproducible per step
+                rng = np.random.default_rng([cfg.seed, step])
+                batch = [sampler.sample(int(live), rng, device) for live in rng.choice(sampler.live, size=cfg.batch_size)]
+                policy.train()
+                policy.encoder.eval()  # frozen: its features are the cached ones
+                loss, info = policy.compute_loss(batch)
+                if not torch.isfinite(loss):
+                    raise TrainError(f"the training loss is not finite at step {step}; nothing more is saved")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                done, last = step, info["loss"]
+                first = last if first is None else first
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    seconds = seconds_before + time.perf_counter() - started
+                    writer.writerow([step, f"{last:.6f}", int(info["chunks"]), f"{seconds:.1f}"])
+                    stream.flush()
+                    log.info("step %d/%d loss %.4f (%.1f s)", step, cfg.steps, last, seconds)
+                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                    save(step)
+                for callback in callbacks:
+                    callback(step, info)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted at step %d: saving %s", done, out / "last")
+    save(done)
+    summary = ICILSummary(str(out), done, seconds_before + time.perf_counter() - started,
+                          float("nan") if first is None else first, last, sorted(groups),
+                          list(data.held_out_tasks), len(kept), feature_seconds, interrupted)
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def _load_resume(last_dir: Path, run: ICILRunConfig, policy: ICILPolicy, optimizer: torch.optim.Optimizer,
+                 data_files: list[str], fingerprints: list[str]) -> tuple[int, float | None, float]:
+    """Load the state saved in ``last_dir`` into ``policy`` and ``optimizer``: (step, first loss, seconds)."""
+    info = read_resume_info(last_dir)
+    if info.get("policy_type") != "icil":
+        raise TrainError(f"{last_dir} is not an ICIL run; resume it without an ICIL config")
+    differ = ICILRunConfig.from_dict(info["run"]).same_curve_as(run)
+    if differ:
+        raise TrainError(f"{last_dir}: this run's {', '.join(differ)} differ from the saved run's; resume with its "
+                         f"settings (only train.steps, log_every, checkpoint_every and device may change)")
+    check_same_data(last_dir, info, data_files, fingerprints)
+    load_resume_state(last_dir, policy, optimizer)
+    log.info("resuming %s at step %d", last_dir.parent, info["step"])
+    return int(info["step"]), info["first_loss"], float(info["seconds"])
+
+
+LOG_HEADER = ["step", "loss", "chunks", "seconds"]
+
+
+@contextmanager
+def _open_log(path: Path, step: int) -> Iterator[tuple[Any, Any]]:
+    """``log.csv`` opened for writing rows after ``step``, as (stream, csv writer): the header and the
+    rows up to ``step`` are kept; rows of later steps (logged before a kill, after the checkpoint being
+    resumed) are dropped, so no step appears twice."""
+    rows = []
+    if step and path.is_file():
+        with open(path, newline="") as stream:
+            rows = [row for row in csv.reader(stream) if row and row != LOG_HEADER and int(row[0]) <= step]
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerows([LOG_HEADER, *rows])
+        yield stream, writer

@@ -80,6 +80,10 @@ __all__ = [
     "RUN_OUTPUTS",
     "run_outputs",
     "remove_run_outputs",
+    "write_resume_state",
+    "read_resume_info",
+    "load_resume_state",
+    "check_same_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -583,12 +587,6 @@ class Trainer:
 
     def _write_state(self, folder: Path) -> None:
         """Write what resuming needs into ``folder``, the checkpoint's temporary folder before its swap."""
-        tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in self.policy.state_dict().items()}
-        state = self.optimizer.state_dict()
-        for index, entries in state["state"].items():
-            for key, value in entries.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
-        save_file(tensors, str(folder / STATE_FILE), metadata={"param_groups": json.dumps(state["param_groups"])})
         info = {
             "step": self.step,
             "epoch": self.epoch,
@@ -603,51 +601,25 @@ class Trainer:
             "train_episodes": self.data.train_episodes,
             "val_episodes": self.data.val_episodes,
         }
-        (folder / TRAINER_JSON).write_text(json.dumps(info, indent=2, allow_nan=False))
+        write_resume_state(folder, self.policy, self.optimizer, info)
 
     def load_state(self, run_dir: str | Path) -> None:
         """Continue the run saved in ``run_dir/last`` (same step counter, optimizer state, EMA)."""
         last = Path(run_dir) / "last"
-        info_path, state_path = last / TRAINER_JSON, last / STATE_FILE
-        if not info_path.is_file() or not state_path.is_file():
-            raise TrainError(f"{last} holds no resumable state ({TRAINER_JSON} and {STATE_FILE} expected)")
-        info = json.loads(info_path.read_text())
+        info = read_resume_info(last)
         saved = RunConfig.from_dict(info["run"])
         if saved.policy.to_dict() != self.run.policy.to_dict():
             raise TrainError(f"{last}: the policy config differs from this run's; resume with the same config")
-        self._check_same_data(last, info)
+        check_same_data(last, info, self.data_files, self.data_fingerprints)
         if info["train_episodes"] != self.data.train_episodes:
             raise TrainError(f"{last}: the training split differs (different data files or seed)")
-        tensors = load_file(str(state_path))
-        self.policy.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-        groups = json.loads(_safetensors_metadata(state_path)["param_groups"])
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+        load_resume_state(last, self.policy, self.optimizer)
         if self.ema is not None:
             self.ema.model.load_state_dict(load_checkpoint(last, device="cpu").state_dict())
         self.step = int(info["step"])
         self.best_val_loss = info["best_val_loss"]
         self.last_val_loss = info["last_val_loss"]
         log.info("resuming %s at step %d (epoch %d)", run_dir, self.step, self.epoch)
-
-    def _check_same_data(self, last: Path, info: dict[str, Any]) -> None:
-        saved_files, saved = info["data_files"], info.get("data_fingerprints")
-        if saved is None:
-            log.warning("%s was saved without data fingerprints (an older mail_ros); cannot check that %s are its data",
-                        last, self.data_files)
-            return
-        if len(saved) != len(self.data_fingerprints):
-            raise TrainError(f"{last}: the run was trained on {len(saved)} data file(s) {saved_files}, "
-                             f"got {len(self.data_files)} {self.data_files}; resume with the run's data")
-        differ = [f"{new} is not {old}" for new, old, print_new, print_old
-                  in zip(self.data_files, saved_files, self.data_fingerprints, saved) if print_new != print_old]
-        if differ:
-            raise TrainError(f"{last}: the demo data differ from the run's ({'; '.join(differ)}: other actions, "
-                             f"joint states, timestamps or instructions); resume with the data files {saved_files}")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -873,3 +845,59 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+# --- resume state: one format for the MaIL and the ICIL trainer ---------------------------------
+
+
+def write_resume_state(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       info: dict[str, Any]) -> None:
+    """Write :data:`STATE_FILE` (``model``'s raw weights and the optimizer's state) and
+    :data:`TRAINER_JSON` (``info``: step, configs, data files ...) into ``folder``, a checkpoint's
+    temporary folder before its swap (``save_checkpoint(write_files=...)``)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous().clone()
+    save_file(tensors, str(folder / STATE_FILE), metadata={"param_groups": json.dumps(state["param_groups"])})
+    (folder / TRAINER_JSON).write_text(json.dumps(info, indent=2, allow_nan=False))
+
+
+def read_resume_info(last: Path) -> dict[str, Any]:
+    """The :data:`TRAINER_JSON` of the checkpoint ``last``; a TrainError when it holds no resume state."""
+    info_path, state_path = last / TRAINER_JSON, last / STATE_FILE
+    if not info_path.is_file() or not state_path.is_file():
+        raise TrainError(f"{last} holds no resumable state ({TRAINER_JSON} and {STATE_FILE} expected)")
+    return json.loads(info_path.read_text())
+
+
+def load_resume_state(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Put the weights and optimizer state that :func:`write_resume_state` saved in ``last`` back."""
+    state_path = last / STATE_FILE
+    tensors = load_file(str(state_path))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    groups = json.loads(_safetensors_metadata(state_path)["param_groups"])
+    optim_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            optim_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+
+
+def check_same_data(last: Path, info: dict[str, Any], data_files: Sequence[str], fingerprints: Sequence[str]) -> None:
+    """Refuse to resume the run saved in ``last`` on other data than its own (TrainError)."""
+    saved_files, saved = info["data_files"], info.get("data_fingerprints")
+    if saved is None:
+        log.warning("%s was saved without data fingerprints (an older mail_ros); cannot check that %s are its data",
+                    last, list(data_files))
+        return
+    if len(saved) != len(fingerprints):
+        raise TrainError(f"{last}: the run was trained on {len(saved)} data file(s) {saved_files}, "
+                         f"got {len(data_files)} {list(data_files)}; resume with the run's data")
+    differ = [f"{new} is not {old}" for new, old, print_new, print_old
+              in zip(data_files, saved_files, fingerprints, saved) if print_new != print_old]
+    if differ:
+        raise TrainError(f"{last}: the demo data differ from the run's ({'; '.join(differ)}: other actions, "
+                         f"joint states, timestamps or instructions); resume with the data files {saved_files}")
