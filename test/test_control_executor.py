@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from mail_ros.control.executor import Command, ExecutorConfig, ExecutorCore, Plan
@@ -119,6 +119,17 @@ def assert_smooth(trace: np.ndarray, tol: float = 1e-6) -> tuple[float, float]:
 
 def constant(target, width=0.08, horizon=8):
     return lambda now: np.tile(np.append(target, width), (horizon, 1))
+
+
+def sweep(joint, velocity, t0, horizon=8):
+    """Targets moving ``joint`` away from home at ``velocity`` rad/s from ``t0`` on, without end."""
+    def policy(now):
+        times = now - 0.05 + 0.1 * np.arange(horizon)
+        arm = np.tile(HOME, (horizon, 1))
+        arm[:, joint] += velocity * np.maximum(times - t0, 0.0)
+        return np.hstack([arm, np.full((horizon, 1), 0.08)])
+
+    return policy
 
 
 def wave(amplitude=0.4, frequency=0.4):
@@ -312,6 +323,58 @@ def test_an_arm_blocked_by_a_contact_gets_the_setpoint_back_then_follows_again()
     bench.run(4.0, constant(HOME + np.array([0, 0.6, 0, 0, 0, 0, 0])))
     assert abs(bench.trace()[-1][1] - (HOME[1] + 0.6)) < 1e-3
     assert_smooth(bench.trace())
+
+
+@settings(max_examples=10, deadline=None)
+@given(joint=st.integers(0, 6), upper=st.booleans(), short_of=st.floats(0.26, 0.5), speed=st.floats(0.3, 1.0),
+       latency=st.floats(0.0, 0.05), seed=st.integers(0, 2**16))
+@example(joint=5, upper=True, short_of=0.4, speed=0.5, latency=0.02, seed=0)  # the demo's: 2 mm past the hard limit
+@example(joint=2, upper=False, short_of=0.3125, speed=0.5, latency=0.0, seed=0)  # 2 mm into the margin
+def test_an_arm_blocked_short_of_a_position_limit_never_takes_the_setpoint_past_it(joint, upper, short_of, speed,
+                                                                                   latency, seed):
+    # Found by the demo: a policy drove fr3_joint6 towards its limit, the arm stopped short, and the
+    # recovery braked the setpoint at the ramp's fraction of the acceleration limit from the speed it
+    # had: 5 cm past the margin, a command the controller refused (and the executor node died).
+    # Here the policy's targets sweep on through the limit at ``speed`` rad/s (clipped to it).
+    limit = (MARGINED.position_max if upper else MARGINED.position_min)[joint]
+    sign = 1.0 if upper else -1.0
+    assume(abs(limit - HOME[joint]) > short_of + 0.1)
+    core = ExecutorCore(ExecutorConfig(max_tracking_error=0.25))
+    bench = started(core, seed=seed, latency=latency)
+    block = np.full(7, np.inf)
+    block[joint] = sign * limit - short_of  # the obstacle, short of the limit (in sign-flipped coordinates)
+    measured = bench.measured
+    bench.measured = lambda: sign * np.minimum(sign * measured(), block)
+    policy = sweep(joint, sign * speed, bench.now)
+
+    def stopped():
+        return any(r.message.startswith("stopped: the arm is not following") for _, r in bench.results)
+
+    for _ in range(30):  # up to 15 s: the farthest limits are 2.7 rad from home
+        bench.run(0.5, policy)
+        if stopped():
+            break
+    assert stopped()
+    bench.run(1.5, policy)  # the recovery
+    assert_smooth(bench.trace())
+
+
+def test_a_planned_command_beyond_a_hard_limit_is_not_sent_and_the_core_keeps_going():
+    # A planner defect (here: every piece 2 mm further towards joint 1's upper limit) must not reach
+    # the controller, nor end the executor (the demo's executor node died of one).
+    class DriftingCore(ExecutorCore):
+        def _step(self, p, v, a, target, feed, speed, limits):
+            p, v, a = super()._step(p, v, a, target, feed, speed, limits)
+            return p + np.r_[0.002, np.zeros(6)], v, a
+
+    bench = started(DriftingCore())
+    bench.run(6.0, constant(np.r_[MARGINED.position_max[0], HOME[1:]]))
+    refused = [r for _, r in bench.results if "failed the controller's check" in r.message]
+    assert refused and all(r.command is None and r.level == 2 for r in refused)
+    assert bench.core.counters["refused_plans"] == len(refused)
+    for _, command in bench.commands:  # every command sent is one the controller accepts
+        assert np.all(command.positions <= HARD.position_max) and np.all(command.positions >= HARD.position_min)
+    assert bench.results[-1][0] == pytest.approx(bench.now - MS, abs=0.06)  # still ticking at the end
 
 
 def test_a_second_commander_stops_and_the_restart_is_fresh():

@@ -50,7 +50,7 @@ from mail_ros.control.safety import (SafetyConfig, SafetyError, SafetyFilter, Ve
                                      min_jerk, ramp_duration)
 from mail_ros.control.scheduler import SCHEDULER_MODES, Chunk, ChunkScheduler
 from mail_ros.control.smoothness import CONTROLLER_PERIOD, SetpointMonitor
-from mail_ros.sim.jtc import JointTrajectoryController
+from mail_ros.sim.jtc import JointTrajectoryController, TrajectoryRejected
 from mail_ros.spec import FR3_HOME, GRIPPER_ACTION_NAME
 from mail_ros.sync.stamps import DEFAULT_MAX_STAMP_LEAD, StampGate, seconds_to_ns
 
@@ -222,7 +222,7 @@ class ExecutorCore:
         self.state_fault = False  # the last joint state was refused
         self.recovering = False  # bringing the setpoint back to an arm that did not follow
         self.last_verdict: Verdict | None = None
-        self.counters = {"chunks_accepted": 0, "chunks_rejected": 0, "commands": 0, "holds": 0}
+        self.counters = {"chunks_accepted": 0, "chunks_rejected": 0, "commands": 0, "holds": 0, "refused_plans": 0}
         self.worst_lag = 0.0  # rad, largest |setpoint - measured| since the last report
         # The commands as a controller joining from its desired state would run them, sampled at 1 kHz.
         self._jtc = JointTrajectoryController(self.arm_joints, self.safety.hard_limits.position_min,
@@ -319,6 +319,19 @@ class ExecutorCore:
         """Decide the tick at ``now``; ``command_publishers`` counts the publishers on the command
         topic, this executor's included."""
         log: list[tuple[int, str]] = []
+        try:
+            return self._decide(now, command_publishers, log)
+        except TrajectoryRejected as exc:
+            # The planner's own command failed the controller model's check (a planner defect, as
+            # the position-limit overshoot the demo found was): it is not sent, the controller
+            # finishes the last command, which ends at rest, and commanding starts anew.
+            self._stop()
+            self.counters["refused_plans"] += 1
+            reason = f"stopped: a planned command failed the controller's check and was not sent: {exc}"
+            log.append((2, reason))
+            return TickResult(None, None, 2, reason, log)
+
+    def _decide(self, now: float, command_publishers: int, log: list[tuple[int, str]]) -> TickResult:
         self._monitor_until(now)
         if not self.enabled:
             return TickResult(None, None, 1, "disabled", log)
@@ -336,7 +349,7 @@ class ExecutorCore:
         if decision.verdict is Verdict.STOP:
             self._stop()
             return TickResult(None, None, 2, f"stopped: {decision.reason}", log)
-        ramp_limits = self.limits.with_margins(0.0, *(self.safety.config.ramp_speed,) * 3)
+        ramp_limits = self.safety.ramp_limits
         if self.plan is not None:
             lag = np.abs(self.plan.state(now)[0] - self.measured)
             self.worst_lag = max(self.worst_lag, float(lag.max()))
@@ -471,15 +484,16 @@ class ExecutorCore:
         positions = np.array([s[0] for s in kept] + [s[0] for s in points])
         velocities = np.array([s[1] for s in kept] + [s[1] for s in points])
         accelerations = np.array([s[2] for s in kept] + [s[2] for s in points])
-        self.plan = Plan(old.origin, h, k_now, positions, velocities, accelerations)
         ks = np.arange(k_now, k_now + len(positions))
         times = (old.origin - now) + h * ks  # the offset first: every point exactly h apart
         after = times > 1e-9
         command = Command(stamp=now, times=times[after], positions=positions[after], velocities=velocities[after],
                           accelerations=accelerations[after])
         start = self._controller_time(now)
+        # Raises TrajectoryRejected (and keeps the plan sent before) where the controller would refuse it.
         self._jtc.set_trajectory(self.arm_joints, list(zip(command.times, command.positions, command.velocities,
                                                                command.accelerations)), start_time=start, now=start)
+        self.plan = Plan(old.origin, h, k_now, positions, velocities, accelerations)
         self.counters["commands"] += 1
         return command
 
@@ -501,8 +515,11 @@ class ExecutorCore:
             distance = np.abs(error)
             approach = np.minimum(distance / POSITION_TIME_CONSTANT, np.sqrt(amax * distance))
             v_goal = np.maximum(np.minimum(feed + np.sign(error) * approach, speed), -speed)
-            v_goal = np.minimum(v_goal, np.sqrt(amax * np.maximum(self.limits.position_max - p, 0.0)))
-            v_goal = np.maximum(v_goal, -np.sqrt(amax * np.maximum(p - self.limits.position_min, 0.0)))
+            # Towards a position limit: braking at half the acceleration limit would stop at it, less
+            # the way the velocity covers while it lags its goal (VELOCITY_TIME_CONSTANT).
+            drift = np.abs(v) * VELOCITY_TIME_CONSTANT
+            v_goal = np.minimum(v_goal, np.sqrt(amax * np.maximum(self.limits.position_max - p - drift, 0.0)))
+            v_goal = np.maximum(v_goal, -np.sqrt(amax * np.maximum(p - self.limits.position_min - drift, 0.0)))
         a_goal = np.maximum(np.minimum((v_goal - v) / VELOCITY_TIME_CONSTANT, amax), -amax)
         # The velocity at the end of the piece, v + (a + a_next) h / 2, stays within the speed limit.
         a_goal = np.maximum(np.minimum(a_goal, 2 * (speed - v) / h - a), -2 * (speed + v) / h - a)
@@ -524,9 +541,9 @@ class ExecutorCore:
             self._fresh_plan(now)
         stop = self._command(now, None, self.limits)
         plan, h = self.plan, self.config.knot_spacing
-        ramp_limits = self.limits.with_margins(0.0, *(self.safety.config.ramp_speed,) * 3)
         start = plan.positions[-1]
-        duration = ramp_duration(start, self.home, ramp_limits, min_duration=self.safety.config.ramp_min_duration)
+        duration = ramp_duration(start, self.home, self.safety.ramp_limits,
+                                 min_duration=self.safety.config.ramp_min_duration)
         steps = max(1, math.ceil(duration / h - 1e-9))
         p, v, a = min_jerk(start, self.home, steps * h, np.arange(1, steps + 1) * h)
         p[-1], v[-1], a[-1] = self.home, 0.0, 0.0

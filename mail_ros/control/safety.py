@@ -54,7 +54,7 @@ class SafetyConfig:
     chunk_timeout: float = 0.3  # s without a fresh chunk -> HOLD
     joint_state_timeout: float = 0.2  # s without joint_states -> STOP
     # Ramps (first chunk, goal change, homing).
-    ramp_speed: float = 0.3  # fraction of the margined velocity/acceleration/jerk limits
+    ramp_speed: float = 0.3  # fraction of the margined velocity limits while ramping
     ramp_min_duration: float = 1.0  # s; never faster than this
     ramp_distance: float = 0.05  # rad; a target farther than this from the robot is ramped to
 
@@ -95,6 +95,12 @@ class SafetyFilter:
             acceleration_scale=self.config.acceleration_scale,
             jerk_scale=self.config.jerk_scale,
         )
+        # Ramps (and the executor's recovery) cap the speed only. Acceleration and jerk stay the
+        # margined limits, so a setpoint that was moving faster when a ramp begins brakes as hard
+        # as it may: braking at a ramp's fraction of them let it overshoot by up to
+        # v^2 / (2 ramp_speed a_max), past the position margin (executor core test).
+        self.ramp_limits = self.limits.with_margins(0.0, velocity_scale=self.config.ramp_speed,
+                                                    acceleration_scale=1.0, jerk_scale=1.0)
 
     def gripper_width(self, width: float) -> float | None:
         """Commanded gripper width clipped to the hand's range; None (keep the last command) if not finite."""

@@ -69,7 +69,7 @@ SAFETY_PARAMETERS = {
                        "control_rate_hz)", 0.0, None),
     "chunk_timeout": ("Hold when no fresh chunk arrived for this long (s)", 0.0, None),
     "joint_state_timeout": ("Stop commanding when /joint_states is older than this (s)", 0.0, None),
-    "ramp_speed": ("Ramp speed as a fraction of the margined limits", 0.0, 1.0),
+    "ramp_speed": ("Ramp speed as a fraction of the margined velocity limits (acceleration and jerk keep the margined limits)", 0.0, 1.0),
     "ramp_min_duration": ("Shortest ramp (s)", 0.0, None),
     "ramp_distance": ("Ramp first when the target is farther than this (rad) from the setpoint", 0.0, None),
 }
