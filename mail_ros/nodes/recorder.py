@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from typing import TextIO
@@ -27,6 +29,7 @@ from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 
 from mail_ros.data.recording import STRING, BagRecording, RecordError
 from mail_ros.nodes.common import subscribe_goals_once
@@ -129,8 +132,10 @@ def record(
     context: Context | None = None,
     status: TextIO | None = None,
     discovery_period: float = 0.5,
+    stop: threading.Event | None = None,
 ) -> BagRecording:
-    """Record until ``duration`` seconds (wall clock) have passed or ``context`` shuts down (Ctrl-C).
+    """Record until ``duration`` seconds (wall clock) have passed, ``stop`` is set (Ctrl-C in
+    :func:`main`) or ``context`` shuts down.
 
     ``context`` must be initialised (None: the default context). ``status`` receives one status
     line, refreshed in place. Returns the closed :class:`BagRecording` (its ``counts``).
@@ -144,7 +149,8 @@ def record(
         executor.add_node(node)
         ok = (context or rclpy.get_default_context()).ok
         next_status = start
-        while ok() and (duration is None or time.monotonic() - start < duration):
+        while ok() and not (stop is not None and stop.is_set()) and (
+                duration is None or time.monotonic() - start < duration):
             executor.spin_once(timeout_sec=0.05)
             now = time.monotonic()
             if status is not None and now >= next_status:
@@ -167,12 +173,21 @@ def record(
 
 def main(out: str, topics: tuple[str, ...], *, duration: float | None = None, storage: str = "mcap",
          status: TextIO | None = sys.stderr) -> int:
-    """``mail-ros record``: init rclpy (SIGINT/SIGTERM stop the recording), record, shut down."""
-    rclpy.init()
+    """``mail-ros record``: init rclpy, record until SIGINT/SIGTERM (or ``duration``), shut down.
+
+    The signals only set an event that the recording loop reads between spins, as the nodes do
+    (:func:`mail_ros.nodes.common.run_node`): rclpy's own handler shut the context down under the
+    loop, which then failed to wait on it ("the given context is not valid") and lost the exit status.
+    """
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
-        recording = record(out, topics, duration=duration, storage=storage, status=status)
+        recording = record(out, topics, duration=duration, storage=storage, status=status, stop=stop)
     finally:
         rclpy.try_shutdown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     total = sum(recording.counts.values())
     print(f"wrote {out}: {total} messages on {len(recording.counts)} topics, {recording.episodes} episode(s)")
     if not recording.types:
