@@ -214,6 +214,29 @@ def shutdown_executor(executor: Executor) -> None:
             task.cancel()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set from now on, for a loop that spins until it is set.
+
+    Initialise rclpy without its own handlers (``SignalHandlerOptions.NO``): they shut the context
+    down under the spinning loop, which then fails to wait on it. Python runs this handler in the
+    main thread between bytecodes; the loop's spin timeout bounds how long it stays in rclpy's
+    wait without looking.
+    """
+    stop = threading.Event()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def ignore_stop_signals() -> None:
+    """From now on SIGINT and SIGTERM are ignored: the clean-up after a stop runs to its end."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads: int = 2) -> int:
     """Standard ``main``: init, spin a multi-threaded executor, shut down in order; returns 0.
 
@@ -230,11 +253,7 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
     # (measured in bench/pipeline_latency.py: with 5 ms the observation stream fell from 10 Hz
     # to ~2 Hz and the executor saw 400 ms tick gaps).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    stop = threading.Event()
-    # Python runs a handler in the main thread between bytecodes; spin_once's timeout bounds how
-    # long the main thread stays in rclpy's wait without looking.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
     node = executor = None
     try:
@@ -246,8 +265,7 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
     except ExternalShutdownException:
         pass
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+        ignore_stop_signals()
         if executor is not None:
             shutdown_executor(executor)
         if node is not None:
@@ -258,6 +276,6 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 
 __all__ = [
     "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "GOAL_QOS_VOLATILE", "PIPELINE_QOS", "Diagnostics", "Parameter",
-    "declare", "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration", "seconds_to_stamp",
-    "shutdown_executor", "stamp_ns", "stamp_to_seconds", "subscribe_goals", "subscribe_goals_once",
+    "declare", "ignore_stop_signals", "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration",
+    "seconds_to_stamp", "shutdown_executor", "stop_on_signals", "stamp_ns", "stamp_to_seconds", "subscribe_goals", "subscribe_goals_once",
 ]

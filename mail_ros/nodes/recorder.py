@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-import signal
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.signals import SignalHandlerOptions
 
 from mail_ros.data.recording import STRING, BagRecording, RecordError
-from mail_ros.nodes.common import subscribe_goals_once
+from mail_ros.nodes.common import ignore_stop_signals, stop_on_signals, subscribe_goals_once
 
 __all__ = ["RecorderNode", "adapted_qos", "main", "message_class", "record"]
 
@@ -175,19 +174,17 @@ def main(out: str, topics: tuple[str, ...], *, duration: float | None = None, st
          status: TextIO | None = sys.stderr) -> int:
     """``mail-ros record``: init rclpy, record until SIGINT/SIGTERM (or ``duration``), shut down.
 
-    The signals only set an event that the recording loop reads between spins, as the nodes do
-    (:func:`mail_ros.nodes.common.run_node`): rclpy's own handler shut the context down under the
-    loop, which then failed to wait on it ("the given context is not valid") and lost the exit status.
+    The signals only set an event that the recording loop reads between spins, as for the nodes
+    (:func:`~mail_ros.nodes.common.stop_on_signals`): rclpy's own handler shut the context down
+    under the loop, which then failed to wait on it ("the given context is not valid").
     """
-    stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stop = stop_on_signals()
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     try:
         recording = record(out, topics, duration=duration, storage=storage, status=status, stop=stop)
     finally:
+        ignore_stop_signals()
         rclpy.try_shutdown()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     total = sum(recording.counts.values())
     print(f"wrote {out}: {total} messages on {len(recording.counts)} topics, {recording.episodes} episode(s)")
     if not recording.types:
