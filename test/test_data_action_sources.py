@@ -43,6 +43,21 @@ def test_kinesthetic_actions_are_the_measured_joints_at_t_plus_dt(tmp_path):
     assert ep.action_source == "kinesthetic /joint_states; gripper measured"
 
 
+def test_a_kinesthetic_lead_of_the_controllers_lag_gives_the_commands_back(tmp_path):
+    # The factory's arm reaches each command LAG s after it: labelling the measured joints at
+    # t + dt + LAG is what the (unrecorded) commands were, so a policy taught by hand leads the arm
+    # as a commanded one does.
+    bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(command_topic=None, gripper_topic=None))
+    (ep,) = read_bag(tmp_path / "bag", config(arm_source="kinesthetic", kinesthetic_lead=bf.LAG)).episodes
+    np.testing.assert_allclose(ep.actions[:, :7], bf.arm_target(ep.timestamps + DT), atol=1e-6)
+    np.testing.assert_allclose(ep.actions[:, 7], bf.gripper_target(ep.timestamps + DT), atol=1e-6)
+    assert ep.action_source == f"kinesthetic /joint_states lead {bf.LAG:g} s; gripper measured"
+    with pytest.raises(ValueError, match="kinesthetic_lead applies to arm_source kinesthetic"):
+        config(kinesthetic_lead=bf.LAG)
+    with pytest.raises(ValueError, match="kinesthetic_lead must be >= 0"):
+        config(arm_source="kinesthetic", kinesthetic_lead=-0.1)
+
+
 def test_a_bag_without_commands_is_refused_as_command_source_with_the_way_out(tmp_path):
     bf.write_demo_bag(tmp_path / "bag", bf.DemoBag(command_topic=None))
     with pytest.raises(DataError, match=r"missing topics \['/fr3_arm_controller/joint_trajectory'\].*--arm-source kinesthetic"):
@@ -93,15 +108,15 @@ def joint_state(t: float, names, positions):
 
 @settings(max_examples=60, deadline=None)  # a busy machine stalls any example now and then
 @given(gaps=st.lists(st.floats(0.001, 0.3), min_size=1, max_size=12), at=st.floats(0.0, 1.0),
-       slope=st.floats(-2.0, 2.0), max_gap=st.floats(0.01, 0.2))
-def test_measured_arm_interpolates_only_across_short_gaps(gaps, at, slope, max_gap):
-    arm = MeasuredArm("kinesthetic", "/joint_states", ("b", "a"), max_state_gap=max_gap)
+       slope=st.floats(-2.0, 2.0), max_gap=st.floats(0.01, 0.2), lead=st.sampled_from([0.0, 0.05, 0.137]))
+def test_measured_arm_interpolates_only_across_short_gaps(gaps, at, slope, max_gap, lead):
+    arm = MeasuredArm("kinesthetic", "/joint_states", ("b", "a"), max_state_gap=max_gap, lead=lead)
     for t in (10.0 + np.concatenate([[0.0], np.cumsum(gaps)]))[::-1]:  # out of order: interpolation is by stamp
         arm.add(joint_state(t, ("a", "b", "c"), (slope * t, 1.0, 7.0)), seconds_to_ns(t), "test")
     stamps = np.sort(np.asarray(arm.stamps))  # ns, as stored
-    dt = seconds_to_ns(DT)
+    dt = seconds_to_ns(DT) + seconds_to_ns(lead)  # the lead adds to dt: t + dt + lead
     t = int(stamps[0] + round(at * int(stamps[-1] - stamps[0]))) - dt
-    value, why = arm.at(t, dt)
+    value, why = arm.at(t, seconds_to_ns(DT))
     when = t + dt
     k = int(np.searchsorted(stamps, when, side="left"))
     if when > stamps[-1]:
@@ -111,8 +126,8 @@ def test_measured_arm_interpolates_only_across_short_gaps(gaps, at, slope, max_g
         assert why == "" and value == pytest.approx([1.0, slope * when / 1e9], abs=1e-8)
     else:
         assert value is None and why == "state_gap"
-    assert arm.at(int(stamps[0]) - dt - 10_000_000, dt) == (None, "no_state")
-    assert arm.at(int(stamps[-1]) - dt + 10_000_000, dt) == (None, "no_future_state")
+    assert arm.at(int(stamps[0]) - dt - 10_000_000, seconds_to_ns(DT)) == (None, "no_state")
+    assert arm.at(int(stamps[-1]) - dt + 10_000_000, seconds_to_ns(DT)) == (None, "no_future_state")
 
 
 def test_convert_records_and_reports_each_episode_source(tmp_path, capsys):
@@ -132,6 +147,13 @@ def test_convert_records_and_reports_each_episode_source(tmp_path, capsys):
             "kinesthetic /joint_states; gripper measured (1 episodes)") in text
     assert [ep.action_source for ep in read_hdf5(merged).episodes] == [
         "kinesthetic /joint_states; gripper measured", "command /fr3_arm_controller/joint_trajectory; gripper command"]
+    # With a lead, the attribute says so; a lead for commanded demos is refused.
+    assert main(["convert", str(tmp_path / "kin"), "-o", str(tmp_path / "lead.hdf5"), "--arm-source", "kinesthetic",
+                 "--kinesthetic-lead", "0.1", *CONVERT_ARGS]) == 0
+    assert "actions from: kinesthetic /joint_states lead 0.1 s; gripper measured (1 episodes)" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "cmd"), "-o", str(tmp_path / "x.hdf5"), "--kinesthetic-lead", "0.1",
+                 *CONVERT_ARGS]) == 2
+    assert "kinesthetic_lead applies to arm_source kinesthetic" in capsys.readouterr().err
     # Kinesthetic bags given as command demos: skipped with the reason, not mislabelled.
     assert main(["convert", str(tmp_path / "kin"), "-o", str(tmp_path / "none.hdf5"), *CONVERT_ARGS]) == 1
     assert "--arm-source kinesthetic" in capsys.readouterr().err

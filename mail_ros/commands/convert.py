@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--arm-source teleop: rename a leader joint to the robot's (repeat per joint)")
     p.add_argument("--max-state-gap", type=float, default=DEFAULT_MAX_STATE_GAP,
                    help="kinesthetic / JointState leader: drop frames whose t + dt falls in a longer gap between states (s)")
+    p.add_argument("--kinesthetic-lead", type=float, default=0.0, metavar="S",
+                   help="--arm-source kinesthetic: label the joints measured at t + dt + S, S the time the robot's "
+                        "controller takes to bring the arm to a target (the test bed: 0.1 s), so the policy "
+                        "commands ahead of the arm as commanded demonstrations do")
     p.add_argument("--gripper-command-topic", default="/fr3_gripper/joint_trajectory")
     p.add_argument("--gripper-source", choices=("auto", "command", "measured"), default="auto",
                    help="gripper width from the command topic, or measured (finger sum); auto: command if recorded")
@@ -93,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             teleop_topic=args.teleop_topic,
             teleop_joint_map=tuple(parse_pairs(args.teleop_joint_map, "--teleop-joint-map").items()),
             max_state_gap=args.max_state_gap,
+            kinesthetic_lead=args.kinesthetic_lead,
             gripper_command_topic=args.gripper_command_topic,
             gripper_source=args.gripper_source,
             instruction_topic=args.instruction_topic,

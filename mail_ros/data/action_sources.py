@@ -8,7 +8,11 @@ The action of a frame with reference stamp ``t`` is always the arm's target for 
 - ``kinesthetic``: the arm is moved by hand (gravity compensation) and nothing commands it, so the
   target is where the hand took it: the MEASURED joint positions (``/joint_states``) at ``t + dt``,
   linearly interpolated between the joint states stamped around it. At run time the policy's
-  target for ``t + dt`` is then where the demonstrator had the arm at that time.
+  target for ``t + dt`` is then where the demonstrator had the arm at that time. A robot's
+  controller brings the arm to a target some time after it is commanded (the test bed's and
+  franka_ros2's position controllers: about 0.1 s), so commanded demonstrations lead the measured
+  arm by as much; ``lead`` labels ``t + dt + lead`` instead, so that a policy taught by hand
+  commands ahead of the arm as a commanded one does.
 - ``teleop``: a leader device (a leader arm such as GELLO, a SpaceMouse or VR controller driver
   that solves IK) publishes joint targets the robot follows, either as ``sensor_msgs/JointState``
   (interpolated at ``t + dt`` by header stamp, as kinesthetic) or as ``JointTrajectory`` on any
@@ -52,16 +56,21 @@ class MeasuredArm:
     joint name (a leader's names), applied before selecting. Messages the bag's
     :class:`~mail_ros.sync.stamps.StampGate` refuses (unstamped, or stamped more than
     ``max_stamp_lead`` ahead of their receipt) are counted in ``refused`` like every other stream
-    of a bag. Times are integer nanoseconds (bag receive times, header stamps).
+    of a bag. ``lead``: seconds past ``t + dt`` the label is read at (module docstring). Times are
+    integer nanoseconds (bag receive times, header stamps).
     """
 
     def __init__(self, kind: str, topic: str, joints: Sequence[str], rename: Mapping[str, str] | None = None,
-                 max_state_gap: float = DEFAULT_MAX_STATE_GAP, max_stamp_lead: float = DEFAULT_MAX_STAMP_LEAD) -> None:
+                 max_state_gap: float = DEFAULT_MAX_STATE_GAP, max_stamp_lead: float = DEFAULT_MAX_STAMP_LEAD,
+                 lead: float = 0.0) -> None:
         if not (math.isfinite(max_state_gap) and max_state_gap > 0):
             raise ValueError(f"max_state_gap must be positive seconds, got {max_state_gap}")
+        if not (math.isfinite(lead) and lead >= 0):
+            raise ValueError(f"lead must be >= 0 seconds, got {lead}")
         self.kind, self.topic, self.joints = kind, topic, tuple(joints)
         self.rename = dict(rename or {})
         self.max_state_gap = seconds_to_ns(max_state_gap)  # ns
+        self.lead = seconds_to_ns(lead)  # ns
         self.gate = StampGate(max_stamp_lead)
         self.stamps: list[int] = []  # ns
         self.positions: list[np.ndarray] = []
@@ -90,14 +99,14 @@ class MeasuredArm:
         self._sorted = None
 
     def at(self, t: int, dt: int) -> tuple[np.ndarray | None, str]:
-        """(positions (D,) at ``t + dt`` (both ns), "") or (None, why: "no_state", "no_future_state",
-        "state_gap")."""
+        """(positions (D,) at ``t + dt + lead`` (all ns), "") or (None, why: "no_state",
+        "no_future_state", "state_gap")."""
         if self._sorted is None:
             order = np.argsort(self.stamps, kind="stable")
             self._sorted = (np.asarray(self.stamps, dtype=np.int64)[order],
                             np.stack(self.positions)[order] if self.positions else None)
         stamps, positions = self._sorted
-        when = t + dt
+        when = t + dt + self.lead
         if len(stamps) == 0 or when < stamps[0]:
             return None, "no_state"
         if when > stamps[-1]:
@@ -111,9 +120,13 @@ class MeasuredArm:
         return (1.0 - w) * positions[k - 1] + w * positions[k], ""
 
 
-def describe(kind: str, topic: str, gripper: str, rename: Mapping[str, str] | None = None) -> str:
-    """The ``action_source`` attribute of an episode, e.g. ``"kinesthetic /joint_states; gripper measured"``."""
+def describe(kind: str, topic: str, gripper: str, rename: Mapping[str, str] | None = None,
+             lead: float = 0.0) -> str:
+    """The ``action_source`` attribute of an episode, e.g. ``"kinesthetic /joint_states; gripper measured"``
+    (``"kinesthetic /joint_states lead 0.1 s; ..."`` with a lead)."""
     text = f"{kind} {topic}"
+    if lead:
+        text += f" lead {lead:g} s"
     if rename:
         text += " (" + ", ".join(f"{a}->{b}" for a, b in rename.items()) + ")"
     return f"{text}; gripper {gripper}"

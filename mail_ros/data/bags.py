@@ -115,6 +115,7 @@ class BagConfig:
     teleop_topic: str = "/leader/joint_states"  # JointState or JointTrajectory targets of a leader
     teleop_joint_map: tuple[tuple[str, str], ...] = ()  # leader joint name -> robot joint name
     max_state_gap: float = DEFAULT_MAX_STATE_GAP  # s; kinesthetic and JointState leaders
+    kinesthetic_lead: float = 0.0  # s; kinesthetic labels are the joints at t + dt + lead (action_sources)
     gripper_action: str = GRIPPER_ACTION_NAME  # the action name that is the gripper width
     gripper_command_topic: str = "/fr3_gripper/joint_trajectory"
     # "auto": the command topic when the bag has it, else measured; or force one of them
@@ -146,6 +147,10 @@ class BagConfig:
             raise ValueError(f"action_names {list(self.action_names)} hold no arm joint")
         if not (math.isfinite(self.max_skew) and self.max_skew > 0):
             raise ValueError(f"max_skew must be positive seconds, got {self.max_skew}")
+        if not (math.isfinite(self.kinesthetic_lead) and self.kinesthetic_lead >= 0):
+            raise ValueError(f"kinesthetic_lead must be >= 0 seconds, got {self.kinesthetic_lead}")
+        if self.kinesthetic_lead and self.arm_source != "kinesthetic":
+            raise ValueError(f"kinesthetic_lead applies to arm_source kinesthetic, not {self.arm_source!r}")
         if not (math.isfinite(self.max_stamp_lead) and self.max_stamp_lead >= 0):
             raise ValueError(f"max_stamp_lead must be >= 0 seconds, got {self.max_stamp_lead}")
         if self.min_frames < 1:
@@ -508,7 +513,8 @@ def arm_actions(config: BagConfig, topics: dict[str, str]) -> Trajectory | Measu
     """An empty holder of the bag's arm actions, by ``config.arm_source`` (and the teleop topic's type)."""
     if config.arm_source == "kinesthetic":
         return MeasuredArm("kinesthetic", config.joint_states_topic, config.arm_joints,
-                           max_state_gap=config.max_state_gap, max_stamp_lead=config.max_stamp_lead)
+                           max_state_gap=config.max_state_gap, max_stamp_lead=config.max_stamp_lead,
+                           lead=config.kinesthetic_lead)
     rename = dict(config.teleop_joint_map) if config.arm_source == "teleop" else {}
     if config.arm_source == "teleop" and topics.get(config.teleop_topic) == JOINT_STATE:
         return MeasuredArm("teleop", config.teleop_topic, config.arm_joints, rename,
@@ -581,7 +587,8 @@ def _finish(
     stats["messages_stamped_ahead"] = dict(state.refused["future"])
     stats["messages_unstamped"] = dict(state.refused["unstamped"])
     stats["gripper_source"] = gripper
-    source = describe(config.arm_source, config.arm_topic, gripper, dict(config.teleop_joint_map))
+    source = describe(config.arm_source, config.arm_topic, gripper, dict(config.teleop_joint_map),
+                      config.kinesthetic_lead)
     if len(frames) < config.min_frames:
         ahead = "".join(f", messages {what}: {dict(state.refused[reason])}" for reason, what in
                         (("future", "stamped ahead of their receipt"), ("unstamped", "without a stamp"))
