@@ -23,6 +23,8 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, Pyth
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from mail_ros.control.executor import ExecutorConfig
+from mail_ros.control.scheduler import SCHEDULER_MODES
 from mail_ros.transport import apply_dds_profile
 
 ARGUMENTS = [
@@ -39,7 +41,8 @@ ARGUMENTS = [
     ("device", "auto", "Torch device of the policy: auto, cpu, cuda, cuda:N"),
     ("encoder", "minilm", "Text encoder of language_node; must match the checkpoint's language_encoder"),
     ("namespace", "", "Namespace of the mail_ros nodes (robot topics stay absolute)"),
-    ("executor_mode", "receding_horizon", "receding_horizon | temporal_ensemble | latency_compensation"),
+    ("executor_mode", ExecutorConfig.mode, " | ".join(SCHEDULER_MODES) + " (how chunks become commands; the "
+     "default is executor_node's)"),
     ("executor_enabled", "true", "Let the executor command the robot"),
     ("use_sim_time", "false", "Use /clock (bag replay, simulation)"),
     ("params_file", "", "Parameter file of the pipeline nodes (empty = mail_ros/config/pipeline.yaml)"),

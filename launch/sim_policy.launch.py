@@ -17,6 +17,8 @@ from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
 from mail_ros.resources import demo_checkpoint
+from mail_ros.control.executor import ExecutorConfig
+from mail_ros.control.scheduler import SCHEDULER_MODES
 from mail_ros.transport import apply_dds_profile
 
 ARGUMENTS = [
@@ -27,7 +29,8 @@ ARGUMENTS = [
     ("checkpoint", "", "MaIL checkpoint directory (empty = the installed demo checkpoint)"),
     ("device", "auto", "Torch device of the policy"),
     ("encoder", "minilm", "Text encoder of language_node"),
-    ("executor_mode", "receding_horizon", "receding_horizon | temporal_ensemble | latency_compensation"),
+    ("executor_mode", ExecutorConfig.mode, " | ".join(SCHEDULER_MODES) + " (how chunks become commands; the "
+     "default is executor_node's)"),
     ("seed", "0", "Seed of the simulator's cube layout"),
     ("rviz", "false", "Start RViz with rviz/mail.rviz"),
 ]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mail_ros.control.executor import ExecutorConfig
+from mail_ros.control.scheduler import SCHEDULER_MODES
 from mail_ros.resources import ResourceError, demo_checkpoint
 from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
@@ -58,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="at most this many simulated seconds per wall second (the simulation slows down when the "
                         "computer cannot keep up)")
-    p.add_argument("--executor-mode", default=ExecutorConfig().mode,
-                   choices=("receding_horizon", "temporal_ensemble", "latency_compensation"))
+    p.add_argument("--executor-mode", default=ExecutorConfig().mode, choices=SCHEDULER_MODES,
+                   help="how chunks become commands; the default is executor_node's, which the launch files deploy")
     p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,
                    help="receding horizon: actions executed per chunk (0 = the whole chunk); the default is "
                         "executor_node's, which the launch files deploy")

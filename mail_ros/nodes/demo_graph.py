@@ -23,6 +23,7 @@ from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 
+from mail_ros.control.executor import ExecutorConfig
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.nodes.executor_node import goal_id
 from mail_ros.nodes.common import GOAL_QOS, PIPELINE_QOS, now_seconds, stamp_to_seconds
@@ -58,7 +59,8 @@ class DemoGraph:
     """Builds the graph: a :class:`SimSession` here, the pipeline nodes in their processes; a context manager."""
 
     def __init__(self, checkpoint: str | Path, *, seed: int, real_time_factor: float, device: str = "cpu",
-                 executor_mode: str = "receding_horizon", execute_steps: int = 0, domain_id: int | None = None,
+                 executor_mode: str = ExecutorConfig.mode, execute_steps: int = ExecutorConfig.execute_steps,
+                 domain_id: int | None = None,
                  record: str | Path | None = None, camera_size: tuple[int, int] | None = None,
                  torch_threads: int = 1, command_latency: float = SIM_TIME_COMMAND_LATENCY) -> None:
         config = describe_checkpoint(checkpoint)
