@@ -3,6 +3,7 @@ writes reloads as an ICILPolicy, held-out tasks stay out, frame features are cac
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -147,3 +148,34 @@ def test_an_icil_resume_that_would_change_the_run_is_refused(tmp_path, tiny_conf
     (out / "last" / "trainer_state.safetensors").unlink()  # e.g. a checkpoint from before resumable ICIL runs
     assert cli_main(["train", "--resume", str(out)]) == 2
     assert "holds no resumable state" in capsys.readouterr().err
+
+
+def test_prompt_check_tells_a_policy_that_uses_its_prompt(tmp_path, capsys):
+    # In these demonstrations only the prompt tells the tasks apart (icil_demos): a policy trained
+    # on them does better with its own task's prompt than with another's, and the script says so.
+    import importlib.util
+
+    config = tmp_path / "icil_prompted.yaml"
+    config.write_text(yaml.safe_dump({
+        "preset": "icil-tiny-ma",
+        "policy": {"prompt.k_max": 2},
+        "data": {"feature_cache": str(tmp_path / "features"), "cut_stride": 2},
+        "train": {"steps": 150, "batch_size": 4, "lr": 3.0e-3, "log_every": 150, "checkpoint_every": 150,
+                  "device": "cpu"},
+    }))
+    data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3)
+    assert cli_main(["train", "--config", str(config), str(data), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    spec = importlib.util.spec_from_file_location("icil_prompt_check", ROOT / "scripts" / "icil_prompt_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    assert script.main(["--checkpoint", str(tmp_path / "run" / "last"), str(data), "--k", "2", "--live", "1"]) == 0
+    rows = {line[:40].strip(): [float(v) for v in line[40:].split()]
+            for line in capsys.readouterr().out.splitlines()[1:]}
+    assert sorted(rows) == sorted(TASKS)
+    for task, (own, other, _none) in rows.items():
+        assert own < 0.9 * other, (task, own, other)
+    own, other, _ = np.mean(list(rows.values()), axis=0)
+    assert own < 0.8 * other, rows
+    # Not an ICIL checkpoint: refused.
+    assert script.main(["--checkpoint", str(ROOT / "checkpoints" / "demo"), str(data)]) == 2
