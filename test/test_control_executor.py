@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from mail_ros.control.executor import Command, ExecutorConfig, ExecutorCore, Plan
 from mail_ros.control.limits import fr3_limits
+from mail_ros.control.scheduler import SCHEDULER_MODES
 from mail_ros.control.safety import SafetyConfig, SafetyError
 from mail_ros.sim.jtc import JointTrajectoryController
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_HOME, GRIPPER_ACTION_NAME
@@ -150,15 +151,19 @@ def started(core=None, **kwargs) -> Bench:
 
 
 # --- smoothness ---------------------------------------------------------------------------------
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=18, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     latency=st.floats(0.0, 0.05),
     tick_jitter=st.floats(0.0, 0.08),
     events=st.lists(st.sampled_from(["jump", "stall", "goal", "far", "wave", "hold"]), min_size=2, max_size=5),
+    mode=st.sampled_from(SCHEDULER_MODES),
+    execute_steps=st.sampled_from([0, 1, 4]),
 )
-def test_the_1khz_setpoint_stays_within_the_limits_through_anything(seed, latency, tick_jitter, events):
-    bench = started(seed=seed, latency=latency, tick_jitter=tick_jitter, arm_delay=0.02)
+def test_the_1khz_setpoint_stays_within_the_limits_through_anything(seed, latency, tick_jitter, events, mode,
+                                                                    execute_steps):
+    core = ExecutorCore(ExecutorConfig(mode=mode, execute_steps=execute_steps))
+    bench = started(core, seed=seed, latency=latency, tick_jitter=tick_jitter, arm_delay=0.02)
     rng = np.random.default_rng(seed)
     for event in events:
         target = np.clip(HOME + rng.uniform(-0.6, 0.6, 7), MARGINED.position_min, MARGINED.position_max)

@@ -79,7 +79,9 @@ class ExecutorConfig:
     """Settings of the executor besides the safety layer's (:class:`SafetyConfig`)."""
 
     control_rate_hz: float = 20.0  # control ticks (JointTrajectory messages) per second
-    mode: str = "receding_horizon"  # chunk execution, one of SCHEDULER_MODES
+    # Chunk execution, one of SCHEDULER_MODES. Temporal ensembling: the demo policy scored 83/90
+    # twice with it, 79-80/90 with receding_horizon (README, "Closed-loop demo").
+    mode: str = "temporal_ensemble"
     execute_steps: int = 0  # receding horizon: actions executed per chunk (0 = the whole chunk, MaIL)
     ensemble_decay: float = 0.01  # temporal ensembling weight decay m in exp(-m*i)
     interpolation: str = "linear"  # between action due times: linear or hold
