@@ -16,9 +16,9 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, Pyth
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
-from mail_ros.resources import demo_checkpoint
 from mail_ros.control.executor import ExecutorConfig
 from mail_ros.control.scheduler import SCHEDULER_MODES
+from mail_ros.resources import demo_checkpoint
 from mail_ros.transport import apply_dds_profile
 
 ARGUMENTS = [

@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="kinesthetic / JointState leader: drop frames whose t + dt falls in a longer gap between states (s)")
     p.add_argument("--kinesthetic-lead", type=float, default=0.0, metavar="S",
                    help="--arm-source kinesthetic: label the joints measured at t + dt + S, S the time the robot's "
-                        "controller takes to bring the arm to a target (the test bed: 0.1 s), so the policy "
+                        "controller takes to bring the arm to a target (the test bed: 0.05-0.1 s), so the policy "
                         "commands ahead of the arm as commanded demonstrations do")
     p.add_argument("--gripper-command-topic", default="/fr3_gripper/joint_trajectory")
     p.add_argument("--gripper-source", choices=("auto", "command", "measured"), default="auto",

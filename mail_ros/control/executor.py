@@ -80,7 +80,7 @@ class ExecutorConfig:
 
     control_rate_hz: float = 20.0  # control ticks (JointTrajectory messages) per second
     # Chunk execution, one of SCHEDULER_MODES. Temporal ensembling: the demo policy scored 83/90
-    # twice with it, 79-80/90 with receding_horizon (README, "Closed-loop demo").
+    # twice with it, 79-80/90 with receding_horizon (README, "The simulated demo").
     mode: str = "temporal_ensemble"
     execute_steps: int = 0  # receding horizon: actions executed per chunk (0 = the whole chunk, MaIL)
     ensemble_decay: float = 0.01  # temporal ensembling weight decay m in exp(-m*i)

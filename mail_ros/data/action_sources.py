@@ -9,10 +9,10 @@ The action of a frame with reference stamp ``t`` is always the arm's target for 
   target is where the hand took it: the MEASURED joint positions (``/joint_states``) at ``t + dt``,
   linearly interpolated between the joint states stamped around it. At run time the policy's
   target for ``t + dt`` is then where the demonstrator had the arm at that time. A robot's
-  controller brings the arm to a target some time after it is commanded (the test bed's and
-  franka_ros2's position controllers: about 0.1 s), so commanded demonstrations lead the measured
-  arm by as much; ``lead`` labels ``t + dt + lead`` instead, so that a policy taught by hand
-  commands ahead of the arm as a commanded one does.
+  controller brings the arm to a target some time after it is commanded, so commanded
+  demonstrations lead the measured arm (in the test bed, kinesthetic labels come closest to the
+  command labels 0.05-0.1 s later); ``lead`` labels ``t + dt + lead`` instead, so that a policy
+  taught by hand commands ahead of the arm as a commanded one does.
 - ``teleop``: a leader device (a leader arm such as GELLO, a SpaceMouse or VR controller driver
   that solves IK) publishes joint targets the robot follows, either as ``sensor_msgs/JointState``
   (interpolated at ``t + dt`` by header stamp, as kinesthetic) or as ``JointTrajectory`` on any
