@@ -8,7 +8,8 @@ prompts: K other demonstrations of the SAME instruction, K demonstrations of ANO
 of the same skill (test-bed instructions; else any other), and none. Prints the mean absolute
 error of the arm joints over each chunk against the recorded actions (rad). A policy that uses
 its prompt does clearly better with its own task's demonstrations than with another's; equal
-errors mean the live frames alone decide the chunks (the model has learned the episodes).
+errors mean the live frames alone decide the chunks (the model has learned the episodes, or
+infers the task from the arm's motion so far: ``--first`` scores only the start of each episode).
 
     scripts/icil_prompt_check.py --checkpoint runs/icil/last demos.hdf5 --k 3 --live 2
 """
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="ICIL checkpoint directory")
     parser.add_argument("--k", type=int, default=3, help="prompt demonstrations")
     parser.add_argument("--live", type=int, default=2, help="live episodes per instruction")
+    parser.add_argument("--first", type=int, default=0,
+                        help="score only the chunks of each episode's first N frames (0: all), where the live "
+                             "frames cannot yet tell the task (the arm has not moved towards a cube)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             policy.clear_prompt()
         episode, errors = episodes[live], []
-        for t in range(len(episode.timestamps)):
+        for t in range(min(len(episode.timestamps), args.first or len(episode.timestamps))):
             observation = Observation(stamp=int(round(episode.timestamps[t] * 1e9)),
                                       images={c: np.asarray(episode.images[c][t]) for c in cameras},
                                       joint_positions=np.asarray(episode.joint_positions[t]))
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return float(np.mean(errors))
 
     tasks = sorted(by_task)
-    print(f"{'instruction':40s} {'own prompt':>10s} {'other task':>10s} {'no prompt':>10s}  (rad, K={args.k})")
+    scored = f", first {args.first} frames" if args.first else ""
+    print(f"{'instruction':40s} {'own prompt':>10s} {'other task':>10s} {'no prompt':>10s}  (rad, K={args.k}{scored})")
     for task in tasks:
         others = [t for t in tasks if t != task and skill(t) == skill(task)] or [t for t in tasks if t != task]
         if len(by_task[task]) < args.k + 1 or not others or len(by_task[others[0]]) < args.k:
