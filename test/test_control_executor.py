@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from mail_ros.control.executor import Command, ExecutorConfig, ExecutorCore, Plan
 from mail_ros.control.limits import fr3_limits
-from mail_ros.control.scheduler import SCHEDULER_MODES
 from mail_ros.control.safety import SafetyConfig, SafetyError
+from mail_ros.control.scheduler import SCHEDULER_MODES
 from mail_ros.sim.jtc import JointTrajectoryController
 from mail_ros.spec import FR3_ARM_JOINTS, FR3_HOME, GRIPPER_ACTION_NAME
 
