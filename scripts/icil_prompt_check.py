@@ -17,6 +17,7 @@ infers the task from the arm's motion so far: ``--first`` scores only the start 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -35,24 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from mail_ros.data.hdf5 import read_hdf5
-    from mail_ros.data.prompts import read_prompt
+    from mail_ros.data.prompts import episode_demonstration
     from mail_ros.policy.checkpoint import load_checkpoint
     from mail_ros.policy.icil_policy import ICILPolicy
     from mail_ros.sim.tasks import Task, TaskError
-    from mail_ros.spec import GRIPPER_ACTION_NAME, Observation
+    from mail_ros.spec import GRIPPER_ACTION_NAME
+    from mail_ros.train.trainer import load_demos
 
     torch.set_num_threads(1)
     policy = load_checkpoint(args.checkpoint).eval()
     if not isinstance(policy, ICILPolicy):
         print(f"{args.checkpoint} is not an ICIL checkpoint", file=sys.stderr)
         return 2
-    episodes = read_hdf5(args.demos, lazy=True).episodes
-    keys = [f"{args.demos}:demo_{i}" for i in range(len(episodes))]  # convert's group names, in order
+    # As a prompt file is read (mail_ros.data.prompts): images stay on disk until an episode is used.
+    episodes = load_demos([args.demos], policy.config, {}, lazy=True)
+    demonstration = functools.cache(lambda i: episode_demonstration(episodes[i]))
     by_task: dict[str, list[int]] = {}
     for i, episode in enumerate(episodes):
         by_task.setdefault(episode.instruction, []).append(i)
-    cameras = policy.config.spec.observation.cameras
     arm = [j for j, name in enumerate(policy.config.spec.action.names) if name != GRIPPER_ACTION_NAME]
 
     def skill(instruction: str) -> str:
@@ -63,16 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def chunk_error(live: int, prompt: list[int]) -> float:
         if prompt:
-            policy.set_prompt([d.demonstration for d in read_prompt([keys[i] for i in prompt], policy.config)])
+            policy.set_prompt([demonstration(i) for i in prompt])
         else:
             policy.clear_prompt()
-        episode, errors = episodes[live], []
-        for t in range(min(len(episode.timestamps), args.first or len(episode.timestamps))):
-            observation = Observation(stamp=int(round(episode.timestamps[t] * 1e9)),
-                                      images={c: np.asarray(episode.images[c][t]) for c in cameras},
-                                      joint_positions=np.asarray(episode.joint_positions[t]))
-            chunk = policy.predict_chunk(observation)
-            n = min(len(chunk), len(episode.timestamps) - t)
+        episode, errors = demonstration(live), []
+        frames = len(episode.observations)
+        for t in range(min(frames, args.first or frames)):
+            chunk = policy.predict_chunk(episode.observations[t])
+            n = min(len(chunk), frames - t)
             errors.append(np.abs(chunk[:n, arm] - episode.actions[t:t + n, arm]).mean())
         return float(np.mean(errors))
 
