@@ -277,5 +277,6 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
 __all__ = [
     "COMMAND_QOS", "GIL_SWITCH_INTERVAL", "GOAL_QOS", "GOAL_QOS_VOLATILE", "PIPELINE_QOS", "Diagnostics", "Parameter",
     "declare", "ignore_stop_signals", "now_ns", "now_seconds", "ns_to_time", "run_node", "seconds_to_duration",
-    "seconds_to_stamp", "shutdown_executor", "stop_on_signals", "stamp_ns", "stamp_to_seconds", "subscribe_goals", "subscribe_goals_once",
+    "seconds_to_stamp", "shutdown_executor", "stamp_ns", "stamp_to_seconds", "stop_on_signals", "subscribe_goals",
+    "subscribe_goals_once",
 ]
