@@ -9,8 +9,11 @@ import torch
 import yaml
 
 from mail_ros.cli import main as cli_main
-from mail_ros.policy.checkpoint import describe_checkpoint, load_checkpoint
+from mail_ros.data.icil_data import module_digest
+from mail_ros.policy.checkpoint import describe_checkpoint, load_checkpoint, save_checkpoint
 from mail_ros.policy.icil_policy import ICILPolicy
+from mail_ros.policy.mail_policy import MaILPolicy
+from mail_ros.policy.presets import get_preset
 from mail_ros.train.icil_trainer import load_icil_run_config
 from mail_ros.train.trainer import TrainError
 
@@ -71,6 +74,33 @@ def test_bad_icil_runs_are_refused_with_one_line(tmp_path, tiny_config, capsys):
     assert cli_main(["train", "--config", str(tiny_config), str(small), "--out", out]) == 2
     assert "images are 32x32 but the policy expects 64x64" in capsys.readouterr().err
     assert not (tmp_path / "run" / "last").exists()
+
+
+def test_a_run_takes_over_a_mail_checkpoints_encoders(tmp_path, tiny_config, capsys):
+    torch.manual_seed(1)
+    mail = MaILPolicy(get_preset("tiny-d_ma-bc", {"vision.film": True, "language.encoder": "clip-test",
+                                                  "language.dim": 8}))
+    mail.set_normalization({"mean": np.zeros(8), "std": np.ones(8), "min": -np.ones(8), "max": np.ones(8)},
+                           language_stats={"mean": np.zeros(8), "std": np.ones(8), "min": -np.ones(8),
+                                           "max": np.ones(8)})
+    with torch.no_grad():
+        mail.encoder.encoders["agentview"].film.bias.normal_(0.0, 0.5)
+    save_checkpoint(tmp_path / "mail", mail)
+    data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--no-progress",
+                     "--set", f"train.encoder_from={tmp_path / 'mail'}"]) == 0
+    trained = load_checkpoint(out / "last")
+    expected = ICILPolicy(trained.config)
+    expected.load_encoder_from(load_checkpoint(tmp_path / "mail"))
+    assert module_digest(trained.encoder) == module_digest(expected.encoder)  # frozen while training
+    assert describe_checkpoint(out / "last").extra["encoder_from"] == str(tmp_path / "mail")
+    capsys.readouterr()
+    # An ICIL checkpoint has no MaIL encoders to give; nothing is written.
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "again"),
+                     "--set", f"train.encoder_from={out / 'last'}"]) == 2
+    assert "is not a MaIL checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "again" / "last").exists()
 
 
 def test_shipped_icil_config_reads():

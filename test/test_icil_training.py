@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
 from mail_ros.policy.icil_policy import ICILPolicy, ICILSample
-from mail_ros.policy.mail_policy import PolicyInputError
+from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
 from mail_ros.policy.normalizer import Normalizer
-from mail_ros.policy.presets import get_icil_preset
+from mail_ros.policy.presets import get_icil_preset, get_preset
 
 torch.set_num_threads(1)
 
@@ -283,3 +283,42 @@ def test_loss_with_language_starts_each_sequence_with_the_instruction():
     assert policy.language_proj.weight.grad.abs().sum() > 0
     with pytest.raises(PolicyInputError, match="language must be"):
         policy.compute_loss([ICILSample(sample.prompt, sample.live_features, sample.live_joints, sample.live_actions, sample.cuts)])
+
+
+def _film_mail_policy(overrides=None) -> MaILPolicy:
+    """A tiny FiLM-conditioned MaIL policy whose FiLM layers are far from their zero init."""
+    torch.manual_seed(1)
+    mail = MaILPolicy(get_preset("tiny-d_ma-bc", {"vision.film": True, "language.encoder": "clip-test", "language.dim": 8,
+                                                 **(overrides or {})}))
+    with torch.no_grad():
+        for name, parameter in mail.encoder.named_parameters():
+            if ".film." in name:
+                parameter.normal_(0.0, 0.5)
+    return mail
+
+
+def test_encoders_taken_from_a_film_mail_policy_are_that_policy_at_the_neutral_instruction():
+    mail = _film_mail_policy()
+    policy = _policy()
+    before = module_digest(policy.encoder)
+    policy.load_encoder_from(mail)
+    assert module_digest(policy.encoder) != before
+    rng = np.random.default_rng(5)
+    H, W = policy.config.spec.observation.image_size
+    images = {c: torch.from_numpy(rng.integers(0, 256, (6, H, W, 3), dtype=np.uint8)) for c in policy.cameras}
+    with torch.no_grad():
+        expected = mail.encoder(images, torch.zeros(6, mail.config.language.dim))
+        other = mail.encoder(images, torch.ones(6, mail.config.language.dim))
+        got = policy.frame_features(images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - other).abs().max() > 1e-2  # the fold is of THIS condition's FiLM, not a no-op
+
+
+def test_encoders_of_another_layout_are_refused_by_name():
+    policy = _policy()
+    before = module_digest(policy.encoder)
+    with pytest.raises(ValueError, match=r"vision\.num_keypoints"):
+        policy.load_encoder_from(_film_mail_policy({"vision.num_keypoints": 4}))
+    with pytest.raises(ValueError, match=r"image_size"):
+        policy.load_encoder_from(_film_mail_policy({"spec.observation.image_size": [40, 40]}))
+    assert module_digest(policy.encoder) == before

@@ -49,7 +49,8 @@ from mail_ros.model.icil import ICILSequence, StreamState
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.icil_config import ICILConfig
-from mail_ros.policy.mail_policy import PolicyInputError, check_instruction, check_observation, parameter_counts
+from mail_ros.policy.mail_policy import (MaILPolicy, PolicyInputError, check_instruction, check_observation,
+                                        parameter_counts)
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
 
@@ -170,6 +171,40 @@ class ICILPolicy(nn.Module):
             self.proprio_norm.set_stats(proprio_stats, "proprio")
         if language_stats is not None:
             self.language_norm.set_stats(language_stats, "language")
+        self.clear_prompt()
+
+    def load_encoder_from(self, mail: MaILPolicy) -> None:
+        """Take over a trained MaIL policy's image encoders (all cameras and the projection to D).
+
+        A frozen encoder at its random initialisation locates "something"; one trained by MaIL
+        on the same cameras has learnt what the task needs (where the cubes are). A FiLM-
+        conditioned MaIL encoder is taken at the NEUTRAL instruction (the normalised embedding
+        0, i.e. the mean of its training instructions; prompt frames have no instruction): its
+        per-channel ``x * (1 + gamma) + beta`` is then constant and is folded exactly into the
+        keypoint layer, a 1x1 convolution, so the encoder computed here is the MaIL encoder
+        at that instruction. The encoders must have the same layout (vision settings but
+        ``film``, cameras, image size and d_model); else a ValueError saying what differs.
+        """
+        mine, theirs = self.config, mail.config
+        differ = [f"vision.{name}" for name, value in vars(mine.vision).items()
+                  if name != "film" and getattr(theirs.vision, name) != value]
+        for name, a, b in (("cameras", sorted(mine.spec.observation.cameras), sorted(theirs.spec.observation.cameras)),
+                           ("image_size", tuple(mine.spec.observation.image_size),
+                            tuple(theirs.spec.observation.image_size)),
+                           ("backbone.d_model", mine.backbone.d_model, theirs.backbone.d_model)):
+            if a != b:
+                differ.append(f"{name} ({a} here, {b} in the MaIL policy)")
+        if differ:
+            raise ValueError("the MaIL policy's image encoders do not fit this ICIL policy: " + ", ".join(differ))
+        state = {name: value.detach().clone() for name, value in mail.encoder.state_dict().items()}
+        for film_weight in [name for name in state if name.endswith("film.weight")]:
+            camera = film_weight[: -len("film.weight")]  # "encoders.<camera>." or "encoder."
+            gamma, beta = state.pop(camera + "film.bias").chunk(2)  # film(0) = its bias; (C,) each
+            del state[film_weight]
+            weight, bias = state[camera + "pool.keypoints.weight"], state[camera + "pool.keypoints.bias"]
+            state[camera + "pool.keypoints.bias"] = bias + weight[:, :, 0, 0] @ beta  # (K,)
+            state[camera + "pool.keypoints.weight"] = weight * (1 + gamma)[None, :, None, None]  # (K, C, 1, 1)
+        self.encoder.load_state_dict(state)
         self.clear_prompt()
 
     @property

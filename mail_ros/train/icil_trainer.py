@@ -9,7 +9,8 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
 2. groups the episodes by task (their instruction) and drops ``data.held_out_tasks``, named
    exactly (a name that matches no task is an error: :func:`~mail_ros.data.icil_data.task_groups`);
 3. sets the normalisation statistics from the kept episodes' actions and joint positions;
-4. freezes the image encoders (as initialised from ``train.seed``) and computes every frame's
+4. freezes the image encoders (as initialised from ``train.seed``, or taken over from a trained
+   MaIL checkpoint with ``train.encoder_from``) and computes every frame's
    features once, cached on disk per (encoder weights, episode) in ``data.feature_cache``
    (:class:`~mail_ros.data.icil_data.FrameFeatureCache`); the steps after that run the sequence
    model and the proprio projection only;
@@ -44,16 +45,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mail_ros.data.hdf5 import fingerprint_hdf5
 from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
-from mail_ros.policy.checkpoint import save_checkpoint
-from mail_ros.policy.config import check, check_float, check_int
+from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
+from mail_ros.policy.config import ConfigError, check, check_float, check_int
 from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.icil_policy import ICILPolicy
+from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
-from mail_ros.data.hdf5 import fingerprint_hdf5
-from mail_ros.policy.checkpoint import read_checkpoint_config
-from mail_ros.policy.config import ConfigError
 from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass,
                                     _is_device, check_same_data, load_demos, load_resume_state, read_resume_info,
                                     read_run_yaml, resolve_device, split_overrides, write_resume_state)
@@ -99,9 +99,14 @@ class ICILTrainConfig:
     checkpoint_every: int = 500  # steps between last/ saves (and at the end)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # A trained MaIL checkpoint whose image encoders the run takes over (frozen, as always; see
+    # ICILPolicy.load_encoder_from); None: the encoders stay at their seeded initialisation.
+    encoder_from: str | None = None
 
     def __post_init__(self) -> None:
         with _as_train_error():
+            check(self.encoder_from is None or (isinstance(self.encoder_from, str) and self.encoder_from != ""),
+                  f"train.encoder_from must be a MaIL checkpoint folder or null, got {self.encoder_from!r}")
             for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
                 check_int(getattr(self, name), f"train.{name}", 1)
             check_int(self.seed, "train.seed", 0)
@@ -185,6 +190,21 @@ def load_icil_run_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise TrainError(f"{path}: {exc}") from exc
 
 
+def _load_encoder(policy: ICILPolicy, checkpoint: Path) -> None:
+    """``policy.load_encoder_from`` the MaIL checkpoint at ``checkpoint``; any misfit is a TrainError."""
+    try:
+        mail = load_checkpoint(checkpoint)
+    except (OSError, CheckpointError) as exc:
+        raise TrainError(f"train.encoder_from: cannot load {checkpoint}: {exc}") from exc
+    if not isinstance(mail, MaILPolicy):
+        raise TrainError(f"train.encoder_from: {checkpoint} is not a MaIL checkpoint (it is an ICIL one)")
+    try:
+        policy.load_encoder_from(mail)
+    except ValueError as exc:
+        raise TrainError(f"train.encoder_from: {checkpoint}: {exc}") from exc
+    log.info("image encoders from the MaIL checkpoint %s", checkpoint)
+
+
 def _folder(name: str | None) -> str | None:
     return None if name is None else os.path.expanduser(name)
 
@@ -210,6 +230,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
 
     torch.manual_seed(cfg.seed)
     policy = ICILPolicy(config)
+    if cfg.encoder_from is not None and not resume:  # a resumed run's encoders come with its last/
+        _load_encoder(policy, Path(cfg.encoder_from).expanduser())
     language_stats, embeddings = None, None
     if config.language.enabled:
         from mail_ros.data.dataset import EmbeddingCache
@@ -248,7 +270,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
                           cut_stride=data.cut_stride, embeddings=embeddings)
 
     extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
-             "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files]}
+             "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files],
+             "encoder_from": cfg.encoder_from}
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     started = time.perf_counter()
