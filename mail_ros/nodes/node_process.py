@@ -21,16 +21,29 @@ __all__ = ["NodeProcess", "NodeProcessError"]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def _find_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+# Looked up here, in the parent: between fork and exec the child may only call it. A dlopen there
+# (ctypes.CDLL, even of the program itself) is not safe in the child of a multi-threaded parent:
+# if another parent thread was inside dlopen at the fork (the simulator's renderer loading its GL
+# driver while the demo starts its nodes), the child inherits the loader mid-update and ld.so
+# aborts it ("dl_open_worker_begin: Assertion ... RT_CONSISTENT failed", exit code 127).
+_PRCTL = _find_prctl()
+
+
 class NodeProcessError(RuntimeError):
     """A node process could not start or ended on its own."""
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: SIGTERM this child when the parent dies, so a killed demo leaves no node behind."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def ros_arg(name: str, value: Any) -> str:
