@@ -19,7 +19,6 @@ COMMANDS = {
     "eval-bag": "eval_bag",
     "record": "record",
     "collect": "collect",
-    "collect": "collect",
     "demo": "demo",
     "prompt": "prompt",
 }

@@ -1,5 +1,6 @@
 """`mail-ros demo` closed loop: the shipped checkpoint drives franka_sim_node through camera_sync,
-language, policy and executor nodes over DDS on simulated time; one episode ends and is judged."""
+language, policy and executor nodes over DDS on simulated time; one episode ends and is judged.
+An ICIL checkpoint is taught each task by a prompt (``--prompt``) through policy_node's service."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ import sys
 import numpy as np
 import pytest
 
+from mail_ros.cli import main as cli_main
 from mail_ros.commands.demo import PARAPHRASES
 from mail_ros.resources import demo_checkpoint
 from mail_ros.sim.collect import schedule
 from mail_ros.sim.tasks import Task
 
+from icil_demos import write_demos
+
 pytestmark = pytest.mark.ros
+
+
+@pytest.fixture(scope="module")
+def icil_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("icil_demo")
+    assert cli_main(["checkpoint", "init", "--preset", "icil-tiny-ma", "--out", str(root / "icil")]) == 0
+    write_demos(root / "demos.hdf5", {"pick up the red cube": 0, "pick up the green cube": 1}, per_task=2, n=6)
+    return root
 
 
 def test_cli_refuses_a_missing_checkpoint_and_unknown_instructions(tmp_path):
@@ -23,6 +35,21 @@ def test_cli_refuses_a_missing_checkpoint_and_unknown_instructions(tmp_path):
         result = subprocess.run([sys.executable, "-m", "mail_ros.cli", "demo", *extra],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_cli_refuses_bad_prompts_before_starting_anything(icil_files, capsys):
+    icil, demos = str(icil_files / "icil"), str(icil_files / "demos.hdf5")
+    for argv, message in (
+            (["--checkpoint", icil, "--prompt", "pick up the blue cube"], "expects 'INSTRUCTION=DEMO[,DEMO...]'"),
+            (["--checkpoint", icil, "--prompt", f"fly to the moon={demos}"], "unrecognised instruction 'fly to the moon'"),
+            (["--checkpoint", icil, "--prompt", f"pick up the red cube={demos}", "--prompt",
+              f"pick up the red cube={demos}"], "'pick up the red cube' is taught twice"),
+            (["--checkpoint", icil, "--prompt", f"pick up the red cube={demos}", "--instructions",
+              "pick up the red cube"], "not with --instructions"),
+            (["--checkpoint", icil], "is an ICIL checkpoint: teach each task with --prompt"),
+            (["--prompt", f"pick up the red cube={demos}"], "--prompt needs an ICIL checkpoint")):
+        assert cli_main(["demo", *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 def test_paraphrases_mean_test_bed_tasks():
@@ -50,3 +77,21 @@ def test_shipped_checkpoint_commands_the_sim_and_the_episode_ends():
     assert len(trace.inference) > 0 and all(t > 0 for t in trace.inference)
     assert trace.commands > 0
     assert np.abs(moved[:7] - home[:7]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_an_icil_checkpoint_is_taught_each_task_by_prompt(icil_files, capsys):
+    icil, demos = str(icil_files / "icil"), str(icil_files / "demos.hdf5")
+    argv = ["demo", "--checkpoint", icil, "--prompt", f"pick up the red cube={demos}",
+            "--prompt", f"pick up the green cube={demos}:demo_1", "--episodes", "2", "--pick-seconds", "1.0",
+            "--real-time-factor", "1.0"]
+    assert cli_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    prompts = [line for line in lines if line.startswith("prompt for ")]
+    # One prompt per task, set before its episodes, which keep the layouts (indices) of the plain demo.
+    assert len(prompts) == 2 and "K=4" in prompts[0] and "K=1" in prompts[1], prompts
+    episodes = [line for line in lines if line.startswith("episode ")]
+    assert [int(line.split()[1]) for line in episodes] == [0, 2, 1, 3]
+    assert all("'pick up the red cube'" in line for line in episodes[:2])
+    assert lines.index(prompts[1]) > lines.index(episodes[1]) and lines.index(prompts[1]) < lines.index(episodes[2])
+    assert any(line.startswith("instruction (taught by prompt)") for line in lines)

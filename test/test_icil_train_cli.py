@@ -111,18 +111,6 @@ def test_shipped_icil_config_reads():
         load_icil_run_config(ROOT / "config" / "train_icil_demo.yaml", {"data.heldout": []})
 
 
-def test_testbed_script_refuses_bad_tasks_before_starting_anything(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("icil_testbed", ROOT / "scripts" / "icil_testbed.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main(["--checkpoint", "x", "--task", "pick up the blue cube"]) == 2
-    assert "expects 'INSTRUCTION=DEMO[,DEMO...]'" in capsys.readouterr().err
-    assert script.main(["--checkpoint", "x", "--task", "fly to the moon=a.hdf5"]) == 2
-    assert "unrecognised instruction 'fly to the moon'" in capsys.readouterr().err
-
-
 def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, tiny_config, capsys):
     from safetensors.torch import load_file
 

@@ -8,6 +8,11 @@ instruction goes out on /mail/instruction, the policy acts until the simulator's
 says yes or the step budget runs out. Prints the success per instruction, ``overall success``,
 and the chunk latency; with ``--paraphrases`` a second table for instructions phrased unlike
 the training data (informative, not part of the overall rate). Headless, CPU.
+
+An ICIL checkpoint is taught each task by demonstrations instead of an instruction: ``--prompt
+'INSTRUCTION=DEMO[,DEMO...]'`` (repeatable) hands the demonstrations to policy_node's
+``~/set_prompt`` before that instruction's episodes (the instruction still tells the simulator
+which task to judge and resets the policy's episode).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 
-__all__ = ["PARAPHRASES", "register", "run"]
+__all__ = ["PARAPHRASES", "parse_prompts", "register", "run"]
 
 PROG = "mail-ros demo"
 # Instructions unlike the nine the demos use, with the task each one means.
@@ -49,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "checkout or share/mail_ros/checkpoints/demo of a colcon install)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per instruction")
     p.add_argument("--instructions", nargs="+", default=None, help="test-bed instructions (default: all nine)")
+    p.add_argument("--prompt", action="append", default=None, metavar="INSTRUCTION=DEMO[,DEMO...]",
+                   help="ICIL checkpoints: a test-bed instruction and the demonstrations that teach it (HDF5 files, "
+                        "FILE.hdf5:GROUP episodes, rosbag2 folders), set through policy_node's ~/set_prompt before "
+                        "that instruction's episodes; repeatable, and it replaces --instructions")
     p.add_argument("--paraphrases", action="store_true", help="also run paraphrased instructions (reported apart)")
     p.add_argument("--paraphrase-episodes", type=int, default=2, help="episodes per paraphrase")
     p.add_argument("--record", type=Path, default=None, metavar="DIR",
@@ -78,10 +87,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def parse_prompts(texts: list[str]) -> dict[str, tuple[Task, list[str]]]:
+    """``--prompt`` values -> instruction -> (task, absolute demonstration paths), in the given order."""
+    from mail_ros.data.prompts import absolute_prompt_path
+
+    prompts = {}
+    for text in texts:
+        instruction, sep, demos = text.partition("=")
+        if not sep or not demos:
+            raise CollectError(f"--prompt expects 'INSTRUCTION=DEMO[,DEMO...]', got {text!r}")
+        task = Task.parse(instruction)
+        if task.instruction in prompts:
+            raise CollectError(f"--prompt: {task.instruction!r} is taught twice")
+        prompts[task.instruction] = (task, [absolute_prompt_path(d) for d in demos.split(",")])
+    return prompts
+
+
 def run(args: argparse.Namespace) -> int:
+    # torch (the checkpoint's description) is imported here, not for `mail-ros --help`.
+    from mail_ros.policy.checkpoint import CheckpointError, describe_checkpoint
+
     try:
-        tasks = all_tasks() if args.instructions is None else [Task.parse(t) for t in args.instructions]
+        prompts = parse_prompts(args.prompt or [])
+        if prompts and (args.instructions is not None or args.paraphrases):
+            raise CollectError("--prompt names the instructions it teaches: not with --instructions or --paraphrases")
+        if prompts:
+            tasks = [task for task, _ in prompts.values()]
+        else:
+            tasks = all_tasks() if args.instructions is None else [Task.parse(t) for t in args.instructions]
         plan = schedule([(t.instruction, t) for t in tasks], args.episodes)
+        if prompts:  # one prompt at a time, each episode on the layout `mail-ros demo` gives it for a MaIL policy
+            order = {instruction: i for i, instruction in enumerate(prompts)}
+            plan.sort(key=lambda spec: order[spec.instruction])
         paraphrases = schedule(list(PARAPHRASES), args.paraphrase_episodes, start=len(plan)) if args.paraphrases else []
         if not (args.pick_seconds > 0 and args.stack_seconds > 0 and args.real_time_factor > 0):
             raise CollectError("--pick-seconds, --stack-seconds and --real-time-factor must be positive")
@@ -90,9 +127,16 @@ def run(args: argparse.Namespace) -> int:
         if not (args.checkpoint / "config.json").is_file():
             raise CollectError(f"no checkpoint at {args.checkpoint} (config.json missing); train one or pass "
                                "--checkpoint DIR")
+        icil = describe_checkpoint(args.checkpoint).policy_type == "icil"
+        if icil and not prompts:
+            raise CollectError(f"{args.checkpoint} is an ICIL checkpoint: teach each task with --prompt "
+                               "'INSTRUCTION=DEMO[,DEMO...]'")
+        if prompts and not icil:
+            raise CollectError(f"--prompt needs an ICIL checkpoint; {args.checkpoint} is a MaIL one (it follows "
+                               "the instruction)")
         if args.record is not None and args.record.exists():
             raise CollectError(f"--record {args.record} already exists; rosbag2 writes a new folder")
-    except (TaskError, CollectError, ResourceError) as exc:
+    except (TaskError, CollectError, ResourceError, CheckpointError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     # The rclpy edge is imported only here, so the rest of the CLI stays free of ROS.
@@ -117,7 +161,15 @@ def run(args: argparse.Namespace) -> int:
             for part, specs in (("main", plan), ("paraphrase", paraphrases)):
                 if part == "paraphrase":
                     main_seconds = time.monotonic() - started
+                prompted = None
                 for spec in specs:
+                    if prompts and spec.instruction != prompted:
+                        prompted = spec.instruction
+                        answer = graph.set_prompt(prompts[prompted][1])
+                        print(f"prompt for {prompted!r}: {answer.message}", flush=True)
+                        if not answer.success:
+                            print(f"{PROG}: error: policy_node refused the prompt for {prompted!r}", file=sys.stderr)
+                            return 1
                     outcome, trace = graph.run_episode(spec, budgets[spec.task.skill])
                     tables[part].add(outcome)
                     inference += trace.inference
@@ -145,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if not main.outcomes:
         return 1 if not interrupted else 130
     print()
-    print(main.format("instruction"))
+    print(main.format("instruction (taught by prompt)" if prompts else "instruction"))
     if main_seconds is None:
         main_seconds = time.monotonic() - started
     print(f"overall success: {100 * main.rate():.1f} %  ({sum(o.success for o in main.outcomes)}/{len(main.outcomes)} "

@@ -9,7 +9,8 @@ the policy's inference and the executor's ticks queued behind one another, and t
 the simulator's clock and the nodes' grew to hundreds of milliseconds, which no robot computer
 running the launch files has. :meth:`DemoGraph.run_episode` drives one episode through public
 interfaces only: executor_node's ``enabled`` parameter and its /diagnostics (the goal it holds),
-the simulator's ``~/reset``, ``/mail/instruction`` (``~/task`` for paraphrases) and ``~/task_success``.
+the simulator's ``~/reset``, ``/mail/instruction`` (``~/task`` for paraphrases) and ``~/task_success``;
+with an ICIL checkpoint, policy_node's ``~/set_prompt`` (:meth:`DemoGraph.set_prompt`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mail_ros.nodes.sim_session import SessionError, SimSession
 from mail_ros.policy.checkpoint import describe_checkpoint
 from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import EpisodeOutcome, EpisodeSpec
+from mail_ros.srv import SetPrompt
 
 __all__ = ["DemoGraph", "EpisodeTrace"]
 
@@ -83,6 +85,7 @@ class DemoGraph:
             operator.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 50)
             operator.create_subscription(InstructionEmbedding, "/mail/instruction_embedding", self._on_goal, GOAL_QOS)
             self._set_parameters = operator.create_client(SetParameters, "/executor_node/set_parameters")
+            self._set_prompt = operator.create_client(SetPrompt, "/policy_node/set_prompt")
             env = {} if domain_id is None else {"ROS_DOMAIN_ID": str(domain_id)}
             common = {"use_sim_time": True}
             for module, parameters, extra_env in (
@@ -167,6 +170,15 @@ class DemoGraph:
         result = future.result().results[0]
         if not result.successful:
             raise SessionError(f"executor_node refused enabled={enabled}: {result.reason}")
+
+    def set_prompt(self, paths: list[str]) -> SetPrompt.Response:
+        """Hand policy_node (an ICIL checkpoint) the demonstrations at ``paths`` (absolute) through
+        its ``~/set_prompt``, as ``mail-ros prompt`` does; returns its answer (success, K, message).
+        The prompt stays in use for the following episodes, each a new episode of the same task."""
+        self._wait_until(self._set_prompt.service_is_ready, 60.0, "policy_node's ~/set_prompt")
+        future = self._set_prompt.call_async(SetPrompt.Request(paths=list(paths)))
+        self._wait_until(future.done, START_TIMEOUT, "the answer of policy_node's ~/set_prompt")
+        return future.result()
 
     def run_episode(self, spec: EpisodeSpec, budget: float) -> tuple[EpisodeOutcome, EpisodeTrace]:
         """Reset, instruct, let the policy act until success or ``budget`` simulated seconds."""
