@@ -1,6 +1,8 @@
 """`mail-ros train` with an ICIL config: a tiny run on CPU through the CLI, the checkpoint it
 writes reloads as an ICILPolicy, held-out tasks stay out, frame features are cached once."""
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +123,14 @@ def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, ti
     straight = train_icil(run, [data], tmp_path / "a")
     assert not straight.interrupted and straight.step == 5
 
-    def ctrl_c_at_3(step, info):
+    def terminate_at_3(step, info):  # SIGTERM stops like Ctrl-C (what a background run gets)
         if step == 3:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = train_icil(run, [data], tmp_path / "b", callbacks=[ctrl_c_at_3])
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = train_icil(run, [data], tmp_path / "b", callbacks=[terminate_at_3])
     assert stopped.interrupted and stopped.step == 3
+    assert signal.getsignal(signal.SIGTERM) is before
     assert describe_checkpoint(tmp_path / "b/last").training["step"] == 3  # saved at the completed step
     # A kill after step 4 was logged but before its checkpoint: that row is logged again, once.
     with open(tmp_path / "b/log.csv", "a") as stream:

@@ -7,7 +7,9 @@ import copy
 import csv
 import json
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import h5py
@@ -162,6 +164,21 @@ def test_interrupt_then_resume_continues_the_same_run(tmp_path):
     for row in rows:
         step = int(row["step"]) - 1
         assert float(row["lr"]) == pytest.approx(learning_rate(step, 24, run.train.lr, "cosine", 12), rel=1e-5)
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    # A run in the background (nohup, a scheduler) gets SIGTERM, not SIGINT: it must save and stop.
+    run = make_run("tiny-d_ma-bc", 24, val_every=8, log_every=4)
+
+    def terminate_at_10(trainer, step, metrics):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    summary = Trainer(run, build_datasets(EPISODES, run), tmp_path, callbacks=[terminate_at_10], progress=False).fit()
+    assert summary.interrupted and summary.step == 10
+    assert json.loads((tmp_path / "last/trainer.json").read_text())["step"] == 10
+    assert signal.getsignal(signal.SIGTERM) is before  # put back once the run ends
 
 
 def test_cli_convert_train_resume(tmp_path, capsys):

@@ -55,8 +55,9 @@ from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
 from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass,
-                                    _is_device, check_same_data, load_demos, load_resume_state, read_resume_info,
-                                    read_run_yaml, resolve_device, split_overrides, write_resume_state)
+                                    _is_device, check_same_data, interrupt_on_terminate, load_demos,
+                                    load_resume_state, read_resume_info, read_run_yaml, resolve_device,
+                                    restore_handlers, split_overrides, write_resume_state)
 
 __all__ = ["ICILDataConfig", "ICILTrainConfig", "ICILRunConfig", "ICILSummary", "is_icil_config", "is_icil_run",
            "load_icil_run_config", "train_icil"]
@@ -216,7 +217,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
     ``resume``: continue the run saved in ``out/last`` up to ``run.train.steps`` (the same data and,
     but for the step budget, logging and device, the same settings; else a TrainError).
     ``callbacks`` are called as ``callback(step, info)`` after every optimizer step; a
-    KeyboardInterrupt (Ctrl-C, or raised by a callback) saves last/ at the completed step and
+    KeyboardInterrupt (Ctrl-C, SIGTERM, or raised by a callback) saves last/ at the completed step and
     returns the summary with ``interrupted=True``.
     """
     out = Path(out)
@@ -285,6 +286,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
                         write_files=lambda folder: write_resume_state(folder, policy, optimizer, info))
 
     interrupted = False
+    previous_handlers = interrupt_on_terminate()
     with _open_log(out / "log.csv", done) as (stream, writer):
         try:
             for step in range(done + 1, cfg.steps + 1):
@@ -313,6 +315,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted at step %d: saving %s", done, out / "last")
+        finally:
+            restore_handlers(previous_handlers)
     save(done)
     summary = ICILSummary(str(out), done, seconds_before + time.perf_counter() - started,
                           float("nan") if first is None else first, last, sorted(groups),

@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,6 +85,8 @@ __all__ = [
     "read_resume_info",
     "load_resume_state",
     "check_same_data",
+    "interrupt_on_terminate",
+    "restore_handlers",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,27 @@ RUN_OUTPUTS = ("best", "last", "log.csv", "summary.json", "tensorboard")
 
 class TrainError(ValueError):
     """A training configuration or run folder is invalid, or the training diverged."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_terminate() -> dict:
+    """From now on SIGTERM stops a one-process training run the way Ctrl-C does (a KeyboardInterrupt:
+    last/ saved at the completed step, ``--resume`` continues). It is the signal that reaches a run
+    started in the background, by nohup or a job scheduler (systemd, SLURM's preemption): a
+    non-interactive shell starts background jobs with SIGINT ignored. Returns the handlers to put
+    back with :func:`restore_handlers` ({} outside the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back signal handlers as returned by :func:`interrupt_on_terminate`."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 @contextmanager
@@ -668,7 +692,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> TrainSummary:
-        """Train up to ``total_steps``; Ctrl-C saves last/ and returns with ``interrupted=True``."""
+        """Train up to ``total_steps``; Ctrl-C or SIGTERM saves last/ and returns with ``interrupted=True``."""
         from tqdm import tqdm
 
         csv_file, writer, tb = self._open_logs()
@@ -751,8 +775,7 @@ class Trainer:
             if self.dist.is_main:
                 log.warning("interrupted at step %d: saving %s", self.step, self.out / "last")
         finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            restore_handlers(previous_handlers)
             bar.close()
             if csv_file is not None:
                 tb.close()
@@ -796,11 +819,11 @@ class Trainer:
         """Under DDP, SIGINT/SIGTERM only ask to stop; the ranks agree on it in the next step's all-reduce.
 
         A KeyboardInterrupt raised wherever a signal lands could leave one rank inside a collective
-        the others have left. One process keeps Python's KeyboardInterrupt. Returns the handlers
-        to put back.
+        the others have left. One process keeps Python's KeyboardInterrupt for SIGINT and gets one
+        for SIGTERM too (:func:`interrupt_on_terminate`). Returns the handlers to put back.
         """
         if not self.dist.enabled:
-            return {}
+            return interrupt_on_terminate()
 
         def request_stop(signum, frame) -> None:
             self._stop_requested = True
