@@ -8,8 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from ros_harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # simulator's renderer loads its GL driver while the demo starts its nodes), prints the node's
 # pid and waits to be killed.
 PARENT = """
-import ctypes, shutil, sys, tempfile, threading
+import ctypes, shutil, sys, threading
 from mail_ros.nodes.node_process import NodeProcess
-folder = tempfile.mkdtemp()
+folder = sys.argv[1]
 def load():
     for i in range(300):
         copy = f"{folder}/libz{i}.so"
@@ -40,26 +41,17 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def _wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
-def test_a_node_ends_when_the_demo_that_started_it_is_killed():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_a_node_ends_when_the_demo_that_started_it_is_killed(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         child = int(parent.stdout.readline())
         # The node is up: running its own interpreter, not dead at start-up.
-        assert _wait_for(lambda: b"camera_sync_node" in Path(f"/proc/{child}/cmdline").read_bytes(), 60)
+        wait_for(lambda: b"camera_sync_node" in Path(f"/proc/{child}/cmdline").read_bytes(), 60, "the node's process")
         assert _state(child) not in (None, "Z")
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=60)
-        assert _wait_for(lambda: _state(child) in (None, "Z"), 60), "the node outlived its killed parent"
+        wait_for(lambda: _state(child) in (None, "Z"), 60, "the node to end with its killed parent")
     finally:
         if parent.poll() is None:
             parent.kill()
