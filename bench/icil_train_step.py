@@ -51,7 +51,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     run = load_icil_run_config(args.config)
     config, data, train = run.policy, run.data, run.train
     rng = np.random.default_rng(0)
-    D = config.backbone.d_model
+    F = ICILPolicy(config).feature_dim  # what the frozen encoders give per frame
     J, Da = len(config.spec.observation.joint_names), config.spec.action.dim
     episodes, features, groups = [], [], {}
     for task in range(args.tasks):
@@ -60,15 +60,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
             groups.setdefault(f"task {task}", []).append(len(episodes))
             episodes.append(Episode({"c": np.zeros((n, 1, 1, 3), np.uint8)}, rng.normal(size=(n, J)),
                                     rng.normal(size=(n, Da)), f"task {task}", 0.1 * np.arange(n)))
-            features.append(rng.normal(size=(n, D)).astype(np.float32))
+            features.append(rng.normal(size=(n, F)).astype(np.float32))
     policies, optimizers, rows = {}, {}, {}
     for twin in args.twins:
         name = _twin(run.preset, twin)
         torch.manual_seed(train.seed)
         # The config's settings with the twin's backbone (a twin differs in its backbone only).
         policy = policies[twin] = ICILPolicy(replace(config, backbone=get_icil_preset(name).backbone))
-        for parameter in policy.encoder.parameters():
-            parameter.requires_grad_(False)
+        policy.freeze_features()
         optimizers[twin] = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=train.lr)
         rows[twin] = {"preset": name, "step": [], "cpu": [], "fwd": [], "bwd": [], "chunks": [], "tokens": []}
     A = policies[args.twins[0]].A

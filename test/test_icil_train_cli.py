@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from mail_ros.cli import main as cli_main
 from mail_ros.data.icil_data import module_digest
@@ -95,7 +96,9 @@ def test_a_run_takes_over_a_mail_checkpoints_encoders(tmp_path, tiny_config, cap
     trained = load_checkpoint(out / "last")
     expected = ICILPolicy(trained.config)
     expected.load_encoder_from(load_checkpoint(tmp_path / "mail"))
-    assert module_digest(trained.encoder) == module_digest(expected.encoder)  # frozen while training
+    frozen = [nn.ModuleList(policy.feature_modules()) for policy in (trained, expected)]
+    assert module_digest(frozen[0]) == module_digest(frozen[1])  # trunks and keypoints frozen while training
+    assert not torch.equal(trained.encoder.proj.weight, expected.encoder.proj.weight)  # the projections train
     assert describe_checkpoint(out / "last").extra["encoder_from"] == str(tmp_path / "mail")
     capsys.readouterr()
     # An ICIL checkpoint has no MaIL encoders to give; nothing is written.

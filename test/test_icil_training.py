@@ -5,15 +5,17 @@ tells the task (the trained policy must read it)."""
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mail_ros.data.hdf5 import DataError, Episode
-from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
+from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, module_digest, task_groups
 from mail_ros.policy.icil_policy import ICILPolicy, ICILSample
 from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset, get_preset
+from mail_ros.train.trainer import TrainError, load_resume_state, write_resume_state
 
 torch.set_num_threads(1)
 
@@ -66,7 +68,7 @@ def test_feature_cache_encodes_each_episode_once_per_encoder(tmp_path):
         return encode(images)
 
     cache = FrameFeatureCache(tmp_path)
-    digest = module_digest(policy.encoder)
+    digest = feature_digest(policy)
     first = cache.features(episodes, counted, digest, batch=2)
     assert [f.shape for f in first] == [(3, 32), (5, 32)] and calls == [2, 1, 2, 2, 1]
     again = cache.features(episodes, counted, digest)
@@ -75,11 +77,25 @@ def test_feature_cache_encodes_each_episode_once_per_encoder(tmp_path):
         np.testing.assert_array_equal(a, b)
     with torch.no_grad():
         next(policy.encoder.parameters()).add_(1.0)
-    other = module_digest(policy.encoder)
+    other = feature_digest(policy)
     assert other != digest
     changed = cache.features(episodes[:1], counted, other)
     assert calls[5:] == [3]  # new weights, new features
     assert not np.allclose(changed[0], first[0])
+
+
+def test_feature_digest_follows_what_the_features_depend_on_and_nothing_else():
+    policy = _policy()
+    digest = feature_digest(policy)
+    with torch.no_grad():  # the projections are trained on top of the cached features
+        for name, parameter in policy.encoder.named_parameters():
+            if "proj" in name:
+                parameter.add_(1.0)
+    assert feature_digest(policy) == digest
+    # A setting without weights changes the features, so the key too.
+    other = _policy(overrides={"vision.temperature": 0.5})
+    assert module_digest(nn.ModuleList(other.feature_modules())) == module_digest(nn.ModuleList(policy.feature_modules()))
+    assert feature_digest(other) != digest
 
 
 def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
@@ -110,10 +126,10 @@ def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
 def test_loss_is_the_mse_of_the_full_sequence_chunks_at_every_cut(name):
     policy = _policy(name).eval()
     g = torch.Generator().manual_seed(0)
-    D, J, Da, A = 32, policy.joint_dim, policy.action_dim, policy.A
+    F, J, Da, A = policy.feature_dim, policy.joint_dim, policy.action_dim, policy.A
 
     def frames(n):
-        return torch.randn(n, D, generator=g), torch.randn(n, J, generator=g), torch.randn(n, Da, generator=g)
+        return torch.randn(n, F, generator=g), torch.randn(n, J, generator=g), torch.randn(n, Da, generator=g)
 
     sample = ICILSample([frames(4), frames(3)], *frames(9), cuts=[0, 3, 5])
     loss, metrics = policy.compute_loss([sample])
@@ -130,7 +146,9 @@ def test_loss_is_the_mse_of_the_full_sequence_chunks_at_every_cut(name):
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-4)
     loss.backward()
     assert policy.sequence.queries.grad is not None and policy.proprio_proj.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in policy.encoder.parameters())
+    # The encoders' projections learn; what made the (cached) features does not.
+    assert policy.encoder.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for module in policy.feature_modules() for p in module.parameters())
 
 
 def _streaming_loss(policy: ICILPolicy, samples: list[ICILSample]) -> torch.Tensor:
@@ -184,10 +202,10 @@ def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, 
     # the batched loss must be what the robot's prefill / extend / predict computes.
     policy = _stats_policy(name, language)
     g = torch.Generator().manual_seed(seed)
-    D, J, Da, A = 32, policy.joint_dim, policy.action_dim, policy.A
+    F, J, Da, A = policy.feature_dim, policy.joint_dim, policy.action_dim, policy.A
 
     def frames(n):
-        return torch.randn(n, D, generator=g), torch.randn(n, J, generator=g), torch.randn(n, Da, generator=g)
+        return torch.randn(n, F, generator=g), torch.randn(n, J, generator=g), torch.randn(n, Da, generator=g)
 
     samples = []
     for prompt_lengths, extra, stride in shapes:
@@ -309,7 +327,7 @@ def test_encoders_taken_from_a_film_mail_policy_are_that_policy_at_the_neutral_i
     with torch.no_grad():
         expected = mail.encoder(images, torch.zeros(6, mail.config.language.dim))
         other = mail.encoder(images, torch.ones(6, mail.config.language.dim))
-        got = policy.frame_features(images)
+        got = policy.encoder(images)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - other).abs().max() > 1e-2  # the fold is of THIS condition's FiLM, not a no-op
 
@@ -322,3 +340,14 @@ def test_encoders_of_another_layout_are_refused_by_name():
     with pytest.raises(ValueError, match=r"image_size"):
         policy.load_encoder_from(_film_mail_policy({"spec.observation.image_size": [40, 40]}))
     assert module_digest(policy.encoder) == before
+
+
+def test_a_resume_state_of_other_trainable_parameters_is_refused_clearly(tmp_path):
+    # E.g. a run saved while the encoders' projections were frozen, resumed by a trainer that trains them.
+    policy = _policy()
+    sequence_only = torch.optim.Adam(policy.sequence.parameters())
+    write_resume_state(tmp_path, policy, sequence_only, {"step": 1})
+    policy.freeze_features()
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad])
+    with pytest.raises(TrainError, match="optimizer state does not fit"):
+        load_resume_state(tmp_path, policy, optimizer)

@@ -92,3 +92,20 @@ def test_film_condition_follows_each_sequence_and_camera():
         for b in range(2):  # sequence b's frames are encoded under condition b
             flat = {k: v[b] for k, v in images.items()}
             assert torch.allclose(tokens[b], encoder(flat, condition[b].expand(3, -1)), atol=1e-5)
+
+
+def test_pooled_then_projected_is_the_encoder():
+    torch.manual_seed(0)
+    images = {name: torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8) for name in ("wrist", "agentview")}
+    for shared in (False, True):
+        encoder = ObservationEncoder(["wrist", "agentview"], d_model=16, feature_dim=8, resnet_width=4,
+                                     num_keypoints=6, shared=shared)
+        assert encoder.pooled_dim == 2 * 12
+        pooled = encoder.pooled(images)
+        assert pooled.shape == (3, encoder.pooled_dim)
+        torch.testing.assert_close(encoder.project(pooled), encoder(images))
+        # The projections are not among the modules pooled() runs; everything else is.
+        frozen = {id(p) for module in encoder.pooling_modules() for p in module.parameters()}
+        projections = [p for name, p in encoder.named_parameters() if "proj" in name]
+        assert frozen and not any(id(p) in frozen for p in projections)
+        assert len(frozen) + len(projections) == len(list(encoder.parameters()))

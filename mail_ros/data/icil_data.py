@@ -19,8 +19,10 @@ frame features of frozen image encoders computed once per dataset and cached.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,9 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from mail_ros.data.hdf5 import DataError, Episode
-from mail_ros.policy.icil_policy import ICILSample, dilated_indices
+from mail_ros.policy.icil_policy import ICILPolicy, ICILSample, dilated_indices
 
-__all__ = ["task_groups", "module_digest", "episode_digest", "FrameFeatureCache", "ICILSampler"]
+__all__ = ["task_groups", "module_digest", "feature_digest", "episode_digest", "FrameFeatureCache", "ICILSampler"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,15 @@ def module_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def feature_digest(policy: ICILPolicy) -> str:
+    """The encoder part of a cache key: what ``policy.frame_features`` computes, i.e. the weights
+    of its feature modules and the vision settings (some, as the keypoint temperature, hold no
+    weights)."""
+    settings = json.dumps(asdict(policy.config.vision), sort_keys=True)
+    modules = module_digest(nn.ModuleList(policy.feature_modules()))
+    return hashlib.sha256(f"{modules}\n{settings}".encode()).hexdigest()
+
+
 def episode_digest(episode: Episode) -> str:
     """SHA-256 of what the encoders see of an episode (its images, camera by camera)."""
     digest = hashlib.sha256()
@@ -93,7 +104,7 @@ class FrameFeatureCache:
         batch: int = 256,
     ) -> list[np.ndarray]:
         """Features of every episode; ``encode`` maps camera -> uint8 (n, H, W, 3) to (n, D) and
-        runs only for episodes not cached under ``encoder_digest`` (see :func:`module_digest`)."""
+        runs only for episodes not cached under ``encoder_digest`` (see :func:`feature_digest`)."""
         out = []
         for episode in episodes:
             path = None

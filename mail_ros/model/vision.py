@@ -3,6 +3,8 @@
 Per camera: pixels to [0, 1], ImageNet mean/std, ResNet-18 trunk, SpatialSoftmax keypoints,
 Linear(2K -> feature_dim). The camera features of one step are concatenated in sorted camera
 order and projected to the model width, giving one token per step (as the MaIL reference).
+``pooled`` (trunk + keypoints, parameter-heavy) and ``project`` (the two Linear layers) split
+that in two, so the first can be frozen and its output cached (ICIL training).
 
 Optional FiLM conditioning (``film_dim > 0``, not in the reference): the trunk's output map is
 scaled and shifted per channel by a linear function of a conditioning vector (the instruction),
@@ -70,7 +72,8 @@ class CameraEncoder(nn.Module):
         super().__init__()
         self.trunk = ResNet18Trunk(width=resnet_width, norm=norm, stem_pool=stem_pool, stages=stages)
         self.pool = SpatialSoftmax(self.trunk.out_channels, num_keypoints, temperature)
-        self.proj = nn.Linear(2 * num_keypoints, feature_dim)
+        self.pooled_dim = 2 * num_keypoints
+        self.proj = nn.Linear(self.pooled_dim, feature_dim)
         self.film = nn.Linear(film_dim, 2 * self.trunk.out_channels) if film_dim > 0 else None
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
@@ -80,6 +83,10 @@ class CameraEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """``images`` uint8 (N, H, W, 3); ``condition`` (N, film_dim) when FiLM is on."""
+        return self.proj(self.pooled(images, condition))
+
+    def pooled(self, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The keypoints before the projection: (N, H, W, 3) uint8 -> (N, pooled_dim)."""
         # Channels-last uint8 is what cameras and bags deliver; convert once here.
         x = images.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (N, 3, H, W)
         x = (x - self.mean) / self.std
@@ -89,7 +96,11 @@ class CameraEncoder(nn.Module):
                 raise ValueError("this camera encoder is FiLM-conditioned: pass the condition (N, film_dim)")
             gamma, beta = self.film(condition)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
             features = features * (1 + gamma) + beta
-        return self.proj(self.pool(features))
+        return self.pool(features)
+
+    def pooling_modules(self) -> list[nn.Module]:
+        """The modules :meth:`pooled` runs (what its output depends on besides the config)."""
+        return [m for m in (self.trunk, self.pool, self.film) if m is not None]
 
 
 class ObservationEncoder(nn.Module):
@@ -125,17 +136,33 @@ class ObservationEncoder(nn.Module):
         else:
             self.encoders = nn.ModuleDict({name: make() for name in self.cameras})
         self.proj = nn.Linear(len(self.cameras) * feature_dim, d_model)
+        self.pooled_dim = len(self.cameras) * self._camera(self.cameras[0]).pooled_dim
 
     def forward(self, images: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None) -> torch.Tensor:
         """``images``: camera -> uint8 (N, H, W, 3); ``condition`` (N, film_dim) for FiLM; returns (N, D)."""
+        return self.project(self.pooled(images, condition))
+
+    def pooled(self, images: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None) -> torch.Tensor:
+        """The cameras' keypoints before any projection, concatenated in camera order: (N, pooled_dim)."""
         if self.shared:
             N = images[self.cameras[0]].shape[0]
             stacked = torch.cat([images[name] for name in self.cameras], dim=0)  # (C*N, H, W, 3)
             repeated = None if condition is None else condition.repeat(len(self.cameras), 1)
-            features = self.encoder(stacked, repeated).split(N, dim=0)
-        else:
-            features = [self.encoders[name](images[name], condition) for name in self.cameras]
-        return self.proj(torch.cat(features, dim=-1))  # (N, D)
+            return torch.cat(self.encoder.pooled(stacked, repeated).split(N, dim=0), dim=-1)
+        return torch.cat([self.encoders[name].pooled(images[name], condition) for name in self.cameras], dim=-1)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, pooled_dim) from :meth:`pooled` -> (N, D): each camera's Linear, then the joint one."""
+        parts = pooled.split(self.pooled_dim // len(self.cameras), dim=-1)
+        return self.proj(torch.cat([self._camera(name).proj(part) for name, part in zip(self.cameras, parts)], dim=-1))
+
+    def pooling_modules(self) -> list[nn.Module]:
+        """The modules :meth:`pooled` runs: trunks, keypoint layers, FiLM (not the projections)."""
+        cameras = [self.encoder] if self.shared else [self.encoders[name] for name in self.cameras]
+        return [module for camera in cameras for module in camera.pooling_modules()]
+
+    def _camera(self, name: str) -> CameraEncoder:
+        return self.encoder if self.shared else self.encoders[name]
 
     def encode_sequence(self, images: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None) -> torch.Tensor:
         """``images``: camera -> uint8 (B, T, H, W, 3); ``condition`` (B, film_dim), one per sequence; returns (B, T, D)."""

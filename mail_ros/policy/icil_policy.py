@@ -28,7 +28,9 @@ The prompt state belongs to the weights, statistics and device it was computed w
 prompt after moving the policy (``.to``) or loading weights (new statistics clear it).
 
 Actions are absolute joint-position targets (robot units); observation tokens are the MaIL
-image encoders' (+ a projection of the normalised joint positions with ``proprio``).
+image encoders' (+ a projection of the normalised joint positions with ``proprio``). Training
+freezes the encoders' trunks and keypoint layers (:meth:`ICILPolicy.frame_features`, computed
+once per dataset and cached) and trains their projections with the sequence model.
 """
 
 from __future__ import annotations
@@ -47,10 +49,9 @@ from torch import nn
 
 from mail_ros.model.icil import ICILSequence, StreamState
 from mail_ros.model.mamba import mamba_backend
-from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.icil_config import ICILConfig
-from mail_ros.policy.mail_policy import (MaILPolicy, PolicyInputError, check_instruction, check_observation,
-                                        parameter_counts)
+from mail_ros.policy.mail_policy import (MaILPolicy, PolicyInputError, build_encoder, check_instruction,
+                                        check_observation, parameter_counts)
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
 
@@ -83,10 +84,11 @@ class PromptInfo:
 
 @dataclass
 class ICILSample:
-    """One training sequence, frame features precomputed by the (frozen) image encoders.
+    """One training sequence, frame features precomputed by the frozen part of the image encoders.
 
-    ``prompt``: per demonstration (features (N, D), joint positions (N, J), actions (N, Da)),
-    already dilated; ``live_*``: the live episode's frames (M, D), (M, J), (M, Da); ``cuts``:
+    ``prompt``: per demonstration (features (N, F), joint positions (N, J), actions (N, Da)),
+    already dilated, F = :meth:`ICILPolicy.feature_dim`; ``live_*``: the live episode's frames
+    (M, F), (M, J), (M, Da); ``cuts``:
     the live frames t after which the chunk is predicted, increasing, each with t + A <= M (the
     targets are live actions t .. t + A - 1). Joints and actions in robot units, tensors on the
     policy's device.
@@ -120,19 +122,7 @@ class ICILPolicy(nn.Module):
         self.cameras = tuple(sorted(observation.cameras))
         self.action_dim = action.dim
         self.joint_dim = len(observation.joint_names)
-        vision = config.vision
-        self.encoder = ObservationEncoder(
-            observation.cameras,
-            D,
-            feature_dim=vision.feature_dim,
-            resnet_width=vision.resnet_width,
-            norm=vision.norm,
-            num_keypoints=vision.num_keypoints,
-            temperature=vision.temperature,
-            shared=vision.shared_encoder,
-            stem_pool=vision.stem_pool,
-            stages=vision.resnet_stages,
-        )
+        self.encoder = build_encoder(observation.cameras, D, config.vision)
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
         self.sequence = ICILSequence(
             backbone.kind,
@@ -174,7 +164,7 @@ class ICILPolicy(nn.Module):
         self.clear_prompt()
 
     def load_encoder_from(self, mail: MaILPolicy) -> None:
-        """Take over a trained MaIL policy's image encoders (all cameras and the projection to D).
+        """Take over a trained MaIL policy's image encoders (all cameras and the projections to D).
 
         A frozen encoder at its random initialisation locates "something"; one trained by MaIL
         on the same cameras has learnt what the task needs (where the cubes are). A FiLM-
@@ -321,9 +311,24 @@ class ICILPolicy(nn.Module):
     # ------------------------------------------------------------------ training
 
     def frame_features(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The image encoders alone: camera -> uint8 (N, H, W, 3) -> (N, D). With the encoders
-        frozen, these are what a training run computes once per dataset and caches."""
-        return self.encoder(images)
+        """The image encoders' trunks and keypoints (no projection): camera -> uint8 (N, H, W, 3) ->
+        (N, F). Frozen in training, so a run computes them once per dataset and caches them."""
+        return self.encoder.pooled(images)
+
+    @property
+    def feature_dim(self) -> int:
+        """F, the width of :meth:`frame_features`."""
+        return self.encoder.pooled_dim
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The modules :meth:`frame_features` runs (frozen in training)."""
+        return self.encoder.pooling_modules()
+
+    def freeze_features(self) -> None:
+        """No gradients for :meth:`feature_modules`, so training can run on cached features;
+        the encoders' projections, the proprio projection and the sequence model still learn."""
+        for module in self.feature_modules():
+            module.requires_grad_(False)
 
     def compute_loss(self, samples: Sequence[ICILSample]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean MSE of the normalised chunks at every cut of every sample (the live part only).
@@ -333,7 +338,7 @@ class ICILPolicy(nn.Module):
         sample's stream (instruction token, prompt, live frames up to its last cut) is
         right-padded to the longest and :meth:`ICILSequence.chunks_at` runs the streams once
         and the queries of every cut of every sample together. Gradients reach the sequence
-        model and the proprio projection, not the encoders.
+        model, the encoders' projections and the proprio projection, not the trunks.
         """
         if not samples:
             raise PolicyInputError("compute_loss needs at least one sample")
@@ -364,20 +369,21 @@ class ICILPolicy(nn.Module):
         return self.language_proj(self.language_norm.normalize(embedding)).view(1, 1, -1)
 
     def _tokens(self, features: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-        """Frame features (N, D) + the proprio projection of joints (N, J): observation tokens (N, D)."""
+        """Frame features (N, F) projected + the proprio projection of joints (N, J): observation tokens (N, D)."""
+        tokens = self.encoder.project(features)
         if self.proprio_proj is None:
-            return features
-        return features + self.proprio_proj(self.proprio_norm.normalize_input(joints.float()))
+            return tokens
+        return tokens + self.proprio_proj(self.proprio_norm.normalize_input(joints.float()))
 
     def _check_sample(self, sample: ICILSample, index: int) -> None:
-        D, J, Da = self.config.backbone.d_model, self.joint_dim, self.action_dim
+        F, J, Da = self.feature_dim, self.joint_dim, self.action_dim
         frames = [(f"prompt {k}", *demo) for k, demo in enumerate(sample.prompt)]
         frames.append(("live", sample.live_features, sample.live_joints, sample.live_actions))
         for name, features, joints, actions in frames:
             n = features.shape[0]
-            if n < 1 or tuple(features.shape) != (n, D) or tuple(joints.shape) != (n, J) or tuple(actions.shape) != (n, Da):
+            if n < 1 or tuple(features.shape) != (n, F) or tuple(joints.shape) != (n, J) or tuple(actions.shape) != (n, Da):
                 raise PolicyInputError(
-                    f"sample {index} {name}: features, joints, actions must be (N >= 1, {D}), (N, {J}), (N, {Da}); "
+                    f"sample {index} {name}: features, joints, actions must be (N >= 1, {F}), (N, {J}), (N, {Da}); "
                     f"got {tuple(features.shape)}, {tuple(joints.shape)}, {tuple(actions.shape)}"
                 )
         if self.language_proj is not None:

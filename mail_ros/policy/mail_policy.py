@@ -60,11 +60,11 @@ from mail_ros.model.diffusion import CosineDDPM, TimeEmbedding
 from mail_ros.model.mamba import mamba_backend_report
 from mail_ros.model.vision import ObservationEncoder
 from mail_ros.policy.action_frame import ActionFrame
-from mail_ros.policy.config import LanguageConfig, PolicyConfig
+from mail_ros.policy.config import LanguageConfig, PolicyConfig, VisionConfig
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation, ObservationSpec
 
-__all__ = ["MaILPolicy", "PolicyInputError", "check_instruction", "check_observation", "parameter_counts"]
+__all__ = ["MaILPolicy", "PolicyInputError", "build_encoder", "check_instruction", "check_observation", "parameter_counts"]
 
 
 class PolicyInputError(ValueError):
@@ -79,6 +79,23 @@ def parameter_counts(module: nn.Module) -> dict[str, int]:
         counts[part] = counts.get(part, 0) + param.numel()
     counts["total"] = sum(counts.values())
     return counts
+
+
+def build_encoder(cameras: Sequence[str], d_model: int, vision: VisionConfig, film_dim: int = 0) -> ObservationEncoder:
+    """The image encoders of ``vision`` for ``cameras``, one token of width ``d_model`` a step."""
+    return ObservationEncoder(
+        cameras,
+        d_model,
+        feature_dim=vision.feature_dim,
+        resnet_width=vision.resnet_width,
+        norm=vision.norm,
+        num_keypoints=vision.num_keypoints,
+        temperature=vision.temperature,
+        shared=vision.shared_encoder,
+        stem_pool=vision.stem_pool,
+        film_dim=film_dim,
+        stages=vision.resnet_stages,
+    )
 
 
 def check_instruction(embedding: np.ndarray | None, language: LanguageConfig) -> np.ndarray | None:
@@ -137,20 +154,8 @@ class MaILPolicy(nn.Module):
         self.is_ddpm = config.head.kind == "ddpm"
         self.time_after_observations = self.is_ddpm and config.head.time_token == "after_observations"
 
-        vision = config.vision
-        self.encoder = ObservationEncoder(
-            observation.cameras,
-            D,
-            feature_dim=vision.feature_dim,
-            resnet_width=vision.resnet_width,
-            norm=vision.norm,
-            num_keypoints=vision.num_keypoints,
-            temperature=vision.temperature,
-            shared=vision.shared_encoder,
-            stem_pool=vision.stem_pool,
-            stages=vision.resnet_stages,
-            film_dim=config.language.dim if vision.film else 0,
-        )
+        self.encoder = build_encoder(observation.cameras, D, config.vision,
+                                     film_dim=config.language.dim if config.vision.film else 0)
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
         self.language_proj = nn.Linear(config.language.dim, D) if config.language.enabled else None
         self.pos_emb = nn.Parameter(torch.zeros(self.T + self.A - 1, D))

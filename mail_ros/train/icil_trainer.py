@@ -9,11 +9,11 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
 2. groups the episodes by task (their instruction) and drops ``data.held_out_tasks``, named
    exactly (a name that matches no task is an error: :func:`~mail_ros.data.icil_data.task_groups`);
 3. sets the normalisation statistics from the kept episodes' actions and joint positions;
-4. freezes the image encoders (as initialised from ``train.seed``, or taken over from a trained
-   MaIL checkpoint with ``train.encoder_from``) and computes every frame's
-   features once, cached on disk per (encoder weights, episode) in ``data.feature_cache``
-   (:class:`~mail_ros.data.icil_data.FrameFeatureCache`); the steps after that run the sequence
-   model and the proprio projection only;
+4. freezes the image encoders' trunks and keypoint layers (as initialised from ``train.seed``, or
+   taken over from a trained MaIL checkpoint with ``train.encoder_from``) and computes every
+   frame's keypoints once, cached on disk per (encoder weights and settings, episode) in
+   ``data.feature_cache`` (:class:`~mail_ros.data.icil_data.FrameFeatureCache`); the steps
+   after that run the encoders' projections, the proprio projection and the sequence model;
 5. each step draws ``train.batch_size`` live episodes, each with a prompt of K ~ U{1 .. k_max}
    other demonstrations of its task (:class:`~mail_ros.data.icil_data.ICILSampler`), and
    minimises the chunk MSE at every ``data.cut_stride``-th live frame.
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from mail_ros.data.hdf5 import fingerprint_hdf5
-from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, module_digest, task_groups
+from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, task_groups
 from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from mail_ros.policy.config import ConfigError, check, check_float, check_int
 from mail_ros.policy.icil_config import ICILConfig
@@ -100,7 +100,7 @@ class ICILTrainConfig:
     checkpoint_every: int = 500  # steps between last/ saves (and at the end)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # A trained MaIL checkpoint whose image encoders the run takes over (frozen, as always; see
+    # A trained MaIL checkpoint whose image encoders the run takes over (trunks frozen, as always; see
     # ICILPolicy.load_encoder_from); None: the encoders stay at their seeded initialisation.
     encoder_from: str | None = None
 
@@ -247,8 +247,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
         language_stats,
     )
     policy.to(device)
-    for parameter in policy.encoder.parameters():
-        parameter.requires_grad_(False)
+    policy.freeze_features()
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
     fingerprints = [fingerprint_hdf5(f) for f in data_files]
     done, first, seconds_before = 0, None, 0.0
@@ -262,8 +261,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
 
     start = time.perf_counter()
     kept_episodes = [episodes[i] for i in kept]
-    features = FrameFeatureCache(_folder(data.feature_cache)).features(kept_episodes, encode,
-                                                                       module_digest(policy.encoder))
+    features = FrameFeatureCache(_folder(data.feature_cache)).features(kept_episodes, encode, feature_digest(policy))
     feature_seconds = time.perf_counter() - start
     remap = {index: position for position, index in enumerate(kept)}
     sampler = ICILSampler(kept_episodes, features, {task: [remap[i] for i in ids] for task, ids in groups.items()},

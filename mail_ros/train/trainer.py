@@ -906,7 +906,10 @@ def load_resume_state(last: Path, model: torch.nn.Module, optimizer: torch.optim
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             optim_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    except ValueError as exc:  # another set of trainable parameters (e.g. saved by an older version)
+        raise TrainError(f"{last}: the saved optimizer state does not fit the parameters this run trains: {exc}") from exc
 
 
 def check_same_data(last: Path, info: dict[str, Any], data_files: Sequence[str], fingerprints: Sequence[str]) -> None:
