@@ -55,12 +55,10 @@ def test_observation_encoder_per_camera_and_shared():
 def test_film_starts_as_the_plain_encoder_and_then_follows_the_condition():
     torch.manual_seed(0)
     # 64x64 without the stem pool: a 4x4 keypoint map (32x32 would give 1x1, constant keypoints).
-    # Width 8, not 4: on an AMD EPYC host torch 2.13.0's oneDNN path corrupted the heap in the
-    # backward pass of this 4-channel trunk (a segfault, or malloc's "smallbin double linked list
-    # corrupted"; none with torch.backends.mkldnn.enabled = False or at width 8). Issue notes of
-    # 2026-12-02 hold the reproduction.
-    plain = CameraEncoder(feature_dim=8, resnet_width=8, stem_pool=False)
-    film = CameraEncoder(feature_dim=8, resnet_width=8, stem_pool=False, film_dim=5)
+    # Width 4 also guards the encoder's NCHW layout: with channels-last strides, the backward
+    # pass of this trunk corrupted the heap (see CameraEncoder.pooled).
+    plain = CameraEncoder(feature_dim=8, resnet_width=4, stem_pool=False)
+    film = CameraEncoder(feature_dim=8, resnet_width=4, stem_pool=False, film_dim=5)
     film.load_state_dict({**film.state_dict(), **plain.state_dict()})
     images = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
     condition = torch.randn(3, 5)

@@ -87,8 +87,12 @@ class CameraEncoder(nn.Module):
 
     def pooled(self, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """The keypoints before the projection: (N, H, W, 3) uint8 -> (N, pooled_dim)."""
-        # Channels-last uint8 is what cameras and bags deliver; convert once here.
-        x = images.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (N, 3, H, W)
+        # Channels-last uint8 is what cameras and bags deliver; convert once here, to a contiguous
+        # NCHW tensor: a permuted (channels-last strided) input would run the whole trunk in
+        # oneDNN's nhwc kernels, whose 1x1 stride-2 weight gradient writes past its workspace
+        # when a layer has fewer than 16 input channels (uxlfoundation/oneDNN#6035; a heap
+        # corruption with torch 2.13.0 on AVX2 hosts, at resnet_width 4 and 8). Same speed here.
+        x = images.permute(0, 3, 1, 2).contiguous().to(self.mean.dtype) / 255.0  # (N, 3, H, W)
         x = (x - self.mean) / self.std
         features = self.trunk(x)  # (N, C, h, w)
         if self.film is not None:
