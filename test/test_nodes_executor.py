@@ -290,9 +290,13 @@ def test_re_asserting_enabled_does_not_interrupt_a_motion(rig):
     robot.set_goal("pick up the red cube")
     far = HOME + np.array([0.6, 0, 0, 0, 0, 0, 0])
     robot.stream(far, 0.8)
-    before = executor.core.plan
+    wait_for(lambda: executor.core.plan is not None, 30, "a plan")
+    origin = executor.core.plan.origin
     assert executor.set_parameters(overrides(enabled=True))[0].successful  # already enabled: nothing changes
-    assert executor.core.plan is before
+    # A real change of 'enabled' forgets the plan, and the next one starts on a new time grid; the
+    # replans that chunks and ticks make meanwhile (often, on a loaded machine) keep the grid.
+    plan = executor.core.plan
+    assert plan is not None and plan.origin == origin
     robot.stream_until(far, reached(robot, far), 30.0)
 
 
