@@ -5,6 +5,7 @@ Only the nodes import this module (it imports rclpy); the algorithms live in the
 
 from __future__ import annotations
 
+import faulthandler
 import math
 import signal
 import sys
@@ -253,6 +254,9 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
     # (measured in bench/pipeline_latency.py: with 5 ms the observation stream fell from 10 Hz
     # to ~2 Hz and the executor saw 400 ms tick gaps).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # A crash in native code (rclpy, DDS, torch) prints every thread's Python stack to stderr, so
+    # the node's launch log says where it was; without it launch reports only "exit code -11".
+    faulthandler.enable()
     stop = stop_on_signals()
     rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
     node = executor = None
