@@ -6,13 +6,13 @@ that load on the machine hits both alike. Each prompt is K demonstrations of F f
 a frame + 1 per demonstration): K = 64 with the default F = 156 is 9 984 frames, 20 032 tokens.
 
 Prompt frames are random observation tokens put through the real demonstration-token path
-(ICILSequence.demo_tokens) and prefilled by ICILPolicy.set_prompt_tokens: the image encoders
+(ICILSequence.demo_tokens) and prefilled by ICILPolicy.set_encoded_prompt: the image encoders
 cost the same per frame for both twins and whatever K is, so they are timed once, on one real
 demonstration ("encode ms/frame"), instead of for ~20 000 frames per twin.
 
 Columns:
   frames, tokens  prompt size
-  prefill s       ICILPolicy.set_prompt_tokens: the sequence model over the whole prompt
+  prefill s       ICILPolicy.set_encoded_prompt: the sequence model over the whole prompt
                   (a full prefill = frames * encode ms/frame + this)
   state MB        what the stream holds after the prompt: Mamba conv + SSM states per layer,
                   Transformer its key/value buffer (allocated: every token + headroom)
@@ -79,7 +79,7 @@ def measure(args: argparse.Namespace, device_name: str) -> list[dict]:
     import numpy as np
     import torch
 
-    from mail_ros.policy.icil_policy import Demonstration, ICILPolicy
+    from mail_ros.policy.icil_policy import Demonstration, EncodedPrompt, ICILPolicy
     from mail_ros.policy.presets import get_icil_preset
     from mail_ros.spec import Observation
 
@@ -102,9 +102,9 @@ def measure(args: argparse.Namespace, device_name: str) -> list[dict]:
     # The encoders are the same for both twins and per frame: timed once on a real demonstration.
     F = args.frames_per_demo
     demo = Demonstration([Observation(100_000_000 * i, pool[i % 8], joints) for i in range(F)], np.zeros((F, first.action_dim)))
-    first.prompt_tokens([demo])  # warm-up
+    first.encode_prompt([demo])  # warm-up
     with _Timer(sync) as timer:
-        first.prompt_tokens([demo])
+        first.encode_prompt([demo])
     encode_ms = timer.wall / F
 
     # One policy per (K, twin), each holding its prompt, so that the timed steps can take turns.
@@ -121,7 +121,7 @@ def measure(args: argparse.Namespace, device_name: str) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with _Timer(sync) as timer:
-                info = policy.set_prompt_tokens(tokens, K, K * F)
+                info = policy.set_encoded_prompt(EncodedPrompt(tokens, K, K * F))
             rows[(K, twin)] = {
                 "twin": twin,
                 "device": device_name,

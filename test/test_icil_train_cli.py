@@ -1,6 +1,7 @@
 """`mail-ros train` with an ICIL config: a tiny run on CPU through the CLI, the checkpoint it
 writes reloads as an ICILPolicy, held-out tasks stay out, frame features are cached once."""
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -40,13 +41,17 @@ def tiny_config(tmp_path):
     return path
 
 
-def test_tiny_icil_run_through_the_cli_reloads(tmp_path, tiny_config, capsys):
+@pytest.mark.parametrize("film", [False, True])
+def test_tiny_icil_run_through_the_cli_reloads(tmp_path, tiny_config, capsys, film):
     data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3)
     out = tmp_path / "run"
-    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--no-progress"]) == 0
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--no-progress",
+                     "--set", f"policy.prompt.film={json.dumps(film)}"]) == 0
     assert "held out ['pick up the blue cube']" in capsys.readouterr().out
     policy = load_checkpoint(out / "last")
-    assert isinstance(policy, ICILPolicy) and policy.config.prompt.k_max == 2
+    assert isinstance(policy, ICILPolicy) and policy.config.prompt.k_max == 2 and policy.config.prompt.film == film
+    if film:  # the prompt's FiLM layers and summary trained (from zero and from their init)
+        assert any(p.any() for name, p in policy.encoder.named_parameters() if ".film." in name)
     description = describe_checkpoint(out / "last")
     assert description.policy_type == "icil" and description.training["step"] == 3
     assert description.extra["held_out_tasks"] == ["pick up the blue cube"]
@@ -56,11 +61,12 @@ def test_tiny_icil_run_through_the_cli_reloads(tmp_path, tiny_config, capsys):
     rows = (out / "log.csv").read_text().splitlines()
     assert rows[0] == "step,loss,chunks,seconds" and len(rows) == 4
     # A second run finds every feature cached, and an existing run is replaced only on request.
-    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out)]) == 2
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out),
+                     "--set", f"policy.prompt.film={json.dumps(film)}"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     before = [p.stat().st_mtime_ns for p in cached]
     assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--overwrite",
-                     "--steps", "1"]) == 0
+                     "--steps", "1", "--set", f"policy.prompt.film={json.dumps(film)}"]) == 0
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "features").iterdir())] == before
     assert describe_checkpoint(out / "last").training["step"] == 1
 

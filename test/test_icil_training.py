@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, module_digest, task_groups
-from mail_ros.policy.icil_policy import ICILPolicy, ICILSample
+from mail_ros.policy.icil_policy import Demonstration, ICILPolicy, ICILSample
 from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset, get_preset
+from mail_ros.spec import Observation
 from mail_ros.train.trainer import TrainError, load_resume_state, write_resume_state
 
 torch.set_num_threads(1)
@@ -96,6 +97,15 @@ def test_feature_digest_follows_what_the_features_depend_on_and_nothing_else():
     other = _policy(overrides={"vision.temperature": 0.5})
     assert module_digest(nn.ModuleList(other.feature_modules())) == module_digest(nn.ModuleList(policy.feature_modules()))
     assert feature_digest(other) != digest
+    # prompt.film caches the trunks' maps: another key, which the keypoint layers (trained) leave alone.
+    maps = _policy(overrides={"prompt.film": True})
+    assert feature_digest(maps) != digest
+    maps_digest = feature_digest(maps)
+    with torch.no_grad():
+        for name, parameter in maps.encoder.named_parameters():
+            if ".pool." in name or ".film." in name:
+                parameter.add_(1.0)
+    assert feature_digest(maps) == maps_digest
 
 
 def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
@@ -227,6 +237,49 @@ def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, 
             torch.testing.assert_close(grad, reference, atol=2e-5, rtol=1e-4, msg=n)
 
 
+def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images():
+    # With prompt.film, training runs on the trunks' cached maps (FiLM, keypoints and the prompt
+    # summary computed in the loss); the robot runs on images. Their chunks must be the same.
+    policy = _policy("icil-tiny-ma", {"prompt.film": True}).eval()
+    rng = np.random.default_rng(11)
+    policy.set_normalization(Normalizer.stats_from_data(rng.normal(1.0, 2.0, size=(50, policy.action_dim))),
+                             Normalizer.stats_from_data(rng.normal(-1.0, 0.5, size=(50, policy.joint_dim))))
+    with torch.no_grad():
+        for name, parameter in policy.encoder.named_parameters():
+            if ".film." in name:
+                parameter.normal_(0.0, 0.5)
+    A = policy.A
+    demos, live = [_episode(policy, "t", n, rng) for n in (5, 3)], _episode(policy, "t", A + 4, rng)
+    assert policy.feature_dim == len(policy.cameras) * int(np.prod(policy.map_shape))
+
+    def frames(episode):
+        return (torch.from_numpy(_encode(policy)(episode.images)), torch.from_numpy(episode.joint_positions).float(),
+                torch.from_numpy(episode.actions).float())
+
+    def observations(episode):
+        return [Observation(i * 100_000_000, {c: episode.images[c][i] for c in policy.cameras}, episode.joint_positions[i])
+                for i in range(len(episode.actions))]
+
+    cuts = [0, 2, 4]
+    loss, _ = policy.compute_loss([ICILSample([frames(d) for d in demos], *frames(live), cuts=cuts)])
+    policy.set_prompt([Demonstration(observations(d), d.actions) for d in demos])
+    target = policy.action_norm.normalize(torch.from_numpy(live.actions).float())
+    errors = []
+    for t, obs in enumerate(observations(live)[: cuts[-1] + 1]):
+        chunk = policy.action_norm.normalize(torch.from_numpy(policy.predict_chunk(obs)).float())
+        if t in cuts:
+            errors.append(torch.nn.functional.mse_loss(chunk, target[t : t + A]))
+    torch.testing.assert_close(loss.detach(), torch.stack(errors).mean(), atol=1e-5, rtol=1e-4)
+    # What learns: the FiLM layers, the prompt summary and the keypoint layers; not the trunks.
+    policy.freeze_features()
+    loss.backward()
+    for name, parameter in policy.named_parameters():
+        if name.startswith(("summary.", "sequence.queries")) or ".film." in name or ".pool.keypoints." in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        if ".trunk." in name:
+            assert not parameter.requires_grad and parameter.grad is None, name
+
+
 def test_bad_samples_are_refused():
     policy = _policy()
     f, j, a = torch.zeros(6, 32), torch.zeros(6, policy.joint_dim), torch.zeros(6, policy.action_dim)
@@ -330,6 +383,15 @@ def test_encoders_taken_from_a_film_mail_policy_are_that_policy_at_the_neutral_i
         got = policy.encoder(images)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - other).abs().max() > 1e-2  # the fold is of THIS condition's FiLM, not a no-op
+    # With prompt.film the policy keeps its own (prompt-conditioned, zero-initialised) FiLM layers:
+    # unconditioned, and before training, it is the same folded encoder.
+    film = _policy(overrides={"prompt.film": True})
+    film.load_encoder_from(mail)
+    assert all(not p.any() for name, p in film.encoder.named_parameters() if ".film." in name)
+    with torch.no_grad():
+        maps = film.frame_features(images)
+        torch.testing.assert_close(film.encoder.project(film._pooled(maps)), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(film._pooled(maps, torch.randn(film.config.backbone.d_model)), film._pooled(maps))
 
 
 def test_encoders_of_another_layout_are_refused_by_name():

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mail_ros.model import icil
-from mail_ros.model.icil import ICILSequence, sinusoidal_positions
+from mail_ros.model.icil import ICILSequence, PromptSummary, sinusoidal_positions
 
 torch.set_num_threads(1)
 
@@ -186,3 +186,19 @@ def test_transformer_training_path_matches_the_buffer_path():
     torch.testing.assert_close(out.detach(), buffered, atol=2e-5, rtol=1e-4)
     out.sum().backward()
     assert model.queries.grad is not None
+
+
+@settings(max_examples=20, deadline=None)
+@given(frames=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_prompt_summary_pools_the_frames_whatever_their_order(frames, seed):
+    g = torch.Generator().manual_seed(seed)
+    summary = PromptSummary(5, 8)
+    with torch.no_grad():
+        summary.query.normal_(generator=g)
+        x = torch.randn(frames, 5, generator=g)
+        out = summary(x)
+        torch.testing.assert_close(summary(x[torch.randperm(frames, generator=g)]), out, atol=1e-6, rtol=1e-5)
+        # An attention-weighted mean of the frames' values: inside their per-channel range.
+        values = summary.value(x)
+        assert (out >= values.min(dim=0).values - 1e-5).all() and (out <= values.max(dim=0).values + 1e-5).all()
+        assert torch.equal(summary(torch.zeros(0, 5)), torch.zeros(8))  # an empty prompt

@@ -407,10 +407,14 @@ def test_icil_round_trip_gives_identical_streaming_predictions(preset, tmp_path)
         np.testing.assert_array_equal(policy.predict_chunk(observation), loaded.predict_chunk(observation))
 
 
-def test_icil_config_json_names_the_policy_type_and_describes_it(saved_icil):
+def test_icil_config_json_names_the_policy_type_and_describes_it(saved_icil, tmp_path):
     policy, path = saved_icil
     data = read_checkpoint_config(path)
-    assert data["policy_type"] == "icil" and data["policy"]["prompt"] == {"k_max": 4, "dilation": 2}
+    assert data["policy_type"] == "icil" and data["policy"]["prompt"] == {"k_max": 4, "dilation": 2, "film": False}
+    # Saved before prompt.film existed: the key is absent, and the policy is the unconditioned one.
+    older = _copy(saved_icil, tmp_path)
+    _edit_json(older, lambda data: data["policy"]["prompt"].pop("film"))
+    assert load_checkpoint(older).config == policy.config
     assert (data["variant"], data["head"], data["obs_horizon"]) == ("icil-ma", "bc", 1)
     description = describe_checkpoint(path)
     assert description.policy_type == "icil" and description.config == policy.config

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from mail_ros.policy.config import ConfigError
 from mail_ros.policy.icil_config import ICILConfig
-from mail_ros.policy.icil_policy import Demonstration, ICILPolicy, dilated_indices
+from mail_ros.policy.icil_policy import Demonstration, EncodedPrompt, ICILPolicy, dilated_indices
 from mail_ros.policy.mail_policy import PolicyInputError
 from mail_ros.policy.presets import PresetError, get_icil_preset, list_icil_presets
 from mail_ros.policy.normalizer import Normalizer
@@ -27,6 +27,10 @@ def _policy(name: str, overrides=None) -> ICILPolicy:
     actions = rng.normal(size=(50, policy.action_dim))
     joints = rng.normal(size=(50, policy.joint_dim))
     policy.set_normalization(Normalizer.stats_from_data(actions), Normalizer.stats_from_data(joints))
+    with torch.no_grad():  # prompt.film's FiLM layers start at zero (no effect): make them act
+        for name, parameter in policy.encoder.named_parameters():
+            if ".film." in name:
+                parameter.normal_(0.0, 0.5)
     return policy
 
 
@@ -55,14 +59,15 @@ def _reference(policy: ICILPolicy, demos: list[Demonstration], live: list[Observ
             tokens = policy._encode([demo.observations[i] for i in kept]).unsqueeze(0)
             actions = policy.action_norm.normalize_input(torch.from_numpy(demo.actions[kept]).float()).unsqueeze(0)
             parts.append(policy.sequence.demo_tokens(tokens, actions))
-        parts.append(policy.sequence.live_tokens(policy._encode(live).unsqueeze(0)))
+        parts.append(policy.sequence.live_tokens(policy._encode(live, policy._live_condition()).unsqueeze(0)))
         return policy.action_norm.denormalize(policy.sequence(torch.cat(parts, dim=1)))[0].double().numpy()
 
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("dilation", [1, 3])
-def test_streaming_chunks_equal_the_full_sequence(name, dilation):
-    policy = _policy(name, {"prompt.dilation": dilation})
+@pytest.mark.parametrize("film", [False, True])
+def test_streaming_chunks_equal_the_full_sequence(name, dilation, film):
+    policy = _policy(name, {"prompt.dilation": dilation, "prompt.film": film})
     rng = np.random.default_rng(1)
     demos = [_demo(policy, 7, rng), _demo(policy, 4, rng)]
     info = policy.set_prompt(demos)
@@ -111,6 +116,35 @@ def test_prompt_changes_the_chunk():
     assert not np.allclose(policy.predict_chunk(obs), with_one)
 
 
+def test_prompt_film_conditions_the_live_keypoints_on_the_prompt_only():
+    policy = _policy("icil-tiny-ma", {"prompt.film": True})
+    rng = np.random.default_rng(9)
+    obs = _frames(policy, 1, rng, t0=50.0)[0]
+    with torch.no_grad():  # the prompt summaries are inference tensors
+        features, _ = policy._features([obs])
+        unconditioned = policy._pooled(features)
+        torch.testing.assert_close(policy._pooled(features, torch.zeros(policy.config.backbone.d_model)),
+                                   policy._pooled(features, policy._live_condition()))  # no prompt: the empty summary
+        summaries, keypoints = [], []
+        for _ in range(2):
+            prompt = policy.encode_prompt([_demo(policy, 5, rng)])
+            assert prompt.condition.shape == (policy.config.backbone.d_model,)
+            summaries.append(prompt.condition)
+            keypoints.append(policy._pooled(features, prompt.condition))
+        assert not torch.allclose(summaries[0], summaries[1])
+        assert not torch.allclose(keypoints[0], keypoints[1]) and not torch.allclose(keypoints[0], unconditioned)
+        # The prompt's own frames are encoded unconditioned: their tokens are the plain policy's.
+        demo = _demo(policy, 3, rng)
+        tokens = policy.encode_prompt([demo]).tokens
+        maps, joints = policy._features(demo.observations)
+        torch.testing.assert_close(tokens[0, 0:6:2], policy._tokens(policy._pooled(maps), joints) + policy.sequence.type_emb[0])
+    # A prompt without the summary this policy needs is refused, and the previous prompt stays.
+    policy.set_prompt([demo])
+    with pytest.raises(PolicyInputError, match="prompt summary"):
+        policy.set_encoded_prompt(EncodedPrompt(tokens, 1, 3, None))
+    assert policy.prompt_info.demonstrations == 1
+
+
 def test_mismatched_demonstrations_are_refused_and_the_old_prompt_kept():
     policy = _policy("icil-tiny-ma")
     rng = np.random.default_rng(5)
@@ -156,9 +190,10 @@ def test_dilated_indices_keep_the_first_every_dth_and_the_last():
 
 
 @pytest.mark.parametrize("name", list_icil_presets())
-def test_presets_round_trip_through_json_and_safetensors(name, tmp_path):
-    config = get_icil_preset(name)
-    assert ICILConfig.from_dict(config.to_dict()) == config
+@pytest.mark.parametrize("film", [False, True])
+def test_presets_round_trip_through_json_and_safetensors(name, film, tmp_path):
+    config = get_icil_preset(name, {"prompt.film": film})
+    assert ICILConfig.from_dict(config.to_dict()) == config and config.prompt.film == film
     with_language = get_icil_preset(name, LANGUAGE)
     assert ICILConfig.from_dict(with_language.to_dict()) == with_language and with_language.language.enabled
     torch.manual_seed(0)
@@ -185,6 +220,7 @@ def test_twins_have_about_the_same_sequence_size():
         ({"backbone.layout": "encoder_decoder"}, "layout must be 'decoder'"),
         ({"prompt.dilation": 0}, "prompt.dilation"),
         ({"prompt.k_max": 2.0}, "prompt.k_max"),
+        ({"prompt.film": "yes"}, "prompt.film"),
     ],
 )
 def test_bad_configs_are_refused(overrides, message):
@@ -204,16 +240,19 @@ def test_kept_prompt_tokens_prefill_to_the_same_policy():
     rng = np.random.default_rng(7)
     demos = [_demo(policy, 4, rng), _demo(policy, 3, rng)]
     obs = _frames(policy, 1, rng, t0=20.0)[0]
-    tokens, frames = policy.prompt_tokens(demos)
-    assert tokens.shape == (1, 2 * 7 + 2, policy.config.backbone.d_model) and frames == 7
+    prompt = policy.encode_prompt(demos)
+    assert prompt.tokens.shape == (1, 2 * 7 + 2, policy.config.backbone.d_model)
+    assert (prompt.demonstrations, prompt.frames, prompt.condition) == (2, 7, None)
     policy.set_prompt(demos)
     expected = policy.predict_chunk(obs)
     policy.clear_prompt()
-    info = policy.set_prompt_tokens(tokens, len(demos), frames)
+    info = policy.set_encoded_prompt(prompt)
     assert (info.demonstrations, info.frames, info.tokens) == (2, 7, 16)
     np.testing.assert_allclose(policy.predict_chunk(obs), expected, atol=0, rtol=0)
     with pytest.raises(PolicyInputError, match="prompt tokens must be"):
-        policy.set_prompt_tokens(tokens[0], 2, 7)
+        policy.set_encoded_prompt(EncodedPrompt(prompt.tokens[0], 2, 7))
+    with pytest.raises(PolicyInputError, match="no prompt summary"):
+        policy.set_encoded_prompt(EncodedPrompt(prompt.tokens, 2, 7, torch.zeros(policy.config.backbone.d_model)))
 
 
 LANGUAGE = {"language.encoder": "hash:test", "language.dim": 6}
@@ -235,7 +274,7 @@ def test_instruction_token_starts_the_stream_when_language_is_on(name):
     chunks = [policy.predict_chunk(obs) for obs in live]
     with torch.no_grad():
         instruction = policy._language_token(torch.from_numpy(embedding).float())
-        tokens, _ = policy.prompt_tokens(demos, embedding)
+        tokens = policy.encode_prompt(demos, embedding).tokens
         torch.testing.assert_close(tokens[:, :1], instruction)
         for t, chunk in enumerate(chunks):
             stream = torch.cat([tokens, policy.sequence.live_tokens(policy._encode(live[: t + 1]).unsqueeze(0))], dim=1)

@@ -73,9 +73,11 @@ def module_digest(module: nn.Module) -> str:
 
 def feature_digest(policy: ICILPolicy) -> str:
     """The encoder part of a cache key: what ``policy.frame_features`` computes, i.e. the weights
-    of its feature modules and the vision settings (some, as the keypoint temperature, hold no
-    weights)."""
+    of its feature modules, the vision settings (some, as the keypoint temperature, hold no
+    weights) and whether they are keypoints or trunk maps (``prompt.film``)."""
     settings = json.dumps(asdict(policy.config.vision), sort_keys=True)
+    if policy.config.prompt.film:  # the trunks' maps, not keypoints
+        settings += "\nmaps"
     modules = module_digest(nn.ModuleList(policy.feature_modules()))
     return hashlib.sha256(f"{modules}\n{settings}".encode()).hexdigest()
 

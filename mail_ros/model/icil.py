@@ -61,7 +61,7 @@ from torch import nn
 from mail_ros.model.mamba_stack import MambaStack
 from mail_ros.model.transformer import KVBuffer, TransformerStack
 
-__all__ = ["ICILSequence", "StreamState", "TOKEN_TYPES", "sinusoidal_positions"]
+__all__ = ["ICILSequence", "PromptSummary", "StreamState", "TOKEN_TYPES", "sinusoidal_positions"]
 
 # Rows of ICILSequence.type_emb.
 TOKEN_TYPES = ("prompt_observation", "prompt_action", "demo_end", "live_observation")
@@ -291,3 +291,26 @@ class ICILSequence(nn.Module):
             return state.layers
         L = state.length
         return [(k[:, :, :L].clone(), v[:, :, :L].clone()) for k, v in zip(state.layers.keys, state.layers.values)]
+
+
+class PromptSummary(nn.Module):
+    """All frames of a prompt -> one conditioning vector, by attention pooling with a learned query.
+
+    (N, I) frame descriptors of every demonstration together -> (D,):
+    score_n = q . W_k x_n / sqrt(D), summary = sum_n softmax(score)_n W_v x_n. The weights let
+    the frames that tell the task (the grasp, the cube carried) outweigh the rest, whatever K
+    and the demonstrations' lengths; an empty prompt (N = 0) summarises to zeros.
+    """
+
+    def __init__(self, in_dim: int, d_model: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(in_dim, d_model)
+        self.value = nn.Linear(in_dim, d_model)
+        self.query = nn.Parameter(0.02 * torch.randn(d_model))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        D = self.query.shape[0]
+        if frames.shape[0] == 0:
+            return frames.new_zeros(D)
+        scores = self.key(frames) @ self.query / math.sqrt(D)  # (N,)
+        return scores.softmax(dim=0) @ self.value(frames)  # (D,)

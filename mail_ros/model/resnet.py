@@ -111,6 +111,14 @@ class ResNet18Trunk(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of the output map for (height, width) input: each stride-2 step (the stem's
+        convolution and max-pool, the first block of layer2..) takes ceil(size / 2)."""
+        halvings = 1 + (not isinstance(self.maxpool, nn.Identity)) + (self.stages - 1)
+        for _ in range(halvings):
+            height, width = -(-height // 2), -(-width // 2)
+        return height, width
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for index in range(1, self.stages + 1):

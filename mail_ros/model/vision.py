@@ -15,6 +15,7 @@ Keypoints are otherwise blind to the instruction: with three look-alike cubes th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -87,6 +88,12 @@ class CameraEncoder(nn.Module):
 
     def pooled(self, images: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """The keypoints before the projection: (N, H, W, 3) uint8 -> (N, pooled_dim)."""
+        if self.film is not None and condition is None:
+            raise ValueError("this camera encoder is FiLM-conditioned: pass the condition (N, film_dim)")
+        return self.keypoints(self.feature_map(images), condition)
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk's output map: (N, H, W, 3) uint8 -> (N, C, h, w)."""
         # Channels-last uint8 is what cameras and bags deliver; convert once here, to a contiguous
         # NCHW tensor: a permuted (channels-last strided) input would run the whole trunk in
         # oneDNN's nhwc kernels, whose 1x1 stride-2 weight gradient writes past its workspace
@@ -94,10 +101,14 @@ class CameraEncoder(nn.Module):
         # corruption with torch 2.13.0 on AVX2 hosts, at resnet_width 4 and 8). Same speed here.
         x = images.permute(0, 3, 1, 2).contiguous().to(self.mean.dtype) / 255.0  # (N, 3, H, W)
         x = (x - self.mean) / self.std
-        features = self.trunk(x)  # (N, C, h, w)
-        if self.film is not None:
-            if condition is None:
-                raise ValueError("this camera encoder is FiLM-conditioned: pass the condition (N, film_dim)")
+        return self.trunk(x)
+
+    def keypoints(self, features: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Trunk map (N, C, h, w) -> keypoints (N, pooled_dim), FiLM-conditioned on ``condition``
+        (N, film_dim) when given (None: the map as it is)."""
+        if condition is not None:
+            if self.film is None:
+                raise ValueError("this camera encoder has no FiLM layer: it takes no condition")
             gamma, beta = self.film(condition)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
             features = features * (1 + gamma) + beta
         return self.pool(features)
@@ -155,6 +166,23 @@ class ObservationEncoder(nn.Module):
             return torch.cat(self.encoder.pooled(stacked, repeated).split(N, dim=0), dim=-1)
         return torch.cat([self.encoders[name].pooled(images[name], condition) for name in self.cameras], dim=-1)
 
+    def map_shape(self, image_size: Sequence[int]) -> tuple[int, int, int]:
+        """(C, h, w) of one camera's trunk map for images of ``image_size`` (H, W)."""
+        trunk = self._camera(self.cameras[0]).trunk
+        return (trunk.out_channels, *trunk.output_size(*image_size))
+
+    def feature_maps(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Every camera's trunk map, flattened and concatenated in camera order: (N, cameras * C * h * w)."""
+        return torch.cat([self._camera(name).feature_map(images[name]).flatten(1) for name in self.cameras], dim=-1)
+
+    def pooled_from_maps(self, maps: torch.Tensor, map_shape: Sequence[int],
+                         condition: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`pooled` from :meth:`feature_maps`' output (N, cameras * C * h * w), each camera's map
+        of ``map_shape`` (C, h, w); FiLM by ``condition`` (N, film_dim) when given -> (N, pooled_dim)."""
+        parts = maps.split(math.prod(map_shape), dim=-1)
+        return torch.cat([self._camera(name).keypoints(part.view(-1, *map_shape), condition)
+                          for name, part in zip(self.cameras, parts)], dim=-1)
+
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """(N, pooled_dim) from :meth:`pooled` -> (N, D): each camera's Linear, then the joint one."""
         parts = pooled.split(self.pooled_dim // len(self.cameras), dim=-1)
@@ -164,6 +192,11 @@ class ObservationEncoder(nn.Module):
         """The modules :meth:`pooled` runs: trunks, keypoint layers, FiLM (not the projections)."""
         cameras = [self.encoder] if self.shared else [self.encoders[name] for name in self.cameras]
         return [module for camera in cameras for module in camera.pooling_modules()]
+
+    def trunks(self) -> list[nn.Module]:
+        """The modules :meth:`feature_maps` runs: the cameras' trunks."""
+        cameras = [self.encoder] if self.shared else [self.encoders[name] for name in self.cameras]
+        return [camera.trunk for camera in cameras]
 
     def _camera(self, name: str) -> CameraEncoder:
         return self.encoder if self.shared else self.encoders[name]

@@ -37,10 +37,17 @@ class PromptConfig:
     # Keep every dilation-th frame of a prompt demonstration (frames 0, d, 2d, ...; the last
     # frame is always kept): a d times shorter prompt for a coarser view of the demonstration.
     dilation: int = 1
+    # FiLM the live frames' keypoints by a summary of the prompt (attention pooling over its
+    # frames), as MaIL's FiLM conditions them on the instruction: without it the live keypoints
+    # cannot depend on the task, so with look-alike cubes they cannot tell which one the prompt
+    # moves. Training then caches the trunks' maps instead of keypoints and trains the keypoint
+    # layers, the FiLM layers and the summary.
+    film: bool = False
 
     def __post_init__(self) -> None:
         check_int(self.k_max, "prompt.k_max", 1)
         check_int(self.dilation, "prompt.dilation", 1)
+        check_bool(self.film, "prompt.film")
 
 
 @dataclass

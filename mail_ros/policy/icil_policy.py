@@ -16,7 +16,7 @@ Runtime (the policy owns normalisation and its observation/action contract):
     policy.observe(observation)                  # commit one live observation
     chunk = policy.predict_chunk(observation)    # commit it and return the next A actions
 
-``prompt_tokens`` + ``set_prompt_tokens`` split ``set_prompt`` in two, so encoded prompts can
+``encode_prompt`` + ``set_encoded_prompt`` split ``set_prompt`` in two, so encoded prompts can
 be kept and prefilled again (a swap back to an earlier prompt, a benchmark).
 
 Every live observation at the policy rate should be committed (``observe`` between chunks),
@@ -31,6 +31,11 @@ Actions are absolute joint-position targets (robot units); observation tokens ar
 image encoders' (+ a projection of the normalised joint positions with ``proprio``). Training
 freezes the encoders' trunks and keypoint layers (:meth:`ICILPolicy.frame_features`, computed
 once per dataset and cached) and trains their projections with the sequence model.
+
+With ``prompt.film`` the live frames' keypoints are FiLM-conditioned on a summary of the prompt
+(:class:`~mail_ros.model.icil.PromptSummary` over every prompt frame's keypoints, channel means
+of its trunk maps and action), computed once per prompt like the prefill; prompt frames keep
+unconditioned keypoints. Training then caches the trunks' maps and trains the keypoint layers.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mail_ros.model.icil import ICILSequence, StreamState
+from mail_ros.model.icil import ICILSequence, PromptSummary, StreamState
 from mail_ros.model.mamba import mamba_backend
 from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.mail_policy import (MaILPolicy, PolicyInputError, build_encoder, check_instruction,
@@ -55,7 +60,7 @@ from mail_ros.policy.mail_policy import (MaILPolicy, PolicyInputError, build_enc
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.spec import Observation
 
-__all__ = ["ICILPolicy", "Demonstration", "ICILSample", "PromptInfo", "dilated_indices"]
+__all__ = ["ICILPolicy", "Demonstration", "EncodedPrompt", "ICILSample", "PromptInfo", "dilated_indices"]
 
 # Prompt frames are encoded in batches of this many, bounding the encoders' activation memory
 # for prompts of thousands of frames.
@@ -80,6 +85,18 @@ class PromptInfo:
     tokens: int  # committed prompt tokens: 2 per frame + 1 per demonstration (+ 1 instruction)
     encode_s: float  # image encoders over the prompt frames
     prefill_s: float  # sequence model over the prompt tokens
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt ready to prefill (:meth:`ICILPolicy.encode_prompt`): its tokens (1, L, D), K, its
+    frames after dilation and, with ``prompt.film``, the summary (D,) that conditions the live
+    keypoints (None otherwise)."""
+
+    tokens: torch.Tensor
+    demonstrations: int
+    frames: int
+    condition: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,7 +139,11 @@ class ICILPolicy(nn.Module):
         self.cameras = tuple(sorted(observation.cameras))
         self.action_dim = action.dim
         self.joint_dim = len(observation.joint_names)
-        self.encoder = build_encoder(observation.cameras, D, config.vision)
+        self.film = config.prompt.film
+        self.encoder = build_encoder(observation.cameras, D, config.vision, film_dim=D if self.film else 0)
+        self.map_shape = self.encoder.map_shape(observation.image_size)  # (C, h, w) of one camera's trunk map
+        summary_dim = self.encoder.pooled_dim + len(self.cameras) * self.map_shape[0] + self.action_dim
+        self.summary = PromptSummary(summary_dim, D) if self.film else None
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
         self.sequence = ICILSequence(
             backbone.kind,
@@ -142,6 +163,7 @@ class ICILPolicy(nn.Module):
         self.language_norm = Normalizer(config.language.dim)
 
         self._prompt_state: StreamState | None = None
+        self._prompt_condition: torch.Tensor | None = None  # (D,) with prompt.film and a prompt set
         self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
         self._state: StreamState | None = None
         self._last_stamp = -math.inf
@@ -194,6 +216,9 @@ class ICILPolicy(nn.Module):
             weight, bias = state[camera + "pool.keypoints.weight"], state[camera + "pool.keypoints.bias"]
             state[camera + "pool.keypoints.bias"] = bias + weight[:, :, 0, 0] @ beta  # (K,)
             state[camera + "pool.keypoints.weight"] = weight * (1 + gamma)[None, :, None, None]  # (K, C, 1, 1)
+        # With prompt.film the FiLM layers are this policy's own (conditioned on the prompt): kept.
+        state.update({name: value for name, value in self.encoder.state_dict().items()
+                      if name.endswith(("film.weight", "film.bias"))})
         self.encoder.load_state_dict(state)
         self.clear_prompt()
 
@@ -235,56 +260,60 @@ class ICILPolicy(nn.Module):
         and episode are kept.
         """
         start = time.perf_counter()
-        tokens, frames = self.prompt_tokens(demonstrations, instruction_embedding)
+        prompt = self.encode_prompt(demonstrations, instruction_embedding)
         self._sync()
-        return self.set_prompt_tokens(tokens, len(demonstrations), frames, encode_s=time.perf_counter() - start)
+        return self.set_encoded_prompt(prompt, encode_s=time.perf_counter() - start)
 
-    def prompt_tokens(
+    def encode_prompt(
         self, demonstrations: Sequence[Demonstration], instruction_embedding: np.ndarray | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """The prompt's tokens (1, L, D) for :meth:`set_prompt_tokens` and its frame count after
-        dilation; the demonstrations are checked as in :meth:`set_prompt`. The tokens depend on
-        the weights and statistics only, so they can be kept and prefilled again later."""
+    ) -> EncodedPrompt:
+        """The prompt's tokens (and summary) for :meth:`set_encoded_prompt`; the demonstrations are
+        checked as in :meth:`set_prompt`. The result depends on the weights and statistics only, so
+        it can be kept and prefilled again later."""
         demos = [self._check_demonstration(demo, index) for index, demo in enumerate(demonstrations)]
         embedding = check_instruction(instruction_embedding, self.config.language)
-        parts, frames = [], 0
+        parts, descriptors, frames = [], [], 0
         with self._inference():
             if embedding is not None:
                 parts.append(self._language_token(torch.from_numpy(embedding).to(self.device)))
             for observations, actions in demos:
                 kept = dilated_indices(len(observations), self.config.prompt.dilation)
                 frames += len(kept)
-                tokens = self._encode([observations[i] for i in kept]).unsqueeze(0)  # (1, N, D)
-                # Prompt actions are network inputs: normalize_input, like the joints.
-                normalized = self.action_norm.normalize_input(
-                    torch.from_numpy(actions[kept]).float().to(self.device)
-                ).unsqueeze(0)  # (1, N, Da)
-                parts.append(self.sequence.demo_tokens(tokens, normalized))
+                features, joints = self._features([observations[i] for i in kept])  # (N, F), (N, J)
+                tokens, descriptor = self._prompt_part(
+                    features, joints, torch.from_numpy(actions[kept]).float().to(self.device))
+                parts.append(tokens)
+                descriptors.append(descriptor)
+            condition = self._summarise(descriptors) if self.film else None
         D = self.config.backbone.d_model
-        return (torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, D, device=self.device)), frames
+        tokens = torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, D, device=self.device)
+        return EncodedPrompt(tokens, len(demos), frames, condition)
 
-    def set_prompt_tokens(
-        self, tokens: torch.Tensor, demonstrations: int, frames: int, encode_s: float = 0.0
-    ) -> PromptInfo:
-        """Prefill prompt ``tokens`` (1, L, D) from :meth:`prompt_tokens` (K = ``demonstrations``,
-        ``frames`` frames; ``encode_s`` what encoding them took, for the record), then :meth:`reset`."""
-        if tokens.dim() != 3 or tuple(tokens.shape[::2]) != (1, self.config.backbone.d_model):
-            raise PolicyInputError(
-                f"prompt tokens must be (1, L, {self.config.backbone.d_model}), got {tuple(tokens.shape)}"
-            )
+    def set_encoded_prompt(self, prompt: EncodedPrompt, encode_s: float = 0.0) -> PromptInfo:
+        """Prefill ``prompt`` from :meth:`encode_prompt` (``encode_s``: what encoding it took, for the
+        record), then :meth:`reset`."""
+        tokens, D = prompt.tokens, self.config.backbone.d_model
+        if tokens.dim() != 3 or tuple(tokens.shape[::2]) != (1, D):
+            raise PolicyInputError(f"prompt tokens must be (1, L, {D}), got {tuple(tokens.shape)}")
+        if self.film != (prompt.condition is not None) or (self.film and tuple(prompt.condition.shape) != (D,)):
+            want = f"a ({D},) prompt summary (prompt.film is on)" if self.film else "no prompt summary (prompt.film is off)"
+            got = None if prompt.condition is None else tuple(prompt.condition.shape)
+            raise PolicyInputError(f"this policy takes {want}, got {got}")
         start = time.perf_counter()
         with self._inference():
             state = self.sequence.prefill(tokens.to(self.device)) if tokens.shape[1] else None
             self._sync()
         self._prompt_state = state
+        self._prompt_condition = None if prompt.condition is None else prompt.condition.to(self.device)
         length = 0 if state is None else state.length
-        self._prompt_info = PromptInfo(demonstrations, frames, length, encode_s, time.perf_counter() - start)
+        self._prompt_info = PromptInfo(prompt.demonstrations, prompt.frames, length, encode_s, time.perf_counter() - start)
         self.reset()
         return self._prompt_info
 
     def clear_prompt(self) -> None:
         """No prompt (K = 0): the policy then acts from the live episode alone."""
         self._prompt_state = None
+        self._prompt_condition = None
         self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
         self.reset()
 
@@ -297,7 +326,7 @@ class ICILPolicy(nn.Module):
         """Commit one live observation (stamped after the previous one) to the stream."""
         check_observation(observation, self.config.spec.observation, self._last_stamp)
         with self._inference():
-            token = self.sequence.live_tokens(self._encode([observation]).unsqueeze(0))  # (1, 1, D)
+            token = self.sequence.live_tokens(self._encode([observation], self._live_condition()).unsqueeze(0))
             self._state = self.sequence.extend(token, self._state)
         self._last_stamp = observation.stamp
 
@@ -311,22 +340,25 @@ class ICILPolicy(nn.Module):
     # ------------------------------------------------------------------ training
 
     def frame_features(self, images: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The image encoders' trunks and keypoints (no projection): camera -> uint8 (N, H, W, 3) ->
-        (N, F). Frozen in training, so a run computes them once per dataset and caches them."""
-        return self.encoder.pooled(images)
+        """What training caches per frame: camera -> uint8 (N, H, W, 3) -> (N, F), the encoders'
+        keypoints (no projection), or with ``prompt.film`` their trunks' maps (flattened, in camera
+        order), which the conditioned keypoints are computed from. Frozen in training, so a run
+        computes them once per dataset and caches them."""
+        return self.encoder.feature_maps(images) if self.film else self.encoder.pooled(images)
 
     @property
     def feature_dim(self) -> int:
         """F, the width of :meth:`frame_features`."""
-        return self.encoder.pooled_dim
+        return len(self.cameras) * math.prod(self.map_shape) if self.film else self.encoder.pooled_dim
 
     def feature_modules(self) -> list[nn.Module]:
         """The modules :meth:`frame_features` runs (frozen in training)."""
-        return self.encoder.pooling_modules()
+        return self.encoder.trunks() if self.film else self.encoder.pooling_modules()
 
     def freeze_features(self) -> None:
         """No gradients for :meth:`feature_modules`, so training can run on cached features;
-        the encoders' projections, the proprio projection and the sequence model still learn."""
+        the encoders' projections (with ``prompt.film`` also their keypoint and FiLM layers and the
+        prompt summary), the proprio projection and the sequence model still learn."""
         for module in self.feature_modules():
             module.requires_grad_(False)
 
@@ -346,13 +378,15 @@ class ICILPolicy(nn.Module):
         for index, sample in enumerate(samples):
             self._check_sample(sample, index)
             parts = [] if self.language_proj is None else [self._language_token(sample.language.float())]
-            parts += [
-                self.sequence.demo_tokens(self._tokens(f, j).unsqueeze(0), self.action_norm.normalize_input(a).unsqueeze(0))
-                for f, j, a in sample.prompt
-            ]
+            descriptors = []
+            for features, joints, actions in sample.prompt:
+                tokens, descriptor = self._prompt_part(features, joints, actions)
+                parts.append(tokens)
+                descriptors.append(descriptor)
+            condition = self._summarise(descriptors) if self.film else None
             live = sample.cuts[-1] + 1  # frames after the last cut change no chunk
-            parts.append(self.sequence.live_tokens(
-                self._tokens(sample.live_features[:live], sample.live_joints[:live]).unsqueeze(0)))
+            pooled = self._pooled(sample.live_features[:live], condition)
+            parts.append(self.sequence.live_tokens(self._tokens(pooled, sample.live_joints[:live]).unsqueeze(0)))
             streams.append(torch.cat(parts, dim=1)[0])  # (L_b, D)
             cuts = torch.tensor(sample.cuts, device=self.device)  # (C_b,)
             rows.append(torch.full_like(cuts, index))
@@ -368,9 +402,50 @@ class ICILPolicy(nn.Module):
         """Instruction embedding (L,) -> its token (1, 1, D) (normalised, then projected)."""
         return self.language_proj(self.language_norm.normalize(embedding)).view(1, 1, -1)
 
-    def _tokens(self, features: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-        """Frame features (N, F) projected + the proprio projection of joints (N, J): observation tokens (N, D)."""
-        tokens = self.encoder.project(features)
+    def _prompt_part(self, features: torch.Tensor, joints: torch.Tensor,
+                     actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One prompt demonstration: frame features (N, F), joints (N, J) and actions (N, Da) in robot
+        units -> its tokens (1, 2N + 1, D) and what the prompt summary reads of its frames (N, I)
+        (None without ``prompt.film``). Prompt frames are encoded unconditioned."""
+        pooled = self._pooled(features)  # (N, P)
+        # Prompt actions are network inputs: normalize_input, like the joints.
+        normalized = self.action_norm.normalize_input(actions)  # (N, Da)
+        tokens = self.sequence.demo_tokens(self._tokens(pooled, joints).unsqueeze(0), normalized.unsqueeze(0))
+        return tokens, self._descriptors(features, pooled, normalized) if self.film else None
+
+    def _pooled(self, features: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame features (N, F) -> keypoints (N, P): the features themselves, or with ``prompt.film``
+        the keypoints of the trunk maps, FiLM-conditioned on ``condition`` (D,) when given."""
+        if not self.film:
+            return features
+        rows = None if condition is None else condition.expand(features.shape[0], -1)  # (N, D)
+        return self.encoder.pooled_from_maps(features, self.map_shape, rows)
+
+    def _descriptors(self, maps: torch.Tensor, pooled: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """What the prompt summary reads of each prompt frame: its keypoints (N, P), the channel means
+        of its trunk maps (N, F) -> (N, cameras * C) and its normalised action (N, Da)."""
+        N, C = maps.shape[0], self.map_shape[0]
+        means = maps.view(N, len(self.cameras), C, -1).mean(dim=-1).flatten(1)  # (N, cameras * C)
+        return torch.cat([pooled, means, actions], dim=-1)
+
+    def _summarise(self, descriptors: list[torch.Tensor]) -> torch.Tensor:
+        """The prompt summary (D,) of the prompt frames' descriptors, one (N_k, I) per demonstration
+        (zeros for an empty prompt)."""
+        width = self.summary.key.in_features
+        return self.summary(torch.cat(descriptors) if descriptors else torch.zeros(0, width, device=self.device))
+
+    def _live_condition(self) -> torch.Tensor | None:
+        """The condition of live frames' keypoints: the prompt's summary (that of an empty prompt,
+        zeros, while none is set); None without ``prompt.film``."""
+        if not self.film:
+            return None
+        if self._prompt_condition is None:
+            return torch.zeros(self.config.backbone.d_model, device=self.device)
+        return self._prompt_condition
+
+    def _tokens(self, pooled: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """Keypoints (N, P) projected + the proprio projection of joints (N, J): observation tokens (N, D)."""
+        tokens = self.encoder.project(pooled)
         if self.proprio_proj is None:
             return tokens
         return tokens + self.proprio_proj(self.proprio_norm.normalize_input(joints.float()))
@@ -400,18 +475,25 @@ class ICILPolicy(nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, observations: Sequence[Observation]) -> torch.Tensor:
-        """Observation tokens (N, D) of checked observations, in batches of ENCODE_BATCH."""
-        tokens = []
+    def _encode(self, observations: Sequence[Observation], condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Observation tokens (N, D) of checked observations (live frames: ``condition`` as
+        :meth:`_live_condition`)."""
+        features, joints = self._features(observations)
+        return self._tokens(self._pooled(features, condition), joints)
+
+    def _features(self, observations: Sequence[Observation]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`frame_features` (N, F) and joint positions (N, J) of checked observations, the
+        images encoded in batches of ENCODE_BATCH."""
+        features = []
         for start in range(0, len(observations), ENCODE_BATCH):
             batch = observations[start : start + ENCODE_BATCH]
             images = {
                 name: torch.from_numpy(np.stack([obs.images[name] for obs in batch])).to(self.device)
                 for name in self.cameras
             }
-            joints = torch.from_numpy(np.stack([obs.joint_positions for obs in batch])).float().to(self.device)
-            tokens.append(self._tokens(self.frame_features(images), joints))  # (n, D)
-        return torch.cat(tokens)
+            features.append(self.frame_features(images))  # (n, F)
+        joints = torch.from_numpy(np.stack([obs.joint_positions for obs in observations])).float().to(self.device)
+        return torch.cat(features), joints
 
     def _check_demonstration(self, demo: Demonstration, index: int) -> tuple[list[Observation], np.ndarray]:
         where = f"prompt demonstration {index}"
