@@ -190,16 +190,18 @@ class ObservationEncoder(nn.Module):
 
     def pooling_modules(self) -> list[nn.Module]:
         """The modules :meth:`pooled` runs: trunks, keypoint layers, FiLM (not the projections)."""
-        cameras = [self.encoder] if self.shared else [self.encoders[name] for name in self.cameras]
-        return [module for camera in cameras for module in camera.pooling_modules()]
+        return [module for camera in self._encoders() for module in camera.pooling_modules()]
 
     def trunks(self) -> list[nn.Module]:
         """The modules :meth:`feature_maps` runs: the cameras' trunks."""
-        cameras = [self.encoder] if self.shared else [self.encoders[name] for name in self.cameras]
-        return [camera.trunk for camera in cameras]
+        return [camera.trunk for camera in self._encoders()]
 
     def _camera(self, name: str) -> CameraEncoder:
         return self.encoder if self.shared else self.encoders[name]
+
+    def _encoders(self) -> list[CameraEncoder]:
+        """Each camera encoder once (the shared one, or one per camera in camera order)."""
+        return [self.encoder] if self.shared else [self.encoders[name] for name in self.cameras]
 
     def encode_sequence(self, images: Mapping[str, torch.Tensor], condition: torch.Tensor | None = None) -> torch.Tensor:
         """``images``: camera -> uint8 (B, T, H, W, 3); ``condition`` (B, film_dim), one per sequence; returns (B, T, D)."""
