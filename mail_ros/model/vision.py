@@ -105,7 +105,7 @@ class CameraEncoder(nn.Module):
 
     def keypoints(self, features: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Trunk map (N, C, h, w) -> keypoints (N, pooled_dim), FiLM-conditioned on ``condition``
-        (N, film_dim) when given (None: the map as it is)."""
+        (N, film_dim), or (1, film_dim) for all N, when given (None: the map as it is)."""
         if condition is not None:
             if self.film is None:
                 raise ValueError("this camera encoder has no FiLM layer: it takes no condition")
@@ -178,7 +178,7 @@ class ObservationEncoder(nn.Module):
     def pooled_from_maps(self, maps: torch.Tensor, map_shape: Sequence[int],
                          condition: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`pooled` from :meth:`feature_maps`' output (N, cameras * C * h * w), each camera's map
-        of ``map_shape`` (C, h, w); FiLM by ``condition`` (N, film_dim) when given -> (N, pooled_dim)."""
+        of ``map_shape`` (C, h, w); FiLM by ``condition`` (N or 1, film_dim) when given -> (N, pooled_dim)."""
         parts = maps.split(math.prod(map_shape), dim=-1)
         return torch.cat([self._camera(name).keypoints(part.view(-1, *map_shape), condition)
                           for name, part in zip(self.cameras, parts)], dim=-1)

@@ -418,8 +418,9 @@ class ICILPolicy(nn.Module):
         the keypoints of the trunk maps, FiLM-conditioned on ``condition`` (D,) when given."""
         if not self.film:
             return features
-        rows = None if condition is None else condition.expand(features.shape[0], -1)  # (N, D)
-        return self.encoder.pooled_from_maps(features, self.map_shape, rows)
+        # One (1, D) row: the FiLM scale and shift are computed once and broadcast over the N frames.
+        row = None if condition is None else condition.unsqueeze(0)
+        return self.encoder.pooled_from_maps(features, self.map_shape, row)
 
     def _descriptors(self, maps: torch.Tensor, pooled: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """What the prompt summary reads of each prompt frame: its keypoints (N, P), the channel means
