@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from mail_ros.cli import main as cli_main
-from mail_ros.commands.demo import PARAPHRASES
+from mail_ros.commands.demo import PARAPHRASES, prompts_from_file
 from mail_ros.resources import demo_checkpoint
-from mail_ros.sim.collect import schedule
+from mail_ros.sim.collect import CollectError, schedule
 from mail_ros.sim.tasks import Task
 
 from icil_demos import write_demos
@@ -47,9 +47,31 @@ def test_cli_refuses_bad_prompts_before_starting_anything(icil_files, capsys):
             (["--checkpoint", icil, "--prompt", f"pick up the red cube={demos}", "--instructions",
               "pick up the red cube"], "not with --instructions"),
             (["--checkpoint", icil], "is an ICIL checkpoint: teach each task with --prompt"),
-            (["--prompt", f"pick up the red cube={demos}"], "--prompt needs an ICIL checkpoint")):
+            (["--prompt", f"pick up the red cube={demos}"], "--prompt/--prompt-file need an ICIL checkpoint"),
+            (["--prompt-file", demos, "--prompt-k", "1", "--instructions", "pick up the red cube"],
+             "need an ICIL checkpoint"),
+            (["--checkpoint", icil, "--prompt-file", demos, "--prompt", f"pick up the red cube={demos}"],
+             "not with --instructions, --paraphrases or --prompt-file"),
+            (["--checkpoint", icil, "--prompt-file", demos, "--paraphrases"], "not with --paraphrases"),
+            (["--checkpoint", icil, "--prompt-file", demos, "--prompt-k", "1"], "0 demonstrations of 'pick up the blue cube'"),
+            (["--checkpoint", icil, "--prompt-file", str(icil_files / "none.hdf5")], "none.hdf5: no such file")):
         assert cli_main(["demo", *argv]) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_prompt_file_teaches_each_task_by_its_own_demonstrations(icil_files):
+    demos = icil_files / "demos.hdf5"  # demo_0, demo_1: red pick; demo_2, demo_3: green pick
+    red, green = Task("pick", "red"), Task("pick", "green")
+    prompts = prompts_from_file(demos, [green, red], k=1, skip=1)
+    assert list(prompts) == [green.instruction, red.instruction]  # the tasks' order
+    assert prompts[green.instruction] == (green, [f"{demos.resolve()}:demo_3"])
+    assert prompts[red.instruction] == (red, [f"{demos.resolve()}:demo_1"])
+    assert prompts_from_file(demos, [red], k=2, skip=0)[red.instruction][1] == [
+        f"{demos.resolve()}:demo_0", f"{demos.resolve()}:demo_1"]
+    for k, skip, message in ((2, 1, "2 demonstrations of 'pick up the red cube', --prompt-skip 1 --prompt-k 2 needs 3"),
+                             (0, 0, "--prompt-k must be >= 1")):
+        with pytest.raises(CollectError, match=message):
+            prompts_from_file(demos, [red], k=k, skip=skip)
 
 
 def test_paraphrases_mean_test_bed_tasks():

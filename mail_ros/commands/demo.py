@@ -12,7 +12,8 @@ the training data (informative, not part of the overall rate). Headless, CPU.
 An ICIL checkpoint is taught each task by demonstrations instead of an instruction: ``--prompt
 'INSTRUCTION=DEMO[,DEMO...]'`` (repeatable) hands the demonstrations to policy_node's
 ``~/set_prompt`` before that instruction's episodes (the instruction still tells the simulator
-which task to judge and resets the policy's episode).
+which task to judge and resets the policy's episode); ``--prompt-file DEMOS.hdf5 --prompt-k K``
+teaches every instruction by K of its demonstrations in one file (the README's evaluation).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
 
-__all__ = ["PARAPHRASES", "parse_prompts", "register", "run"]
+__all__ = ["PARAPHRASES", "parse_prompts", "prompts_from_file", "register", "run"]
 
 PROG = "mail-ros demo"
 # Instructions unlike the nine the demos use, with the task each one means.
@@ -58,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="ICIL checkpoints: a test-bed instruction and the demonstrations that teach it (HDF5 files, "
                         "FILE.hdf5:GROUP episodes, rosbag2 folders), set through policy_node's ~/set_prompt before "
                         "that instruction's episodes; repeatable, and it replaces --instructions")
+    p.add_argument("--prompt-file", type=Path, default=None, metavar="DEMOS.hdf5",
+                   help="ICIL checkpoints: teach every instruction (--instructions, default all nine) by K of its "
+                        "demonstrations in this file (`mail-ros convert` output), the first after --prompt-skip")
+    p.add_argument("--prompt-k", type=int, default=3, metavar="K", help="--prompt-file: demonstrations per prompt")
+    p.add_argument("--prompt-skip", type=int, default=0, metavar="S",
+                   help="--prompt-file: start at each instruction's S-th demonstration (another prompt of the same K)")
     p.add_argument("--paraphrases", action="store_true", help="also run paraphrased instructions (reported apart)")
     p.add_argument("--paraphrase-episodes", type=int, default=2, help="episodes per paraphrase")
     p.add_argument("--record", type=Path, default=None, metavar="DIR",
@@ -103,18 +110,42 @@ def parse_prompts(texts: list[str]) -> dict[str, tuple[Task, list[str]]]:
     return prompts
 
 
+def prompts_from_file(path: Path, tasks: list[Task], k: int, skip: int) -> dict[str, tuple[Task, list[str]]]:
+    """``--prompt-file``: each task's demonstrations ``skip`` .. ``skip + k - 1`` in ``path`` (by the
+    instruction recorded with them), as :func:`parse_prompts` returns them."""
+    from mail_ros.data.prompts import episodes_by_instruction
+
+    if k < 1 or skip < 0:
+        raise CollectError(f"--prompt-k must be >= 1 and --prompt-skip >= 0, got {k} and {skip}")
+    found = episodes_by_instruction(path)
+    prompts = {}
+    for task in tasks:
+        demos = found.get(task.instruction, [])
+        if len(demos) < skip + k:
+            raise CollectError(f"--prompt-file {path}: {len(demos)} demonstrations of {task.instruction!r}, "
+                               f"--prompt-skip {skip} --prompt-k {k} needs {skip + k}")
+        prompts[task.instruction] = (task, demos[skip:skip + k])
+    return prompts
+
+
 def run(args: argparse.Namespace) -> int:
     # torch (the checkpoint's description) is imported here, not for `mail-ros --help`.
+    from mail_ros.data.hdf5 import DataError
     from mail_ros.policy.checkpoint import CheckpointError, describe_checkpoint
 
     try:
         prompts = parse_prompts(args.prompt or [])
-        if prompts and (args.instructions is not None or args.paraphrases):
-            raise CollectError("--prompt names the instructions it teaches: not with --instructions or --paraphrases")
+        if prompts and (args.instructions is not None or args.paraphrases or args.prompt_file is not None):
+            raise CollectError("--prompt names the instructions it teaches: not with --instructions, --paraphrases "
+                               "or --prompt-file")
         if prompts:
             tasks = [task for task, _ in prompts.values()]
         else:
             tasks = all_tasks() if args.instructions is None else [Task.parse(t) for t in args.instructions]
+        if args.prompt_file is not None:
+            if args.paraphrases:
+                raise CollectError("--prompt-file teaches tasks by demonstrations: not with --paraphrases")
+            prompts = prompts_from_file(args.prompt_file, tasks, args.prompt_k, args.prompt_skip)
         plan = schedule([(t.instruction, t) for t in tasks], args.episodes)
         if prompts:  # one prompt at a time, each episode on the layout `mail-ros demo` gives it for a MaIL policy
             order = {instruction: i for i, instruction in enumerate(prompts)}
@@ -130,13 +161,13 @@ def run(args: argparse.Namespace) -> int:
         icil = describe_checkpoint(args.checkpoint).policy_type == "icil"
         if icil and not prompts:
             raise CollectError(f"{args.checkpoint} is an ICIL checkpoint: teach each task with --prompt "
-                               "'INSTRUCTION=DEMO[,DEMO...]'")
+                               "'INSTRUCTION=DEMO[,DEMO...]' or --prompt-file DEMOS.hdf5")
         if prompts and not icil:
-            raise CollectError(f"--prompt needs an ICIL checkpoint; {args.checkpoint} is a MaIL one (it follows "
+            raise CollectError(f"--prompt/--prompt-file need an ICIL checkpoint; {args.checkpoint} is a MaIL one (it follows "
                                "the instruction)")
         if args.record is not None and args.record.exists():
             raise CollectError(f"--record {args.record} already exists; rosbag2 writes a new folder")
-    except (TaskError, CollectError, ResourceError, CheckpointError) as exc:
+    except (TaskError, CollectError, ResourceError, CheckpointError, DataError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     # The rclpy edge is imported only here, so the rest of the CLI stays free of ROS.

@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 __all__ = ["DataError", "Episode", "DemoSet", "DemoWriter", "LazyFrames", "write_hdf5", "read_hdf5", "fingerprint_hdf5",
-           "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE", "IMAGE_COMPRESSION"]
+           "episode_instructions", "FORMAT_VERSION", "UNDECLARED_ACTION_SPACE", "IMAGE_COMPRESSION"]
 
 FORMAT_VERSION = 1
 LIBERO_RATE_HZ = 20.0  # LIBERO's OSC controller runs at 20 Hz
@@ -356,6 +356,24 @@ def _demo_keys(data: h5py.Group) -> list[str]:
     return sorted((k for k in data if _DEMO_KEY.match(k)), key=lambda k: int(_DEMO_KEY.match(k)[1]))
 
 
+def _default_instruction(data: h5py.Group) -> str:
+    """The instruction of episodes without their own: LIBERO's ``problem_info``, else ""."""
+    problem = _json_attr(data.attrs, "problem_info", {})
+    return problem.get("language_instruction", "") if isinstance(problem, dict) else ""
+
+
+def episode_instructions(path: str | Path) -> list[tuple[str, str]]:
+    """(group key, instruction) of every episode of a demo file, in :func:`read_hdf5`'s order;
+    reads attributes only."""
+    path = Path(path)
+    with _open(path) as f:
+        if "data" not in f:
+            raise DataError(f"{path}: no 'data' group; not a robomimic/LIBERO demo file")
+        data = f["data"]
+        default = _default_instruction(data)
+        return [(key, _str_attr(data[key].attrs, "instruction", default)) for key in _demo_keys(data)]
+
+
 def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
@@ -422,8 +440,7 @@ def read_hdf5(path: str | Path, camera_map: Mapping[str, str] | None = None,
                 f"{path}: cameras {missing} not found; the file has {file_cameras} "
                 f"(as policy names: {list(renamed)}); map names with camera_map / --camera-map FILE=POLICY"
             )
-        problem = _json_attr(data.attrs, "problem_info", {})
-        default_instruction = problem.get("language_instruction", "") if isinstance(problem, dict) else ""
+        default_instruction = _default_instruction(data)
         rate = float(data.attrs.get("rate_hz", LIBERO_RATE_HZ))
         episodes = []
         for key in demo_keys:

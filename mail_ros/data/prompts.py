@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mail_ros.data.hdf5 import DataError, DemoSet, Episode, _demo_keys, _open
+from mail_ros.data.hdf5 import DataError, DemoSet, Episode, episode_instructions
 from mail_ros.spec import Observation
 from mail_ros.sync.stamps import seconds_to_ns
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the policy (torch) is imported where demonstrations are mad
     from mail_ros.policy.icil_policy import Demonstration
 
 __all__ = ["PromptDemonstration", "read_prompt", "episode_demonstration", "split_prompt_path",
-           "absolute_prompt_path", "HDF5_SUFFIXES"]
+           "absolute_prompt_path", "episodes_by_instruction", "HDF5_SUFFIXES"]
 
 HDF5_SUFFIXES = (".hdf5", ".h5")
 _GROUP = re.compile(r"^(?P<file>.+?\.(?:hdf5|h5)):/?(?:data/)?(?P<key>demo_\d+)$")
@@ -64,6 +64,20 @@ def absolute_prompt_path(text: str) -> str:
     return absolute if key is None else f"{absolute}:{key}"
 
 
+def episodes_by_instruction(path: str | Path) -> dict[str, list[str]]:
+    """A demo file's episodes by recorded instruction, each list in file order, as prompt paths
+    (``FILE.hdf5:demo_N``, the file made absolute). Reads the groups' attributes only."""
+    path = Path(path).expanduser()
+    if path.suffix not in HDF5_SUFFIXES:
+        raise DataError(f"{path}: not an HDF5 demo file ({'/'.join(HDF5_SUFFIXES)})")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    found: dict[str, list[str]] = {}
+    for key, instruction in episode_instructions(path):
+        found.setdefault(instruction, []).append(absolute_prompt_path(f"{path}:{key}"))
+    return found
+
+
 def episode_demonstration(episode: Episode) -> "Demonstration":
     """An episode's frames as the policy's observations (stamps in ns) with its actions."""
     from mail_ros.policy.icil_policy import Demonstration
@@ -85,8 +99,7 @@ def _hdf5(path: Path, keys: list[str] | None, config: "ICILConfig") -> list[tupl
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     episodes = load_demos([path], config, {}, lazy=True)  # images stay on disk until used
-    with _open(path) as stream:
-        names = _demo_keys(stream["data"])  # read_hdf5's episode order
+    names = [key for key, _ in episode_instructions(path)]  # read_hdf5's episode order
     by_key = dict(zip(names, episodes))
     if keys is None:
         keys = names
