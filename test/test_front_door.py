@@ -41,6 +41,7 @@ from std_srvs.srv import Trigger
 import vendor_ros2
 from mail_ros.msg import InstructionEmbedding
 from mail_ros.nodes.common import GOAL_QOS
+from mail_ros.srv import SetGoal
 from mail_ros.spec import FR3_ARM_JOINTS
 from ros_harness import RosGraph, wait_for
 
@@ -232,6 +233,7 @@ class Operator:
         self.node.create_subscription(InstructionEmbedding, "/mail/instruction_embedding",
                                       lambda msg: self.goals.append(msg.text), GOAL_QOS)
         self.success = self.node.create_client(Trigger, "/franka_sim_node/task_success")
+        self.set_goal = self.node.create_client(SetGoal, "/language_node/set_goal")
         self.reset_client = self.node.create_client(Trigger, "/franka_sim_node/reset")
         self.parameters = self.node.create_client(SetParameters, "/executor_node/set_parameters")
 
@@ -279,7 +281,7 @@ def test_sim_policy_goals_from_the_cli_and_clean_shutdown(machine, tmp_path):
             if attempt > 1:
                 operator.new_episode()
             published.append(publish(attempt))
-            wait_for(lambda: operator.goals[-1:] == published[-1:], 60.0, f"the goal of {what}", graph=graph)
+            wait_for(lambda: operator.goals[-1:] == published[-1:], SERVICE_S, f"the goal of {what}", graph=graph)
             operator.enable(True)
             succeeded, seconds, answer = operator.wait_for_success(what, launch)
             print(f"front door: {what} (try {attempt}): {answer!r} after {seconds:.1f} s")
@@ -300,7 +302,10 @@ def test_sim_policy_goals_from_the_cli_and_clean_shutdown(machine, tmp_path):
     early = Launch(EARLY_GOAL, machine, tmp_path / "early_goal.log")
     launch = Launch(SIM_LAUNCH, machine, tmp_path / "sim_policy.log")
     try:
-        wait_for(lambda: operator.success.service_is_ready(), PIPELINE_UP_S, "franka_sim_node", graph=graph)
+        # language_node offers ~/set_goal once its text encoder is loaded: on a loaded machine that is
+        # a minute after the simulator is up (seen at load ~10), and the early goal is applied then.
+        wait_for(lambda: operator.success.service_is_ready() and operator.set_goal.service_is_ready(), PIPELINE_UP_S,
+                 "franka_sim_node and language_node", graph=graph)
         complete("transient-local goal published before the pipeline started",
                  lambda attempt: "pick up the red cube" if attempt == 1 else cli_goal("transient_local", "red")(attempt))
         for durability, colour in (("volatile", "blue"), ("transient_local", "red")):
