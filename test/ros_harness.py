@@ -13,6 +13,11 @@ from rclpy.parameter import Parameter
 
 from mail_ros.nodes.graph import InProcessGraph
 
+# A busy machine stalls a test process for seconds at a time (10 s without a single log line was
+# seen with the suite beside two simulation runs and a spinner); a wait ends as soon as its event
+# comes, so it costs nothing to make none shorter than this.
+MIN_WAIT_S = 60.0
+
 
 def overrides(**values) -> list[Parameter]:
     """parameter_overrides for a node constructor."""
@@ -37,6 +42,9 @@ class RosGraph(InProcessGraph):
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, period: float = 0.02,
              graph: RosGraph | None = None) -> None:
+    """Poll ``predicate`` until it holds (checking the graph's nodes for errors); ``timeout`` is
+    how long the event may take on an idle machine, and the wait is at least MIN_WAIT_S."""
+    timeout = max(timeout, MIN_WAIT_S)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if graph is not None:
