@@ -12,9 +12,11 @@ from pathlib import Path
 
 import mail_ros
 
-__all__ = ["DEMO_CHECKPOINT", "ResourceError", "demo_checkpoint", "package_share"]
+__all__ = ["DEMO_CHECKPOINT", "ICIL_DEMO_CHECKPOINT", "ResourceError", "demo_checkpoint", "icil_demo_checkpoint",
+           "package_share"]
 
 DEMO_CHECKPOINT = "checkpoints/demo"  # the shipped demo policy, relative to the tree / share/mail_ros
+ICIL_DEMO_CHECKPOINT = "checkpoints/icil_demo"  # the shipped ICIL policy, taught each task by a prompt
 PACKAGE_DIR = Path(mail_ros.__file__).resolve().parent
 
 
@@ -44,3 +46,8 @@ def package_share(package_dir: Path = PACKAGE_DIR) -> Path:
 def demo_checkpoint(package_dir: Path = PACKAGE_DIR) -> Path:
     """The shipped demo checkpoint (checkpoints/demo) of the mail_ros package at ``package_dir``."""
     return package_share(package_dir) / DEMO_CHECKPOINT
+
+
+def icil_demo_checkpoint(package_dir: Path = PACKAGE_DIR) -> Path:
+    """The shipped ICIL checkpoint (checkpoints/icil_demo) of the mail_ros package at ``package_dir``."""
+    return package_share(package_dir) / ICIL_DEMO_CHECKPOINT

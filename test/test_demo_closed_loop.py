@@ -39,6 +39,7 @@ def test_cli_refuses_a_missing_checkpoint_and_unknown_instructions(tmp_path):
 
 def test_cli_refuses_bad_prompts_before_starting_anything(icil_files, capsys):
     icil, demos = str(icil_files / "icil"), str(icil_files / "demos.hdf5")
+    mail = str(demo_checkpoint())
     for argv, message in (
             (["--checkpoint", icil, "--prompt", "pick up the blue cube"], "expects 'INSTRUCTION=DEMO[,DEMO...]'"),
             (["--checkpoint", icil, "--prompt", f"fly to the moon={demos}"], "unrecognised instruction 'fly to the moon'"),
@@ -47,9 +48,12 @@ def test_cli_refuses_bad_prompts_before_starting_anything(icil_files, capsys):
             (["--checkpoint", icil, "--prompt", f"pick up the red cube={demos}", "--instructions",
               "pick up the red cube"], "not with --instructions"),
             (["--checkpoint", icil], "is an ICIL checkpoint: teach each task with --prompt"),
-            (["--prompt", f"pick up the red cube={demos}"], "--prompt/--prompt-file need an ICIL checkpoint"),
-            (["--prompt-file", demos, "--prompt-k", "1", "--instructions", "pick up the red cube"],
+            (["--checkpoint", mail, "--prompt", f"pick up the red cube={demos}"],
+             "--prompt/--prompt-file need an ICIL checkpoint"),
+            (["--checkpoint", mail, "--prompt-file", demos, "--prompt-k", "1", "--instructions", "pick up the red cube"],
              "need an ICIL checkpoint"),
+            # Without --checkpoint a prompt runs the shipped ICIL policy: past its checks to the next one.
+            (["--prompt", f"pick up the red cube={demos}", "--record", str(icil_files)], "already exists"),
             (["--checkpoint", icil, "--prompt-file", demos, "--prompt", f"pick up the red cube={demos}"],
              "not with --instructions, --paraphrases or --prompt-file"),
             (["--checkpoint", icil, "--prompt-file", demos, "--paraphrases"], "not with --paraphrases"),

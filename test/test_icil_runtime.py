@@ -159,3 +159,32 @@ def test_a_chunk_computed_across_a_prompt_swap_is_dropped(demos):
 def test_icil_with_language_is_refused_by_the_runtime():
     with pytest.raises(ValueError, match="prompt-only"):
         ICILRunner(_policy(overrides={"language.encoder": "hash:test", "language.dim": 4}))
+
+
+def test_the_shipped_icil_checkpoint_takes_a_converted_prompt_and_acts(demos):
+    """checkpoints/icil_demo (the README's teach-a-new-task example) is a prompt-only ICIL policy
+    that never saw the config's held-out tasks and acts on demonstrations in the converter's format."""
+    import yaml
+
+    from mail_ros.policy.checkpoint import describe_checkpoint, load_checkpoint
+    from mail_ros.control.limits import FR3_POSITION_MAX, FR3_POSITION_MIN
+    from mail_ros.resources import icil_demo_checkpoint
+
+    description = describe_checkpoint(icil_demo_checkpoint())
+    held_out = yaml.safe_load((Path(__file__).parents[1] / "config" / "train_icil_demo.yaml").read_text())
+    assert description.policy_type == "icil" and description.config.language.encoder is None
+    assert description.extra["held_out_tasks"] == held_out["data"]["held_out_tasks"]
+    policy = load_checkpoint(icil_demo_checkpoint()).eval()
+    runner = ICILRunner(policy, RunnerSettings(max_observation_age=1e9))
+    prompt = runner.load_prompt([str(demos)])
+    runner.use_prompt(prompt, prompt_goal(prompt, NS))
+    chunk = None
+    for step in range(policy.config.spec.observation.obs_horizon):
+        observation = _observation(policy, 2.0 + 0.1 * step, seed=step)
+        runner.observe(observation, observation.stamp)
+        request = runner.take()
+        chunk, why = runner.finish(request, runner.predict(request))
+        assert why == ""
+    arm = chunk.actions[:, :7]
+    assert np.isfinite(chunk.actions).all()
+    assert (arm >= np.array(FR3_POSITION_MIN)).all() and (arm <= np.array(FR3_POSITION_MAX)).all()

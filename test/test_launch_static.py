@@ -17,7 +17,7 @@ import pytest
 import rclpy
 import yaml
 
-from mail_ros.resources import DEMO_CHECKPOINT
+from mail_ros.resources import DEMO_CHECKPOINT, ICIL_DEMO_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILES = sorted((ROOT / "launch").glob("*.launch.py"))
@@ -58,9 +58,10 @@ def test_nodes_are_installed_for_ros2_run_and_pip():
         assert (ROOT / "mail_ros" / "nodes" / f"{name}.py").is_file(), name
 
 
-def test_the_demo_checkpoint_is_installed_where_the_package_looks_for_it():
-    assert DEMO_CHECKPOINT in cmake_share_installs()
-    assert (ROOT / DEMO_CHECKPOINT / "config.json").is_file()
+@pytest.mark.parametrize("checkpoint", [DEMO_CHECKPOINT, ICIL_DEMO_CHECKPOINT])
+def test_the_shipped_checkpoints_are_installed_where_the_package_looks_for_them(checkpoint):
+    assert checkpoint in cmake_share_installs()
+    assert (ROOT / checkpoint / "config.json").is_file()
 
 
 @pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from mail_ros.resources import DEMO_CHECKPOINT, ResourceError, demo_checkpoint
+from mail_ros.resources import DEMO_CHECKPOINT, ResourceError, demo_checkpoint, icil_demo_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_a_checkout_uses_its_own_demo_checkpoint():
+def test_a_checkout_uses_its_own_shipped_checkpoints():
     assert demo_checkpoint() == ROOT / "checkpoints" / "demo"
-    assert (demo_checkpoint() / "config.json").is_file()
+    assert icil_demo_checkpoint() == ROOT / "checkpoints" / "icil_demo"
+    assert (demo_checkpoint() / "config.json").is_file() and (icil_demo_checkpoint() / "config.json").is_file()
 
 
 def test_an_installed_package_uses_the_demo_checkpoint_in_its_share_folder(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mail_ros.control.executor import ExecutorConfig
 from mail_ros.control.scheduler import SCHEDULER_MODES
-from mail_ros.resources import ResourceError, demo_checkpoint
+from mail_ros.resources import ResourceError, demo_checkpoint, icil_demo_checkpoint
 from mail_ros.sim import CAMERA_SIZE, SIM_TIME_COMMAND_LATENCY
 from mail_ros.sim.collect import CollectError, SuccessTable, percentiles_ms, schedule
 from mail_ros.sim.tasks import Task, TaskError, all_tasks
@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="policy checkpoint directory (default: the shipped demo policy, checkpoints/demo of a source "
-                        "checkout or share/mail_ros/checkpoints/demo of a colcon install)")
+                        "checkout or share/mail_ros/checkpoints/demo of a colcon install; with --prompt or "
+                        "--prompt-file the shipped ICIL policy, checkpoints/icil_demo)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per instruction")
     p.add_argument("--instructions", nargs="+", default=None, help="test-bed instructions (default: all nine)")
     p.add_argument("--prompt", action="append", default=None, metavar="INSTRUCTION=DEMO[,DEMO...]",
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if not (args.pick_seconds > 0 and args.stack_seconds > 0 and args.real_time_factor > 0):
             raise CollectError("--pick-seconds, --stack-seconds and --real-time-factor must be positive")
         if args.checkpoint is None:
-            args.checkpoint = demo_checkpoint()
+            args.checkpoint = icil_demo_checkpoint() if prompts else demo_checkpoint()
         if not (args.checkpoint / "config.json").is_file():
             raise CollectError(f"no checkpoint at {args.checkpoint} (config.json missing); train one or pass "
                                "--checkpoint DIR")
