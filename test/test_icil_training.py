@@ -237,10 +237,13 @@ def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, 
             torch.testing.assert_close(grad, reference, atol=2e-5, rtol=1e-4, msg=n)
 
 
-def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images():
+@pytest.mark.parametrize("relative", [False, True])
+def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative):
     # With prompt.film, training runs on the trunks' cached maps (FiLM, keypoints and the prompt
     # summary computed in the loss); the robot runs on images. Their chunks must be the same.
-    policy = _policy("icil-tiny-ma", {"prompt.film": True}).eval()
+    # With relative_actions the loss is on arm offsets from the cut's joints (prompt actions go in
+    # as offsets from their own frame's joints), while the runtime returns absolute targets.
+    policy = _policy("icil-tiny-ma", {"prompt.film": True, "relative_actions": relative}).eval()
     rng = np.random.default_rng(11)
     policy.set_normalization(Normalizer.stats_from_data(rng.normal(1.0, 2.0, size=(50, policy.action_dim))),
                              Normalizer.stats_from_data(rng.normal(-1.0, 0.5, size=(50, policy.joint_dim))))
@@ -263,12 +266,22 @@ def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images():
     cuts = [0, 2, 4]
     loss, _ = policy.compute_loss([ICILSample([frames(d) for d in demos], *frames(live), cuts=cuts)])
     policy.set_prompt([Demonstration(observations(d), d.actions) for d in demos])
-    target = policy.action_norm.normalize(torch.from_numpy(live.actions).float())
+    names, joints = policy.config.spec.action.names, list(policy.config.spec.observation.joint_names)
+    arm = [(a, joints.index(name)) for a, name in enumerate(names) if relative and name in joints]
+    assert len(arm) == (7 if relative else 0)
+
+    def network(actions, q):  # (A, Da) absolute -> the network's frame at joints q (J,)
+        out = np.array(actions, dtype=np.float64)
+        for a, j in arm:
+            out[:, a] -= q[j]
+        return policy.action_norm.normalize(torch.from_numpy(out).float())
+
     errors = []
     for t, obs in enumerate(observations(live)[: cuts[-1] + 1]):
-        chunk = policy.action_norm.normalize(torch.from_numpy(policy.predict_chunk(obs)).float())
+        chunk = policy.predict_chunk(obs)
         if t in cuts:
-            errors.append(torch.nn.functional.mse_loss(chunk, target[t : t + A]))
+            q = live.joint_positions[t]
+            errors.append(torch.nn.functional.mse_loss(network(chunk, q), network(live.actions[t : t + A], q)))
     torch.testing.assert_close(loss.detach(), torch.stack(errors).mean(), atol=1e-5, rtol=1e-4)
     # What learns: the FiLM layers, the prompt summary and the keypoint layers; not the trunks.
     policy.freeze_features()

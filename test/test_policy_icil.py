@@ -106,6 +106,50 @@ def test_no_prompt_is_a_streaming_policy_over_the_episode():
         np.testing.assert_allclose(policy.predict_chunk(obs), _reference(policy, [], live[: t + 1]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("film", [False, True])
+def test_relative_actions_are_offsets_from_each_frames_joints_in_and_out(name, film):
+    # The same network read in the two frames: a relative policy prompted with absolute actions
+    # must act as the absolute policy prompted with the arm's offsets from each prompt frame's
+    # joints, its chunk shifted by the live frame's joints (the gripper width stays absolute).
+    relative = _policy(name, {"prompt.film": film, "relative_actions": True})
+    absolute = _policy(name, {"prompt.film": film})
+    names, joints = relative.config.spec.action.names, list(relative.config.spec.observation.joint_names)
+    arm = [(a, joints.index(n)) for a, n in enumerate(names) if n in joints]
+    assert [names[a] for a, _ in arm] == [f"fr3_joint{i}" for i in range(1, 8)]
+    rng = np.random.default_rng(8)
+    demos = [_demo(relative, 6, rng), _demo(relative, 3, rng)]
+    offsets = []
+    for demo in demos:
+        actions = demo.actions.copy()
+        for a, j in arm:
+            actions[:, a] -= [obs.joint_positions[j] for obs in demo.observations]
+        offsets.append(Demonstration(demo.observations, actions))
+    relative.set_prompt(demos)
+    absolute.set_prompt(offsets)
+    for obs in _frames(relative, 3, rng, t0=100.0):
+        expected = absolute.predict_chunk(obs)
+        for a, j in arm:
+            expected[:, a] += obs.joint_positions[j]
+        np.testing.assert_allclose(relative.predict_chunk(obs), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_chunk_targets_are_every_chunk_of_an_episode_in_the_networks_frame(relative):
+    policy = _policy("icil-tiny-ma", {"relative_actions": relative})
+    A, Da = policy.A, policy.action_dim
+    rng = np.random.default_rng(9)
+    actions, joints = rng.normal(size=(A + 3, Da)), rng.normal(size=(A + 3, policy.joint_dim))
+    targets = policy.chunk_targets(actions, joints)
+    assert targets.shape == (4, A, Da)
+    for t in range(4):
+        expected = actions[t : t + A].copy()
+        if relative:
+            expected[:, :7] -= joints[t, :7]  # fr3_joint1..7, observed as joints 0..6; not the gripper
+        np.testing.assert_allclose(targets[t], expected)
+    assert policy.chunk_targets(actions[: A - 1], joints[: A - 1]).shape == (0, A, Da)
+
+
 def test_prompt_changes_the_chunk():
     policy = _policy("icil-tiny-ma")
     rng = np.random.default_rng(4)

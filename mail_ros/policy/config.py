@@ -66,6 +66,18 @@ def check_bool(value: Any, name: str) -> None:
     check(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
 
 
+def check_relative_actions(value: Any, spec: PolicySpec) -> None:
+    """``relative_actions`` is a bool, and when on some action names are observed joints."""
+    check_bool(value, "relative_actions")
+    if value:
+        observed = set(spec.observation.joint_names)
+        check(
+            any(name in observed for name in spec.action.names),
+            "relative_actions needs action names that are observed joints, but none of "
+            f"{list(spec.action.names)} is in {list(spec.observation.joint_names)}",
+        )
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     check(isinstance(data, dict), f"{where} must be a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -250,14 +262,7 @@ class PolicyConfig:
         check_groups(self, self.groups())
         check(self.init in INITS, f"init must be one of {list(INITS)}, got {self.init!r}")
         check_bool(self.proprio, "proprio")
-        check_bool(self.relative_actions, "relative_actions")
-        if self.relative_actions:
-            observed = set(self.spec.observation.joint_names)
-            check(
-                any(name in observed for name in self.spec.action.names),
-                "relative_actions needs action names that are observed joints, but none of "
-                f"{list(self.spec.action.names)} is in {list(self.spec.observation.joint_names)}",
-            )
+        check_relative_actions(self.relative_actions, self.spec)
         check(
             not self.vision.film or self.language.enabled,
             "vision.film conditions the image encoders on the instruction and needs language (language.encoder and language.dim)",

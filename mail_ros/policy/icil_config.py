@@ -20,6 +20,7 @@ from mail_ros.policy.config import (
     check_bool,
     check_groups,
     check_int,
+    check_relative_actions,
     fields_from_dict,
 )
 from mail_ros.spec import PolicySpec
@@ -64,10 +65,15 @@ class ICILConfig:
     # Joint positions fused into every observation token (prompt and live). On by default: a
     # demonstration's joint trajectory is most of what it tells about the task.
     proprio: bool = True
+    # Arm actions learned, and given in the prompt, as offsets from the frame's joint positions
+    # (policy/action_frame.py, as MaIL's relative_actions); predict_chunk returns absolute
+    # targets either way. Without proprio this is how the live joint positions reach the chunk.
+    relative_actions: bool = False
 
     def __post_init__(self) -> None:
         check_groups(self, self.groups())
         check_bool(self.proprio, "proprio")
+        check_relative_actions(self.relative_actions, self.spec)
         check(
             self.backbone.layout == "decoder",
             f"backbone.layout must be 'decoder' for an ICIL policy (one causal stream), got {self.backbone.layout!r}",

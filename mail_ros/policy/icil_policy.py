@@ -27,7 +27,9 @@ modified, so :meth:`ICILPolicy.reset` starts the next episode without re-running
 The prompt state belongs to the weights, statistics and device it was computed with: set the
 prompt after moving the policy (``.to``) or loading weights (new statistics clear it).
 
-Actions are absolute joint-position targets (robot units); observation tokens are the MaIL
+Actions in and out are absolute joint-position targets (robot units); with ``relative_actions``
+the network sees and predicts the arm's as offsets from the frame's joint positions
+(:class:`~mail_ros.policy.action_frame.ActionFrame`, as MaIL). Observation tokens are the MaIL
 image encoders' (+ a projection of the normalised joint positions with ``proprio``). Training
 freezes the encoders' trunks and keypoint layers (:meth:`ICILPolicy.frame_features`, computed
 once per dataset and cached) and trains their projections with the sequence model.
@@ -54,6 +56,7 @@ from torch import nn
 
 from mail_ros.model.icil import ICILSequence, PromptSummary, StreamState
 from mail_ros.model.mamba import mamba_backend
+from mail_ros.policy.action_frame import ActionFrame
 from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.mail_policy import (MaILPolicy, PolicyInputError, build_encoder, check_instruction,
                                         check_observation, parameter_counts)
@@ -158,6 +161,7 @@ class ICILPolicy(nn.Module):
             dropout=backbone.dropout,
         )
         self.language_proj = nn.Linear(config.language.dim, D) if config.language.enabled else None
+        self.action_frame = ActionFrame.of(config)
         self.action_norm = Normalizer(self.action_dim)
         self.proprio_norm = Normalizer(self.joint_dim)
         self.language_norm = Normalizer(config.language.dim)
@@ -177,13 +181,23 @@ class ICILPolicy(nn.Module):
         language_stats: Mapping[str, Any] | None = None,
     ) -> None:
         """Set the action (and joint-position, instruction-embedding) statistics, as
-        :meth:`MaILPolicy.set_normalization`; drops the prompt (its tokens used the old ones)."""
+        :meth:`MaILPolicy.set_normalization` (actions in the network's frame: :meth:`chunk_targets`);
+        drops the prompt (its tokens used the old ones)."""
         self.action_norm.set_stats(action_stats, "action")
         if proprio_stats is not None:
             self.proprio_norm.set_stats(proprio_stats, "proprio")
         if language_stats is not None:
             self.language_norm.set_stats(language_stats, "language")
         self.clear_prompt()
+
+    def chunk_targets(self, actions: np.ndarray, joints: np.ndarray) -> np.ndarray:
+        """Every chunk an episode of actions (M, Da) and joint positions (M, J) in robot units teaches,
+        in the network's frame: actions t .. t + A - 1 from the joints at t -> (M - A + 1, A, Da)
+        (empty when M < A). What the action statistics are computed over."""
+        if len(actions) < self.A:
+            return np.zeros((0, self.A, self.action_dim))
+        windows = np.lib.stride_tricks.sliding_window_view(actions, self.A, axis=0).transpose(0, 2, 1)
+        return self.action_frame.to_network(windows, joints[: len(windows)])
 
     def load_encoder_from(self, mail: MaILPolicy) -> None:
         """Take over a trained MaIL policy's image encoders (all cameras and the projections to D).
@@ -335,7 +349,8 @@ class ICILPolicy(nn.Module):
         self.observe(observation)
         with self._inference():
             actions = self.action_norm.denormalize(self.sequence.predict(self._state))[0]  # (A, Da)
-        return actions.double().cpu().numpy()
+        joints = np.asarray(observation.joint_positions, dtype=np.float64)
+        return self.action_frame.to_robot(actions.double().cpu().numpy(), joints)
 
     # ------------------------------------------------------------------ training
 
@@ -391,8 +406,8 @@ class ICILPolicy(nn.Module):
             cuts = torch.tensor(sample.cuts, device=self.device)  # (C_b,)
             rows.append(torch.full_like(cuts, index))
             ends.append(cuts + 1 + (streams[-1].shape[0] - live))  # stream tokens up to and with the cut's frame
-            target = self.action_norm.normalize(sample.live_actions.float())  # (M, Da)
-            targets.append(target.unfold(0, self.A, 1)[cuts].transpose(1, 2))  # (C_b, A, Da)
+            chunk = sample.live_actions.float().unfold(0, self.A, 1)[cuts].transpose(1, 2)  # (C_b, A, Da)
+            targets.append(self.action_norm.normalize(self.action_frame.to_network(chunk, sample.live_joints[cuts].float())))
         tokens = nn.utils.rnn.pad_sequence(streams, batch_first=True)  # (B, max L_b, D)
         chunks = self.sequence.chunks_at(tokens, torch.cat(rows), torch.cat(ends))  # (sum C_b, A, Da)
         loss = F.mse_loss(chunks, torch.cat(targets))
@@ -408,7 +423,9 @@ class ICILPolicy(nn.Module):
         units -> its tokens (1, 2N + 1, D) and what the prompt summary reads of its frames (N, I)
         (None without ``prompt.film``). Prompt frames are encoded unconditioned."""
         pooled = self._pooled(features)  # (N, P)
-        # Prompt actions are network inputs: normalize_input, like the joints.
+        # Prompt actions are network inputs: in the network's frame (action i from joints i), then
+        # normalize_input, like the joints.
+        actions = self.action_frame.to_network(actions.unsqueeze(1), joints.float()).squeeze(1)  # (N, Da)
         normalized = self.action_norm.normalize_input(actions)  # (N, Da)
         tokens = self.sequence.demo_tokens(self._tokens(pooled, joints).unsqueeze(0), normalized.unsqueeze(0))
         return tokens, self._descriptors(features, pooled, normalized) if self.film else None

@@ -169,6 +169,7 @@ def get_icil_preset(name: str, overrides: dict[str, Any] | None = None) -> ICILC
         "prompt": asdict(PromptConfig()),
         "language": base["language"],
         "proprio": True,
+        "relative_actions": False,
     }
     return apply_overrides(data, overrides or {}, ICILConfig)
 

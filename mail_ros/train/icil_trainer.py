@@ -242,7 +242,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
             config.language.encoder, list(groups), language_loader or load_text_encoder)
         language_stats = Normalizer.stats_from_data(np.stack(list(embeddings.values())))
     policy.set_normalization(
-        Normalizer.stats_from_data(np.concatenate([episodes[i].actions for i in kept])),
+        Normalizer.stats_from_data(np.concatenate(
+            [policy.chunk_targets(episodes[i].actions, episodes[i].joint_positions) for i in kept])),
         Normalizer.stats_from_data(np.concatenate([episodes[i].joint_positions for i in kept])),
         language_stats,
     )
