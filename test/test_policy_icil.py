@@ -140,14 +140,14 @@ def test_chunk_targets_are_every_chunk_of_an_episode_in_the_networks_frame(relat
     A, Da = policy.A, policy.action_dim
     rng = np.random.default_rng(9)
     actions, joints = rng.normal(size=(A + 3, Da)), rng.normal(size=(A + 3, policy.joint_dim))
-    targets = policy.chunk_targets(actions, joints)
+    targets = policy.chunk_targets(torch.from_numpy(actions), torch.from_numpy(joints)).numpy()
     assert targets.shape == (4, A, Da)
     for t in range(4):
         expected = actions[t : t + A].copy()
         if relative:
             expected[:, :7] -= joints[t, :7]  # fr3_joint1..7, observed as joints 0..6; not the gripper
         np.testing.assert_allclose(targets[t], expected)
-    assert policy.chunk_targets(actions[: A - 1], joints[: A - 1]).shape == (0, A, Da)
+    assert policy.chunk_targets(torch.from_numpy(actions[: A - 1]), torch.from_numpy(joints[: A - 1])).shape == (0, A, Da)
 
 
 def test_prompt_changes_the_chunk():

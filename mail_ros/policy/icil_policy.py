@@ -190,14 +190,14 @@ class ICILPolicy(nn.Module):
             self.language_norm.set_stats(language_stats, "language")
         self.clear_prompt()
 
-    def chunk_targets(self, actions: np.ndarray, joints: np.ndarray) -> np.ndarray:
+    def chunk_targets(self, actions: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
         """Every chunk an episode of actions (M, Da) and joint positions (M, J) in robot units teaches,
-        in the network's frame: actions t .. t + A - 1 from the joints at t -> (M - A + 1, A, Da)
-        (empty when M < A). What the action statistics are computed over."""
-        if len(actions) < self.A:
-            return np.zeros((0, self.A, self.action_dim))
-        windows = np.lib.stride_tricks.sliding_window_view(actions, self.A, axis=0).transpose(0, 2, 1)
-        return self.action_frame.to_network(windows, joints[: len(windows)])
+        in the network's frame, unnormalised: actions t .. t + A - 1 from the joints at t ->
+        (M - A + 1, A, Da) (empty when M < A). The loss's targets and the action statistics."""
+        if actions.shape[0] < self.A:
+            return actions.new_zeros(0, self.A, actions.shape[1])
+        windows = actions.unfold(0, self.A, 1).transpose(1, 2)  # (M - A + 1, A, Da)
+        return self.action_frame.to_network(windows, joints[: windows.shape[0]])
 
     def load_encoder_from(self, mail: MaILPolicy) -> None:
         """Take over a trained MaIL policy's image encoders (all cameras and the projections to D).
@@ -406,8 +406,8 @@ class ICILPolicy(nn.Module):
             cuts = torch.tensor(sample.cuts, device=self.device)  # (C_b,)
             rows.append(torch.full_like(cuts, index))
             ends.append(cuts + 1 + (streams[-1].shape[0] - live))  # stream tokens up to and with the cut's frame
-            chunk = sample.live_actions.float().unfold(0, self.A, 1)[cuts].transpose(1, 2)  # (C_b, A, Da)
-            targets.append(self.action_norm.normalize(self.action_frame.to_network(chunk, sample.live_joints[cuts].float())))
+            chunks = self.chunk_targets(sample.live_actions.float(), sample.live_joints.float())[cuts]  # (C_b, A, Da)
+            targets.append(self.action_norm.normalize(chunks))
         tokens = nn.utils.rnn.pad_sequence(streams, batch_first=True)  # (B, max L_b, D)
         chunks = self.sequence.chunks_at(tokens, torch.cat(rows), torch.cat(ends))  # (sum C_b, A, Da)
         loss = F.mse_loss(chunks, torch.cat(targets))

@@ -242,8 +242,9 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
             config.language.encoder, list(groups), language_loader or load_text_encoder)
         language_stats = Normalizer.stats_from_data(np.stack(list(embeddings.values())))
     policy.set_normalization(
-        Normalizer.stats_from_data(np.concatenate(
-            [policy.chunk_targets(episodes[i].actions, episodes[i].joint_positions) for i in kept])),
+        Normalizer.stats_from_data(torch.cat([
+            policy.chunk_targets(torch.from_numpy(episodes[i].actions), torch.from_numpy(episodes[i].joint_positions))
+            for i in kept]).numpy()),
         Normalizer.stats_from_data(np.concatenate([episodes[i].joint_positions for i in kept])),
         language_stats,
     )
