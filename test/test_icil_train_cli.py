@@ -122,13 +122,14 @@ def test_shipped_icil_config_reads():
         load_icil_run_config(ROOT / "config" / "train_icil_demo.yaml", {"data.heldout": []})
 
 
-def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, tiny_config, capsys):
+@pytest.mark.parametrize("ema", [False, True])
+def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, tiny_config, capsys, ema):
     from safetensors.torch import load_file
 
     from mail_ros.train.icil_trainer import train_icil
 
     data = str(write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3))
-    run = load_icil_run_config(tiny_config, {"train.steps": 5, "train.checkpoint_every": 2})
+    run = load_icil_run_config(tiny_config, {"train.steps": 5, "train.checkpoint_every": 2, "train.ema": ema})
     straight = train_icil(run, [data], tmp_path / "a")
     assert not straight.interrupted and straight.step == 5
 
@@ -159,6 +160,31 @@ def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, ti
     # Extending the budget continues from step 5.
     assert cli_main(["train", "--resume", str(tmp_path / "b"), "--steps", "6"]) == 0
     assert describe_checkpoint(tmp_path / "b/last").training["step"] == 6
+
+
+def test_an_icil_run_with_ema_checkpoints_the_average_of_the_same_training(tmp_path, tiny_config):
+    from safetensors.torch import load_file
+
+    from mail_ros.train.icil_trainer import train_icil
+
+    data = str(write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3))
+    plain = load_icil_run_config(tiny_config, {"train.steps": 4})
+    train_icil(plain, [data], tmp_path / "plain")
+    train_icil(load_icil_run_config(tiny_config, {"train.steps": 4, "train.ema": True, "train.ema_decay": 0.5}),
+               [data], tmp_path / "ema")
+    raw = {run: load_file(str(tmp_path / run / "last/trainer_state.safetensors")) for run in ("plain", "ema")}
+    model = {run: load_file(str(tmp_path / run / "last/model.safetensors")) for run in ("plain", "ema")}
+    weights = {k: v for k, v in raw["plain"].items() if k.startswith("model.")}
+    # The average rides beside the training and does not change it.
+    torch.testing.assert_close({k: v for k, v in raw["ema"].items() if k.startswith("model.")}, weights, rtol=0, atol=0)
+    torch.testing.assert_close(model["plain"], {k.removeprefix("model."): v for k, v in weights.items()}, rtol=0, atol=0)
+    # What ships is the average: the trained layers differ from the last weights, the frozen ones do not.
+    policy = ICILPolicy(plain.policy)
+    policy.freeze_features()
+    trained = {name for name, p in policy.named_parameters() if p.requires_grad}
+    moved = {k for k in model["ema"] if not torch.equal(model["ema"][k], model["plain"][k])}
+    assert moved and moved <= trained
+    assert describe_checkpoint(tmp_path / "ema/last").extra["ema"] is True
 
 
 def test_an_icil_resume_that_would_change_the_run_is_refused(tmp_path, tiny_config, capsys):

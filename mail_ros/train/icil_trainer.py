@@ -16,10 +16,12 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
    after that run the encoders' projections, the proprio projection and the sequence model;
 5. each step draws ``train.batch_size`` live episodes, each with a prompt of K ~ U{1 .. k_max}
    other demonstrations of its task (:class:`~mail_ros.data.icil_data.ICILSampler`), and
-   minimises the chunk MSE at every ``data.cut_stride``-th live frame.
+   minimises the chunk MSE at every ``data.cut_stride``-th live frame; with ``train.ema`` an
+   exponential moving average of the weights is kept beside them (the MaIL trainer's
+   :class:`~mail_ros.train.trainer.EMA`) and is what the checkpoint holds.
 
 The run folder holds ``last/`` (the checkpoint, ``policy_type`` "icil", with the held-out and
-trained task names in its ``extra``, and the resume state of the MaIL trainer's format:
+trained task names in its ``extra``, and the resume state (the raw weights and the Adam state) of the MaIL trainer's format:
 :func:`~mail_ros.train.trainer.write_resume_state`), ``log.csv`` and ``summary.json``. There is no
 validation split: what matters is behaviour on held-out tasks, which the test bed measures.
 
@@ -48,13 +50,13 @@ import torch
 from mail_ros.data.hdf5 import fingerprint_hdf5
 from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, task_groups
 from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
-from mail_ros.policy.config import ConfigError, check, check_float, check_int
+from mail_ros.policy.config import ConfigError, check, check_bool, check_float, check_int
 from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.icil_policy import ICILPolicy
 from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
-from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, TrainError, _as_train_error, _dataclass,
+from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, EMA, TrainError, _as_train_error, _dataclass,
                                     _is_device, check_same_data, interrupt_on_terminate, load_demos,
                                     load_resume_state, read_resume_info, read_run_yaml, resolve_device,
                                     restore_handlers, split_overrides, write_resume_state)
@@ -96,6 +98,8 @@ class ICILTrainConfig:
     steps: int = 2000
     batch_size: int = 8  # live episodes (each with its own prompt) per step
     lr: float = 1e-3
+    ema: bool = False  # checkpoint an exponential moving average of the weights, not the last ones
+    ema_decay: float = 0.995  # per step, ramped in as min(ema_decay, (1 + n) / (10 + n))
     log_every: int = 50
     checkpoint_every: int = 500  # steps between last/ saves (and at the end)
     seed: int = 0
@@ -113,6 +117,9 @@ class ICILTrainConfig:
             check_int(self.seed, "train.seed", 0)
             check_float(self.lr, "train.lr")
             check(self.lr > 0, f"train.lr must be positive, got {self.lr!r}")
+            check_bool(self.ema, "train.ema")
+            check_float(self.ema_decay, "train.ema_decay")
+            check(0.0 < self.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {self.ema_decay!r}")
             check(isinstance(self.device, str) and (self.device == "auto" or _is_device(self.device)),
                   f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -255,6 +262,9 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
     done, first, seconds_before = 0, None, 0.0
     if resume:
         done, first, seconds_before = _load_resume(out / "last", run, policy, optimizer, data_files, fingerprints)
+    ema = EMA(policy, cfg.ema_decay) if cfg.ema else None
+    if ema is not None and resume:  # the checkpoint's weights are the average so far
+        ema.model.load_state_dict(load_checkpoint(out / "last", device="cpu").state_dict())
 
     def encode(images):
         with torch.inference_mode():
@@ -272,7 +282,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
 
     extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
              "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files],
-             "encoder_from": cfg.encoder_from}
+             "encoder_from": cfg.encoder_from, "ema": cfg.ema}
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     started = time.perf_counter()
@@ -282,7 +292,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
         info = {"policy_type": "icil", "step": step, "run": run.to_dict(), "data_files": [str(f) for f in data_files],
                 "data_fingerprints": fingerprints, "first_loss": first,
                 "seconds": seconds_before + time.perf_counter() - started}
-        save_checkpoint(out / "last", policy.eval(), step=step, epoch=None, extra={**extra, "train_loss": None if math.isnan(last) else last},
+        weights = ema.model if ema is not None else policy.eval()
+        save_checkpoint(out / "last", weights, step=step, epoch=None, extra={**extra, "train_loss": None if math.isnan(last) else last},
                         write_files=lambda folder: write_resume_state(folder, policy, optimizer, info))
 
     interrupted = False
@@ -301,6 +312,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update(policy, step - 1)
                 done, last = step, info["loss"]
                 first = last if first is None else first
                 if step % cfg.log_every == 0 or step == cfg.steps:
