@@ -122,14 +122,17 @@ def test_shipped_icil_config_reads():
         load_icil_run_config(ROOT / "config" / "train_icil_demo.yaml", {"data.heldout": []})
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, tiny_config, capsys, ema):
+@pytest.mark.parametrize("ema, schedule", [(False, "constant"), (True, "constant"), (True, "cosine")])
+def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, tiny_config, capsys, ema, schedule):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from mail_ros.train.icil_trainer import train_icil
+    from mail_ros.train.trainer import learning_rate
 
     data = str(write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3))
-    run = load_icil_run_config(tiny_config, {"train.steps": 5, "train.checkpoint_every": 2, "train.ema": ema})
+    run = load_icil_run_config(tiny_config, {"train.steps": 5, "train.checkpoint_every": 2, "train.ema": ema,
+                                             "train.lr_schedule": schedule, "train.warmup_steps": 1})
     straight = train_icil(run, [data], tmp_path / "a")
     assert not straight.interrupted and straight.step == 5
 
@@ -157,6 +160,12 @@ def test_an_interrupted_icil_run_resumes_into_the_uninterrupted_one(tmp_path, ti
         return [row.split(",")[:3] for row in (folder / "log.csv").read_text().splitlines()]
 
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 6
+    groups = json.loads(safe_open(str(tmp_path / "a/last/trainer_state.safetensors"), "pt").metadata()["param_groups"])
+    assert groups[0]["lr"] == learning_rate(4, 5, run.train.lr, schedule, 1)  # the last step's
+    if schedule == "cosine":  # the schedule is laid over the budget: it cannot grow
+        assert cli_main(["train", "--resume", str(tmp_path / "b"), "--steps", "6"]) == 2
+        assert "this run's train.steps differ" in capsys.readouterr().err
+        return
     # Extending the budget continues from step 5.
     assert cli_main(["train", "--resume", str(tmp_path / "b"), "--steps", "6"]) == 0
     assert describe_checkpoint(tmp_path / "b/last").training["step"] == 6

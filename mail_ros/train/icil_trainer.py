@@ -56,8 +56,8 @@ from mail_ros.policy.icil_policy import ICILPolicy
 from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
-from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, EMA, TrainError, _as_train_error, _dataclass,
-                                    _is_device, check_same_data, interrupt_on_terminate, load_demos,
+from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, EMA, LR_SCHEDULES, TrainError, _as_train_error, _dataclass,
+                                    _is_device, check_same_data, interrupt_on_terminate, learning_rate, load_demos,
                                     load_resume_state, read_resume_info, read_run_yaml, resolve_device,
                                     restore_handlers, split_overrides, write_resume_state)
 
@@ -98,6 +98,8 @@ class ICILTrainConfig:
     steps: int = 2000
     batch_size: int = 8  # live episodes (each with its own prompt) per step
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine: decay to 0 at the last step
+    warmup_steps: int = 0  # linear ramp from 0 to lr over the first steps (either schedule)
     ema: bool = False  # checkpoint an exponential moving average of the weights, not the last ones
     ema_decay: float = 0.995  # per step, ramped in as min(ema_decay, (1 + n) / (10 + n))
     log_every: int = 50
@@ -115,6 +117,9 @@ class ICILTrainConfig:
             for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
                 check_int(getattr(self, name), f"train.{name}", 1)
             check_int(self.seed, "train.seed", 0)
+            check_int(self.warmup_steps, "train.warmup_steps", 0)
+            check(self.lr_schedule in LR_SCHEDULES,
+                  f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
             check_float(self.lr, "train.lr")
             check(self.lr > 0, f"train.lr must be positive, got {self.lr!r}")
             check_bool(self.ema, "train.ema")
@@ -147,9 +152,10 @@ class ICILRunConfig:
 
     def same_curve_as(self, other: "ICILRunConfig") -> list[str]:
         """The settings in which ``other`` differs from this run in a way that changes its loss curve
-        (all but the step budget, logging, checkpointing, device and cache folders): empty to resume."""
+        (all but logging, checkpointing, device and cache folders, and the step budget where the
+        learning rate does not depend on it): empty to resume."""
         mine, theirs = self.to_dict(), other.to_dict()
-        free = {"train": {"steps", "log_every", "checkpoint_every", "device"},
+        free = {"train": {"log_every", "checkpoint_every", "device"} | ({"steps"} if self.train.lr_schedule == "constant" else set()),
                 "data": {"feature_cache", "embedding_cache"}}
         differ = [group for group in ("preset", "policy") if mine[group] != theirs[group]]
         for group, names in free.items():
@@ -302,6 +308,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
         try:
             for step in range(done + 1, cfg.steps + 1):
                 torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout, reproducible per step
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step - 1, cfg.steps, cfg.lr, cfg.lr_schedule, cfg.warmup_steps)
                 rng = np.random.default_rng([cfg.seed, step])
                 batch = [sampler.sample(int(live), rng, device) for live in rng.choice(sampler.live, size=cfg.batch_size)]
                 policy.train()
@@ -347,7 +355,7 @@ def _load_resume(last_dir: Path, run: ICILRunConfig, policy: ICILPolicy, optimiz
     differ = ICILRunConfig.from_dict(info["run"]).same_curve_as(run)
     if differ:
         raise TrainError(f"{last_dir}: this run's {', '.join(differ)} differ from the saved run's; resume with its "
-                         f"settings (only train.steps, log_every, checkpoint_every and device may change)")
+                         f"settings (only train.log_every, checkpoint_every, device and, at a constant learning rate, steps may change)")
     check_same_data(last_dir, info, data_files, fingerprints)
     load_resume_state(last_dir, policy, optimizer)
     log.info("resuming %s at step %d", last_dir.parent, info["step"])
