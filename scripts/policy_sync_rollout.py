@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""The policy alone in closed loop: the simulated FR3 without ROS, one policy step every 0.1 s.
+
+Each step renders the cameras at the simulator's resolution, resizes them to the model's with
+camera_sync_node's function, asks the policy for a chunk and sends its first ``--execute``
+actions, one per step (clipped to the executor's margined joint limits and gripper range), as
+trajectory points 0.1 s apart, straight to the simulated controller. No DDS, no latency, no
+ensembling, no ramps: what fails here is the policy's own doing, what succeeds here and fails in
+``mail-ros demo`` is the runtime's. Works for MaIL checkpoints (taught by the instruction) and
+ICIL ones (taught by ``--k`` demonstrations of each instruction in ``--prompt-file``).
+
+Per episode: the judge's verdict and, at the hand's lowest point, its horizontal distance to each
+cube (a reach that ends between cubes shows an averaged target, one at another cube a wrong task).
+
+    scripts/policy_sync_rollout.py --checkpoint checkpoints/icil_demo --prompt-file prompts.hdf5 \\
+        --episodes 4 "pick up the red cube" "pick up the blue cube"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("instructions", nargs="*", help="test-bed instructions (default: all nine)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="MaIL or ICIL checkpoint directory")
+    parser.add_argument("--prompt-file", type=Path, help="ICIL: demonstrations (`mail-ros convert` output)")
+    parser.add_argument("--k", type=int, default=3, help="ICIL: demonstrations per prompt")
+    parser.add_argument("--episodes", type=int, default=4, help="episodes per instruction")
+    parser.add_argument("--execute", type=int, default=1, help="actions of each chunk executed before the next")
+    parser.add_argument("--seed", type=int, default=100000, help="first layout seed (the demo's default)")
+    parser.add_argument("--pick-steps", type=int, default=110, help="step budget of a pick (0.1 s each)")
+    parser.add_argument("--stack-steps", type=int, default=190, help="step budget of a stack")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import numpy as np
+    import torch
+
+    from mail_ros.sim.expert import observe
+    from mail_ros.sim.franka_sim import FrankaSim, SimConfig
+    from mail_ros.sim.tasks import Task, all_tasks
+    from mail_ros.control.safety import SafetyConfig, SafetyFilter
+    from mail_ros.data.prompts import episode_demonstration
+    from mail_ros.policy.checkpoint import load_checkpoint
+    from mail_ros.policy.icil_policy import ICILPolicy
+    from mail_ros.spec import FR3_ARM_JOINTS, Observation
+    from mail_ros.sync.image import resize_rgb
+    from mail_ros.train.trainer import load_demos
+
+    torch.set_num_threads(1)
+    policy = load_checkpoint(args.checkpoint).eval()
+    icil = isinstance(policy, ICILPolicy)
+    if icil and args.prompt_file is None:
+        print(f"{args.checkpoint} is an ICIL checkpoint: give --prompt-file", file=sys.stderr)
+        return 2
+    spec = policy.config.spec.observation
+    instructions = args.instructions or [task.instruction for task in all_tasks()]
+    if icil:
+        episodes = load_demos([args.prompt_file], policy.config, {}, lazy=True)
+        by_task: dict[str, list[int]] = {}
+        for i, episode in enumerate(episodes):
+            by_task.setdefault(episode.instruction, []).append(i)
+        missing = [text for text in instructions if len(by_task.get(text, [])) < args.k]
+        if missing:
+            print(f"{args.prompt_file} has fewer than {args.k} demonstrations of {missing}", file=sys.stderr)
+            return 2
+    else:
+        from mail_ros.language.encoders import load_text_encoder
+
+        text_encoder = load_text_encoder(policy.config.language.encoder) if policy.config.language.enabled else None
+    safety = SafetyFilter(SafetyConfig())
+    low, high = safety.limits.position_min, safety.limits.position_max
+    sim = FrankaSim(SimConfig(cameras=tuple(spec.cameras)))
+    period = 0.1
+    successes = {}
+    for index, instruction in enumerate(instructions):
+        task = Task.parse(instruction)
+        if icil:
+            prompt = [episode_demonstration(episodes[i]) for i in by_task[instruction][: args.k]]
+        else:
+            embedding = text_encoder.encode([instruction])[0] if text_encoder is not None else None
+        budget = args.pick_steps if task.skill == "pick" else args.stack_steps
+        successes[instruction] = 0
+        for episode in range(args.episodes):
+            seed = args.seed + len(instructions) * episode + index
+            sim.reset(seed)
+            state = observe(sim)
+            if icil:
+                policy.set_prompt(prompt)
+            else:
+                policy.reset(seed)
+            history, chunk, lowest = [], None, (np.inf, {})
+            for step in range(budget):
+                images = {c: resize_rgb(v, tuple(spec.image_size)) for c, v in sim.render().items()}
+                observation = Observation(stamp=(step + 1) * 100_000_000, images=images,
+                                          joint_positions=state.joint_positions.astype(np.float64))
+                history = (history + [observation])[-spec.obs_horizon:]
+                if step % args.execute == 0:
+                    chunk = policy.predict_chunk(observation) if icil else policy.predict_chunk(history, embedding)
+                elif icil:
+                    policy.observe(observation)  # the live stream takes every frame
+                action = chunk[step % args.execute]
+                tcp = sim.tcp_position()
+                if tcp[2] < lowest[0]:
+                    lowest = (tcp[2], {c: float(np.hypot(*(tcp - p.position)[:2])) for c, p in state.cube_poses.items()})
+                sim.set_trajectory(FR3_ARM_JOINTS, [(period, np.clip(action[: len(FR3_ARM_JOINTS)], low, high))])
+                width = safety.gripper_width(float(action[-1]))
+                if width is not None:
+                    sim.set_gripper(width)
+                sim.step(period)
+                state = observe(sim)
+                if sim.task_success(task):
+                    break
+            progress = sim.task_progress(task)
+            successes[instruction] += progress.success
+            near = ", ".join(f"{c} {d * 100:.0f} cm" for c, d in lowest[1].items())
+            verdict = "success" if progress.success else f"fail ({progress.stage}: {progress.detail})"
+            print(f"{instruction:36s} seed {seed}: {verdict} after {step + 1} steps; hand at its lowest "
+                  f"{near} from the cubes", flush=True)
+    print(f"\n{'instruction':36s} success")
+    for instruction, count in successes.items():
+        print(f"{instruction:36s} {count}/{args.episodes}")
+    total = sum(successes.values())
+    print(f"{'overall':36s} {total}/{args.episodes * len(successes)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
