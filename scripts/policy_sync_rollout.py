@@ -41,16 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from mail_ros.sim.collect import CollectError  # mail_ros.sim before anything imports mujoco
     from mail_ros.sim.expert import observe
     from mail_ros.sim.franka_sim import FrankaSim, SimConfig
-    from mail_ros.sim.tasks import Task, all_tasks
+    from mail_ros.sim.tasks import Task, TaskError, all_tasks
+    from mail_ros.commands.demo import prompts_from_file
     from mail_ros.control.safety import SafetyConfig, SafetyFilter
-    from mail_ros.data.prompts import episode_demonstration
+    from mail_ros.data.hdf5 import DataError
+    from mail_ros.data.prompts import read_prompt
     from mail_ros.policy.checkpoint import load_checkpoint
     from mail_ros.policy.icil_policy import ICILPolicy
     from mail_ros.spec import FR3_ARM_JOINTS, Observation
     from mail_ros.sync.image import resize_rgb
-    from mail_ros.train.trainer import load_demos
 
     torch.set_num_threads(1)
     policy = load_checkpoint(args.checkpoint).eval()
@@ -59,17 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.checkpoint} is an ICIL checkpoint: give --prompt-file", file=sys.stderr)
         return 2
     spec = policy.config.spec.observation
-    instructions = args.instructions or [task.instruction for task in all_tasks()]
-    if icil:
-        episodes = load_demos([args.prompt_file], policy.config, {}, lazy=True)
-        by_task: dict[str, list[int]] = {}
-        for i, episode in enumerate(episodes):
-            by_task.setdefault(episode.instruction, []).append(i)
-        missing = [text for text in instructions if len(by_task.get(text, [])) < args.k]
-        if missing:
-            print(f"{args.prompt_file} has fewer than {args.k} demonstrations of {missing}", file=sys.stderr)
-            return 2
-    else:
+    try:
+        tasks = [Task.parse(text) for text in args.instructions] or all_tasks()
+        if icil:  # the prompts `mail-ros demo --prompt-file FILE --prompt-k K` hands to policy_node
+            prompts = {text: [p.demonstration for p in read_prompt(paths, policy.config)]
+                       for text, (_, paths) in prompts_from_file(args.prompt_file, tasks, args.k, 0).items()}
+    except (TaskError, CollectError, DataError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not icil:
         from mail_ros.language.encoders import load_text_encoder
 
         text_encoder = load_text_encoder(policy.config.language.encoder) if policy.config.language.enabled else None
@@ -78,20 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     sim = FrankaSim(SimConfig(cameras=tuple(spec.cameras)))
     period = 0.1
     successes = {}
-    for index, instruction in enumerate(instructions):
-        task = Task.parse(instruction)
-        if icil:
-            prompt = [episode_demonstration(episodes[i]) for i in by_task[instruction][: args.k]]
-        else:
+    for index, task in enumerate(tasks):
+        instruction = task.instruction
+        if not icil:
             embedding = text_encoder.encode([instruction])[0] if text_encoder is not None else None
         budget = args.pick_steps if task.skill == "pick" else args.stack_steps
         successes[instruction] = 0
         for episode in range(args.episodes):
-            seed = args.seed + len(instructions) * episode + index
+            seed = args.seed + len(tasks) * episode + index
             sim.reset(seed)
             state = observe(sim)
             if icil:
-                policy.set_prompt(prompt)
+                policy.set_prompt(prompts[instruction])
             else:
                 policy.reset(seed)
             history, chunk, lowest = [], None, (np.inf, {})

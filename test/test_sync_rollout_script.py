@@ -45,7 +45,9 @@ def test_an_icil_policy_is_taught_by_its_prompt_file(script, tmp_path, capsys):
     assert "give --prompt-file" in capsys.readouterr().err
     assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--k", "4",
                         "pick up the red cube"]) == 2
-    assert "fewer than 4 demonstrations of ['pick up the red cube']" in capsys.readouterr().err
+    assert "3 demonstrations of 'pick up the red cube', --prompt-skip 0 --prompt-k 4 needs 4" in capsys.readouterr().err
+    assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "pick up the purple cube"]) == 2
+    assert "unknown cube colour 'purple'" in capsys.readouterr().err
     # Two steps of training do not pick a cube; the episode runs out its budget and is judged.
     assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--k", "2", "--episodes", "1",
                         "--pick-steps", "5", "--execute", "2", "pick up the red cube"]) == 0
