@@ -223,6 +223,11 @@ def assert_clean_shutdown(launch: Launch, seconds: float, records: Path | None =
     assert launch.process.returncode == 0, launch.process.returncode
 
 
+def instruction_readers(node) -> list[str]:
+    """The names of the nodes subscribed to /mail/instruction, one entry per subscription."""
+    return [info.node_name for info in node.get_subscriptions_info_by_topic("/mail/instruction")]
+
+
 class Operator:
     """The test's own view of the running graph: task_success, reset, and every published goal."""
 
@@ -281,7 +286,10 @@ def test_sim_policy_goals_from_the_cli_and_clean_shutdown(machine, tmp_path):
             if attempt > 1:
                 operator.new_episode()
             published.append(publish(attempt))
-            wait_for(lambda: operator.goals[-1:] == published[-1:], SERVICE_S, f"the goal of {what}", graph=graph)
+            try:
+                wait_for(lambda: operator.goals[-1:] == published[-1:], SERVICE_S, f"the goal of {what}", graph=graph)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc} (goals applied: {operator.goals})\n{launch.output()[-4000:]}") from None
             operator.enable(True)
             succeeded, seconds, answer = operator.wait_for_success(what, launch)
             print(f"front door: {what} (try {attempt}): {answer!r} after {seconds:.1f} s")
@@ -306,6 +314,10 @@ def test_sim_policy_goals_from_the_cli_and_clean_shutdown(machine, tmp_path):
         # a minute after the simulator is up (seen at load ~10), and the early goal is applied then.
         wait_for(lambda: operator.success.service_is_ready() and operator.set_goal.service_is_ready(), PIPELINE_UP_S,
                  "franka_sim_node and language_node", graph=graph)
+        # `-w 1` waits for language_node (the README) only while nothing else reads /mail/instruction.
+        wait_for(lambda: len(instruction_readers(operator.node)) >= 2, SERVICE_S,
+                 "language_node's two /mail/instruction subscriptions", graph=graph)
+        assert set(instruction_readers(operator.node)) == {"language_node"}, instruction_readers(operator.node)
         complete("transient-local goal published before the pipeline started",
                  lambda attempt: "pick up the red cube" if attempt == 1 else cli_goal("transient_local", "red")(attempt))
         for durability, colour in (("volatile", "blue"), ("transient_local", "red")):

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             for k, spec in enumerate(plan):
                 session.reset()
                 recording = recorder.recording
-                session.instruct(spec.instruction)
+                session.instruct(spec.instruction, spec.task)
                 session.wait_until(lambda: recording.episodes == 1, 10.0, "the recorder to mark the episode")
                 start = session.now()
                 expert.start(spec.task)

@@ -9,8 +9,8 @@ the policy's inference and the executor's ticks queued behind one another, and t
 the simulator's clock and the nodes' grew to hundreds of milliseconds, which no robot computer
 running the launch files has. :meth:`DemoGraph.run_episode` drives one episode through public
 interfaces only: executor_node's ``enabled`` parameter and its /diagnostics (the goal it holds),
-the simulator's ``~/reset``, ``/mail/instruction`` (``~/task`` for paraphrases) and ``~/task_success``;
-with an ICIL checkpoint, policy_node's ``~/set_prompt`` (:meth:`DemoGraph.set_prompt`).
+``/mail/instruction``, the simulator's ``~/reset``, ``~/task`` (the task judged) and
+``~/task_success``; with an ICIL checkpoint, policy_node's ``~/set_prompt`` (:meth:`DemoGraph.set_prompt`).
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ class DemoGraph:
         self.session.wait_until(checked, timeout, what, period=0.01)
 
     def _wait_for_pipeline(self) -> None:
-        """Until policy_node has loaded the checkpoint (or says why not) and executor_node answers."""
+        """Until policy_node has loaded the checkpoint (or says why not), executor_node answers and
+        language_node, the one reader of /mail/instruction, has loaded its encoder and subscribed."""
         def policy_done() -> bool:
             return "backend" in self._values("policy_node") or self._message("policy_node").startswith("no policy")
 
@@ -137,6 +138,8 @@ class DemoGraph:
             raise SessionError(f"policy_node: {self._message('policy_node')}")
         self._wait_until(lambda: self._set_parameters.service_is_ready() and bool(self._values("executor_node")),
                          START_TIMEOUT, "executor_node")
+        self._wait_until(lambda: self.session.operator.count_subscribers("/mail/instruction") > 0, START_TIMEOUT,
+                         "language_node to subscribe to /mail/instruction")
 
     def _on_chunk(self, msg: ActionChunk) -> None:
         age = now_seconds(self.session.operator) - stamp_to_seconds(msg.header.stamp)
@@ -190,8 +193,7 @@ class DemoGraph:
         with self._lock:
             previous_goal = self._goal
             self.trace = EpisodeTrace()
-        judge = spec.task.instruction if spec.instruction != spec.task.instruction else None
-        session.instruct(spec.instruction, judge=judge)
+        session.instruct(spec.instruction, spec.task)
         # Enable only once the executor holds the new goal, so no chunk of the old one is executed.
         self._wait_until(lambda: self._goal != previous_goal and self._goal[1] == spec.instruction, 60.0,
                          f"language_node to encode {spec.instruction!r}")

@@ -6,14 +6,20 @@ trajectory controller semantics (invalid trajectories are rejected with a log; t
 a gripper JointTrajectory (fr3_finger_joint1 = half the opening width), franka_gripper's
 actions (/franka_gripper/move, grasp, homing and the /franka_gripper/stop service, with
 franka_gripper's semantics: see :mod:`mail_ros.sim.gripper`) when franka_msgs is installed, and
-offers ~/reset and ~/task_success (std_srvs/Trigger; the task is the latest goal, from
-/mail/instruction_embedding (what language_node accepted, from any publisher or its ~/set_goal)
-or /mail/instruction; the message is "success" or the stage the task is stuck at, e.g. "off
-target: 3.1 cm from the blue cube's centre, ...").
+offers ~/reset and ~/task_success (std_srvs/Trigger; the task is the latest goal from
+/mail/instruction_embedding, what language_node accepted from any publisher or its ~/set_goal;
+the message is "success" or the stage the task is stuck at, e.g. "off target: 3.1 cm from the
+blue cube's centre, ...").
 
-Judging instructions outside the test bed's grammar (paraphrases such as "lift the red block"):
-a test-bed instruction on ~/task (std_msgs/String) names the task to judge until the next
-~/reset, whatever /mail/instruction says. In-process tools with privileged access (the scripted
+This node does not subscribe to /mail/instruction: language_node is its only reader, so
+``ros2 topic pub -w 1`` waits for language_node whatever the durability (a transient-local
+subscription here would count, the publisher would write and, with a short --keep-alive, leave
+before language_node had matched: the goal lost on a busy machine).
+
+Judging graphs without language_node (``mail-ros collect``, prompt-only ICIL) and instructions
+outside the test bed's grammar (paraphrases such as "lift the red block"): a test-bed
+instruction on ~/task (std_msgs/String) names the task to judge until the next ~/reset,
+whatever the embedding says. In-process tools with privileged access (the scripted
 expert of ``mail-ros collect``) read the cube poses with :meth:`FrankaSimNode.privileged_state`.
 
 Time: with publish_clock:=true the simulator owns ROS time: it publishes /clock and runs as fast
@@ -98,13 +104,10 @@ class FrankaSimNode(Node):
         self.clock_publisher = self.create_publisher(Clock, "/clock", 10) if self.publish_clock else None
         self.create_subscription(JointTrajectory, "/fr3_arm_controller/joint_trajectory", self._on_arm, COMMAND_QOS)
         self.create_subscription(JointTrajectory, "/fr3_gripper/joint_trajectory", self._on_gripper, COMMAND_QOS)
-        # Goals reach the test bed as language_node accepted them (from any publisher, or ~/set_goal)
-        # and, for graphs without language_node (mail-ros collect), from /mail/instruction. That one
-        # stays transient-local only: a volatile subscription here would let `ros2 topic pub -w 1`
-        # count this node and publish before language_node has matched, which then misses the goal.
+        # Goals reach the test bed as language_node accepted them (from any publisher, or ~/set_goal),
+        # never from /mail/instruction itself (see the module docstring), or from ~/task.
         self.create_subscription(InstructionEmbedding, "/mail/instruction_embedding",
                                  lambda msg: self._on_instruction(msg.text), GOAL_QOS)
-        self.create_subscription(String, "/mail/instruction", lambda msg: self._on_instruction(msg.data), GOAL_QOS)
         subscribe_goals(self, String, "~/task", lambda msg, _: self._on_task(msg))
         self.create_service(Trigger, "~/reset", self._on_reset)
         self.create_service(Trigger, "~/task_success", self._on_task_success)
@@ -257,7 +260,7 @@ class FrankaSimNode(Node):
     def _on_task_success(self, request, response):
         task = self.judged_task or self.task
         if task is None:
-            response.success, response.message = False, "no test-bed task: publish /mail/instruction first"
+            response.success, response.message = False, "no test-bed task: set a goal (language_node) or ~/task first"
             return response
         with self._lock:
             progress = self.sim.task_progress(task)

@@ -22,7 +22,7 @@ from std_srvs.srv import Trigger
 from mail_ros.nodes.common import GOAL_QOS
 from mail_ros.nodes.franka_sim_node import FrankaSimNode
 from mail_ros.nodes.graph import GraphError, InProcessGraph
-from mail_ros.sim.tasks import TaskError, TaskProgress
+from mail_ros.sim.tasks import Task, TaskError, TaskProgress
 
 __all__ = ["SessionError", "SimSession"]
 
@@ -88,13 +88,11 @@ class SimSession(InProcessGraph):
             raise SessionError(f"franka_sim_node reset failed: {response.message}")
         return response.message
 
-    def instruct(self, text: str, ready: Callable[[], bool] = lambda: True, judge: str | None = None) -> None:
-        """Publish ``text`` on /mail/instruction once it has subscribers and ``ready()`` holds.
-
-        ``judge``: a test-bed instruction naming the task ~/task_success judges (for paraphrases).
-        """
-        if judge is not None:
-            self._task.publish(String(data=judge))
+    def instruct(self, text: str, task: Task, ready: Callable[[], bool] = lambda: True) -> None:
+        """Name ``task`` as the one ~/task_success judges this episode (franka_sim_node/task; ``text``
+        may be a paraphrase of it, and the simulator does not read /mail/instruction), then publish
+        ``text`` on /mail/instruction once it has subscribers and ``ready()`` holds."""
+        self._task.publish(String(data=task.instruction))
         publisher = self._instruction
         self.wait_until(lambda: publisher.get_subscription_count() > 0 and ready(), 10.0,
                         "subscribers of /mail/instruction")
