@@ -193,7 +193,9 @@ def test_an_icil_run_with_ema_checkpoints_the_average_of_the_same_training(tmp_p
     trained = {name for name, p in policy.named_parameters() if p.requires_grad}
     moved = {k for k in model["ema"] if not torch.equal(model["ema"][k], model["plain"][k])}
     assert moved and moved <= trained
-    assert describe_checkpoint(tmp_path / "ema/last").extra["ema"] is True
+    extra = {run: describe_checkpoint(tmp_path / run / "last").extra for run in ("plain", "ema")}
+    assert (extra["ema"]["ema"], extra["ema"]["ema_decay"]) == (True, 0.5)
+    assert extra["plain"]["ema"] is False and "ema_decay" not in extra["plain"]
 
 
 def test_an_icil_resume_that_would_change_the_run_is_refused(tmp_path, tiny_config, capsys):
