@@ -44,6 +44,10 @@ PARAPHRASES: tuple[tuple[str, Task], ...] = (
 )
 # Evaluation layouts start far from the seeds `mail-ros collect` uses (seed + 1, + 2, ...).
 DEFAULT_SEED = 100_000
+# How an ICIL checkpoint's chunks are executed unless --executor-mode says otherwise: the shipped
+# one (a weight average) picked 0/9 with temporal ensembling and 5/9 executing whole chunks
+# (docs/icil_experiments.md, section 5). MaIL checkpoints get executor_node's default.
+ICIL_EXECUTOR_MODE = "receding_horizon"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,8 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--real-time-factor", type=float, default=1.5,
                    help="at most this many simulated seconds per wall second (the simulation slows down when the "
                         "computer cannot keep up)")
-    p.add_argument("--executor-mode", default=ExecutorConfig().mode, choices=SCHEDULER_MODES,
-                   help="how chunks become commands; the default is executor_node's, which the launch files deploy")
+    p.add_argument("--executor-mode", default=None, choices=SCHEDULER_MODES,
+                   help=f"how chunks become commands; default: executor_node's ({ExecutorConfig().mode}, which the "
+                        f"launch files deploy) for a MaIL checkpoint, {ICIL_EXECUTOR_MODE} for an ICIL one")
     p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,
                    help="receding horizon: actions executed per chunk (0 = the whole chunk); the default is "
                         "executor_node's, which the launch files deploy")
@@ -166,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         if prompts and not icil:
             raise CollectError(f"--prompt/--prompt-file need an ICIL checkpoint; {args.checkpoint} is a MaIL one (it follows "
                                "the instruction)")
+        if args.executor_mode is None:
+            args.executor_mode = ICIL_EXECUTOR_MODE if icil else ExecutorConfig().mode
         if args.record is not None and args.record.exists():
             raise CollectError(f"--record {args.record} already exists; rosbag2 writes a new folder")
     except (TaskError, CollectError, ResourceError, CheckpointError, DataError) as exc:
@@ -188,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
                        domain_id=args.domain_id, record=args.record, camera_size=args.camera_size,
                        torch_threads=args.torch_threads, command_latency=args.command_latency) as graph:
             print(f"{PROG}: {args.checkpoint} ({graph.config.variant}-{graph.config.head}), "
-                  f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}",
-                  flush=True)
+                  f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}, "
+                  f"executor mode {args.executor_mode}", flush=True)
             for part, specs in (("main", plan), ("paraphrase", paraphrases)):
                 if part == "paraphrase":
                     main_seconds = time.monotonic() - started
