@@ -45,7 +45,7 @@ PARAPHRASES: tuple[tuple[str, Task], ...] = (
 # Evaluation layouts start far from the seeds `mail-ros collect` uses (seed + 1, + 2, ...).
 DEFAULT_SEED = 100_000
 # How an ICIL checkpoint's chunks are executed unless --executor-mode says otherwise: the shipped
-# one (a weight average) picked 0/9 with temporal ensembling and 5/9 executing whole chunks
+# one (a weight average) picked 0/9 with temporal ensembling, 4/9 and 5/9 executing whole chunks
 # (docs/icil_experiments.md, section 5). MaIL checkpoints get executor_node's default.
 ICIL_EXECUTOR_MODE = "receding_horizon"
 
