@@ -71,6 +71,20 @@ def test_tiny_icil_run_through_the_cli_reloads(tmp_path, tiny_config, capsys, fi
     assert describe_checkpoint(out / "last").training["step"] == 1
 
 
+def test_a_run_with_shifted_views_caches_and_trains_on_each(tmp_path, tiny_config):
+    data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--no-progress",
+                     "--set", "policy.prompt.film=true", "--set", "data.augment_shift=2",
+                     "--set", "data.shift_views=2"]) == 0
+    assert len(list((tmp_path / "features").iterdir())) == 18  # 6 kept episodes x (unshifted + 2 views)
+    assert describe_checkpoint(out / "last").training["step"] == 3
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"]["augment_shift"] == 2 and run["data"]["shift_views"] == 2
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "bad"),
+                     "--set", "data.augment_shift=-1"]) == 2
+
+
 def test_bad_icil_runs_are_refused_with_one_line(tmp_path, tiny_config, capsys):
     data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=2)
     out = str(tmp_path / "run")

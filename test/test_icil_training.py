@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mail_ros.data.hdf5 import DataError, Episode
-from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, module_digest, task_groups
+from mail_ros.data.dataset import shift_frames
+from mail_ros.data.icil_data import (FrameFeatureCache, ICILSampler, ImageShift, feature_digest, module_digest,
+                                     shift_views, task_groups)
 from mail_ros.policy.icil_policy import Demonstration, ICILPolicy, ICILSample
 from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
 from mail_ros.policy.normalizer import Normalizer
@@ -85,6 +87,56 @@ def test_feature_cache_encodes_each_episode_once_per_encoder(tmp_path):
     assert not np.allclose(changed[0], first[0])
 
 
+def test_shifted_views_are_the_encoder_on_shifted_frames_cached_apart(tmp_path):
+    policy = _policy(overrides={"prompt.film": True})
+    rng = np.random.default_rng(3)
+    episodes = [_episode(policy, "t", n, rng) for n in (3, 4)]
+    encode, calls = _encode(policy), []
+
+    def counted(images):
+        calls.append(len(next(iter(images.values()))))
+        return encode(images)
+
+    views = shift_views(episodes, pad=2, count=3, seed=0)
+    assert views == shift_views(episodes, pad=2, count=3, seed=0)  # reproducible from the seed
+    assert views != shift_views(episodes, pad=2, count=3, seed=1)
+    assert [len(view) for view in views] == [2, 2, 2]  # one shift per episode and view
+    assert len({shift.key() for view in views for shift in view}) == 6  # episodes and views differ
+    assert all(0 <= o <= 4 for view in views for shift in view for offset in shift.offsets.values() for o in offset)
+    cache, digest = FrameFeatureCache(tmp_path), feature_digest(policy)
+    plain = cache.features(episodes, counted, digest)
+    for view in views:
+        shifted = cache.features(episodes, counted, digest, shifts=view)
+        for episode, shift, features in zip(episodes, view, shifted):
+            images = {c: shift_frames(episode.images[c], 2, shift.offsets[c]) for c in policy.cameras}
+            np.testing.assert_allclose(features, encode(images), rtol=1e-6, atol=1e-6)
+    assert len(calls) == 8 and len(list(tmp_path.iterdir())) == 8  # 4 views x 2 episodes, each its own file
+    again = cache.features(episodes, counted, digest, shifts=views[1])
+    assert len(calls) == 8 and not np.allclose(again[0], plain[0])
+    # No shift at all is the unshifted view (another key, the same features).
+    still = [ImageShift(2, {c: (2, 2) for c in policy.cameras})] * 2
+    np.testing.assert_allclose(cache.features(episodes, encode, digest, shifts=still)[1], plain[1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="1 shifts for 2 episodes"):
+        cache.features(episodes, encode, digest, shifts=still[:1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 3), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_shift_frames_moves_the_image_and_repeats_its_edge(pad, h, w, seed):
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+    shifted = shift_frames(frames, pad, (dy, dx))
+    assert shifted.shape == frames.shape
+    for y in range(h):
+        for x in range(w):  # pixel (y, x) shows the source pixel (y + dy - pad, x + dx - pad), clamped to the image
+            source = frames[:, min(max(y + dy - pad, 0), h - 1), min(max(x + dx - pad, 0), w - 1)]
+            np.testing.assert_array_equal(shifted[:, y, x], source)
+    np.testing.assert_array_equal(shift_frames(frames, pad, (pad, pad)), frames)
+    with pytest.raises(ValueError, match="shift offset"):
+        shift_frames(frames, 1, (3, 0))
+
+
 def test_feature_digest_follows_what_the_features_depend_on_and_nothing_else():
     policy = _policy()
     digest = feature_digest(policy)
@@ -130,6 +182,30 @@ def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
     same = sampler.sample(3, np.random.default_rng(7)), sampler.sample(3, np.random.default_rng(7))
     assert len(same[0].prompt) == len(same[1].prompt) == 1  # task "b" has one other demonstration
     assert torch.equal(same[0].prompt[0][0], same[1].prompt[0][0])
+
+
+def test_sampler_takes_each_episode_whole_from_one_view():
+    policy = _policy()
+    rng = np.random.default_rng(4)
+    episodes = [_episode(policy, "a", n, rng) for n in (6, 5, 7, 8)]
+    views = [[np.full((len(e), 32), 10.0 * v + i, dtype=np.float32) for i, e in enumerate(episodes)] for v in range(3)]
+    groups = task_groups(episodes)
+    plain = ICILSampler(episodes, views[0], groups, k_max=3, dilation=1, action_horizon=4)
+    viewed = ICILSampler(episodes, views[0], groups, k_max=3, dilation=1, action_horizon=4, views=views[1:])
+    seen = set()
+    for seed in range(40):
+        sample = viewed.sample(0, np.random.default_rng(seed))
+        for features in [sample.live_features] + [f for f, _, _ in sample.prompt]:
+            values = features.unique()
+            assert len(values) == 1  # one episode, one view, every frame
+            seen.add(int(values.item()) // 10)
+        assert sample.live_features[0, 0].item() % 10 == 0  # the live episode, from whichever view
+    assert seen == {0, 1, 2}
+    # Without views a sampler draws as it always did: no draw for the view.
+    a, b = plain.sample(2, np.random.default_rng(5)), plain.sample(2, np.random.default_rng(5))
+    assert [f[0, 0].item() for f, _, _ in a.prompt] == [f[0, 0].item() for f, _, _ in b.prompt]
+    with pytest.raises(DataError, match="frames for an episode"):
+        ICILSampler(episodes, views[0], groups, k_max=3, dilation=1, action_horizon=4, views=[views[1][::-1]])
 
 
 @pytest.mark.parametrize("name", ["icil-tiny-ma", "icil-tiny-tr"])

@@ -35,6 +35,7 @@ __all__ = [
     "split_episodes",
     "compute_stats",
     "random_shift",
+    "shift_frames",
     "EmbeddingCache",
 ]
 
@@ -86,17 +87,28 @@ def compute_stats(windows: "DemoWindows", frame: ActionFrame) -> dict[str, dict[
     return stats
 
 
+def shift_frames(frames: np.ndarray, pad: int, offset: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, 3) frames shifted as one: edge-padded by ``pad`` pixels, then cropped back to H x W at
+    ``offset`` (dy, dx) in [0, 2 pad] each; (pad, pad) is no shift."""
+    if pad == 0:
+        return frames
+    _, h, w, _ = frames.shape
+    dy, dx = offset
+    if not (0 <= dy <= 2 * pad and 0 <= dx <= 2 * pad):
+        raise ValueError(f"a shift offset must lie in [0, {2 * pad}] pixels, got {offset}")
+    padded = np.pad(frames, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
+    return padded[:, dy : dy + h, dx : dx + w]
+
+
 def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
-    """Shift (T, H, W, 3) frames by one random offset in [-pad, pad] pixels (edge pixels repeated).
+    """Shift (T, H, W, 3) frames by one random offset in [-pad, pad] pixels (:func:`shift_frames`).
 
     The same offset for all T frames: a camera does not jump within one observation history.
     """
     if pad == 0:
         return frames
-    _, h, w, _ = frames.shape
-    padded = np.pad(frames, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
     dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-    return padded[:, dy : dy + h, dx : dx + w]
+    return shift_frames(frames, pad, (int(dy), int(dx)))
 
 
 class DemoWindows(Dataset):

@@ -14,6 +14,11 @@ frame features of frozen image encoders computed once per dataset and cached.
   over the dataset (demo size, 2 cameras at 64x64: ~3-5 ms a frame on one core of the shared
   development CPU) and N x D float32 per episode on disk (64-d: 256 bytes a frame); every
   training step after that runs the sequence model only.
+* Augmentation (:class:`ImageShift`, :func:`shift_views`): MaIL's random shift cannot act on
+  cached features, so a few shifted views of every episode (each camera's frames shifted by one
+  offset per episode and view) are encoded and cached beside the unshifted one, and a sample
+  takes each of its episodes from a view drawn at random. Each view costs one more encoder
+  pass over the dataset and as much disk again.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +35,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
+from mail_ros.data.dataset import shift_frames
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.policy.icil_policy import ICILPolicy, ICILSample, dilated_indices
 
-__all__ = ["task_groups", "module_digest", "feature_digest", "episode_digest", "FrameFeatureCache", "ICILSampler"]
+__all__ = ["task_groups", "module_digest", "feature_digest", "episode_digest", "ImageShift", "shift_views",
+           "FrameFeatureCache", "ICILSampler"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,37 @@ def episode_digest(episode: Episode) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ImageShift:
+    """One shifted view of a dataset: every frame of camera c shifted by ``offsets[c]`` (dy, dx), in
+    [0, 2 pad] pixels (:func:`~mail_ros.data.dataset.shift_frames`; (pad, pad) is no shift)."""
+
+    pad: int
+    offsets: Mapping[str, tuple[int, int]]
+
+    def apply(self, images: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """camera -> (n, H, W, 3) frames, shifted."""
+        return {camera: shift_frames(frames, self.pad, self.offsets[camera]) for camera, frames in images.items()}
+
+    def key(self) -> str:
+        """What the view adds to a feature cache key."""
+        return json.dumps({"pad": self.pad, "offsets": {c: list(o) for c, o in sorted(self.offsets.items())}})
+
+
+def shift_views(episodes: Sequence[Episode], pad: int, count: int, seed: int) -> list[list[ImageShift]]:
+    """``count`` shifted views of every episode: in view v, each camera of an episode is shifted by
+    an offset drawn uniformly from [0, 2 pad]^2 by (``seed``, v, the episode's images), so the
+    offsets differ from episode to episode and a run draws the same ones again."""
+    views: list[list[ImageShift]] = [[] for _ in range(count)]
+    for episode in episodes:
+        images = int(episode_digest(episode)[:16], 16)
+        for view in range(count):
+            rng = np.random.default_rng([seed, view, images])
+            views[view].append(ImageShift(pad, {camera: tuple(int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+                                                for camera in sorted(episode.images)}))
+    return views
+
+
 class FrameFeatureCache:
     """Per-episode frame features (N, D) float32 of frozen encoders, on disk when ``folder`` is set."""
 
@@ -104,23 +142,29 @@ class FrameFeatureCache:
         encode: Callable[[Mapping[str, np.ndarray]], np.ndarray],
         encoder_digest: str,
         batch: int = 256,
+        shifts: Sequence[ImageShift] | None = None,
     ) -> list[np.ndarray]:
-        """Features of every episode; ``encode`` maps camera -> uint8 (n, H, W, 3) to (n, D) and
-        runs only for episodes not cached under ``encoder_digest`` (see :func:`feature_digest`)."""
+        """Features of every episode (of its frames shifted by ``shifts``, one per episode, when
+        given); ``encode`` maps camera -> uint8 (n, H, W, 3) to (n, D) and runs only for episodes
+        not cached under ``encoder_digest`` (see :func:`feature_digest`) and their shift."""
+        if shifts is not None and len(shifts) != len(episodes):
+            raise ValueError(f"{len(shifts)} shifts for {len(episodes)} episodes")
         out = []
-        for episode in episodes:
+        for index, episode in enumerate(episodes):
+            shift = None if shifts is None else shifts[index]
             path = None
             if self.folder is not None:
-                key = hashlib.sha256(f"{encoder_digest}\n{episode_digest(episode)}".encode()).hexdigest()[:32]
+                view = "" if shift is None else f"\n{shift.key()}"
+                key = hashlib.sha256(f"{encoder_digest}\n{episode_digest(episode)}{view}".encode()).hexdigest()[:32]
                 path = self.folder / f"{key}.safetensors"
                 if path.is_file():
                     out.append(load_file(path)["features"])
                     continue
             n = len(episode)
-            chunks = [
-                np.asarray(encode({c: episode.images[c][s : s + batch] for c in episode.images}), dtype=np.float32)
-                for s in range(0, n, batch)
-            ]
+            chunks = []
+            for s in range(0, n, batch):
+                images = {c: episode.images[c][s : s + batch] for c in episode.images}
+                chunks.append(np.asarray(encode(images if shift is None else shift.apply(images)), dtype=np.float32))
             features = np.concatenate(chunks)
             if features.ndim != 2 or features.shape[0] != n:
                 raise DataError(f"encoder gave features of shape {features.shape} for an episode of {n} frames")
@@ -139,7 +183,10 @@ class ICILSampler:
     ``groups`` from :func:`task_groups`; ``k_max`` and ``dilation`` as the policy's
     ``prompt`` config; ``action_horizon`` the policy's A; live episodes shorter than A frames
     give no sample and are not drawn. ``embeddings`` (instruction -> (L,) embedding, e.g. from
-    :class:`mail_ros.data.dataset.EmbeddingCache`) for policies with language.
+    :class:`mail_ros.data.dataset.EmbeddingCache`) for policies with language. ``views``: more
+    feature arrays of every episode (of shifted images: :class:`ImageShift`); then each episode of
+    a sample, prompt and live, takes its frames from ``features`` or one of the views, drawn
+    uniformly (without views the draws, so the samples, are those of a sampler without them).
     """
 
     def __init__(
@@ -153,12 +200,18 @@ class ICILSampler:
         action_horizon: int,
         cut_stride: int = 1,
         embeddings: Mapping[str, np.ndarray] | None = None,
+        views: Sequence[Sequence[np.ndarray]] = (),
     ) -> None:
-        if len(features) != len(episodes):
-            raise DataError(f"{len(features)} feature arrays for {len(episodes)} episodes")
+        self.views = [features, *views]
+        for view in self.views:
+            if len(view) != len(episodes):
+                raise DataError(f"{len(view)} feature arrays for {len(episodes)} episodes")
+            for episode, array in zip(episodes, view):
+                if array.shape[0] != len(episode):
+                    raise DataError(f"features of {array.shape[0]} frames for an episode of {len(episode)}")
         if k_max < 1 or dilation < 1 or action_horizon < 1 or cut_stride < 1:
             raise ValueError("k_max, dilation, action_horizon and cut_stride must be >= 1")
-        self.episodes, self.features, self.embeddings = episodes, features, embeddings
+        self.episodes, self.embeddings = episodes, embeddings
         self.k_max, self.dilation, self.A, self.cut_stride = k_max, dilation, action_horizon, cut_stride
         self.task_of = {index: task for task, ids in groups.items() for index in ids}
         self.groups = {task: list(ids) for task, ids in groups.items()}
@@ -177,18 +230,20 @@ class ICILSampler:
         prompt = []
         for index in rng.choice(others, size=K, replace=False):
             kept = dilated_indices(len(self.episodes[index]), self.dilation)
-            prompt.append(self._frames(int(index), kept, device))
+            prompt.append(self._frames(int(index), kept, device, rng))
         episode = self.episodes[live]
-        features, joints, actions = self._frames(live, list(range(len(episode))), device)
+        features, joints, actions = self._frames(live, list(range(len(episode))), device, rng)
         cuts = list(range(0, len(episode) - self.A + 1, self.cut_stride))
         language = None
         if self.embeddings is not None:
             language = torch.from_numpy(np.asarray(self.embeddings[self.task_of[live]], dtype=np.float32)).to(device)
         return ICILSample(prompt, features, joints, actions, cuts, language)
 
-    def _frames(self, index: int, kept: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _frames(self, index: int, kept: list[int], device, rng: np.random.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         episode = self.episodes[index]
+        view = self.views[int(rng.integers(len(self.views)))] if len(self.views) > 1 else self.views[0]
         return tuple(
             torch.from_numpy(np.ascontiguousarray(array[kept], dtype=np.float32)).to(device)
-            for array in (self.features[index], episode.joint_positions, episode.actions)
+            for array in (view[index], episode.joint_positions, episode.actions)
         )

@@ -14,6 +14,8 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
    frame's keypoints once, cached on disk per (encoder weights and settings, episode) in
    ``data.feature_cache`` (:class:`~mail_ros.data.icil_data.FrameFeatureCache`); the steps
    after that run the encoders' projections, the proprio projection and the sequence model;
+   with ``data.augment_shift`` also ``data.shift_views`` views of shifted images
+   (:func:`~mail_ros.data.icil_data.shift_views`), from which samples draw each episode;
 5. each step draws ``train.batch_size`` live episodes, each with a prompt of K ~ U{1 .. k_max}
    other demonstrations of its task (:class:`~mail_ros.data.icil_data.ICILSampler`), and
    minimises the chunk MSE at every ``data.cut_stride``-th live frame; with ``train.ema`` an
@@ -48,7 +50,7 @@ import numpy as np
 import torch
 
 from mail_ros.data.hdf5 import fingerprint_hdf5
-from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, task_groups
+from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, shift_views, task_groups
 from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from mail_ros.policy.config import ConfigError, check, check_bool, check_float, check_int
 from mail_ros.policy.icil_config import ICILConfig
@@ -78,6 +80,12 @@ class ICILDataConfig:
     feature_cache: str | None = DEFAULT_FEATURE_CACHE  # frozen-encoder features; None: in memory only
     embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # instruction embeddings (language on)
     cut_stride: int = 4  # predict a chunk after every cut_stride-th live frame
+    # Random-shift augmentation on cached features: shift_views more views of every episode, each
+    # camera's frames shifted by up to augment_shift pixels (one offset per episode and view, drawn
+    # from train.seed), encoded and cached beside the unshifted one; a sample takes each episode
+    # from one of its 1 + shift_views views. 0 pixels: off. Each view costs one more encoder pass.
+    augment_shift: int = 0
+    shift_views: int = 4
 
     def __post_init__(self) -> None:
         with _as_train_error():
@@ -89,6 +97,8 @@ class ICILDataConfig:
                 check(value is None or (isinstance(value, str) and value != ""),
                       f"data.{name} must be a folder name or null, got {value!r}")
             check_int(self.cut_stride, "data.cut_stride", 1)
+            check_int(self.augment_shift, "data.augment_shift", 0)
+            check_int(self.shift_views, "data.shift_views", 1)
 
 
 @dataclass
@@ -279,12 +289,16 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
 
     start = time.perf_counter()
     kept_episodes = [episodes[i] for i in kept]
-    features = FrameFeatureCache(_folder(data.feature_cache)).features(kept_episodes, encode, feature_digest(policy))
+    cache, digest = FrameFeatureCache(_folder(data.feature_cache)), feature_digest(policy)
+    features = cache.features(kept_episodes, encode, digest)
+    views = [cache.features(kept_episodes, encode, digest, shifts=shifts)
+             for shifts in (shift_views(kept_episodes, data.augment_shift, data.shift_views, cfg.seed)
+                            if data.augment_shift else [])]
     feature_seconds = time.perf_counter() - start
     remap = {index: position for position, index in enumerate(kept)}
     sampler = ICILSampler(kept_episodes, features, {task: [remap[i] for i in ids] for task, ids in groups.items()},
                           k_max=config.prompt.k_max, dilation=config.prompt.dilation, action_horizon=policy.A,
-                          cut_stride=data.cut_stride, embeddings=embeddings)
+                          cut_stride=data.cut_stride, embeddings=embeddings, views=views)
 
     extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
              "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files],
