@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.data.dataset import shift_frames
-from mail_ros.data.icil_data import (FrameFeatureCache, ICILSampler, ImageShift, feature_digest, module_digest,
-                                     shift_views, task_groups)
+from mail_ros.data.icil_data import (FrameFeatureCache, ICILSampler, ImageShift, episode_digest, feature_digest,
+                                     module_digest, shift_views, task_groups)
 from mail_ros.policy.icil_policy import Demonstration, ICILPolicy, ICILSample
 from mail_ros.policy.mail_policy import MaILPolicy, PolicyInputError
 from mail_ros.policy.normalizer import Normalizer
@@ -97,9 +97,10 @@ def test_shifted_views_are_the_encoder_on_shifted_frames_cached_apart(tmp_path):
         calls.append(len(next(iter(images.values()))))
         return encode(images)
 
-    views = shift_views(episodes, pad=2, count=3, seed=0)
-    assert views == shift_views(episodes, pad=2, count=3, seed=0)  # reproducible from the seed
-    assert views != shift_views(episodes, pad=2, count=3, seed=1)
+    digests = [episode_digest(e) for e in episodes]
+    views = shift_views(digests, policy.cameras, pad=2, count=3, seed=0)
+    assert views == shift_views(digests, policy.cameras, pad=2, count=3, seed=0)  # reproducible from the seed
+    assert views != shift_views(digests, policy.cameras, pad=2, count=3, seed=1)
     assert [len(view) for view in views] == [2, 2, 2]  # one shift per episode and view
     assert len({shift.key() for view in views for shift in view}) == 6  # episodes and views differ
     assert all(0 <= o <= 4 for view in views for shift in view for offset in shift.offsets.values() for o in offset)
@@ -113,11 +114,15 @@ def test_shifted_views_are_the_encoder_on_shifted_frames_cached_apart(tmp_path):
     assert len(calls) == 8 and len(list(tmp_path.iterdir())) == 8  # 4 views x 2 episodes, each its own file
     again = cache.features(episodes, counted, digest, shifts=views[1])
     assert len(calls) == 8 and not np.allclose(again[0], plain[0])
+    given = cache.features(episodes, counted, digest, shifts=views[1], digests=digests)  # the same keys
+    assert len(calls) == 8 and all(np.array_equal(a, b) for a, b in zip(given, again))
     # No shift at all is the unshifted view (another key, the same features).
     still = [ImageShift(2, {c: (2, 2) for c in policy.cameras})] * 2
     np.testing.assert_allclose(cache.features(episodes, encode, digest, shifts=still)[1], plain[1], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="1 shifts for 2 episodes"):
         cache.features(episodes, encode, digest, shifts=still[:1])
+    with pytest.raises(ValueError, match="1 digests for 2 episodes"):
+        cache.features(episodes, encode, digest, digests=digests[:1])
 
 
 @settings(max_examples=40, deadline=None)

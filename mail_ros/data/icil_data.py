@@ -116,17 +116,18 @@ class ImageShift:
         return json.dumps({"pad": self.pad, "offsets": {c: list(o) for c, o in sorted(self.offsets.items())}})
 
 
-def shift_views(episodes: Sequence[Episode], pad: int, count: int, seed: int) -> list[list[ImageShift]]:
-    """``count`` shifted views of every episode: in view v, each camera of an episode is shifted by
-    an offset drawn uniformly from [0, 2 pad]^2 by (``seed``, v, the episode's images), so the
-    offsets differ from episode to episode and a run draws the same ones again."""
+def shift_views(digests: Sequence[str], cameras: Sequence[str], pad: int, count: int, seed: int) -> list[list[ImageShift]]:
+    """``count`` shifted views of every episode (given by its :func:`episode_digest`): in view v, each
+    camera of an episode is shifted by an offset drawn uniformly from [0, 2 pad]^2 by (``seed``, v,
+    the episode's images), so the offsets differ from episode to episode and a run draws the same
+    ones again."""
     views: list[list[ImageShift]] = [[] for _ in range(count)]
-    for episode in episodes:
-        images = int(episode_digest(episode)[:16], 16)
+    for digest in digests:
+        images = int(digest[:16], 16)
         for view in range(count):
             rng = np.random.default_rng([seed, view, images])
             views[view].append(ImageShift(pad, {camera: tuple(int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
-                                                for camera in sorted(episode.images)}))
+                                                for camera in sorted(cameras)}))
     return views
 
 
@@ -143,19 +144,24 @@ class FrameFeatureCache:
         encoder_digest: str,
         batch: int = 256,
         shifts: Sequence[ImageShift] | None = None,
+        digests: Sequence[str] | None = None,
     ) -> list[np.ndarray]:
         """Features of every episode (of its frames shifted by ``shifts``, one per episode, when
         given); ``encode`` maps camera -> uint8 (n, H, W, 3) to (n, D) and runs only for episodes
-        not cached under ``encoder_digest`` (see :func:`feature_digest`) and their shift."""
-        if shifts is not None and len(shifts) != len(episodes):
-            raise ValueError(f"{len(shifts)} shifts for {len(episodes)} episodes")
+        not cached under ``encoder_digest`` (see :func:`feature_digest`) and their shift.
+        ``digests``: the episodes' :func:`episode_digest` s, when the caller has them (reading every
+        image to hash it again for each view would cost as much as a view's encoder pass's I/O)."""
+        for name, values in (("shifts", shifts), ("digests", digests)):
+            if values is not None and len(values) != len(episodes):
+                raise ValueError(f"{len(values)} {name} for {len(episodes)} episodes")
         out = []
         for index, episode in enumerate(episodes):
             shift = None if shifts is None else shifts[index]
             path = None
             if self.folder is not None:
                 view = "" if shift is None else f"\n{shift.key()}"
-                key = hashlib.sha256(f"{encoder_digest}\n{episode_digest(episode)}{view}".encode()).hexdigest()[:32]
+                images = episode_digest(episode) if digests is None else digests[index]
+                key = hashlib.sha256(f"{encoder_digest}\n{images}{view}".encode()).hexdigest()[:32]
                 path = self.folder / f"{key}.safetensors"
                 if path.is_file():
                     out.append(load_file(path)["features"])

@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from mail_ros.data.hdf5 import fingerprint_hdf5
-from mail_ros.data.icil_data import FrameFeatureCache, ICILSampler, feature_digest, shift_views, task_groups
+from mail_ros.data.icil_data import (FrameFeatureCache, ICILSampler, episode_digest, feature_digest, shift_views,
+                                     task_groups)
 from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_config, save_checkpoint
 from mail_ros.policy.config import ConfigError, check, check_bool, check_float, check_int
 from mail_ros.policy.icil_config import ICILConfig
@@ -290,9 +291,11 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
     start = time.perf_counter()
     kept_episodes = [episodes[i] for i in kept]
     cache, digest = FrameFeatureCache(_folder(data.feature_cache)), feature_digest(policy)
-    features = cache.features(kept_episodes, encode, digest)
-    views = [cache.features(kept_episodes, encode, digest, shifts=shifts)
-             for shifts in (shift_views(kept_episodes, data.augment_shift, data.shift_views, cfg.seed)
+    # The episodes' image digests, hashed once: cache keys of every view and the views' offsets.
+    digests = [episode_digest(e) for e in kept_episodes] if data.feature_cache or data.augment_shift else None
+    features = cache.features(kept_episodes, encode, digest, digests=digests)
+    views = [cache.features(kept_episodes, encode, digest, shifts=shifts, digests=digests)
+             for shifts in (shift_views(digests, policy.cameras, data.augment_shift, data.shift_views, cfg.seed)
                             if data.augment_shift else [])]
     feature_seconds = time.perf_counter() - start
     remap = {index: position for position, index in enumerate(kept)}
