@@ -179,11 +179,17 @@ def test_images_and_instruction_become_limit_respecting_commands(pipeline):
         commands = np.array([q for _, q in world.commands]).reshape(-1, 7)
     assert_within_limits(commands, arrivals)
 
-    # RViz's path of that chunk: the hand from the joints it was computed from through its 4 targets.
-    # It is published right after the chunk, on another topic, so it may be received after it.
-    wait_for(lambda: any(m.header.stamp == chunk.header.stamp for m in world.paths), 10,
-             "the predicted path of the last chunk", graph=graph)
-    path = next(m for m in world.paths if m.header.stamp == chunk.header.stamp)
+    # RViz's path of a chunk: the hand from the joints it was computed from through its 4 targets.
+    # It is published right after its chunk, on another topic with a shallow keep-last queue, so
+    # on a busy machine the path of one given chunk may be replaced before it is read: pair the
+    # newest path received with the chunk of the same stamp.
+    def path_and_chunk():
+        chunks = {stamp_ns(c.header.stamp): c for c in list(world.chunks)}
+        return next(((m, chunks[stamp_ns(m.header.stamp)]) for m in reversed(list(world.paths))
+                     if stamp_ns(m.header.stamp) in chunks), None)
+
+    wait_for(lambda: path_and_chunk() is not None, 10, "a predicted path paired with its chunk", graph=graph)
+    path, chunk = path_and_chunk()
     assert path.type == Marker.LINE_STRIP and path.header.frame_id == "fr3_link0" and len(path.points) == 5
     targets = np.asarray(chunk.actions).reshape(4, 8)[:, :7]
     expected = fr3_tcp_poses(targets)[:, :3, 3]
