@@ -244,7 +244,9 @@ def test_loss_is_the_mse_of_the_full_sequence_chunks_at_every_cut(name):
 
 def _streaming_loss(policy: ICILPolicy, samples: list[ICILSample]) -> torch.Tensor:
     """The loss through the runtime's streaming API, sample by sample and cut by cut: the prompt
-    prefilled, the live frames committed up to each cut, the queries run from there."""
+    prefilled, the live frames committed up to each cut (with ``live_window``, the window of W
+    frames ending there, frame 0 repeated before the start, after the prompt's state), the
+    queries run from there."""
     losses = []
     for sample in samples:
         parts = [] if policy.language_proj is None else [policy._language_token(sample.language.float())]
@@ -253,9 +255,13 @@ def _streaming_loss(policy: ICILPolicy, samples: list[ICILSample]) -> torch.Tens
         state = policy.sequence.prefill(torch.cat(parts, dim=1)) if parts else None
         live = policy.sequence.live_tokens(policy._tokens(sample.live_features, sample.live_joints)[None])
         target = policy.action_norm.normalize(sample.live_actions)
-        committed = 0
+        committed, prompt_state = 0, state
         for cut in sample.cuts:
-            state = policy.sequence.extend(live[:, committed : cut + 1], state)
+            if policy.W:
+                window = [max(0, t) for t in range(cut - policy.W + 1, cut + 1)]
+                state = policy.sequence.extend(live[:, window], prompt_state)
+            else:
+                state = policy.sequence.extend(live[:, committed : cut + 1], state)
             committed = cut + 1
             losses.append(torch.nn.functional.mse_loss(policy.sequence.predict(state)[0], target[cut : cut + policy.A]))
     return torch.stack(losses).mean()
@@ -264,23 +270,24 @@ def _streaming_loss(policy: ICILPolicy, samples: list[ICILSample]) -> torch.Tens
 _POLICIES: dict = {}
 
 
-def _stats_policy(name: str, language: bool) -> ICILPolicy:
+def _stats_policy(name: str, language: bool, window: int = 0) -> ICILPolicy:
     """An eval-mode policy (no dropout) with non-trivial normalisation statistics, built once."""
-    if (name, language) not in _POLICIES:
-        overrides = {"language.encoder": "hash:test", "language.dim": 5} if language else None
-        policy = _policy(name, overrides).eval()
+    if (name, language, window) not in _POLICIES:
+        overrides = {"language.encoder": "hash:test", "language.dim": 5} if language else {}
+        policy = _policy(name, {**overrides, "live_window": window}).eval()
         rng = np.random.default_rng(5)
         policy.set_normalization(
             Normalizer.stats_from_data(rng.normal(1.0, 2.0, size=(50, policy.action_dim))),
             Normalizer.stats_from_data(rng.normal(-1.0, 0.5, size=(50, policy.joint_dim))),
             Normalizer.stats_from_data(rng.normal(size=(50, 5))) if language else None,
         )
-        _POLICIES[(name, language)] = policy
-    return _POLICIES[(name, language)]
+        _POLICIES[(name, language, window)] = policy
+    return _POLICIES[(name, language, window)]
 
 
 @pytest.mark.parametrize("name", ["icil-tiny-ma", "icil-tiny-tr"])
 @pytest.mark.parametrize("language", [False, True])
+@pytest.mark.parametrize("window", [0, 3])
 @settings(max_examples=8, deadline=None)
 @given(
     shapes=st.lists(
@@ -288,10 +295,11 @@ def _stats_policy(name: str, language: bool) -> ICILPolicy:
     ),
     seed=st.integers(0, 2**16),
 )
-def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, shapes, seed):
-    # Samples of different prompt sizes (K = 0 included) and lengths, each with its own cuts:
-    # the batched loss must be what the robot's prefill / extend / predict computes.
-    policy = _stats_policy(name, language)
+def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, window, shapes, seed):
+    # Samples of different prompt sizes (K = 0 included, but not with a live window, which needs
+    # a prompt or an instruction before it) and lengths, each with its own cuts: the batched loss
+    # must be what the robot's prefill / extend / predict computes.
+    policy = _stats_policy(name, language, window)
     g = torch.Generator().manual_seed(seed)
     F, J, Da, A = policy.feature_dim, policy.joint_dim, policy.action_dim, policy.A
 
@@ -302,6 +310,8 @@ def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, 
     for prompt_lengths, extra, stride in shapes:
         M = A + extra
         language_embedding = torch.randn(5, generator=g) if language else None
+        if window and not language:
+            prompt_lengths = prompt_lengths or [2]
         samples.append(ICILSample([frames(n) for n in prompt_lengths], *frames(M), cuts=list(range(0, M - A + 1, stride)),
                                   language=language_embedding))
     trainable = [(n, p) for n, p in policy.named_parameters() if not n.startswith("encoder.")]
@@ -372,6 +382,15 @@ def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         if ".trunk." in name:
             assert not parameter.requires_grad and parameter.grad is None, name
+
+
+def test_live_window_training_needs_something_before_the_window():
+    policy = _policy(overrides={"live_window": 2})
+    f, j, a = torch.zeros(6, policy.feature_dim), torch.zeros(6, policy.joint_dim), torch.zeros(6, policy.action_dim)
+    with pytest.raises(PolicyInputError, match="live_window training needs a prompt"):
+        policy.compute_loss([ICILSample([], f, j, a, cuts=[0])])
+    loss, metrics = policy.compute_loss([ICILSample([(f[:2], j[:2], a[:2])], f, j, a, cuts=[0, 2])])
+    assert metrics["chunks"] == 2 and torch.isfinite(loss)
 
 
 def test_bad_samples_are_refused():

@@ -89,6 +89,43 @@ def test_chunks_at_prefixes_equal_streaming_with_gradients(kind, lengths, picks,
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+    rows=st.lists(st.integers(0, 2), min_size=1, max_size=6),
+    window=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_windows_after_prefixes_equal_streaming_with_gradients(kind, lengths, rows, window, seed):
+    # Prefixes of different lengths, right-padded; windows of W tokens, several per prefix (some
+    # prefixes unused). Each chunk, and the gradients of a loss over all of them, must be those of
+    # the runtime: the prefix prefilled, the window committed after it, the queries from there.
+    model = _model(kind)
+    torch.manual_seed(seed)
+    prefixes = [torch.randn(n, D) for n in lengths]
+    rows = torch.tensor([r % len(lengths) for r in rows])
+    windows = torch.randn(rows.shape[0], window, D)
+    weights = torch.randn(rows.shape[0], A, DA)
+    params = list(model.parameters())
+    batched = model.chunks_after_windows(torch.nn.utils.rnn.pad_sequence(prefixes, batch_first=True),
+                                         torch.tensor(lengths), windows, rows)
+    assert batched.shape == (rows.shape[0], A, DA)
+    grads = torch.autograd.grad((weights * batched).sum(), params, allow_unused=True)
+    streamed = torch.stack([model.predict(model.extend(windows[s : s + 1], model.prefill(prefixes[r][None])))[0]
+                            for s, r in enumerate(rows.tolist())])
+    torch.testing.assert_close(batched, streamed, atol=2e-5, rtol=1e-4)
+    # ... which is also the full sequence [prefix, window, queries] from zero state.
+    full = torch.stack([model(torch.cat([prefixes[r], windows[s]])[None])[0] for s, r in enumerate(rows.tolist())])
+    torch.testing.assert_close(batched, full, atol=2e-5, rtol=1e-4)
+    expected = torch.autograd.grad((weights * streamed).sum(), params, allow_unused=True)
+    for name, g, g_ref in zip([n for n, _ in model.named_parameters()], grads, expected):
+        if g_ref is None:
+            assert g is None or not g.any(), name
+        else:
+            torch.testing.assert_close(g, g_ref, atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_empty_stream_predicts_from_queries_alone(kind):
     model = _model(kind)
     with torch.no_grad():

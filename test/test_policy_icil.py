@@ -82,6 +82,32 @@ def test_streaming_chunks_equal_the_full_sequence(name, dilation, film):
 
 
 @pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("window", [1, 3])
+def test_live_window_predicts_from_the_prompt_and_the_newest_frames(name, window):
+    # The chunk after live frame t is the full sequence [prompt, frames t - W + 1 .. t], the
+    # episode's first frame repeated where the window reaches before the episode's start.
+    policy = _policy(name, {"live_window": window, "prompt.film": True})
+    rng = np.random.default_rng(4)
+    demos = [_demo(policy, 6, rng), _demo(policy, 3, rng)]
+    info = policy.set_prompt(demos)
+    live = _frames(policy, 6, rng, t0=50.0)
+
+    def padded(t):
+        return [live[0]] * max(0, window - t - 1) + live[max(0, t - window + 1) : t + 1]
+
+    chunks = []
+    for t, obs in enumerate(live):
+        if t == 3:
+            policy.observe(obs)  # observed between chunks: it still moves the window
+            continue
+        chunks.append(policy.predict_chunk(obs))
+        np.testing.assert_allclose(chunks[-1], _reference(policy, demos, padded(t)), atol=1e-4, rtol=1e-4)
+        assert policy.stream_state.length == info.tokens + window  # the window, not the episode
+    policy.reset()
+    np.testing.assert_allclose(policy.predict_chunk(live[0]), chunks[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
 def test_observe_commits_and_reset_returns_to_the_prompt(name):
     policy = _policy(name)
     rng = np.random.default_rng(2)

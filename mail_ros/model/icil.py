@@ -41,6 +41,11 @@ over the padded streams, which yields the backbone's state after each prefix (Ma
 window and scan state there, picked from the states the scan computes anyway; Transformer: the
 keys/values up to there, the rest masked), then one batched run of the queries of all prefixes.
 
+A bounded live window (:meth:`ICILSequence.chunks_after_windows` in training; at run time the
+policy extends a state after the prompt with the window each chunk): only the newest W live
+tokens follow the prompt, always at the stream indices right after it, so the window does not
+move either, and the prompt's state is reused as it is for a new episode.
+
 The Transformer's inference cache is a preallocated :class:`KVBuffer` that the newest state
 of a stream writes in place (a step writes its own keys/values, instead of copying the whole
 cache as ``torch.cat`` would). States that share the buffer stay valid: slots before a state's
@@ -242,6 +247,25 @@ class ICILSequence(nn.Module):
         _, layers = self._run(tokens, None, 0, states_at=(rows, ends))
         queries = self.queries.expand(rows.shape[0], -1, -1)  # (S, A, D)
         return self.action_out(self._run(queries, layers, ends, return_states=False)[0])
+
+    def chunks_after_windows(
+        self, prefixes: torch.Tensor, lengths: torch.Tensor, windows: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """The chunks after S windows, each committed after one of B prefixes: (S, A, Da).
+
+        Row s is ``predict(extend(windows[s:s + 1], prefill(prefixes[r:r + 1, :lengths[r]])))``
+        with r = rows[s] (within float rounding): a bounded live window (W tokens) re-run from
+        the state after the prompt, as :class:`~mail_ros.policy.icil_policy.ICILPolicy` does
+        with ``live_window``. ``prefixes`` (B, P, D) right-padded, ``lengths`` (B,) long in
+        [1, P], ``windows`` (S, W, D), ``rows`` (S,) long. One pass over the prefixes gives each
+        one's state (as :meth:`chunks_at`), then the S windows and their queries run as one batch
+        from the states of their rows: W + A tokens per chunk, whatever the prompt's length.
+        """
+        B, S, W = prefixes.shape[0], rows.shape[0], windows.shape[1]
+        _, layers = self._run(prefixes, None, 0, states_at=(torch.arange(B, device=prefixes.device), lengths))
+        layers = [(first[rows], second[rows]) for first, second in layers]  # each row's prefix state
+        x = torch.cat([windows, self.queries.expand(S, -1, -1)], dim=1)  # (S, W + A, D)
+        return self.action_out(self._run(x, layers, lengths[rows], return_states=False)[0][:, W:])
 
     # ------------------------------------------------------------------ internals
 

@@ -69,10 +69,18 @@ class ICILConfig:
     # (policy/action_frame.py, as MaIL's relative_actions); predict_chunk returns absolute
     # targets either way. Without proprio this is how the live joint positions reach the chunk.
     relative_actions: bool = False
+    # Live frames the chunk is predicted from: 0, the whole episode (every live frame committed
+    # after the prompt); W > 0, only the newest W, re-run each chunk from the prompt's state and
+    # padded at the episode's start with copies of its first frame (MaIL's observation window,
+    # with the prompt's state before it). A bounded window keeps the live context the
+    # demonstrations taught however long the episode runs; a chunk then costs W + A tokens,
+    # still independent of the prompt's length.
+    live_window: int = 0
 
     def __post_init__(self) -> None:
         check_groups(self, self.groups())
         check_bool(self.proprio, "proprio")
+        check_int(self.live_window, "live_window", 0)
         check_relative_actions(self.relative_actions, self.spec)
         check(
             self.backbone.layout == "decoder",

@@ -139,6 +139,7 @@ class ICILPolicy(nn.Module):
         observation, action, backbone = config.spec.observation, config.spec.action, config.backbone
         D = backbone.d_model
         self.A = action.horizon
+        self.W = config.live_window  # 0: the whole live episode
         self.cameras = tuple(sorted(observation.cameras))
         self.action_dim = action.dim
         self.joint_dim = len(observation.joint_names)
@@ -170,6 +171,7 @@ class ICILPolicy(nn.Module):
         self._prompt_condition: torch.Tensor | None = None  # (D,) with prompt.film and a prompt set
         self._prompt_info = PromptInfo(0, 0, 0, 0.0, 0.0)
         self._state: StreamState | None = None
+        self._window: list[torch.Tensor] = []  # with live_window: the newest W live tokens (1, 1, D)
         self._last_stamp = -math.inf
 
     # ------------------------------------------------------------------ setup
@@ -257,8 +259,9 @@ class ICILPolicy(nn.Module):
 
     @property
     def stream_state(self) -> StreamState | None:
-        """The committed stream (prompt + live observations so far); None while empty."""
-        return self._state
+        """The stream the next chunk is predicted from (prompt + live observations so far, or
+        with ``live_window`` the prompt + the window); None while empty."""
+        return self._stream()
 
     # ------------------------------------------------------------------ prompt and episode
 
@@ -334,21 +337,27 @@ class ICILPolicy(nn.Module):
     def reset(self) -> None:
         """Start an episode: the stream goes back to the prompt's state (nothing is recomputed)."""
         self._state = self._prompt_state
+        self._window = []
         self._last_stamp = -math.inf
 
     def observe(self, observation: Observation) -> None:
-        """Commit one live observation (stamped after the previous one) to the stream."""
+        """Commit one live observation (stamped after the previous one) to the stream; with
+        ``live_window``, to the window (the newest W), whose stream the next chunk computes."""
         check_observation(observation, self.config.spec.observation, self._last_stamp)
         with self._inference():
             token = self.sequence.live_tokens(self._encode([observation], self._live_condition()).unsqueeze(0))
-            self._state = self.sequence.extend(token, self._state)
+            if self.W:
+                self._window = [*self._window, token][-self.W :]
+                self._state = None  # the window moved: _stream runs it again from the prompt's state
+            else:
+                self._state = self.sequence.extend(token, self._state)
         self._last_stamp = observation.stamp
 
     def predict_chunk(self, observation: Observation) -> np.ndarray:
         """Commit ``observation`` and return the next A actions, (A, action_dim) float64 robot units."""
         self.observe(observation)
         with self._inference():
-            actions = self.action_norm.denormalize(self.sequence.predict(self._state))[0]  # (A, Da)
+            actions = self.action_norm.denormalize(self.sequence.predict(self._stream()))[0]  # (A, Da)
         joints = np.asarray(observation.joint_positions, dtype=np.float64)
         return self.action_frame.to_robot(actions.double().cpu().numpy(), joints)
 
@@ -384,12 +393,15 @@ class ICILPolicy(nn.Module):
         committed up to the cut, the queries run from there), computed in one batch: each
         sample's stream (instruction token, prompt, live frames up to its last cut) is
         right-padded to the longest and :meth:`ICILSequence.chunks_at` runs the streams once
-        and the queries of every cut of every sample together. Gradients reach the sequence
-        model, the encoders' projections and the proprio projection, not the trunks.
+        and the queries of every cut of every sample together. With ``live_window`` the chunk at
+        cut t comes from the prompt and the live frames t - W + 1 .. t (frame 0 repeated before
+        the episode's start), as at run time: :meth:`ICILSequence.chunks_after_windows`.
+        Gradients reach the sequence model, the encoders' projections and the proprio
+        projection, not the trunks.
         """
         if not samples:
             raise PolicyInputError("compute_loss needs at least one sample")
-        streams, rows, ends, targets = [], [], [], []
+        prefixes, lives, rows, cuts_of, targets = [], [], [], [], []
         for index, sample in enumerate(samples):
             self._check_sample(sample, index)
             parts = [] if self.language_proj is None else [self._language_token(sample.language.float())]
@@ -401,17 +413,35 @@ class ICILPolicy(nn.Module):
             condition = self._summarise(descriptors) if self.film else None
             live = sample.cuts[-1] + 1  # frames after the last cut change no chunk
             pooled = self._pooled(sample.live_features[:live], condition)
-            parts.append(self.sequence.live_tokens(self._tokens(pooled, sample.live_joints[:live]).unsqueeze(0)))
-            streams.append(torch.cat(parts, dim=1)[0])  # (L_b, D)
+            lives.append(self.sequence.live_tokens(self._tokens(pooled, sample.live_joints[:live])))  # (live, D)
+            prefixes.append(torch.cat(parts, dim=1)[0] if parts else lives[-1][:0])  # (P_b, D)
             cuts = torch.tensor(sample.cuts, device=self.device)  # (C_b,)
             rows.append(torch.full_like(cuts, index))
-            ends.append(cuts + 1 + (streams[-1].shape[0] - live))  # stream tokens up to and with the cut's frame
+            cuts_of.append(cuts)
             chunks = self.chunk_targets(sample.live_actions.float(), sample.live_joints.float())[cuts]  # (C_b, A, Da)
             targets.append(self.action_norm.normalize(chunks))
-        tokens = nn.utils.rnn.pad_sequence(streams, batch_first=True)  # (B, max L_b, D)
-        chunks = self.sequence.chunks_at(tokens, torch.cat(rows), torch.cat(ends))  # (sum C_b, A, Da)
+        if self.W:
+            chunks = self._window_chunks(prefixes, lives, rows, cuts_of)
+        else:
+            tokens = nn.utils.rnn.pad_sequence([torch.cat(pair) for pair in zip(prefixes, lives)], batch_first=True)
+            # Stream tokens up to and with each cut's frame.
+            ends = torch.cat([cuts + 1 + prefix.shape[0] for cuts, prefix in zip(cuts_of, prefixes)])
+            chunks = self.sequence.chunks_at(tokens, torch.cat(rows), ends)  # (sum C_b, A, Da)
         loss = F.mse_loss(chunks, torch.cat(targets))
         return loss, {"loss": loss.item(), "chunks": float(chunks.shape[0])}
+
+    def _window_chunks(self, prefixes: list[torch.Tensor], lives: list[torch.Tensor], rows: list[torch.Tensor],
+                       cuts_of: list[torch.Tensor]) -> torch.Tensor:
+        """compute_loss's chunks with ``live_window``: per sample its prefix tokens (P_b, D), live
+        tokens (M_b, D), rows and cuts (C_b,) -> (sum C_b, A, Da)."""
+        if any(prefix.shape[0] == 0 for prefix in prefixes):
+            raise PolicyInputError("live_window training needs a prompt (or an instruction) in every sample")
+        offsets = torch.arange(1 - self.W, 1, device=self.device)  # (W,)
+        windows = torch.cat([live[(cuts.unsqueeze(1) + offsets).clamp(min=0)]  # (C_b, W, D)
+                             for live, cuts in zip(lives, cuts_of)])
+        lengths = torch.tensor([prefix.shape[0] for prefix in prefixes], device=self.device)  # (B,)
+        prefix_tokens = nn.utils.rnn.pad_sequence(prefixes, batch_first=True)  # (B, max P_b, D)
+        return self.sequence.chunks_after_windows(prefix_tokens, lengths, windows, torch.cat(rows))
 
     def _language_token(self, embedding: torch.Tensor) -> torch.Tensor:
         """Instruction embedding (L,) -> its token (1, 1, D) (normalised, then projected)."""
@@ -492,6 +522,16 @@ class ICILPolicy(nn.Module):
             )
 
     # ------------------------------------------------------------------ internals
+
+    def _stream(self) -> StreamState | None:
+        """The state the next chunk is predicted from: the committed stream, or with
+        ``live_window`` the prompt's state extended by the window, padded to W tokens with
+        copies of the episode's first frame (run once per new observation)."""
+        if self.W and self._state is None and self._window:
+            window = [self._window[0]] * (self.W - len(self._window)) + self._window
+            with self._inference():
+                self._state = self.sequence.extend(torch.cat(window, dim=1), self._prompt_state)  # (1, W, D) after
+        return self._state
 
     def _encode(self, observations: Sequence[Observation], condition: torch.Tensor | None = None) -> torch.Tensor:
         """Observation tokens (N, D) of checked observations (live frames: ``condition`` as

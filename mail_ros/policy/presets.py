@@ -170,6 +170,7 @@ def get_icil_preset(name: str, overrides: dict[str, Any] | None = None) -> ICILC
         "language": base["language"],
         "proprio": True,
         "relative_actions": False,
+        "live_window": 0,
     }
     return apply_overrides(data, overrides or {}, ICILConfig)
 
