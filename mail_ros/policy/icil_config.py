@@ -3,8 +3,8 @@
 An :class:`ICILConfig` groups the observation/action contract, the image encoders (the same
 :class:`VisionConfig` as MaIL), the sequence backbone (:class:`BackboneConfig`, decoder layout:
 Mamba or its Transformer twin) and the prompt settings. The policy is streaming: it sees the
-whole episode one observation at a time, so the contract's ``obs_horizon`` must be 1 (there is
-no history window; the recurrent state or K/V cache is the history).
+episode one observation at a time, so the contract's ``obs_horizon`` must be 1 (the recurrent
+state or K/V cache is the history: the whole episode, or the newest ``live_window`` frames).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ as in the demonstrations. Per control step the work is one frame encoding, one c
 and A query tokens from a copy of the state: for Mamba this is the same whatever K and the
 episode length are; the Transformer attends over its whole K/V cache. The prompt state is never
 modified, so :meth:`ICILPolicy.reset` starts the next episode without re-running the prompt.
+With ``live_window`` W the chunk sees only the newest W live observations: each chunk extends a
+copy of the prompt's state by them (W + A tokens, still independent of K; the Transformer
+copies its prompt cache once per chunk to do so).
 The prompt state belongs to the weights, statistics and device it was computed with: set the
 prompt after moving the policy (``.to``) or loading weights (new statistics clear it).
 
