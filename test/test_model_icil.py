@@ -25,6 +25,15 @@ def _prompt(model: ICILSequence, lengths: list[int], batch: int = 1) -> torch.Te
     return torch.cat(demos, dim=1) if demos else torch.zeros(batch, 0, D)
 
 
+def _assert_same_gradients(model: ICILSequence, grads, expected) -> None:
+    """Per parameter: the same gradient, or none where the reference has none."""
+    for name, g, g_ref in zip([n for n, _ in model.named_parameters()], grads, expected):
+        if g_ref is None:
+            assert g is None or not g.any(), name
+        else:
+            torch.testing.assert_close(g, g_ref, atol=5e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=15, deadline=None)
 @given(
@@ -81,11 +90,7 @@ def test_chunks_at_prefixes_equal_streaming_with_gradients(kind, lengths, picks,
     with torch.no_grad():  # inference: the paths that keep only final states must not be taken
         torch.testing.assert_close(model.chunks_at(tokens, rows, ends), streamed, atol=2e-5, rtol=1e-4)
     expected = torch.autograd.grad((weights * streamed).sum(), params, allow_unused=True)
-    for name, g, g_ref in zip([n for n, _ in model.named_parameters()], grads, expected):
-        if g_ref is None:
-            assert g is None or not g.any(), name
-        else:
-            torch.testing.assert_close(g, g_ref, atol=5e-5, rtol=1e-4, msg=name)
+    _assert_same_gradients(model, grads, expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -118,11 +123,7 @@ def test_windows_after_prefixes_equal_streaming_with_gradients(kind, lengths, ro
     full = torch.stack([model(torch.cat([prefixes[r], windows[s]])[None])[0] for s, r in enumerate(rows.tolist())])
     torch.testing.assert_close(batched, full, atol=2e-5, rtol=1e-4)
     expected = torch.autograd.grad((weights * streamed).sum(), params, allow_unused=True)
-    for name, g, g_ref in zip([n for n, _ in model.named_parameters()], grads, expected):
-        if g_ref is None:
-            assert g is None or not g.any(), name
-        else:
-            torch.testing.assert_close(g, g_ref, atol=5e-5, rtol=1e-4, msg=name)
+    _assert_same_gradients(model, grads, expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)
