@@ -529,7 +529,7 @@ class ICILPolicy(nn.Module):
     def _stream(self) -> StreamState | None:
         """The state the next chunk is predicted from: the committed stream, or with
         ``live_window`` the prompt's state extended by the window, padded to W tokens with
-        copies of the episode's first frame (run once per new observation)."""
+        copies of the episode's first frame (run when a chunk is asked for, once per new observation)."""
         if self.W and self._state is None and self._window:
             window = [self._window[0]] * (self.W - len(self._window)) + self._window
             with self._inference():
