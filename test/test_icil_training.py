@@ -173,7 +173,7 @@ def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
     groups = task_groups(episodes)
     sampler = ICILSampler(episodes, features, groups, k_max=3, dilation=2, action_horizon=4, cut_stride=2)
     assert sampler.live == [0, 1, 2, 3, 4]  # episode 5 is shorter than one chunk (it can still prompt)
-    sizes = set()
+    sizes, phases = set(), set()
     for seed in range(30):
         sample = sampler.sample(0, np.random.default_rng(seed))
         sizes.add(len(sample.prompt))
@@ -182,11 +182,32 @@ def test_sampler_draws_prompts_of_other_demonstrations_of_the_same_task():
             source = next(i for i, f in enumerate(features) if np.allclose(f[0], features_k[0].numpy()))
             assert source != 0 and episodes[source].instruction == "a"
             assert len(actions_k) == len(range(0, len(episodes[source]), 2)) + (len(episodes[source]) % 2 == 0)
-        assert sample.cuts == [0, 2, 4] and sample.live_features.shape == (9, 32)
-    assert sizes == {1, 2, 3}
+        assert sample.cuts in ([0, 2, 4], [1, 3, 5]) and sample.live_features.shape == (9, 32)
+        phases.add(sample.cuts[0])
+    assert sizes == {1, 2, 3} and phases == {0, 1}
     same = sampler.sample(3, np.random.default_rng(7)), sampler.sample(3, np.random.default_rng(7))
     assert len(same[0].prompt) == len(same[1].prompt) == 1  # task "b" has one other demonstration
     assert torch.equal(same[0].prompt[0][0], same[1].prompt[0][0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(4, 15), stride=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_sampler_cuts_every_frame_that_starts_a_chunk_over_its_draws(n, stride, seed):
+    # Every frame can be a cut at run time (a chunk is asked for whenever the executor needs one),
+    # so every frame with a whole recorded chunk after it is trained, whatever the stride.
+    policy = _policy()
+    rng = np.random.default_rng(seed)
+    episodes = [_episode(policy, "a", length, rng) for length in (n, 5)]
+    features = [rng.normal(size=(len(e), 32)).astype(np.float32) for e in episodes]
+    sampler = ICILSampler(episodes, features, task_groups(episodes), k_max=1, dilation=1, action_horizon=4, cut_stride=stride)
+    last = n - 4  # the last frame a whole chunk follows
+    covered = set()
+    for draw in range(12 * stride):
+        cuts = sampler.sample(0, rng).cuts
+        assert cuts and 0 <= cuts[0] < stride and cuts[-1] <= last < cuts[-1] + stride
+        assert all(b - a == stride for a, b in zip(cuts, cuts[1:]))
+        covered.update(cuts)
+    assert covered == set(range(last + 1))
 
 
 def test_sampler_takes_each_episode_whole_from_one_view():

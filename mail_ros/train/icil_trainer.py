@@ -18,7 +18,7 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
    (:func:`~mail_ros.data.icil_data.shift_views`), from which samples draw each episode;
 5. each step draws ``train.batch_size`` live episodes, each with a prompt of K ~ U{1 .. k_max}
    other demonstrations of its task (:class:`~mail_ros.data.icil_data.ICILSampler`), and
-   minimises the chunk MSE at every ``data.cut_stride``-th live frame; with ``train.ema`` an
+   minimises the chunk MSE at every ``data.cut_stride``-th live frame (the first one drawn); with ``train.ema`` an
    exponential moving average of the weights is kept beside them (the MaIL trainer's
    :class:`~mail_ros.train.trainer.EMA`) and is what the checkpoint holds.
 
@@ -80,7 +80,7 @@ class ICILDataConfig:
     held_out_tasks: list[str] = field(default_factory=list)  # instructions never trained on
     feature_cache: str | None = DEFAULT_FEATURE_CACHE  # frozen-encoder features; None: in memory only
     embedding_cache: str | None = str(DEFAULT_EMBEDDING_CACHE)  # instruction embeddings (language on)
-    cut_stride: int = 4  # predict a chunk after every cut_stride-th live frame
+    cut_stride: int = 4  # predict a chunk after every cut_stride-th live frame (first cut drawn per sample)
     # Random-shift augmentation on cached features: shift_views more views of every episode, each
     # camera's frames shifted by up to augment_shift pixels (one offset per episode and view, drawn
     # from train.seed), encoded and cached beside the unshifted one; a sample takes each episode
