@@ -349,16 +349,22 @@ def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, 
             torch.testing.assert_close(grad, reference, atol=2e-5, rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("relative", [False, True])
-def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative):
+@pytest.mark.parametrize("relative, language", [(False, False), (True, False), (True, True)])
+def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative, language):
     # With prompt.film, training runs on the trunks' cached maps (FiLM, keypoints and the prompt
     # summary computed in the loss); the robot runs on images. Their chunks must be the same.
     # With relative_actions the loss is on arm offsets from the cut's joints (prompt actions go in
     # as offsets from their own frame's joints), while the runtime returns absolute targets.
-    policy = _policy("icil-tiny-ma", {"prompt.film": True, "relative_actions": relative}).eval()
+    # With language the instruction joins the condition (and starts the stream) in both.
+    overrides = {"prompt.film": True, "relative_actions": relative}
+    if language:
+        overrides.update({"language.encoder": "hash:test", "language.dim": 5})
+    policy = _policy("icil-tiny-ma", overrides).eval()
     rng = np.random.default_rng(11)
+    embedding = rng.normal(size=5) if language else None
     policy.set_normalization(Normalizer.stats_from_data(rng.normal(1.0, 2.0, size=(50, policy.action_dim))),
-                             Normalizer.stats_from_data(rng.normal(-1.0, 0.5, size=(50, policy.joint_dim))))
+                             Normalizer.stats_from_data(rng.normal(-1.0, 0.5, size=(50, policy.joint_dim))),
+                             Normalizer.stats_from_data(rng.normal(size=(50, 5))) if language else None)
     with torch.no_grad():
         for name, parameter in policy.encoder.named_parameters():
             if ".film." in name:
@@ -376,8 +382,9 @@ def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative):
                 for i in range(len(episode.actions))]
 
     cuts = [0, 2, 4]
-    loss, _ = policy.compute_loss([ICILSample([frames(d) for d in demos], *frames(live), cuts=cuts)])
-    policy.set_prompt([Demonstration(observations(d), d.actions) for d in demos])
+    instruction = None if embedding is None else torch.from_numpy(embedding).float()
+    loss, _ = policy.compute_loss([ICILSample([frames(d) for d in demos], *frames(live), cuts=cuts, language=instruction)])
+    policy.set_prompt([Demonstration(observations(d), d.actions) for d in demos], embedding)
     names, joints = policy.config.spec.action.names, list(policy.config.spec.observation.joint_names)
     arm = [(a, joints.index(name)) for a, name in enumerate(names) if relative and name in joints]
     assert len(arm) == (7 if relative else 0)
@@ -399,7 +406,7 @@ def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative):
     policy.freeze_features()
     loss.backward()
     for name, parameter in policy.named_parameters():
-        if name.startswith(("summary.", "sequence.queries")) or ".film." in name or ".pool.keypoints." in name:
+        if name.startswith(("summary.", "sequence.queries", "language_proj.")) or ".film." in name or ".pool.keypoints." in name:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
         if ".trunk." in name:
             assert not parameter.requires_grad and parameter.grad is None, name

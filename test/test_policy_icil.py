@@ -358,6 +358,26 @@ def test_instruction_token_starts_the_stream_when_language_is_on(name):
     assert not np.allclose(policy.predict_chunk(live[0]), first)
 
 
+def test_instruction_joins_the_prompt_summary_in_conditioning_the_live_keypoints():
+    # With prompt.film and language, the live keypoints' condition is the prompt's summary plus
+    # the instruction's token: another instruction with the same demonstrations moves it by
+    # exactly the difference of the two tokens.
+    policy = _policy("icil-tiny-ma", {"prompt.film": True, **LANGUAGE})
+    rng = np.random.default_rng(12)
+    demos, embeddings = [_demo(policy, 4, rng)], rng.normal(size=(2, 6))
+    with torch.no_grad():
+        prompts = [policy.encode_prompt(demos, e) for e in embeddings]
+        tokens = [policy._language_token(torch.from_numpy(e).float()).view(-1) for e in embeddings]
+    torch.testing.assert_close(prompts[0].condition - prompts[1].condition, tokens[0] - tokens[1])
+    torch.testing.assert_close(prompts[0].tokens[:, 1:], prompts[1].tokens[:, 1:])  # the prompt's own tokens
+    live = _frames(policy, 1, rng, t0=40.0)[0]
+    chunks = []
+    for embedding in embeddings:
+        policy.set_prompt(demos, embedding)
+        chunks.append(policy.predict_chunk(live))
+    assert not np.allclose(chunks[0], chunks[1])
+
+
 def test_language_is_ignored_when_off():
     policy = _policy("icil-tiny-ma")
     rng = np.random.default_rng(9)

@@ -60,7 +60,8 @@ class ICILConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     # Optional: the instruction's embedding as one token at the start of the stream, before the
-    # prompt (prompt only when off, the default; prompt and instruction when on).
+    # prompt, and with prompt.film added to the prompt summary that conditions the live keypoints
+    # (prompt only when off, the default; prompt and instruction when on).
     language: LanguageConfig = field(default_factory=LanguageConfig)
     # Joint positions fused into every observation token (prompt and live). On by default: a
     # demonstration's joint trajectory is most of what it tells about the task.

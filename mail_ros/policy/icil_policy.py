@@ -39,8 +39,9 @@ once per dataset and cached) and trains their projections with the sequence mode
 
 With ``prompt.film`` the live frames' keypoints are FiLM-conditioned on a summary of the prompt
 (:class:`~mail_ros.model.icil.PromptSummary` over every prompt frame's keypoints, channel means
-of its trunk maps and action), computed once per prompt like the prefill; prompt frames keep
-unconditioned keypoints. Training then caches the trunks' maps and trains the keypoint layers.
+of its trunk maps and action; with ``language`` plus the instruction's token), computed once per
+prompt like the prefill; prompt frames keep unconditioned keypoints. Training then caches the
+trunks' maps and trains the keypoint layers.
 """
 
 from __future__ import annotations
@@ -292,10 +293,10 @@ class ICILPolicy(nn.Module):
         it can be kept and prefilled again later."""
         demos = [self._check_demonstration(demo, index) for index, demo in enumerate(demonstrations)]
         embedding = check_instruction(instruction_embedding, self.config.language)
-        parts, descriptors, frames = [], [], 0
+        descriptors, frames = [], 0
         with self._inference():
-            if embedding is not None:
-                parts.append(self._language_token(torch.from_numpy(embedding).to(self.device)))
+            language = None if embedding is None else self._language_token(torch.from_numpy(embedding).to(self.device))
+            parts = [] if language is None else [language]
             for observations, actions in demos:
                 kept = dilated_indices(len(observations), self.config.prompt.dilation)
                 frames += len(kept)
@@ -304,7 +305,7 @@ class ICILPolicy(nn.Module):
                     features, joints, torch.from_numpy(actions[kept]).float().to(self.device))
                 parts.append(tokens)
                 descriptors.append(descriptor)
-            condition = self._summarise(descriptors) if self.film else None
+            condition = self._condition(descriptors, language)
         D = self.config.backbone.d_model
         tokens = torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, D, device=self.device)
         return EncodedPrompt(tokens, len(demos), frames, condition)
@@ -407,13 +408,14 @@ class ICILPolicy(nn.Module):
         prefixes, lives, rows, cuts_of, targets = [], [], [], [], []
         for index, sample in enumerate(samples):
             self._check_sample(sample, index)
-            parts = [] if self.language_proj is None else [self._language_token(sample.language.float())]
+            language = None if self.language_proj is None else self._language_token(sample.language.float())
+            parts = [] if language is None else [language]
             descriptors = []
             for features, joints, actions in sample.prompt:
                 tokens, descriptor = self._prompt_part(features, joints, actions)
                 parts.append(tokens)
                 descriptors.append(descriptor)
-            condition = self._summarise(descriptors) if self.film else None
+            condition = self._condition(descriptors, language)
             live = sample.cuts[-1] + 1  # frames after the last cut change no chunk
             pooled = self._pooled(sample.live_features[:live], condition)
             lives.append(self.sequence.live_tokens(self._tokens(pooled, sample.live_joints[:live])))  # (live, D)
@@ -479,11 +481,16 @@ class ICILPolicy(nn.Module):
         means = maps.view(N, len(self.cameras), C, -1).mean(dim=-1).flatten(1)  # (N, cameras * C)
         return torch.cat([pooled, means, actions], dim=-1)
 
-    def _summarise(self, descriptors: list[torch.Tensor]) -> torch.Tensor:
-        """The prompt summary (D,) of the prompt frames' descriptors, one (N_k, I) per demonstration
-        (zeros for an empty prompt)."""
+    def _condition(self, descriptors: list[torch.Tensor], language: torch.Tensor | None) -> torch.Tensor | None:
+        """The condition (D,) of the live keypoints with ``prompt.film`` (None without): the prompt
+        summary of the prompt frames' descriptors, one (N_k, I) per demonstration (zeros for an
+        empty prompt), plus with ``language`` the instruction's token (1, 1, D), so that the
+        instruction conditions the keypoints as MaIL's FiLM does."""
+        if not self.film:
+            return None
         width = self.summary.key.in_features
-        return self.summary(torch.cat(descriptors) if descriptors else torch.zeros(0, width, device=self.device))
+        summary = self.summary(torch.cat(descriptors) if descriptors else torch.zeros(0, width, device=self.device))
+        return summary if language is None else summary + language.view(-1)
 
     def _live_condition(self) -> torch.Tensor | None:
         """The condition of live frames' keypoints: the prompt's summary (that of an empty prompt,
