@@ -7,7 +7,8 @@ actions, one per step (clipped to the executor's margined joint limits and gripp
 trajectory points 0.1 s apart, straight to the simulated controller. No DDS, no latency, no
 ensembling, no ramps: what fails here is the policy's own doing, what succeeds here and fails in
 ``mail-ros demo`` is the runtime's. Works for MaIL checkpoints (taught by the instruction) and
-ICIL ones (taught by ``--k`` demonstrations of each instruction in ``--prompt-file``).
+ICIL ones (taught by ``--k`` demonstrations of each instruction in ``--prompt-file``, and by the
+instruction too where the checkpoint has ``language`` on).
 
 Per episode: the judge's verdict and, at the hand's lowest point, its horizontal distance to each
 cube (a reach that ends between cubes shows an averaged target, one at another cube a wrong task).
@@ -69,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, CollectError, DataError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    if not icil:
+    text_encoder = None
+    if policy.config.language.enabled:  # MaIL, or ICIL with the instruction beside the prompt
         from mail_ros.language.encoders import load_text_encoder
 
-        text_encoder = load_text_encoder(policy.config.language.encoder) if policy.config.language.enabled else None
+        text_encoder = load_text_encoder(policy.config.language.encoder)
     safety = SafetyFilter(SafetyConfig())
     low, high = safety.limits.position_min, safety.limits.position_max
     sim = FrankaSim(SimConfig(cameras=tuple(spec.cameras)))
@@ -80,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     successes = {}
     for index, task in enumerate(tasks):
         instruction = task.instruction
-        if not icil:
-            embedding = text_encoder.encode([instruction])[0] if text_encoder is not None else None
+        embedding = text_encoder.encode([instruction])[0] if text_encoder is not None else None
         budget = args.pick_steps if task.skill == "pick" else args.stack_steps
         successes[instruction] = 0
         for episode in range(args.episodes):
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             sim.reset(seed)
             state = observe(sim)
             if icil:
-                policy.set_prompt(prompts[instruction])
+                policy.set_prompt(prompts[instruction], embedding)
             else:
                 policy.reset(seed)
             history, chunk, lowest = [], None, (np.inf, {})
