@@ -54,3 +54,19 @@ def test_an_icil_policy_is_taught_by_its_prompt_file(script, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pick up the red cube                 seed 100000: fail (not grasped: " in out
     assert "after 5 steps" in out and out.rstrip().endswith("0/1")
+
+
+def test_an_icil_policy_with_language_is_given_the_instruction_beside_its_prompt(script, tmp_path, capsys):
+    data = write_demos(tmp_path / "demos.hdf5", {"pick up the red cube": 0, "pick up the green cube": 1}, per_task=2)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("preset: icil-tiny-ma\n"
+                      "policy: {prompt.k_max: 1, prompt.film: true, language.encoder: 'minilm:all-MiniLM-L6-v2', language.dim: 384}\n"
+                      f"data: {{feature_cache: {tmp_path / 'features'}, embedding_cache: {tmp_path / 'embeddings'}, "
+                      "cut_stride: 2}\ntrain: {steps: 2, batch_size: 2, device: cpu}\n")
+    train_icil(load_icil_run_config(config), [str(data)], tmp_path / "run")
+    # Without the instruction the policy refuses the prompt; the script gives it the instruction.
+    assert script.main(["--checkpoint", str(tmp_path / "run" / "last"), "--prompt-file", str(data), "--k", "1",
+                        "--episodes", "1", "--pick-steps", "3", "pick up the green cube"]) == 0
+    out = capsys.readouterr().out
+    assert "pick up the green cube               seed 100000: fail (not grasped: " in out
+    assert "after 3 steps" in out and out.rstrip().endswith("0/1")
