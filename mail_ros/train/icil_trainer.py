@@ -18,9 +18,9 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
    (:func:`~mail_ros.data.icil_data.shift_views`), from which samples draw each episode;
 5. each step draws ``train.batch_size`` live episodes, each with a prompt of K ~ U{1 .. k_max}
    other demonstrations of its task (:class:`~mail_ros.data.icil_data.ICILSampler`), and
-   minimises the chunk MSE at every ``data.cut_stride``-th live frame (the first one drawn); with ``train.ema`` an
-   exponential moving average of the weights is kept beside them (the MaIL trainer's
-   :class:`~mail_ros.train.trainer.EMA`) and is what the checkpoint holds.
+   minimises the chunk MSE at every ``data.cut_stride``-th live frame (the first one drawn);
+   with ``train.ema`` an exponential moving average of the weights is kept beside them (the
+   MaIL trainer's :class:`~mail_ros.train.trainer.EMA`) and is what the checkpoint holds.
 
 The run folder holds ``last/`` (the checkpoint, ``policy_type`` "icil", with the held-out and
 trained task names in its ``extra``, and the resume state (the raw weights and the Adam state) of the MaIL trainer's format:
