@@ -202,7 +202,7 @@ def test_sampler_cuts_every_frame_that_starts_a_chunk_over_its_draws(n, stride, 
     sampler = ICILSampler(episodes, features, task_groups(episodes), k_max=1, dilation=1, action_horizon=4, cut_stride=stride)
     last = n - 4  # the last frame a whole chunk follows
     covered = set()
-    for draw in range(12 * stride):
+    for _ in range(12 * stride):
         cuts = sampler.sample(0, rng).cuts
         assert cuts and 0 <= cuts[0] < stride and cuts[-1] <= last < cuts[-1] + stride
         assert all(b - a == stride for a, b in zip(cuts, cuts[1:]))
