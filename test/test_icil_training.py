@@ -349,14 +349,17 @@ def test_batched_loss_and_gradients_equal_the_streaming_runtime(name, language, 
             torch.testing.assert_close(grad, reference, atol=2e-5, rtol=1e-4, msg=n)
 
 
-@pytest.mark.parametrize("relative, language", [(False, False), (True, False), (True, True)])
-def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative, language):
+@pytest.mark.parametrize("relative, language, summary", [
+    (False, False, {}), (True, False, {}), (True, True, {}),
+    (True, False, {"prompt.summary_heads": 2, "prompt.summary_hidden": 8})])
+def test_prompt_film_loss_on_cached_maps_is_the_runtime_on_images(relative, language, summary):
     # With prompt.film, training runs on the trunks' cached maps (FiLM, keypoints and the prompt
     # summary computed in the loss); the robot runs on images. Their chunks must be the same.
     # With relative_actions the loss is on arm offsets from the cut's joints (prompt actions go in
     # as offsets from their own frame's joints), while the runtime returns absolute targets.
-    # With language the instruction joins the condition (and starts the stream) in both.
-    overrides = {"prompt.film": True, "relative_actions": relative}
+    # With language the instruction joins the condition (and starts the stream) in both; the
+    # summary in its single-query linear form or with heads and an MLP value.
+    overrides = {"prompt.film": True, "relative_actions": relative, **summary}
     if language:
         overrides.update({"language.encoder": "hash:test", "language.dim": 5})
     policy = _policy("icil-tiny-ma", overrides).eval()

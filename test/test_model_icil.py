@@ -1,6 +1,8 @@
 """ICIL sequence model: streaming (prefill, one commit per step, uncommitted queries) equals the
 full-sequence computation, for Mamba and its Transformer twin; state size flat for Mamba."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -226,17 +228,41 @@ def test_transformer_training_path_matches_the_buffer_path():
     assert model.queries.grad is not None
 
 
-@settings(max_examples=20, deadline=None)
-@given(frames=st.integers(1, 12), seed=st.integers(0, 2**16))
-def test_prompt_summary_pools_the_frames_whatever_their_order(frames, seed):
+@settings(max_examples=30, deadline=None)
+@given(frames=st.integers(1, 12), heads=st.sampled_from([1, 2, 4]), hidden=st.sampled_from([0, 6]),
+       seed=st.integers(0, 2**16))
+def test_prompt_summary_pools_the_frames_whatever_their_order(frames, heads, hidden, seed):
     g = torch.Generator().manual_seed(seed)
-    summary = PromptSummary(5, 8)
+    torch.manual_seed(seed)
+    summary = PromptSummary(5, 8, heads, hidden)
     with torch.no_grad():
         summary.query.normal_(generator=g)
         x = torch.randn(frames, 5, generator=g)
         out = summary(x)
         torch.testing.assert_close(summary(x[torch.randperm(frames, generator=g)]), out, atol=1e-6, rtol=1e-5)
-        # An attention-weighted mean of the frames' values: inside their per-channel range.
+        # Each head's channels are an attention-weighted mean of the frames' values: inside their
+        # per-channel range.
         values = summary.value(x)
         assert (out >= values.min(dim=0).values - 1e-5).all() and (out <= values.max(dim=0).values + 1e-5).all()
         assert torch.equal(summary(torch.zeros(0, 5)), torch.zeros(8))  # an empty prompt
+        if heads == 1 and hidden == 0:  # the single-query form of checkpoints before heads
+            weights = (summary.key(x) @ summary.query / math.sqrt(8)).softmax(dim=0)
+            torch.testing.assert_close(out, weights @ values, atol=1e-6, rtol=1e-5)
+
+
+def test_prompt_summary_heads_weigh_the_frames_each_by_their_own_query():
+    # Two heads: the first head's query picks frame 0, the second's frame 1 (keys = the frames).
+    summary = PromptSummary(2, 2, heads=2)
+    with torch.no_grad():
+        summary.key.weight.copy_(torch.eye(2))
+        summary.key.bias.zero_()
+        summary.value.weight.copy_(torch.eye(2))
+        summary.value.bias.zero_()
+        summary.query.copy_(torch.tensor([50.0, 50.0]))
+        frames = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+        out = summary(frames)
+    # Head 0 reads channel 0 of the frame whose key channel 0 is high (frame 0), head 1 channel 1
+    # of frame 1: both 1. One query over both channels scores the two frames alike and gives 0, 0.
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.0]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="divisible"):
+        PromptSummary(2, 6, heads=4)

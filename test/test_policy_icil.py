@@ -260,10 +260,11 @@ def test_dilated_indices_keep_the_first_every_dth_and_the_last():
 
 
 @pytest.mark.parametrize("name", list_icil_presets())
-@pytest.mark.parametrize("film", [False, True])
-def test_presets_round_trip_through_json_and_safetensors(name, film, tmp_path):
-    config = get_icil_preset(name, {"prompt.film": film})
-    assert ICILConfig.from_dict(config.to_dict()) == config and config.prompt.film == film
+@pytest.mark.parametrize("prompt", [{"prompt.film": False}, {"prompt.film": True},
+                                    {"prompt.film": True, "prompt.summary_heads": 2, "prompt.summary_hidden": 8}])
+def test_presets_round_trip_through_json_and_safetensors(name, prompt, tmp_path):
+    config = get_icil_preset(name, prompt)
+    assert ICILConfig.from_dict(config.to_dict()) == config and config.prompt.film == prompt["prompt.film"]
     with_language = get_icil_preset(name, LANGUAGE)
     assert ICILConfig.from_dict(with_language.to_dict()) == with_language and with_language.language.enabled
     torch.manual_seed(0)
@@ -291,6 +292,8 @@ def test_twins_have_about_the_same_sequence_size():
         ({"prompt.dilation": 0}, "prompt.dilation"),
         ({"prompt.k_max": 2.0}, "prompt.k_max"),
         ({"prompt.film": "yes"}, "prompt.film"),
+        ({"prompt.film": True, "prompt.summary_heads": 3}, "summary_heads \\(3\\) must divide"),
+        ({"prompt.summary_hidden": 8}, "need prompt.film"),
     ],
 )
 def test_bad_configs_are_refused(overrides, message):

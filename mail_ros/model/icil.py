@@ -318,23 +318,34 @@ class ICILSequence(nn.Module):
 
 
 class PromptSummary(nn.Module):
-    """All frames of a prompt -> one conditioning vector, by attention pooling with a learned query.
+    """All frames of a prompt -> one conditioning vector, by attention pooling with learned queries.
 
-    (N, I) frame descriptors of every demonstration together -> (D,):
-    score_n = q . W_k x_n / sqrt(D), summary = sum_n softmax(score)_n W_v x_n. The weights let
-    the frames that tell the task (the grasp, the cube carried) outweigh the rest, whatever K
-    and the demonstrations' lengths; an empty prompt (N = 0) summarises to zeros.
+    (N, I) frame descriptors of every demonstration together -> (D,), in H heads of d = D / H
+    channels: score_nh = q_h . k_nh / sqrt(d) with k_n = W_k x_n, and head h of the summary is
+    sum_n softmax_n(score)_nh v_nh, v_n = value(x_n). The weights let the frames that tell the
+    task (the grasp, the cube carried) outweigh the rest, whatever K and the demonstrations'
+    lengths; several heads can each pick other frames (where the cube is taken, where it is put
+    down). ``value`` is linear (``hidden`` = 0) or a one-hidden-layer MLP, which can read a
+    relation in one frame (which cube is under the hand) that a linear value cannot. An empty
+    prompt (N = 0) summarises to zeros.
     """
 
-    def __init__(self, in_dim: int, d_model: int) -> None:
+    def __init__(self, in_dim: int, d_model: int, heads: int = 1, hidden: int = 0) -> None:
         super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not divisible by {heads} summary heads")
+        self.heads = heads
         self.key = nn.Linear(in_dim, d_model)
-        self.value = nn.Linear(in_dim, d_model)
-        self.query = nn.Parameter(0.02 * torch.randn(d_model))
+        self.value = (nn.Linear(in_dim, d_model) if hidden == 0 else
+                      nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, d_model)))
+        self.query = nn.Parameter(0.02 * torch.randn(d_model))  # the H queries (H, d), flattened
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        D = self.query.shape[0]
+        D, H = self.query.shape[0], self.heads
         if frames.shape[0] == 0:
             return frames.new_zeros(D)
-        scores = self.key(frames) @ self.query / math.sqrt(D)  # (N,)
-        return scores.softmax(dim=0) @ self.value(frames)  # (D,)
+        N = frames.shape[0]
+        keys = self.key(frames).view(N, H, D // H)  # (N, H, d)
+        scores = (keys * self.query.view(H, D // H)).sum(dim=-1) / math.sqrt(D // H)  # (N, H)
+        values = self.value(frames).view(N, H, D // H)  # (N, H, d)
+        return torch.einsum("nh,nhd->hd", scores.softmax(dim=0), values).reshape(D)  # (D,)

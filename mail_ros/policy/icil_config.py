@@ -44,11 +44,19 @@ class PromptConfig:
     # moves. Training then caches the trunks' maps instead of keypoints and trains the keypoint
     # layers, the FiLM layers and the summary.
     film: bool = False
+    # The prompt summary (model/icil.py PromptSummary, with film): attention heads, and the
+    # hidden width of its per-frame value (0: linear).
+    summary_heads: int = 1
+    summary_hidden: int = 0
 
     def __post_init__(self) -> None:
         check_int(self.k_max, "prompt.k_max", 1)
         check_int(self.dilation, "prompt.dilation", 1)
         check_bool(self.film, "prompt.film")
+        check_int(self.summary_heads, "prompt.summary_heads", 1)
+        check_int(self.summary_hidden, "prompt.summary_hidden", 0)
+        check(self.film or (self.summary_heads == 1 and self.summary_hidden == 0),
+              "prompt.summary_heads and prompt.summary_hidden need prompt.film (the summary)")
 
 
 @dataclass
@@ -92,6 +100,9 @@ class ICILConfig:
             "spec.observation.obs_horizon must be 1 for an ICIL policy: it streams one observation per step "
             f"and its recurrent state is the history, got {self.spec.observation.obs_horizon}",
         )
+        check(self.backbone.d_model % self.prompt.summary_heads == 0,
+              f"prompt.summary_heads ({self.prompt.summary_heads}) must divide backbone.d_model "
+              f"({self.backbone.d_model})")
         check(not self.vision.film, "vision.film is not supported by ICIL policies (prompt frames are encoded "
               "without the instruction)")
 

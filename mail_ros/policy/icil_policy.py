@@ -151,7 +151,8 @@ class ICILPolicy(nn.Module):
         self.encoder = build_encoder(observation.cameras, D, config.vision, film_dim=D if self.film else 0)
         self.map_shape = self.encoder.map_shape(observation.image_size)  # (C, h, w) of one camera's trunk map
         summary_dim = self.encoder.pooled_dim + len(self.cameras) * self.map_shape[0] + self.action_dim
-        self.summary = PromptSummary(summary_dim, D) if self.film else None
+        self.summary = (PromptSummary(summary_dim, D, config.prompt.summary_heads, config.prompt.summary_hidden)
+                        if self.film else None)
         self.proprio_proj = nn.Linear(self.joint_dim, D) if config.proprio else None
         self.sequence = ICILSequence(
             backbone.kind,
