@@ -424,6 +424,81 @@ def test_live_window_training_needs_something_before_the_window():
     assert metrics["chunks"] == 2 and torch.isfinite(loss)
 
 
+def _agreement_samples(policy: ICILPolicy, tasks: list[str], seed: int) -> list[ICILSample]:
+    """One sample per entry of ``tasks``: a 2-frame prompt, a live episode of A + 3 frames."""
+    g = torch.Generator().manual_seed(seed)
+    F, J, Da, A = policy.feature_dim, policy.joint_dim, policy.action_dim, policy.A
+
+    def frames(n):
+        return torch.randn(n, F, generator=g), torch.randn(n, J, generator=g), torch.randn(n, Da, generator=g)
+
+    return [ICILSample([frames(2)], *frames(A + 3), cuts=[0, 3], task=task) for task in tasks]
+
+
+def test_task_agreement_loss_adds_to_the_chunk_loss_and_needs_other_tasks_and_labels():
+    policy = _policy(overrides={"prompt.film": True, "prompt.agreement": 0.5})
+    samples = _agreement_samples(policy, ["a", "b", "a", "c"], seed=0)
+    loss, metrics = policy.compute_loss(samples)
+    assert metrics["agreement"] > 0
+    assert loss.item() == pytest.approx(metrics["chunk_loss"] + 0.5 * metrics["agreement"], rel=1e-6)
+    # The agreement term trains the summary and the keypoint layers it reads (prompt frames and the
+    # live episode read as a prompt).
+    (0.5 * policy._agreement_loss(samples, [policy._summary([policy._prompt_descriptors(*s.prompt[0])]) for s in samples])
+     ).backward()
+    for name, parameter in policy.named_parameters():
+        if name.startswith("summary.") or ".pool.keypoints." in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        if name.startswith("sequence."):
+            assert parameter.grad is None, name
+    # Without a sample of another task there is nothing to tell apart: no agreement loss.
+    _, metrics = policy.compute_loss(_agreement_samples(policy, ["a", "a"], seed=1))
+    assert metrics["agreement"] == 0.0
+    with pytest.raises(PolicyInputError, match="task of every sample"):
+        policy.compute_loss(_agreement_samples(policy, ["a", ""], seed=2))
+    # Off (the default): the chunk loss alone, no task needed.
+    plain = _policy(overrides={"prompt.film": True})
+    loss, metrics = plain.compute_loss(_agreement_samples(plain, ["", ""], seed=3))
+    assert "agreement" not in metrics and loss.item() == pytest.approx(metrics["chunk_loss"], rel=1e-6)
+
+
+def test_task_agreement_training_makes_a_tasks_prompts_agree(tmp_path):
+    # Three tasks told apart by their actions only; training the agreement loss alone (the chunk
+    # loss's weight made negligible by a large agreement weight) must make each prompt's summary
+    # closest to the summaries of its own task's episodes.
+    policy = _policy(overrides={"prompt.film": True, "prompt.agreement": 100.0,
+                                "prompt.summary_heads": 2, "prompt.summary_hidden": 16})
+    rng = np.random.default_rng(6)
+    targets = {task: rng.normal(size=policy.action_dim) for task in ("a", "b", "c")}
+    episodes = [_episode(policy, task, 6, rng, targets[task]) for task in targets for _ in range(3)]
+    policy.set_normalization(Normalizer.stats_from_data(np.concatenate([e.actions for e in episodes])),
+                             Normalizer.stats_from_data(np.concatenate([e.joint_positions for e in episodes])))
+    features = FrameFeatureCache(tmp_path).features(episodes, _encode(policy), feature_digest(policy))
+    sampler = ICILSampler(episodes, features, task_groups(episodes), k_max=2, dilation=1, action_horizon=policy.A)
+    assert {sampler.sample(i, rng).task for i in sampler.live} == {"a", "b", "c"}
+    optimizer = torch.optim.Adam([p for n, p in policy.named_parameters() if not n.startswith("encoder.")], lr=3e-3)
+    policy.train()
+    agreement = []
+    for step in range(40):
+        step_rng = np.random.default_rng([6, step])
+        loss, metrics = policy.compute_loss([sampler.sample(int(i), step_rng) for i in step_rng.choice(sampler.live, 6)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        agreement.append(metrics["agreement"])
+    assert np.mean(agreement[-5:]) < 0.5 * np.mean(agreement[:5]), agreement
+    policy.eval()
+    with torch.no_grad():
+        samples = [sampler.sample(i, np.random.default_rng(i)) for i in sampler.live]
+        prompts = torch.stack([policy._summary([policy._prompt_descriptors(*p) for p in s.prompt]) for s in samples])
+        lives = torch.stack([policy.summary(policy._prompt_descriptors(s.live_features, s.live_joints, s.live_actions))
+                             for s in samples])
+        similarity = torch.nn.functional.normalize(prompts, dim=-1) @ torch.nn.functional.normalize(lives, dim=-1).T
+    tasks = [s.task for s in samples]
+    for i, task in enumerate(tasks):
+        nearest = int(similarity[i].argmax())
+        assert tasks[nearest] == task, (i, tasks, similarity)
+
+
 def test_bad_samples_are_refused():
     policy = _policy()
     f, j, a = torch.zeros(6, 32), torch.zeros(6, policy.joint_dim), torch.zeros(6, policy.action_dim)

@@ -294,6 +294,7 @@ def test_twins_have_about_the_same_sequence_size():
         ({"prompt.film": "yes"}, "prompt.film"),
         ({"prompt.film": True, "prompt.summary_heads": 3}, "summary_heads \\(3\\) must divide"),
         ({"prompt.summary_hidden": 8}, "need prompt.film"),
+        ({"prompt.film": True, "prompt.agreement": -0.1}, "prompt.agreement must be >= 0"),
     ],
 )
 def test_bad_configs_are_refused(overrides, message):

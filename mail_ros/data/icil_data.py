@@ -247,7 +247,7 @@ class ICILSampler:
         language = None
         if self.embeddings is not None:
             language = torch.from_numpy(np.asarray(self.embeddings[self.task_of[live]], dtype=np.float32)).to(device)
-        return ICILSample(prompt, features, joints, actions, cuts, language)
+        return ICILSample(prompt, features, joints, actions, cuts, language, task=self.task_of[live])
 
     def _frames(self, index: int, kept: list[int], device, rng: np.random.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

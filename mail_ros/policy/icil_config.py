@@ -18,6 +18,7 @@ from mail_ros.policy.config import (
     VisionConfig,
     check,
     check_bool,
+    check_float,
     check_groups,
     check_int,
     check_relative_actions,
@@ -48,6 +49,11 @@ class PromptConfig:
     # hidden width of its per-frame value (0: linear).
     summary_heads: int = 1
     summary_hidden: int = 0
+    # Training only, with film: weight of the task-agreement loss, a contrastive loss that makes
+    # the summary of a sample's prompt closer to the summary of its live episode (read as a
+    # prompt: another demonstration of the same task) than to those of the batch's episodes of
+    # other tasks. 0: the chunk loss alone.
+    agreement: float = 0.0
 
     def __post_init__(self) -> None:
         check_int(self.k_max, "prompt.k_max", 1)
@@ -55,8 +61,10 @@ class PromptConfig:
         check_bool(self.film, "prompt.film")
         check_int(self.summary_heads, "prompt.summary_heads", 1)
         check_int(self.summary_hidden, "prompt.summary_hidden", 0)
-        check(self.film or (self.summary_heads == 1 and self.summary_hidden == 0),
-              "prompt.summary_heads and prompt.summary_hidden need prompt.film (the summary)")
+        check_float(self.agreement, "prompt.agreement")
+        check(self.agreement >= 0.0, f"prompt.agreement must be >= 0, got {self.agreement!r}")
+        check(self.film or (self.summary_heads == 1 and self.summary_hidden == 0 and self.agreement == 0.0),
+              "prompt.summary_heads, prompt.summary_hidden and prompt.agreement need prompt.film (the summary)")
 
 
 @dataclass

@@ -41,7 +41,8 @@ With ``prompt.film`` the live frames' keypoints are FiLM-conditioned on a summar
 (:class:`~mail_ros.model.icil.PromptSummary` over every prompt frame's keypoints, channel means
 of its trunk maps and action; with ``language`` plus the instruction's token), computed once per
 prompt like the prefill; prompt frames keep unconditioned keypoints. Training then caches the
-trunks' maps and trains the keypoint layers.
+trunks' maps and trains the keypoint layers; with ``prompt.agreement`` it also trains the
+summary to tell the tasks apart directly (:meth:`ICILPolicy._agreement_loss`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ __all__ = ["ICILPolicy", "Demonstration", "EncodedPrompt", "ICILSample", "Prompt
 # Prompt frames are encoded in batches of this many, bounding the encoders' activation memory
 # for prompts of thousands of frames.
 ENCODE_BATCH = 256
+# Temperature of the task-agreement loss (prompt.agreement): the cosine similarities of the
+# summaries are divided by it before the softmax over the batch.
+AGREEMENT_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -124,6 +128,7 @@ class ICILSample:
     live_actions: torch.Tensor
     cuts: list[int]
     language: torch.Tensor | None = None  # (language_dim,) instruction embedding, with language on
+    task: str = ""  # the live episode's task (its prompt's): the task-agreement loss's label
 
 
 def dilated_indices(length: int, dilation: int) -> list[int]:
@@ -306,7 +311,7 @@ class ICILPolicy(nn.Module):
                     features, joints, torch.from_numpy(actions[kept]).float().to(self.device))
                 parts.append(tokens)
                 descriptors.append(descriptor)
-            condition = self._condition(descriptors, language)
+            condition = self._condition(self._summary(descriptors), language)
         D = self.config.backbone.d_model
         tokens = torch.cat(parts, dim=1) if parts else torch.zeros(1, 0, D, device=self.device)
         return EncodedPrompt(tokens, len(demos), frames, condition)
@@ -392,7 +397,8 @@ class ICILPolicy(nn.Module):
             module.requires_grad_(False)
 
     def compute_loss(self, samples: Sequence[ICILSample]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean MSE of the normalised chunks at every cut of every sample (the live part only).
+        """Mean MSE of the normalised chunks at every cut of every sample (the live part only), plus
+        with ``prompt.agreement`` that weight times :meth:`_agreement_loss`.
 
         The chunks are those the runtime computes (the prompt prefilled, the live frames
         committed up to the cut, the queries run from there), computed in one batch: each
@@ -406,7 +412,7 @@ class ICILPolicy(nn.Module):
         """
         if not samples:
             raise PolicyInputError("compute_loss needs at least one sample")
-        prefixes, lives, rows, cuts_of, targets = [], [], [], [], []
+        prefixes, lives, rows, cuts_of, targets, summaries = [], [], [], [], [], []
         for index, sample in enumerate(samples):
             self._check_sample(sample, index)
             language = None if self.language_proj is None else self._language_token(sample.language.float())
@@ -416,7 +422,8 @@ class ICILPolicy(nn.Module):
                 tokens, descriptor = self._prompt_part(features, joints, actions)
                 parts.append(tokens)
                 descriptors.append(descriptor)
-            condition = self._condition(descriptors, language)
+            summaries.append(self._summary(descriptors))
+            condition = self._condition(summaries[-1], language)
             live = sample.cuts[-1] + 1  # frames after the last cut change no chunk
             pooled = self._pooled(sample.live_features[:live], condition)
             lives.append(self.sequence.live_tokens(self._tokens(pooled, sample.live_joints[:live])))  # (live, D)
@@ -434,7 +441,37 @@ class ICILPolicy(nn.Module):
             ends = torch.cat([cuts + 1 + prefix.shape[0] for cuts, prefix in zip(cuts_of, prefixes)])
             chunks = self.sequence.chunks_at(tokens, torch.cat(rows), ends)  # (sum C_b, A, Da)
         loss = F.mse_loss(chunks, torch.cat(targets))
-        return loss, {"loss": loss.item(), "chunks": float(chunks.shape[0])}
+        info = {"chunk_loss": loss.item(), "chunks": float(chunks.shape[0])}
+        if self.config.prompt.agreement > 0:
+            agreement = self._agreement_loss(samples, summaries)
+            loss = loss + self.config.prompt.agreement * agreement
+            info["agreement"] = agreement.item()
+        return loss, {"loss": loss.item(), **info}
+
+    def _agreement_loss(self, samples: Sequence[ICILSample], summaries: list[torch.Tensor]) -> torch.Tensor:
+        """The task-agreement loss: each sample's live episode, read as a prompt (dilated, its
+        descriptors unconditioned, as a prompt demonstration's), is summarised too; with cosine
+        similarities s_ij of prompt summary i and live summary j over temperature, the loss is the
+        symmetric cross-entropy that picks j = i among the batch's samples of other tasks
+        (same-task pairs j != i are left out: they are not negatives). Summaries of one task then
+        agree and those of others differ: the prompt's reading of the task is trained directly,
+        not only through the chunks it conditions."""
+        if any(not sample.task for sample in samples):
+            raise PolicyInputError("prompt.agreement needs the task of every sample (ICILSample.task)")
+        lives = []
+        for sample in samples:
+            kept = dilated_indices(len(sample.live_features), self.config.prompt.dilation)
+            descriptor = self._prompt_descriptors(sample.live_features[kept], sample.live_joints[kept],
+                                                  sample.live_actions[kept])
+            lives.append(self.summary(descriptor))
+        prompts = F.normalize(torch.stack(summaries), dim=-1)  # (B, D)
+        lives = F.normalize(torch.stack(lives), dim=-1)  # (B, D)
+        logits = prompts @ lives.T / AGREEMENT_TEMPERATURE  # (B, B)
+        tasks = [sample.task for sample in samples]
+        same = torch.tensor([[a == b for b in tasks] for a in tasks], device=self.device)
+        logits = logits.masked_fill(same & ~torch.eye(len(tasks), dtype=torch.bool, device=self.device), -math.inf)
+        target = torch.arange(len(tasks), device=self.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
     def _window_chunks(self, prefixes: list[torch.Tensor], lives: list[torch.Tensor], rows: list[torch.Tensor],
                        cuts_of: list[torch.Tensor]) -> torch.Tensor:
@@ -459,12 +496,21 @@ class ICILPolicy(nn.Module):
         units -> its tokens (1, 2N + 1, D) and what the prompt summary reads of its frames (N, I)
         (None without ``prompt.film``). Prompt frames are encoded unconditioned."""
         pooled = self._pooled(features)  # (N, P)
-        # Prompt actions are network inputs: in the network's frame (action i from joints i), then
-        # normalize_input, like the joints.
-        actions = self.action_frame.to_network(actions.unsqueeze(1), joints.float()).squeeze(1)  # (N, Da)
-        normalized = self.action_norm.normalize_input(actions)  # (N, Da)
+        normalized = self._prompt_actions(actions, joints)  # (N, Da)
         tokens = self.sequence.demo_tokens(self._tokens(pooled, joints).unsqueeze(0), normalized.unsqueeze(0))
         return tokens, self._descriptors(features, pooled, normalized) if self.film else None
+
+    def _prompt_actions(self, actions: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """A prompt demonstration's actions (N, Da) and joints (N, J) in robot units -> the actions as
+        network inputs (N, Da): in the network's frame (action i from joints i), then normalize_input,
+        like the joints."""
+        actions = self.action_frame.to_network(actions.unsqueeze(1), joints.float()).squeeze(1)  # (N, Da)
+        return self.action_norm.normalize_input(actions)
+
+    def _prompt_descriptors(self, features: torch.Tensor, joints: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """What the prompt summary reads of a demonstration's frames (features (N, F), joints (N, J),
+        actions (N, Da) in robot units), as :meth:`_prompt_part` gives it: (N, I)."""
+        return self._descriptors(features, self._pooled(features), self._prompt_actions(actions, joints))
 
     def _pooled(self, features: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Frame features (N, F) -> keypoints (N, P): the features themselves, or with ``prompt.film``
@@ -482,15 +528,20 @@ class ICILPolicy(nn.Module):
         means = maps.view(N, len(self.cameras), C, -1).mean(dim=-1).flatten(1)  # (N, cameras * C)
         return torch.cat([pooled, means, actions], dim=-1)
 
-    def _condition(self, descriptors: list[torch.Tensor], language: torch.Tensor | None) -> torch.Tensor | None:
-        """The condition (D,) of the live keypoints with ``prompt.film`` (None without): the prompt
-        summary of the prompt frames' descriptors, one (N_k, I) per demonstration (zeros for an
-        empty prompt), plus with ``language`` the instruction's token (1, 1, D), so that the
-        instruction conditions the keypoints as MaIL's FiLM does."""
+    def _summary(self, descriptors: list[torch.Tensor]) -> torch.Tensor | None:
+        """The prompt summary (D,) of the prompt frames' descriptors, one (N_k, I) per demonstration
+        (zeros for an empty prompt); None without ``prompt.film``."""
         if not self.film:
             return None
         width = self.summary.key.in_features
-        summary = self.summary(torch.cat(descriptors) if descriptors else torch.zeros(0, width, device=self.device))
+        return self.summary(torch.cat(descriptors) if descriptors else torch.zeros(0, width, device=self.device))
+
+    def _condition(self, summary: torch.Tensor | None, language: torch.Tensor | None) -> torch.Tensor | None:
+        """The condition (D,) of the live keypoints with ``prompt.film`` (None without): the prompt's
+        :meth:`_summary`, plus with ``language`` the instruction's token (1, 1, D), so that the
+        instruction conditions the keypoints as MaIL's FiLM does."""
+        if summary is None:
+            return None
         return summary if language is None else summary + language.view(-1)
 
     def _live_condition(self) -> torch.Tensor | None:

@@ -345,7 +345,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
                     seconds = seconds_before + time.perf_counter() - started
                     writer.writerow([step, f"{last:.6f}", int(info["chunks"]), f"{seconds:.1f}"])
                     stream.flush()
-                    log.info("step %d/%d loss %.4f (%.1f s)", step, cfg.steps, last, seconds)
+                    agreement = f" (task agreement {info['agreement']:.4f})" if "agreement" in info else ""
+                    log.info("step %d/%d loss %.4f%s (%.1f s)", step, cfg.steps, last, agreement, seconds)
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     save(step)
                 for callback in callbacks:
