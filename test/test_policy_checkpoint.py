@@ -410,10 +410,13 @@ def test_icil_round_trip_gives_identical_streaming_predictions(preset, tmp_path)
 def test_icil_config_json_names_the_policy_type_and_describes_it(saved_icil, tmp_path):
     policy, path = saved_icil
     data = read_checkpoint_config(path)
-    assert data["policy_type"] == "icil" and data["policy"]["prompt"] == {"k_max": 4, "dilation": 2, "film": False}
-    # Saved before prompt.film existed: the key is absent, and the policy is the unconditioned one.
+    assert data["policy_type"] == "icil" and data["policy"]["prompt"] == {
+        "k_max": 4, "dilation": 2, "film": False, "summary_heads": 1, "summary_hidden": 0, "agreement": 0.0}
+    # Saved before prompt.film and the summary's settings existed: the keys are absent, and the
+    # policy is the unconditioned one.
     older = _copy(saved_icil, tmp_path)
-    _edit_json(older, lambda data: data["policy"]["prompt"].pop("film"))
+    _edit_json(older, lambda data: [data["policy"]["prompt"].pop(key)
+                                    for key in ("film", "summary_heads", "summary_hidden", "agreement")])
     assert load_checkpoint(older).config == policy.config
     assert (data["variant"], data["head"], data["obs_horizon"]) == ("icil-ma", "bc", 1)
     description = describe_checkpoint(path)
