@@ -10,8 +10,10 @@ ensembling, no ramps: what fails here is the policy's own doing, what succeeds h
 ICIL ones (taught by ``--k`` demonstrations of each instruction in ``--prompt-file``, and by the
 instruction too where the checkpoint has ``language`` on).
 
-Per episode: the judge's verdict and, at the hand's lowest point, its horizontal distance to each
-cube (a reach that ends between cubes shows an averaged target, one at another cube a wrong task).
+Per episode: the judge's verdict; at the hand's lowest point its height above the table and its
+horizontal distance to each cube (a reach that ends between cubes shows an averaged target, one at
+another cube a wrong task, one high above its cube a hand that never went down); and the narrowest
+gripper width the policy predicted (a hand that went down and never closed).
 
     scripts/policy_sync_rollout.py --checkpoint checkpoints/icil_demo --prompt-file prompts.hdf5 \\
         --episodes 4 "pick up the red cube" "pick up the blue cube"
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from mail_ros.sim.collect import CollectError  # mail_ros.sim before anything imports mujoco
     from mail_ros.sim.expert import observe
     from mail_ros.sim.franka_sim import FrankaSim, SimConfig
-    from mail_ros.sim.tasks import Task, TaskError, all_tasks
+    from mail_ros.sim.tasks import TABLE_HEIGHT, Task, TaskError, all_tasks
     from mail_ros.commands.demo import prompts_from_file
     from mail_ros.control.safety import SafetyConfig, SafetyFilter
     from mail_ros.data.hdf5 import DataError
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 policy.set_prompt(prompts[instruction], embedding)
             else:
                 policy.reset(seed)
-            history, chunk, lowest = [], None, (np.inf, {})
+            history, chunk, lowest, narrowest = [], None, (np.inf, {}), np.inf
             for step in range(budget):
                 images = {c: resize_rgb(v, tuple(spec.image_size)) for c, v in sim.render().items()}
                 observation = Observation(stamp=(step + 1) * 100_000_000, images=images,
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 if tcp[2] < lowest[0]:
                     lowest = (tcp[2], {c: float(np.hypot(*(tcp - p.position)[:2])) for c, p in state.cube_poses.items()})
                 sim.set_trajectory(FR3_ARM_JOINTS, [(period, np.clip(action[: len(FR3_ARM_JOINTS)], low, high))])
+                narrowest = min(narrowest, float(action[-1]))
                 width = safety.gripper_width(float(action[-1]))
                 if width is not None:
                     sim.set_gripper(width)
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             near = ", ".join(f"{c} {d * 100:.0f} cm" for c, d in lowest[1].items())
             verdict = "success" if progress.success else f"fail ({progress.stage}: {progress.detail})"
             print(f"{instruction:36s} seed {seed}: {verdict} after {step + 1} steps; hand at its lowest "
-                  f"{near} from the cubes", flush=True)
+                  f"{(lowest[0] - TABLE_HEIGHT) * 100:.1f} cm above the table, {near} from the cubes; "
+                  f"narrowest width predicted {narrowest * 100:.1f} cm", flush=True)
     print(f"\n{'instruction':36s} success")
     for instruction, count in successes.items():
         print(f"{instruction:36s} {count}/{args.episodes}")

@@ -1,6 +1,7 @@
 """scripts/policy_sync_rollout.py: the policy alone in closed loop on the simulated FR3, no ROS."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,12 @@ def test_the_shipped_mail_policy_picks_the_cube_without_ros(script, capsys):
                         "pick up the red cube"]) == 0
     out = capsys.readouterr().out
     assert "pick up the red cube                 seed 100000: success" in out
-    # At its lowest the hand was over the red cube, not between cubes.
-    assert "hand at its lowest red 0 cm" in out
+    # At its lowest the hand was down at the red cube (its centre 2.25 cm above the table), not above
+    # it or between cubes, and the policy closed the hand.
+    lowest = re.search(r"hand at its lowest (-?[0-9.]+) cm above the table, red 0 cm, green [0-9]+ cm, blue [0-9]+ cm "
+                       r"from the cubes; narrowest width predicted (-?[0-9.]+) cm", out)
+    assert lowest is not None, out
+    assert 2.0 < float(lowest[1]) < 5.0 and float(lowest[2]) < 1.0
     assert out.rstrip().endswith("overall                              1/1")
 
 
