@@ -4,7 +4,11 @@
 Each step renders the cameras at the simulator's resolution, resizes them to the model's with
 camera_sync_node's function, asks the policy for a chunk and sends its first ``--execute``
 actions, one per step (clipped to the executor's margined joint limits and gripper range), as
-trajectory points 0.1 s apart, straight to the simulated controller. No DDS, no latency, no
+trajectory points 0.1 s apart, straight to the simulated controller. By default an ICIL
+checkpoint's chunks run whole, as ``mail-ros demo`` executes them, and a MaIL checkpoint gets a
+new chunk every step (``mail-ros demo`` ensembles its chunks). The mode matters: the shipped ICIL
+policy, which predicts offsets from the joint positions, asked anew every step takes the hand
+lower than its demonstrations did and rarely closes it (docs/icil_experiments.md, section 13). No DDS, no latency, no
 ensembling, no ramps: what fails here is the policy's own doing, what succeeds here and fails in
 ``mail-ros demo`` is the runtime's. Works for MaIL checkpoints (taught by the instruction) and
 ICIL ones (taught by ``--k`` demonstrations of each instruction in ``--prompt-file``, and by the
@@ -34,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-file", type=Path, help="ICIL: demonstrations (`mail-ros convert` output)")
     parser.add_argument("--k", type=int, default=3, help="ICIL: demonstrations per prompt")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per instruction")
-    parser.add_argument("--execute", type=int, default=1, help="actions of each chunk executed before the next")
+    parser.add_argument("--execute", type=int, default=None,
+                        help="actions of each chunk executed before the next (default: an ICIL checkpoint's chunk "
+                             "whole, as `mail-ros demo` executes it; 1 for a MaIL checkpoint)")
     parser.add_argument("--seed", type=int, default=100000, help="first layout seed (the demo's default)")
     parser.add_argument("--pick-steps", type=int, default=110, help="step budget of a pick (0.1 s each)")
     parser.add_argument("--stack-steps", type=int, default=190, help="step budget of a stack")
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from mail_ros.sim.expert import observe
     from mail_ros.sim.franka_sim import FrankaSim, SimConfig
     from mail_ros.sim.tasks import TABLE_HEIGHT, Task, TaskError, all_tasks
-    from mail_ros.commands.demo import prompts_from_file
+    from mail_ros.commands.demo import ICIL_EXECUTOR_MODE, prompts_from_file
     from mail_ros.control.safety import SafetyConfig, SafetyFilter
     from mail_ros.data.hdf5 import DataError
     from mail_ros.data.prompts import read_prompt
@@ -63,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     if icil and args.prompt_file is None:
         print(f"{args.checkpoint} is an ICIL checkpoint: give --prompt-file", file=sys.stderr)
         return 2
-    spec = policy.config.spec.observation
+    spec, horizon = policy.config.spec.observation, policy.config.spec.action.horizon
+    if args.execute is None:  # as `mail-ros demo` runs it: whole chunks (receding horizon), or a new chunk each step
+        args.execute = horizon if icil and ICIL_EXECUTOR_MODE == "receding_horizon" else 1
+    if not 1 <= args.execute <= horizon:
+        print(f"--execute {args.execute}: a chunk holds 1 to {horizon} actions", file=sys.stderr)
+        return 2
+    print(f"{args.checkpoint}: {args.execute} of each chunk's {horizon} actions executed, then the next chunk",
+          flush=True)
     try:
         tasks = [Task.parse(text) for text in args.instructions] or all_tasks()
         if icil:  # the prompts `mail-ros demo --prompt-file FILE --prompt-k K` hands to policy_node

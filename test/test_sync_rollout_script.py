@@ -27,6 +27,7 @@ def test_the_shipped_mail_policy_picks_the_cube_without_ros(script, capsys):
     assert script.main(["--checkpoint", str(ROOT / "checkpoints" / "demo"), "--episodes", "1",
                         "pick up the red cube"]) == 0
     out = capsys.readouterr().out
+    assert ": 1 of each chunk's 8 actions executed, then the next chunk" in out
     assert "pick up the red cube                 seed 100000: success" in out
     # At its lowest the hand was down at the red cube (its centre 2.25 cm above the table), not above
     # it or between cubes, and the policy closed the hand.
@@ -53,6 +54,13 @@ def test_an_icil_policy_is_taught_by_its_prompt_file(script, tmp_path, capsys):
     assert "3 demonstrations of 'pick up the red cube', --prompt-skip 0 --prompt-k 4 needs 4" in capsys.readouterr().err
     assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "pick up the purple cube"]) == 2
     assert "unknown cube colour 'purple'" in capsys.readouterr().err
+    assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--execute", "5",
+                        "pick up the red cube"]) == 2
+    assert "--execute 5: a chunk holds 1 to 4 actions" in capsys.readouterr().err
+    # By default the chunks run whole, as `mail-ros demo` executes an ICIL checkpoint's.
+    assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--k", "2", "--episodes", "1",
+                        "--pick-steps", "3", "pick up the red cube"]) == 0
+    assert ": 4 of each chunk's 4 actions executed, then the next chunk" in capsys.readouterr().out
     # Two steps of training do not pick a cube; the episode runs out its budget and is judged.
     assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--k", "2", "--episodes", "1",
                         "--pick-steps", "5", "--execute", "2", "pick up the red cube"]) == 0
