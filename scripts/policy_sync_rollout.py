@@ -8,11 +8,11 @@ trajectory points 0.1 s apart, straight to the simulated controller. By default 
 checkpoint's chunks run whole, as ``mail-ros demo`` executes them, and a MaIL checkpoint gets a
 new chunk every step (``mail-ros demo`` ensembles its chunks). The mode matters: the shipped ICIL
 policy, which predicts offsets from the joint positions, asked anew every step takes the hand
-lower than its demonstrations did and rarely closes it (docs/icil_experiments.md, section 13). No DDS, no latency, no
-ensembling, no ramps: what fails here is the policy's own doing, what succeeds here and fails in
-``mail-ros demo`` is the runtime's. Works for MaIL checkpoints (taught by the instruction) and
-ICIL ones (taught by ``--k`` demonstrations of each instruction in ``--prompt-file``, and by the
-instruction too where the checkpoint has ``language`` on).
+below its successful grasps and rarely closes it (docs/icil_experiments.md, section 13). No DDS,
+no latency, no ensembling, no ramps: what fails here is the policy's own doing, what succeeds
+here and fails in ``mail-ros demo`` is the runtime's. Works for MaIL checkpoints (taught by the
+instruction) and ICIL ones (taught by ``--k`` demonstrations of each instruction in
+``--prompt-file``, and by the instruction too where the checkpoint has ``language`` on).
 
 Per episode: the judge's verdict; at the hand's lowest point its height above the table and its
 horizontal distance to each cube (a reach that ends between cubes shows an averaged target, one at
