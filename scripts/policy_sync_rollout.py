@@ -17,7 +17,8 @@ instruction) and ICIL ones (taught by ``--k`` demonstrations of each instruction
 Per episode: the judge's verdict; at the hand's lowest point its height above the table and its
 horizontal distance to each cube (a reach that ends between cubes shows an averaged target, one at
 another cube a wrong task, one high above its cube a hand that never went down); and the narrowest
-gripper width the policy predicted (a hand that went down and never closed).
+gripper width the policy predicted (a hand that went down and never closed); and how high the
+cube the task moves was ever lifted (a stack that failed at its grasp, or at its target).
 
     scripts/policy_sync_rollout.py --checkpoint checkpoints/icil_demo --prompt-file prompts.hdf5 \\
         --episodes 4 "pick up the red cube" "pick up the blue cube"
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 policy.reset(seed)
             history, chunk, lowest, narrowest = [], None, (np.inf, {}), np.inf
+            rest, lift = state.cube_poses[task.cube].position[2], 0.0  # the cube the task moves
             for step in range(budget):
                 images = {c: resize_rgb(v, tuple(spec.image_size)) for c, v in sim.render().items()}
                 observation = Observation(stamp=(step + 1) * 100_000_000, images=images,
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     sim.set_gripper(width)
                 sim.step(period)
                 state = observe(sim)
+                lift = max(lift, float(state.cube_poses[task.cube].position[2] - rest))
                 if sim.task_success(task):
                     break
             progress = sim.task_progress(task)
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "success" if progress.success else f"fail ({progress.stage}: {progress.detail})"
             print(f"{instruction:36s} seed {seed}: {verdict} after {step + 1} steps; hand at its lowest "
                   f"{(lowest[0] - TABLE_HEIGHT) * 100:.1f} cm above the table, {near} from the cubes; "
-                  f"narrowest width predicted {narrowest * 100:.1f} cm", flush=True)
+                  f"narrowest width predicted {narrowest * 100:.1f} cm; the {task.cube} cube lifted at most "
+                  f"{lift * 100:.1f} cm", flush=True)
     print(f"\n{'instruction':36s} success")
     for instruction, count in successes.items():
         print(f"{instruction:36s} {count}/{args.episodes}")
