@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import load_file
 
-from mail_ros.data.dataset import DemoWindows, EmbeddingCache, compute_stats, random_shift, split_episodes, window_index
+from mail_ros.data.dataset import (DemoWindows, EmbeddingCache, compute_stats, random_shift, save_cache_file,
+                                   split_episodes, window_index)
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.policy.action_frame import ActionFrame
 
@@ -135,6 +138,25 @@ class CountingEncoder:
     def encode(self, texts):
         self.seen.extend(texts)
         return np.array([[len(t), t.count("e"), 1.0, -1.0] for t in texts], dtype=np.float32)
+
+
+def _fill_cache_entry(path, times: int) -> None:
+    for _ in range(times):
+        save_cache_file(path, {"features": np.arange(250_000, dtype=np.float32)})
+
+
+def test_processes_filling_one_cache_entry_at_once_neither_fail_nor_tear_it(tmp_path):
+    # Two trainings on the same data compute the same cache files at the same time.
+    path = tmp_path / "cache" / "entry.safetensors"
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_fill_cache_entry, args=(path, 20)) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=300)
+    assert [writer.exitcode for writer in writers] == [0, 0, 0, 0]
+    np.testing.assert_array_equal(load_file(path)["features"], np.arange(250_000, dtype=np.float32))
+    assert [p.name for p in path.parent.iterdir()] == ["entry.safetensors"]  # no temporary file left
 
 
 def test_embedding_cache_encodes_each_text_once(tmp_path):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -37,6 +39,7 @@ __all__ = [
     "random_shift",
     "shift_frames",
     "EmbeddingCache",
+    "save_cache_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -204,6 +207,21 @@ class DemoWindows(Dataset):
         return np.stack([self.episodes[e].joint_positions[s + T - 1] for e, s in self.index])
 
 
+def save_cache_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write a cache entry as safetensors at ``path`` atomically: a reader sees the whole file or
+    none. The temporary file is this call's own (not ``path`` + a fixed suffix), so processes that
+    fill one cache at once (two trainings on the same data) never write into each other's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class EmbeddingCache:
     """On-disk instruction embeddings, one safetensors file per (encoder, text).
 
@@ -238,9 +256,6 @@ class EmbeddingCache:
             for text, vector in computed.items():
                 table[text] = np.asarray(vector, dtype=np.float32)
                 if self.folder is not None:
-                    self.folder.mkdir(parents=True, exist_ok=True)
-                    path = self.path(encoder, text)
-                    tmp = path.with_suffix(".tmp")
-                    save_file({"embedding": table[text]}, str(tmp), metadata={"encoder": encoder, "text": text})
-                    tmp.replace(path)
+                    save_cache_file(self.path(encoder, text), {"embedding": table[text]},
+                                    metadata={"encoder": encoder, "text": text})
         return {text: table[text] for text in dict.fromkeys(texts)}

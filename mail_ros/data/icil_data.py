@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from torch import nn
 
-from mail_ros.data.dataset import shift_frames
+from mail_ros.data.dataset import save_cache_file, shift_frames
 from mail_ros.data.hdf5 import DataError, Episode
 from mail_ros.policy.icil_policy import ICILPolicy, ICILSample, dilated_indices
 
@@ -176,10 +176,7 @@ class FrameFeatureCache:
             if features.ndim != 2 or features.shape[0] != n:
                 raise DataError(f"encoder gave features of shape {features.shape} for an episode of {n} frames")
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"features": features}, str(tmp))
-                tmp.replace(path)
+                save_cache_file(path, {"features": features})
             out.append(features)
         return out
 
