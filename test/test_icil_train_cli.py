@@ -121,11 +121,18 @@ def test_a_run_takes_over_a_mail_checkpoints_encoders(tmp_path, tiny_config, cap
     assert not torch.equal(trained.encoder.proj.weight, expected.encoder.proj.weight)  # the projections train
     assert describe_checkpoint(out / "last").extra["encoder_from"] == str(tmp_path / "mail")
     capsys.readouterr()
-    # An ICIL checkpoint has no MaIL encoders to give; nothing is written.
+    # A run of other settings from that ICIL run's encoders (the MaIL checkpoint may be long gone);
+    # encoders of another layout are refused by name and nothing is written.
     assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "again"),
-                     "--set", f"train.encoder_from={out / 'last'}"]) == 2
-    assert "is not a MaIL checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "again" / "last").exists()
+                     "--no-progress", "--set", f"train.encoder_from={out / 'last'}", "--set", "policy.proprio=false",
+                     "--set", "train.steps=1"]) == 0
+    again = load_checkpoint(tmp_path / "again" / "last")
+    assert not again.config.proprio and module_digest(nn.ModuleList(again.feature_modules())) == module_digest(frozen[0])
+    capsys.readouterr()
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "other"),
+                     "--set", f"train.encoder_from={out / 'last'}", "--set", "policy.vision.num_keypoints=4"]) == 2
+    assert "the ICIL policy's image encoders do not fit this ICIL policy: vision.num_keypoints" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "last").exists()
 
 
 def test_shipped_icil_config_reads():

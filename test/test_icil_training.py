@@ -613,6 +613,29 @@ def test_encoders_taken_from_a_film_mail_policy_are_that_policy_at_the_neutral_i
         torch.testing.assert_close(film._pooled(maps, torch.randn(film.config.backbone.d_model)), film._pooled(maps))
 
 
+def test_encoders_taken_from_an_icil_policy_are_its_own_but_for_the_prompt_film():
+    # A new run (here: other settings) from a trained ICIL run's encoders, whose MaIL source is gone.
+    torch.manual_seed(3)
+    source = ICILPolicy(get_icil_preset("icil-tiny-ma", {"prompt.film": True}))
+    with torch.no_grad():
+        for parameter in source.encoder.parameters():
+            parameter.normal_(0.0, 0.5)  # "trained": nothing left at any initialisation
+    not_film = lambda state: {n: v for n, v in state.items() if not n.endswith(("film.weight", "film.bias"))}
+    for overrides in ({"prompt.film": True, "proprio": False}, {"prompt.film": False}):
+        policy = _policy(overrides=overrides)
+        own_film = {n: v.clone() for n, v in policy.encoder.state_dict().items() if ".film." in n}
+        policy.load_encoder_from(source)
+        mine, theirs = policy.encoder.state_dict(), source.encoder.state_dict()
+        assert set(not_film(mine)) == set(not_film(theirs))
+        for name, value in not_film(theirs).items():
+            torch.testing.assert_close(mine[name], value, rtol=0, atol=0)
+        assert set(own_film) == {n for n in mine if ".film." in n}  # none without prompt.film
+        for name, value in own_film.items():  # the prompt's FiLM reads this policy's summary: kept
+            torch.testing.assert_close(mine[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"the ICIL policy's image encoders do not fit.*vision\.num_keypoints"):
+        _policy(overrides={"vision.num_keypoints": 4}).load_encoder_from(source)
+
+
 def test_encoders_of_another_layout_are_refused_by_name():
     policy = _policy()
     before = module_digest(policy.encoder)

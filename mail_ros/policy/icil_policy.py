@@ -211,8 +211,8 @@ class ICILPolicy(nn.Module):
         windows = actions.unfold(0, self.A, 1).transpose(1, 2)  # (M - A + 1, A, Da)
         return self.action_frame.to_network(windows, joints[: windows.shape[0]])
 
-    def load_encoder_from(self, mail: MaILPolicy) -> None:
-        """Take over a trained MaIL policy's image encoders (all cameras and the projections to D).
+    def load_encoder_from(self, source: MaILPolicy | ICILPolicy) -> None:
+        """Take over a trained policy's image encoders (all cameras and the projections to D).
 
         A frozen encoder at its random initialisation locates "something"; one trained by MaIL
         on the same cameras has learnt what the task needs (where the cubes are). A FiLM-
@@ -220,10 +220,14 @@ class ICILPolicy(nn.Module):
         0, i.e. the mean of its training instructions; prompt frames have no instruction): its
         per-channel ``x * (1 + gamma) + beta`` is then constant and is folded exactly into the
         keypoint layer, a 1x1 convolution, so the encoder computed here is the MaIL encoder
-        at that instruction. The encoders must have the same layout (vision settings but
+        at that instruction. An ICIL policy's encoders are taken as they are (a new run of other
+        settings from a trained run's encoders, when the MaIL policy they came from is gone).
+        With ``prompt.film`` the FiLM layers stay this policy's own either way: they read this
+        policy's prompt summary. The encoders must have the same layout (vision settings but
         ``film``, cameras, image size and d_model); else a ValueError saying what differs.
         """
-        mine, theirs = self.config, mail.config
+        kind = "MaIL" if isinstance(source, MaILPolicy) else "ICIL"
+        mine, theirs = self.config, source.config
         differ = [f"vision.{name}" for name, value in vars(mine.vision).items()
                   if name != "film" and getattr(theirs.vision, name) != value]
         for name, a, b in (("cameras", sorted(mine.spec.observation.cameras), sorted(theirs.spec.observation.cameras)),
@@ -231,11 +235,12 @@ class ICILPolicy(nn.Module):
                             tuple(theirs.spec.observation.image_size)),
                            ("backbone.d_model", mine.backbone.d_model, theirs.backbone.d_model)):
             if a != b:
-                differ.append(f"{name} ({a} here, {b} in the MaIL policy)")
+                differ.append(f"{name} ({a} here, {b} in the {kind} policy)")
         if differ:
-            raise ValueError("the MaIL policy's image encoders do not fit this ICIL policy: " + ", ".join(differ))
-        state = {name: value.detach().clone() for name, value in mail.encoder.state_dict().items()}
-        for film_weight in [name for name in state if name.endswith("film.weight")]:
+            raise ValueError(f"the {kind} policy's image encoders do not fit this ICIL policy: " + ", ".join(differ))
+        state = {name: value.detach().clone() for name, value in source.encoder.state_dict().items()
+                 if kind == "MaIL" or not name.endswith(("film.weight", "film.bias"))}
+        for film_weight in [name for name in state if name.endswith("film.weight")]:  # MaIL's, folded
             camera = film_weight[: -len("film.weight")]  # "encoders.<camera>." or "encoder."
             gamma, beta = state.pop(camera + "film.bias").chunk(2)  # film(0) = its bias; (C,) each
             del state[film_weight]

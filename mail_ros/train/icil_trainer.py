@@ -10,7 +10,7 @@ config/train_icil_demo.yaml) with ICIL's own ``data`` and ``train`` groups
    exactly (a name that matches no task is an error: :func:`~mail_ros.data.icil_data.task_groups`);
 3. sets the normalisation statistics from the kept episodes' actions and joint positions;
 4. freezes the image encoders' trunks and keypoint layers (as initialised from ``train.seed``, or
-   taken over from a trained MaIL checkpoint with ``train.encoder_from``) and computes every
+   taken over from a trained MaIL or ICIL checkpoint with ``train.encoder_from``) and computes every
    frame's keypoints once, cached on disk per (encoder weights and settings, episode) in
    ``data.feature_cache`` (:class:`~mail_ros.data.icil_data.FrameFeatureCache`); the steps
    after that run the encoders' projections, the proprio projection and the sequence model;
@@ -56,7 +56,6 @@ from mail_ros.policy.checkpoint import CheckpointError, load_checkpoint, read_ch
 from mail_ros.policy.config import ConfigError, check, check_bool, check_float, check_int
 from mail_ros.policy.icil_config import ICILConfig
 from mail_ros.policy.icil_policy import ICILPolicy
-from mail_ros.policy.mail_policy import MaILPolicy
 from mail_ros.policy.normalizer import Normalizer
 from mail_ros.policy.presets import get_icil_preset
 from mail_ros.train.trainer import (DEFAULT_EMBEDDING_CACHE, EMA, LR_SCHEDULES, TrainError, _as_train_error, _dataclass,
@@ -117,14 +116,14 @@ class ICILTrainConfig:
     checkpoint_every: int = 500  # steps between last/ saves (and at the end)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # A trained MaIL checkpoint whose image encoders the run takes over (trunks frozen, as always; see
+    # A trained MaIL or ICIL checkpoint whose image encoders the run takes over (trunks frozen, as always; see
     # ICILPolicy.load_encoder_from); None: the encoders stay at their seeded initialisation.
     encoder_from: str | None = None
 
     def __post_init__(self) -> None:
         with _as_train_error():
             check(self.encoder_from is None or (isinstance(self.encoder_from, str) and self.encoder_from != ""),
-                  f"train.encoder_from must be a MaIL checkpoint folder or null, got {self.encoder_from!r}")
+                  f"train.encoder_from must be a MaIL or ICIL checkpoint folder or null, got {self.encoder_from!r}")
             for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
                 check_int(getattr(self, name), f"train.{name}", 1)
             check_int(self.seed, "train.seed", 0)
@@ -216,18 +215,16 @@ def load_icil_run_config(path: str | Path, overrides: dict[str, Any] | None = No
 
 
 def _load_encoder(policy: ICILPolicy, checkpoint: Path) -> None:
-    """``policy.load_encoder_from`` the MaIL checkpoint at ``checkpoint``; any misfit is a TrainError."""
+    """``policy.load_encoder_from`` the MaIL or ICIL checkpoint at ``checkpoint``; any misfit is a TrainError."""
     try:
-        mail = load_checkpoint(checkpoint)
+        source = load_checkpoint(checkpoint)
     except (OSError, CheckpointError) as exc:
         raise TrainError(f"train.encoder_from: cannot load {checkpoint}: {exc}") from exc
-    if not isinstance(mail, MaILPolicy):
-        raise TrainError(f"train.encoder_from: {checkpoint} is not a MaIL checkpoint (it is an ICIL one)")
     try:
-        policy.load_encoder_from(mail)
+        policy.load_encoder_from(source)
     except ValueError as exc:
         raise TrainError(f"train.encoder_from: {checkpoint}: {exc}") from exc
-    log.info("image encoders from the MaIL checkpoint %s", checkpoint)
+    log.info("image encoders from the %s checkpoint %s", type(source).__name__, checkpoint)
 
 
 def _folder(name: str | None) -> str | None:
