@@ -26,8 +26,14 @@ class GripperCommand(enum.Enum):
     CLOSE = "close"
 
 
+# executor_node's defaults: between the demonstrations' open (0.08 m) and closed (0.0) labels, with
+# a band between them where the last command stands.
+CLOSE_BELOW = 0.03  # m: close (grasp) when the commanded width drops below this
+OPEN_ABOVE = 0.05  # m: open when it rises above this
+
+
 class GripperHysteresis:
-    def __init__(self, close_below: float, open_above: float):
+    def __init__(self, close_below: float = CLOSE_BELOW, open_above: float = OPEN_ABOVE):
         if not (math.isfinite(close_below) and math.isfinite(open_above) and close_below < open_above):
             raise ValueError(f"need close_below < open_above, got {close_below} and {open_above}")
         self.close_below = close_below

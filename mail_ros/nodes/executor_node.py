@@ -26,6 +26,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from mail_ros.control.executor import Command, ExecutorConfig, ExecutorCore
+from mail_ros.control.gripper import CLOSE_BELOW, OPEN_ABOVE
 from mail_ros.control.safety import SafetyConfig, SafetyError, Verdict
 from mail_ros.msg import ActionChunk, InstructionEmbedding
 from mail_ros.nodes.common import (COMMAND_QOS, ERROR, GOAL_QOS, OK, PIPELINE_QOS, WARN, Diagnostics, declare,
@@ -100,9 +101,9 @@ class ExecutorNode(Node):
                                 "Gripper JointTrajectory topic (gripper_mode trajectory)")
         gripper_action_ns = declare(self, "gripper_action_namespace", "/franka_gripper",
                                     "Namespace of franka_gripper's move/grasp actions")
-        close_below = declare(self, "gripper_close_below", 0.03, "Close (grasp) when the commanded width drops "
+        close_below = declare(self, "gripper_close_below", CLOSE_BELOW, "Close (grasp) when the commanded width drops "
                               "below this (m)", low=0.0, high=FR3_GRIPPER_MAX_WIDTH)
-        open_above = declare(self, "gripper_open_above", 0.05, "Open when the commanded width rises above this (m)",
+        open_above = declare(self, "gripper_open_above", OPEN_ABOVE, "Open when the commanded width rises above this (m)",
                              low=0.0, high=FR3_GRIPPER_MAX_WIDTH)
         self.homing = MoveItHoming(
             declare(self, "moveit_group", "fr3_arm", "MoveIt planning group used for homing with moveit_py"),
