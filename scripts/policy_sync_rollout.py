@@ -17,8 +17,11 @@ instruction) and ICIL ones (taught by ``--k`` demonstrations of each instruction
 Per episode: the judge's verdict; at the hand's lowest point its height above the table and its
 horizontal distance to each cube (a reach that ends between cubes shows an averaged target, one at
 another cube a wrong task, one high above its cube a hand that never went down); and the narrowest
-gripper width the policy predicted (a hand that went down and never closed); and how high the
-cube the task moves was ever lifted (a stack that failed at its grasp, or at its target).
+gripper width the policy predicted (a hand that went down and never closed); how high the
+cube the task moves was ever lifted (a stack that failed at its grasp, or at its target); and how
+often the executed widths, read as executor_node reads them (GripperHysteresis), opened the hand
+again after closing it before that cube was 2 cm up, and how many of those reopenings were the
+first action of a new chunk (a chunk that, from the frame of a closing hand, starts open).
 
     scripts/policy_sync_rollout.py --checkpoint checkpoints/icil_demo --prompt-file prompts.hdf5 \\
         --episodes 4 "pick up the red cube" "pick up the blue cube"
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from mail_ros.sim.franka_sim import FrankaSim, SimConfig
     from mail_ros.sim.tasks import TABLE_HEIGHT, Task, TaskError, all_tasks
     from mail_ros.commands.demo import ICIL_EXECUTOR_MODE, prompts_from_file
+    from mail_ros.control.gripper import GripperCommand, GripperHysteresis
     from mail_ros.control.safety import SafetyConfig, SafetyFilter
     from mail_ros.data.hdf5 import DataError
     from mail_ros.data.prompts import read_prompt
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 policy.reset(seed)
             history, chunk, lowest, narrowest = [], None, (np.inf, {}), np.inf
             rest, lift = state.cube_poses[task.cube].position[2], 0.0  # the cube the task moves
+            hysteresis, closed, reopened, by_new_chunk = GripperHysteresis(), False, 0, 0
             for step in range(budget):
                 images = {c: resize_rgb(v, tuple(spec.image_size)) for c, v in sim.render().items()}
                 observation = Observation(stamp=(step + 1) * 100_000_000, images=images,
@@ -126,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                     lowest = (tcp[2], {c: float(np.hypot(*(tcp - p.position)[:2])) for c, p in state.cube_poses.items()})
                 sim.set_trajectory(FR3_ARM_JOINTS, [(period, np.clip(action[: len(FR3_ARM_JOINTS)], low, high))])
                 narrowest = min(narrowest, float(action[-1]))
+                command = hysteresis.update(float(action[-1]))
+                if command is GripperCommand.OPEN and closed and lift < 0.02:
+                    reopened += 1
+                    by_new_chunk += step % args.execute == 0
+                closed = closed or command is GripperCommand.CLOSE
                 width = safety.gripper_width(float(action[-1]))
                 if width is not None:
                     sim.set_gripper(width)
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{instruction:36s} seed {seed}: {verdict} after {step + 1} steps; hand at its lowest "
                   f"{(lowest[0] - TABLE_HEIGHT) * 100:.1f} cm above the table, {near} from the cubes; "
                   f"narrowest width predicted {narrowest * 100:.1f} cm; the {task.cube} cube lifted at most "
-                  f"{lift * 100:.1f} cm", flush=True)
+                  f"{lift * 100:.1f} cm; opened again before it was 2 cm up {reopened} times ({by_new_chunk} by a "
+                  f"new chunk)", flush=True)
     print(f"\n{'instruction':36s} success")
     for instruction, count in successes.items():
         print(f"{instruction:36s} {count}/{args.episodes}")

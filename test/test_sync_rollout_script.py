@@ -33,10 +33,11 @@ def test_the_shipped_mail_policy_picks_the_cube_without_ros(script, capsys):
     # it or between cubes, and the policy closed the hand.
     lowest = re.search(r"hand at its lowest (-?[0-9.]+) cm above the table, red 0 cm, green [0-9]+ cm, blue [0-9]+ cm "
                        r"from the cubes; narrowest width predicted (-?[0-9.]+) cm; the red cube lifted at most "
-                       r"([0-9.]+) cm", out)
+                       r"([0-9.]+) cm; opened again before it was 2 cm up ([0-9]+) times \(([0-9]+) by a new chunk\)", out)
     assert lowest is not None, out
     assert 2.0 < float(lowest[1]) < 5.0 and float(lowest[2]) < 1.0
     assert float(lowest[3]) > 10.0  # a success: lifted past tasks.PICK_LIFT_HEIGHT
+    assert lowest[4] == lowest[5] == "0"  # closed once, and kept closed while lifting
     assert out.rstrip().endswith("overall                              1/1")
 
 
