@@ -620,7 +620,10 @@ def test_encoders_taken_from_an_icil_policy_are_its_own_but_for_the_prompt_film(
     with torch.no_grad():
         for parameter in source.encoder.parameters():
             parameter.normal_(0.0, 0.5)  # "trained": nothing left at any initialisation
-    not_film = lambda state: {n: v for n, v in state.items() if not n.endswith(("film.weight", "film.bias"))}
+
+    def not_film(state):
+        return {n: v for n, v in state.items() if not n.endswith(("film.weight", "film.bias"))}
+
     for overrides in ({"prompt.film": True, "proprio": False}, {"prompt.film": False}):
         policy = _policy(overrides=overrides)
         own_film = {n: v.clone() for n, v in policy.encoder.state_dict().items() if ".film." in n}
