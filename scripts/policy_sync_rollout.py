@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     low, high = safety.limits.position_min, safety.limits.position_max
     sim = FrankaSim(SimConfig(cameras=tuple(spec.cameras)))
     period = 0.1
+    held = 0.02  # m: a cube lifted this far is held; an open before that undoes a grasp
     successes = {}
     for index, task in enumerate(tasks):
         instruction = task.instruction
@@ -130,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
                 if tcp[2] < lowest[0]:
                     lowest = (tcp[2], {c: float(np.hypot(*(tcp - p.position)[:2])) for c, p in state.cube_poses.items()})
                 sim.set_trajectory(FR3_ARM_JOINTS, [(period, np.clip(action[: len(FR3_ARM_JOINTS)], low, high))])
-                narrowest = min(narrowest, float(action[-1]))
-                command = hysteresis.update(float(action[-1]))
-                if command is GripperCommand.OPEN and closed and lift < 0.02:
+                predicted = float(action[-1])  # the gripper width
+                narrowest = min(narrowest, predicted)
+                command = hysteresis.update(predicted)
+                if command is GripperCommand.OPEN and closed and lift < held:
                     reopened += 1
                     by_new_chunk += step % args.execute == 0
                 closed = closed or command is GripperCommand.CLOSE
-                width = safety.gripper_width(float(action[-1]))
+                width = safety.gripper_width(predicted)
                 if width is not None:
                     sim.set_gripper(width)
                 sim.step(period)
@@ -151,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{instruction:36s} seed {seed}: {verdict} after {step + 1} steps; hand at its lowest "
                   f"{(lowest[0] - TABLE_HEIGHT) * 100:.1f} cm above the table, {near} from the cubes; "
                   f"narrowest width predicted {narrowest * 100:.1f} cm; the {task.cube} cube lifted at most "
-                  f"{lift * 100:.1f} cm; opened again before it was 2 cm up {reopened} times ({by_new_chunk} by a "
-                  f"new chunk)", flush=True)
+                  f"{lift * 100:.1f} cm; opened again before it was {held * 100:.0f} cm up {reopened} times "
+                  f"({by_new_chunk} by a new chunk)", flush=True)
     print(f"\n{'instruction':36s} success")
     for instruction, count in successes.items():
         print(f"{instruction:36s} {count}/{args.episodes}")
