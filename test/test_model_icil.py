@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cuda_kernels import mamba_kernels_skip_reason
 from mail_ros.model import icil
 from mail_ros.model.icil import ICILSequence, PromptSummary, sinusoidal_positions
 
@@ -63,6 +64,25 @@ def test_streaming_equals_full_sequence(kind, demo_lengths, live, batch):
         # The prompt state is never modified: a second episode from it gives the first step again.
         again = model.predict(model.extend(frames[:, :1], prompt_state))
         torch.testing.assert_close(again, model(torch.cat([prompt, frames[:, :1]], dim=1)), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streaming_on_cuda_equals_the_cpu_full_sequence(kind):
+    """On a GPU the stream runs mamba_ssm's kernels (the scan for the prefill, the Triton
+    one-token update per step); held to the CPU's full-sequence computation."""
+    reason = mamba_kernels_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cpu, gpu = _model(kind), _model(kind).cuda()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        prompt = _prompt(cpu, [7, 12, 5], batch=2)
+        frames = cpu.live_tokens(torch.randn(2, 6, D))
+        state = gpu.prefill(prompt.cuda())
+        for t in range(6):
+            state = gpu.extend(frames[:, t : t + 1].cuda(), state)
+            full = cpu(torch.cat([prompt, frames[:, : t + 1]], dim=1))
+            torch.testing.assert_close(gpu.predict(state).cpu(), full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)

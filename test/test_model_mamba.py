@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mail_ros.model.mamba import BACKEND_CPU, BACKEND_CUDA, BACKEND_TORCH, Mamba, mamba_backend
+from cuda_kernels import mamba_kernels_skip_reason
+from mail_ros.model.mamba import BACKEND_CPU, BACKEND_TORCH, Mamba, mamba_backend
 from mail_ros.model.selective_scan import CPU_BLOCK_BYTES, selective_scan, selective_state_step
 
 torch.set_num_threads(1)
@@ -462,17 +463,9 @@ def test_cpu_never_imports_mamba_ssm():
     assert not [name for name in sys.modules if name.split(".")[0] in _ImportRecorder.WATCHED]
 
 
-def _cuda_skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if mamba_backend("cuda") != BACKEND_CUDA:
-        return "mamba_ssm not importable (see the logged import error)"
-    return None
-
-
 @pytest.mark.parametrize("use_fast_path", [True, False])
 def test_cuda_kernels_match_cpu_scan(use_fast_path):
-    reason = _cuda_skip_reason()
+    reason = mamba_kernels_skip_reason()
     if reason is not None:
         pytest.skip(reason)
     cpu = make_layer(32, 16, 4, 2, use_fast_path=use_fast_path)
