@@ -183,16 +183,33 @@ class Launch:
         return self.log_path.read_text(errors="replace")
 
     def interrupt(self) -> float:
-        """Ctrl-C: SIGINT to the process group; returns the seconds until the launch exited."""
+        """Ctrl-C: SIGINT to the process group; returns the seconds until the launch exited, or
+        after 60 s, with the stacks of what still runs in the log, until it was killed."""
         start = time.monotonic()
         os.killpg(self.process.pid, signal.SIGINT)
         try:
             self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.dump_stacks()
         finally:
             if self.process.poll() is None:
                 os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
             self._log.close()
         return time.monotonic() - start
+
+    def dump_stacks(self) -> None:
+        """SIGUSR1 to every process launch started that still runs: a mail_ros node (run_node)
+        prints its threads' stacks, which launch copies into the log, so a hang shows where it waits."""
+        for pid in started_processes(self.output()).values():
+            try:
+                os.kill(int(pid), signal.SIGUSR1)
+            except ProcessLookupError:
+                continue
+        try:
+            wait_for(lambda: "most recent call first" in self.output(), 15, "the stacks in the launch log")
+        except AssertionError:
+            pass  # a launch that no longer forwards its children's output: the log has what there is
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -201,9 +218,16 @@ class Launch:
         self._log.close()
 
 
+def started_processes(output: str) -> dict[str, str]:
+    """launch's "process started with pid [N]" lines: process name -> pid."""
+    return dict(re.findall(r"\[INFO\] \[([\w.\-]+)\]: process started with pid \[(\d+)\]", output))
+
+
 def assert_clean_shutdown(launch: Launch, seconds: float, records: Path | None = None) -> None:
     output = launch.output()
-    started = dict(re.findall(r"\[INFO\] \[([\w.\-]+)\]: process started with pid \[(\d+)\]", output))
+    # First, with a long tail: a launch that hung ends its log with the stacks of what still ran.
+    assert seconds < SHUTDOWN_S, f"the launch took {seconds:.1f} s to exit after SIGINT:\n{output[-20000:]}"
+    started = started_processes(output)
     assert started, output[-3000:]
     # On a busy machine asyncio's child watcher in launch sometimes finds a child already reaped
     # ("Unknown child process pid N, will report returncode 255") and launch reports it as died
@@ -219,7 +243,6 @@ def assert_clean_shutdown(launch: Launch, seconds: float, records: Path | None =
     for sign in ("Traceback", "KeyboardInterrupt", "RCLError", "never retrieved", "escalating to 'SIGTERM'",
                  "cannot use Destroyable"):
         assert sign not in output, f"{sign!r} in the output of the launch:\n{output[-6000:]}"
-    assert seconds < SHUTDOWN_S, f"the launch took {seconds:.1f} s to exit after SIGINT"
     assert launch.process.returncode == 0, launch.process.returncode
 
 

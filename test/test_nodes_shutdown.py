@@ -23,18 +23,28 @@ pytestmark = pytest.mark.ros
 NODES = [("franka_sim_node", "simulated FR3"), ("language_node", "text encoder")]
 
 
+def _start(tmp_path, name: str, ready: str) -> subprocess.Popen:
+    """The node in a process group of its own, its output in tmp_path/node.log, once it spins."""
+    log = open(tmp_path / "node.log", "w+")
+    node = subprocess.Popen([sys.executable, "-m", f"mail_ros.nodes.{name}"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_output(node, tmp_path, ready)
+    return node
+
+
+def _wait_for_output(node: subprocess.Popen, tmp_path, text: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (tmp_path / "node.log").read_text():
+        assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGTERM,)],
                          ids=["sigint-twice", "sigterm"])
 @pytest.mark.parametrize("name, ready", NODES, ids=[n for n, _ in NODES])
 def test_a_node_exits_0_without_traceback(tmp_path, name, ready, signals):
-    log = open(tmp_path / "node.log", "w+")
-    node = subprocess.Popen([sys.executable, "-m", f"mail_ros.nodes.{name}"], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    node = _start(tmp_path, name, ready)
     try:
-        deadline = time.monotonic() + 120
-        while ready not in (tmp_path / "node.log").read_text():
-            assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
-            time.sleep(0.2)
         start = time.monotonic()
         for signum in signals:
             os.killpg(node.pid, signum)
@@ -50,6 +60,24 @@ def test_a_node_exits_0_without_traceback(tmp_path, name, ready, signals):
     for sign in ("Traceback", "KeyboardInterrupt", "RCLError", "never retrieved"):
         assert sign not in output, output
     assert seconds < 10.0
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_node_runs_on(tmp_path):
+    """What a hang is diagnosed with (test_front_door.py sends it before SIGKILL)."""
+    node = _start(tmp_path, "language_node", "text encoder")
+    try:
+        os.kill(node.pid, signal.SIGUSR1)
+        _wait_for_output(node, tmp_path, "most recent call first", timeout=30)
+        os.killpg(node.pid, signal.SIGINT)
+        returncode = node.wait(timeout=30)
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+    output = (tmp_path / "node.log").read_text()
+    assert returncode == 0, output
+    # Every thread: the main one spinning in run_node, and the executor's.
+    assert "run_node" in output and output.count("most recent call first") >= 2, output
 
 
 @pytest.mark.slow

@@ -256,7 +256,9 @@ def run_node(factory: Callable[[], Node], argv: list[str] | None = None, threads
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # A crash in native code (rclpy, DDS, torch) prints every thread's Python stack to stderr, so
     # the node's launch log says where it was; without it launch reports only "exit code -11".
+    # A node that hangs instead prints them on SIGUSR1 (`kill -USR1 PID`) and runs on.
     faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = stop_on_signals()
     rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
     node = executor = None
