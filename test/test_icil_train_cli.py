@@ -135,6 +135,35 @@ def test_a_run_takes_over_a_mail_checkpoints_encoders(tmp_path, tiny_config, cap
     assert not (tmp_path / "other" / "last").exists()
 
 
+def test_a_fine_tune_starts_from_an_icil_checkpoint_and_may_add_joints(tmp_path, tiny_config, capsys):
+    data = write_demos(tmp_path / "demos.hdf5", TASKS, per_task=3)
+    source = tmp_path / "run"
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(source), "--no-progress",
+                     "--set", "policy.proprio=false"]) == 0
+    out = tmp_path / "tuned"
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--no-progress",
+                     "--set", f"train.init_from={source / 'last'}", "--set", "train.steps=1", "--set", "train.lr=1e-4"]) == 0
+    before, after = load_checkpoint(source / "last"), load_checkpoint(out / "last")
+    assert after.config.proprio and describe_checkpoint(out / "last").extra["init_from"] == str(source / "last")
+    # Adam's first step moves each weight by lr at most: the run started at the checkpoint's weights
+    # (the joint projection at zero) and statistics.
+    theirs = before.state_dict()
+    for name, value in after.state_dict().items():
+        start = theirs.get(name, torch.zeros_like(value))
+        assert torch.all((value - start).abs() <= 1.01e-4), name
+    capsys.readouterr()
+    # A MaIL checkpoint, or both settings at once, are refused and nothing is written.
+    mail = MaILPolicy(get_preset("tiny-d_ma-bc"))
+    save_checkpoint(tmp_path / "mail", mail)
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "no"),
+                     "--set", f"train.init_from={tmp_path / 'mail'}"]) == 2
+    assert "a MaILPolicy checkpoint, not an ICIL one" in capsys.readouterr().err
+    assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "no"),
+                     "--set", f"train.init_from={source / 'last'}", "--set", f"train.encoder_from={source / 'last'}"]) == 2
+    assert "train.encoder_from and train.init_from are both set" in capsys.readouterr().err
+    assert not (tmp_path / "no" / "last").exists()
+
+
 def test_shipped_icil_config_reads():
     run = load_icil_run_config(ROOT / "config" / "train_icil_demo.yaml")
     assert run.preset == "icil-demo-ma" and run.policy.backbone.kind == "mamba"

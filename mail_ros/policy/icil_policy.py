@@ -70,6 +70,9 @@ from mail_ros.spec import Observation
 
 __all__ = ["ICILPolicy", "Demonstration", "EncodedPrompt", "ICILSample", "PromptInfo", "dilated_indices"]
 
+# Settings that change how a run trains, not what its weights compute: a fine-tune
+# (load_weights_from) may set them anew.
+TRAINING_ONLY_SETTINGS = ("backbone.dropout", "prompt.k_max", "prompt.agreement")
 # Prompt frames are encoded in batches of this many, bounding the encoders' activation memory
 # for prompts of thousands of frames.
 ENCODE_BATCH = 256
@@ -251,6 +254,30 @@ class ICILPolicy(nn.Module):
         state.update({name: value for name, value in self.encoder.state_dict().items()
                       if name.endswith(("film.weight", "film.bias"))})
         self.encoder.load_state_dict(state)
+        self.clear_prompt()
+
+    def load_weights_from(self, source: ICILPolicy) -> None:
+        """Start from a trained ICIL policy (a fine-tune): every weight and its statistics, which
+        the weights were trained to read. Its settings must be this policy's but for
+        TRAINING_ONLY_SETTINGS and ``proprio``, which may be on here where it was off there: the
+        joint projection then starts at zero (and the joint statistics stay this policy's), so
+        until a step trains it this policy predicts what the source does. Else a ValueError
+        naming each setting that differs."""
+        mine, theirs = _dotted(self.config.to_dict()), _dotted(source.config.to_dict())
+        free = set(TRAINING_ONLY_SETTINGS)
+        adds_joints = self.proprio_proj is not None and source.proprio_proj is None
+        if adds_joints:
+            free.add("proprio")
+        differ = [f"{name} ({mine.get(name)!r} here, {theirs.get(name)!r} in the checkpoint)"
+                  for name in sorted(mine.keys() | theirs.keys()) if name not in free and mine.get(name) != theirs.get(name)]
+        if differ:
+            raise ValueError("the ICIL checkpoint's weights do not fit this ICIL policy: " + ", ".join(differ))
+        state = {name: value.detach().clone() for name, value in source.state_dict().items()}
+        if adds_joints:
+            state.update({f"proprio_proj.{name}": torch.zeros_like(value)
+                          for name, value in self.proprio_proj.state_dict().items()})
+            state.update({f"proprio_norm.{name}": value for name, value in self.proprio_norm.state_dict().items()})
+        self.load_state_dict(state)
         self.clear_prompt()
 
     @property
@@ -657,3 +684,14 @@ class ICILPolicy(nn.Module):
         # Timings of asynchronous CUDA work are only meaningful after a synchronisation.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _dotted(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> {"group.name": value}."""
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_dotted(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat

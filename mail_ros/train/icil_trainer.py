@@ -119,11 +119,18 @@ class ICILTrainConfig:
     # A trained MaIL or ICIL checkpoint whose image encoders the run takes over (trunks frozen, as always; see
     # ICILPolicy.load_encoder_from); None: the encoders stay at their seeded initialisation.
     encoder_from: str | None = None
+    # A trained ICIL checkpoint the run starts from, every weight and statistic (a fine-tune; see
+    # ICILPolicy.load_weights_from: the same settings, or joints added); None: a new policy.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         with _as_train_error():
             check(self.encoder_from is None or (isinstance(self.encoder_from, str) and self.encoder_from != ""),
                   f"train.encoder_from must be a MaIL or ICIL checkpoint folder or null, got {self.encoder_from!r}")
+            check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+                  f"train.init_from must be an ICIL checkpoint folder or null, got {self.init_from!r}")
+            check(self.encoder_from is None or self.init_from is None,
+                  "train.encoder_from and train.init_from are both set: init_from brings the encoders too")
             for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
                 check_int(getattr(self, name), f"train.{name}", 1)
             check_int(self.seed, "train.seed", 0)
@@ -214,17 +221,25 @@ def load_icil_run_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise TrainError(f"{path}: {exc}") from exc
 
 
-def _load_encoder(policy: ICILPolicy, checkpoint: Path) -> None:
-    """``policy.load_encoder_from`` the MaIL or ICIL checkpoint at ``checkpoint``; any misfit is a TrainError."""
+def _load_from(setting: str, policy: ICILPolicy, checkpoint: Path) -> None:
+    """``train.encoder_from`` (``policy.load_encoder_from`` a MaIL or ICIL checkpoint) or
+    ``train.init_from`` (``policy.load_weights_from`` an ICIL one); any misfit is a TrainError."""
     try:
         source = load_checkpoint(checkpoint)
     except (OSError, CheckpointError) as exc:
-        raise TrainError(f"train.encoder_from: cannot load {checkpoint}: {exc}") from exc
+        raise TrainError(f"train.{setting}: cannot load {checkpoint}: {exc}") from exc
     try:
-        policy.load_encoder_from(source)
+        if setting == "encoder_from":
+            policy.load_encoder_from(source)
+        elif isinstance(source, ICILPolicy):
+            policy.load_weights_from(source)
+        else:
+            raise ValueError(f"a {type(source).__name__} checkpoint, not an ICIL one (train.encoder_from takes "
+                             "its image encoders)")
     except ValueError as exc:
-        raise TrainError(f"train.encoder_from: {checkpoint}: {exc}") from exc
-    log.info("image encoders from the %s checkpoint %s", type(source).__name__, checkpoint)
+        raise TrainError(f"train.{setting}: {checkpoint}: {exc}") from exc
+    what = "image encoders" if setting == "encoder_from" else "weights and statistics"
+    log.info("%s from the %s checkpoint %s", what, type(source).__name__, checkpoint)
 
 
 def _folder(name: str | None) -> str | None:
@@ -253,7 +268,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
     torch.manual_seed(cfg.seed)
     policy = ICILPolicy(config)
     if cfg.encoder_from is not None and not resume:  # a resumed run's encoders come with its last/
-        _load_encoder(policy, Path(cfg.encoder_from).expanduser())
+        _load_from("encoder_from", policy, Path(cfg.encoder_from).expanduser())
     language_stats, embeddings = None, None
     if config.language.enabled:
         from mail_ros.data.dataset import EmbeddingCache
@@ -269,6 +284,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
         Normalizer.stats_from_data(np.concatenate([episodes[i].joint_positions for i in kept])),
         language_stats,
     )
+    if cfg.init_from is not None and not resume:  # after the data's statistics: the checkpoint's replace them
+        _load_from("init_from", policy, Path(cfg.init_from).expanduser())
     policy.to(device)
     policy.freeze_features()
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr)
@@ -302,7 +319,7 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
 
     extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
              "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files],
-             "encoder_from": cfg.encoder_from, "ema": cfg.ema, **({"ema_decay": cfg.ema_decay} if cfg.ema else {})}
+             "encoder_from": cfg.encoder_from, "init_from": cfg.init_from, "ema": cfg.ema, **({"ema_decay": cfg.ema_decay} if cfg.ema else {})}
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     started = time.perf_counter()
