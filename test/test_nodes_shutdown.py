@@ -8,11 +8,13 @@ test_front_door.py checks the same through ``ros2 launch`` for every node; this 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,13 +25,21 @@ pytestmark = pytest.mark.ros
 NODES = [("franka_sim_node", "simulated FR3"), ("language_node", "text encoder")]
 
 
-def _start(tmp_path, name: str, ready: str) -> subprocess.Popen:
-    """The node in a process group of its own, its output in tmp_path/node.log, once it spins."""
+@contextlib.contextmanager
+def _running(tmp_path, name: str, ready: str) -> Iterator[subprocess.Popen]:
+    """The node in a process group of its own, its output in tmp_path/node.log, once it spins;
+    killed on the way out if it still runs."""
     log = open(tmp_path / "node.log", "w+")
     node = subprocess.Popen([sys.executable, "-m", f"mail_ros.nodes.{name}"], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for_output(node, tmp_path, ready)
-    return node
+    try:
+        _wait_for_output(node, tmp_path, ready)
+        yield node
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        log.close()
 
 
 def _wait_for_output(node: subprocess.Popen, tmp_path, text: str, timeout: float = 120.0) -> None:
@@ -43,18 +53,13 @@ def _wait_for_output(node: subprocess.Popen, tmp_path, text: str, timeout: float
                          ids=["sigint-twice", "sigterm"])
 @pytest.mark.parametrize("name, ready", NODES, ids=[n for n, _ in NODES])
 def test_a_node_exits_0_without_traceback(tmp_path, name, ready, signals):
-    node = _start(tmp_path, name, ready)
-    try:
+    with _running(tmp_path, name, ready) as node:
         start = time.monotonic()
         for signum in signals:
             os.killpg(node.pid, signum)
             time.sleep(0.05)  # launch sends its SIGINT a moment after the terminal's
         returncode = node.wait(timeout=30)
         seconds = time.monotonic() - start
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
     output = (tmp_path / "node.log").read_text()
     assert returncode == 0, output
     for sign in ("Traceback", "KeyboardInterrupt", "RCLError", "never retrieved"):
@@ -64,16 +69,11 @@ def test_a_node_exits_0_without_traceback(tmp_path, name, ready, signals):
 
 def test_sigusr1_prints_every_threads_stack_and_the_node_runs_on(tmp_path):
     """What a hang is diagnosed with (test_front_door.py sends it before SIGKILL)."""
-    node = _start(tmp_path, "language_node", "text encoder")
-    try:
+    with _running(tmp_path, "language_node", "text encoder") as node:
         os.kill(node.pid, signal.SIGUSR1)
         _wait_for_output(node, tmp_path, "most recent call first", timeout=30)
         os.killpg(node.pid, signal.SIGINT)
         returncode = node.wait(timeout=30)
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
     output = (tmp_path / "node.log").read_text()
     assert returncode == 0, output
     # Every thread: the main one spinning in run_node, and the executor's.
