@@ -142,7 +142,8 @@ def test_a_fine_tune_starts_from_an_icil_checkpoint_and_may_add_joints(tmp_path,
                      "--set", "policy.proprio=false"]) == 0
     out = tmp_path / "tuned"
     assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(out), "--no-progress",
-                     "--set", f"train.init_from={source / 'last'}", "--set", "train.steps=1", "--set", "train.lr=1e-4"]) == 0
+                     "--set", f"train.init_from={source / 'last'}", "--set", "train.steps=1",
+                     "--set", "train.lr=1e-4"]) == 0
     before, after = load_checkpoint(source / "last"), load_checkpoint(out / "last")
     assert after.config.proprio and describe_checkpoint(out / "last").extra["init_from"] == str(source / "last")
     # Adam's first step moves each weight by lr at most: the run started at the checkpoint's weights
@@ -159,7 +160,8 @@ def test_a_fine_tune_starts_from_an_icil_checkpoint_and_may_add_joints(tmp_path,
                      "--set", f"train.init_from={tmp_path / 'mail'}"]) == 2
     assert "a MaILPolicy checkpoint, not an ICIL one" in capsys.readouterr().err
     assert cli_main(["train", "--config", str(tiny_config), str(data), "--out", str(tmp_path / "no"),
-                     "--set", f"train.init_from={source / 'last'}", "--set", f"train.encoder_from={source / 'last'}"]) == 2
+                     "--set", f"train.init_from={source / 'last'}",
+                     "--set", f"train.encoder_from={source / 'last'}"]) == 2
     assert "train.encoder_from and train.init_from are both set" in capsys.readouterr().err
     assert not (tmp_path / "no" / "last").exists()
 

@@ -674,8 +674,9 @@ def test_a_fine_tune_starts_at_the_checkpoints_policy_also_with_joints_added():
         policy.set_prompt([Demonstration(
             [Observation(i * 100_000_000, {c: d.images[c][i] for c in policy.cameras}, d.joint_positions[i])
              for i in range(len(d.actions))], d.actions) for d in demos])
-        return np.stack([policy.predict_chunk(Observation(i * 100_000_000, {c: live.images[c][i] for c in policy.cameras},
-                                                          live.joint_positions[i])) for i in range(4)])
+        return np.stack([policy.predict_chunk(
+            Observation(i * 100_000_000, {c: live.images[c][i] for c in policy.cameras}, live.joint_positions[i]))
+            for i in range(4)])
 
     expected = chunks(source)
     # The same settings but training-only ones; then joints added: the projection starts at zero,

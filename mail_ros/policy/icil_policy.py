@@ -269,7 +269,8 @@ class ICILPolicy(nn.Module):
         if adds_joints:
             free.add("proprio")
         differ = [f"{name} ({mine.get(name)!r} here, {theirs.get(name)!r} in the checkpoint)"
-                  for name in sorted(mine.keys() | theirs.keys()) if name not in free and mine.get(name) != theirs.get(name)]
+                  for name in sorted(mine.keys() | theirs.keys())
+                  if name not in free and mine.get(name) != theirs.get(name)]
         if differ:
             raise ValueError("the ICIL checkpoint's weights do not fit this ICIL policy: " + ", ".join(differ))
         state = {name: value.detach().clone() for name, value in source.state_dict().items()}

@@ -319,7 +319,8 @@ def train_icil(run: ICILRunConfig, data_files: list[str], out: str | Path, langu
 
     extra = {"preset": run.preset, "seed": cfg.seed, "tasks": sorted(groups),
              "held_out_tasks": list(data.held_out_tasks), "data_files": [str(f) for f in data_files],
-             "encoder_from": cfg.encoder_from, "init_from": cfg.init_from, "ema": cfg.ema, **({"ema_decay": cfg.ema_decay} if cfg.ema else {})}
+             "encoder_from": cfg.encoder_from, "init_from": cfg.init_from, "ema": cfg.ema,
+             **({"ema_decay": cfg.ema_decay} if cfg.ema else {})}
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     started = time.perf_counter()
