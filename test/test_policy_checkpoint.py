@@ -485,3 +485,22 @@ def test_cli_init_and_info_of_an_icil_checkpoint(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "policy type    icil" in text and "icil-tr / bc" in text and '"k_max": 2' in text
     assert "action frame   absolute" in text
+
+
+def test_cli_init_relative_icil_policy_stays_near_the_arm(tmp_path, capsys):
+    """An untrained ICIL checkpoint with relative_actions gets the offsets' statistics, as MaIL's,
+    and `info` says its actions are offsets."""
+    out = tmp_path / "icil_relative"
+    assert cli_main(["checkpoint", "init", "--preset", "icil-tiny-tr", "--out", str(out),
+                     "--set", "relative_actions=true"]) == 0
+    policy = load_checkpoint(out)
+    assert policy.config.relative_actions
+    stats = read_checkpoint_config(out)["normalization"]["action"]
+    spec = policy.config.spec.action
+    reach = np.asarray(FR3_VELOCITY_MAX) * spec.horizon * spec.dt
+    np.testing.assert_allclose(stats["mean"][:7], 0.0)
+    np.testing.assert_allclose(stats["max"][:7], reach)
+    assert stats["min"][7] == 0.0 and stats["max"][7] == pytest.approx(0.08)  # the gripper width stays absolute
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "info", str(out)]) == 0
+    assert "action frame   offsets from the current joint positions" in capsys.readouterr().out

@@ -27,6 +27,7 @@ from mail_ros.spec import (FR3_ARM_JOINTS, FR3_FINGER_JOINTS, FR3_GRIPPER_MAX_WI
 
 if TYPE_CHECKING:
     from mail_ros.policy.config import PolicyConfig
+    from mail_ros.policy.icil_config import ICILConfig
 
 # Position limits per name: the arm's from the datasheet table in control/limits.py, radians;
 # each finger joint moves half the gripper's opening width, metres.
@@ -52,8 +53,8 @@ def limit_stats(names: list[str] | tuple[str, ...]) -> dict[str, list[float]]:
     }
 
 
-def action_stats(config: "PolicyConfig") -> dict[str, list[float]]:
-    """Untrained action statistics of a PolicyConfig: limit_stats, or chunk-sized offsets for the
+def action_stats(config: "PolicyConfig | ICILConfig") -> dict[str, list[float]]:
+    """Untrained action statistics of a MaIL or ICIL config: limit_stats, or chunk-sized offsets for the
     dimensions its ActionFrame makes relative (see the module docstring)."""
     from mail_ros.policy.action_frame import ActionFrame
 
@@ -85,7 +86,6 @@ def _init(args: argparse.Namespace) -> int:
     import torch
 
     from mail_ros.policy.checkpoint import CheckpointError, save_checkpoint
-    from mail_ros.policy.mail_policy import MaILPolicy
     from mail_ros.policy.presets import parse_override
 
     if Path(args.out).exists() and not args.overwrite:
@@ -93,9 +93,7 @@ def _init(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     policy = _build(args.preset, dict(parse_override(text) for text in args.set))
     config = policy.config
-    # ICIL actions are absolute joint targets: the limits' statistics as they are.
-    actions = action_stats(config) if isinstance(policy, MaILPolicy) else limit_stats(config.spec.action.names)
-    policy.set_normalization(actions, limit_stats(config.spec.observation.joint_names))
+    policy.set_normalization(action_stats(config), limit_stats(config.spec.observation.joint_names))
     path = save_checkpoint(args.out, policy, step=0, epoch=0, extra={"preset": args.preset, "seed": args.seed})
     print(f"wrote untrained {args.preset} ({policy.num_parameters()['total']:,} parameters) to {path}")
     return 0
@@ -128,7 +126,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"actions A      {data['action_horizon']} x {data['action_space']} {data['action_names']}, dt {data['dt']} s")
     print(f"language       {data['language_encoder']} ({data['language_dim']}-d)")
     print(f"proprio        {policy['proprio']}")
-    relative = not icil and policy["relative_actions"]
+    relative = policy.get("relative_actions", False)  # absent from ICIL checkpoints that predate it
     print(f"action frame   {'offsets from the current joint positions (arm)' if relative else 'absolute'}")
     print(f"training       {data['training']}")
     print("tensors        " + ", ".join(f"{part} {n:,}" for part, n in sorted(counts.items())) + f"; total {sum(counts.values()):,}")
