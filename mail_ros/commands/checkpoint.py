@@ -126,7 +126,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"actions A      {data['action_horizon']} x {data['action_space']} {data['action_names']}, dt {data['dt']} s")
     print(f"language       {data['language_encoder']} ({data['language_dim']}-d)")
     print(f"proprio        {policy['proprio']}")
-    relative = policy.get("relative_actions", False)  # absent from ICIL checkpoints that predate it
+    relative = policy["relative_actions"]
     print(f"action frame   {'offsets from the current joint positions (arm)' if relative else 'absolute'}")
     print(f"training       {data['training']}")
     print("tensors        " + ", ".join(f"{part} {n:,}" for part, n in sorted(counts.items())) + f"; total {sum(counts.values()):,}")
