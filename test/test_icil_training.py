@@ -651,10 +651,10 @@ def test_encoders_of_another_layout_are_refused_by_name():
     assert module_digest(policy.encoder) == before
 
 
-def _trained_icil(overrides: dict) -> ICILPolicy:
+def _trained_icil(overrides: dict, preset: str = "icil-tiny-ma") -> ICILPolicy:
     """An ICIL policy with nothing left at any initialisation: random weights and statistics."""
     torch.manual_seed(3)
-    source = ICILPolicy(get_icil_preset("icil-tiny-ma", overrides))
+    source = ICILPolicy(get_icil_preset(preset, overrides))
     rng = np.random.default_rng(3)
     source.set_normalization(Normalizer.stats_from_data(rng.normal(size=(50, source.action_dim))),
                              Normalizer.stats_from_data(rng.normal(size=(50, source.joint_dim))))
@@ -664,9 +664,10 @@ def _trained_icil(overrides: dict) -> ICILPolicy:
     return source
 
 
-def test_a_fine_tune_starts_at_the_checkpoints_policy_also_with_joints_added():
+@pytest.mark.parametrize("preset", ["icil-tiny-ma", "icil-tiny-tr"])
+def test_a_fine_tune_starts_at_the_checkpoints_policy_also_with_joints_added_or_a_longer_chunk(preset):
     base = {"prompt.film": True, "relative_actions": True, "proprio": False}
-    source = _trained_icil(base)
+    source = _trained_icil(base, preset)
     rng = np.random.default_rng(4)
     demos, live = [_episode(source, "t", n, rng) for n in (5, 3)], _episode(source, "t", 4, rng)
 
@@ -678,28 +679,34 @@ def test_a_fine_tune_starts_at_the_checkpoints_policy_also_with_joints_added():
             Observation(i * 100_000_000, {c: live.images[c][i] for c in policy.cameras}, live.joint_positions[i]))
             for i in range(4)])
 
-    expected = chunks(source)
+    expected = chunks(source)  # (4, A, Da)
+    A = source.A
     # The same settings but training-only ones; then joints added: the projection starts at zero,
-    # the joint statistics are the new policy's own (the checkpoint never read joints).
-    for overrides in ({**base, "prompt.k_max": 2, "backbone.dropout": 0.3}, {**base, "proprio": True}):
-        policy = _policy(overrides=overrides)
+    # the joint statistics are the new policy's own (the checkpoint never read joints); then a
+    # longer chunk: its first A actions are the checkpoint's, the others start near its last.
+    for overrides in ({**base, "prompt.k_max": 2, "backbone.dropout": 0.3}, {**base, "proprio": True},
+                      {**base, "spec.action.horizon": 2 * A}):
+        policy = _policy(preset, overrides)
         own_joint_stats = policy.proprio_norm.mean.clone()
         policy.load_weights_from(source)
-        np.testing.assert_allclose(chunks(policy), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(chunks(policy)[:, :A], expected, rtol=1e-5, atol=1e-6)
+        assert policy.A == (2 * A if "spec.action.horizon" in overrides else A)
+        torch.testing.assert_close(policy.sequence.queries[A:], policy.sequence.queries[A - 1].expand(policy.A - A, -1))
         torch.testing.assert_close(policy.action_norm.mean, source.action_norm.mean, rtol=0, atol=0)
         if policy.proprio_proj is not None:
             assert not policy.proprio_proj.weight.any() and not policy.proprio_proj.bias.any()
             torch.testing.assert_close(policy.proprio_norm.mean, own_joint_stats, rtol=0, atol=0)
     # Anything else that differs is refused by name, and the policy keeps its own weights.
     for overrides, named in (({**base, "relative_actions": False}, "relative_actions"),
-                             ({**base, "backbone.n_layers": 1}, "backbone.n_layers")):
-        policy = _policy(overrides=overrides)
+                             ({**base, "backbone.n_layers": source.config.backbone.n_layers + 1}, "backbone.n_layers"),
+                             ({**base, "spec.action.horizon": A - 1}, "spec.action.horizon")):
+        policy = _policy(preset, overrides)
         before = module_digest(policy)
         with pytest.raises(ValueError, match=rf"weights do not fit this ICIL policy: {re.escape(named)} "):
             policy.load_weights_from(source)
         assert module_digest(policy) == before
     with pytest.raises(ValueError, match=r"proprio \(False here, True in the checkpoint\)"):
-        _policy(overrides=base).load_weights_from(_trained_icil({**base, "proprio": True}))
+        _policy(preset, base).load_weights_from(_trained_icil({**base, "proprio": True}, preset))
 
 
 def test_a_resume_state_of_other_trainable_parameters_is_refused_clearly(tmp_path):

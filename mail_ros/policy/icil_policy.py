@@ -259,21 +259,29 @@ class ICILPolicy(nn.Module):
     def load_weights_from(self, source: ICILPolicy) -> None:
         """Start from a trained ICIL policy (a fine-tune): every weight and its statistics, which
         the weights were trained to read. Its settings must be this policy's but for
-        TRAINING_ONLY_SETTINGS and ``proprio``, which may be on here where it was off there: the
-        joint projection then starts at zero (and the joint statistics stay this policy's), so
-        until a step trains it this policy predicts what the source does. Else a ValueError
-        naming each setting that differs."""
+        TRAINING_ONLY_SETTINGS, ``proprio``, which may be on here where it was off there (the
+        joint projection then starts at zero and the joint statistics stay this policy's), and
+        the action horizon, which may be longer here (the new queries start as copies of the
+        source's last). Either way, until a step trains it this policy predicts what the source
+        does, its first chunk actions the source's own. Else a ValueError naming each setting
+        that differs."""
         mine, theirs = _dotted(self.config.to_dict()), _dotted(source.config.to_dict())
         free = set(TRAINING_ONLY_SETTINGS)
         adds_joints = self.proprio_proj is not None and source.proprio_proj is None
         if adds_joints:
             free.add("proprio")
+        longer = self.A > source.A
+        if longer:
+            free.add("spec.action.horizon")
         differ = [f"{name} ({mine.get(name)!r} here, {theirs.get(name)!r} in the checkpoint)"
                   for name in sorted(mine.keys() | theirs.keys())
                   if name not in free and mine.get(name) != theirs.get(name)]
         if differ:
             raise ValueError("the ICIL checkpoint's weights do not fit this ICIL policy: " + ", ".join(differ))
         state = {name: value.detach().clone() for name, value in source.state_dict().items()}
+        if longer:  # the queries are causal: the source's A come first and answer as they did there
+            queries = state["sequence.queries"]  # (A_source, D)
+            state["sequence.queries"] = torch.cat([queries, queries[-1:].expand(self.A - source.A, -1)])
         if adds_joints:
             state.update({f"proprio_proj.{name}": torch.zeros_like(value)
                           for name, value in self.proprio_proj.state_dict().items()})

@@ -120,7 +120,7 @@ class ICILTrainConfig:
     # ICILPolicy.load_encoder_from); None: the encoders stay at their seeded initialisation.
     encoder_from: str | None = None
     # A trained ICIL checkpoint the run starts from, every weight and statistic (a fine-tune; see
-    # ICILPolicy.load_weights_from: the same settings, or joints added); None: a new policy.
+    # ICILPolicy.load_weights_from: the same settings, or joints added, or a longer chunk); None: a new policy.
     init_from: str | None = None
 
     def __post_init__(self) -> None:
