@@ -43,6 +43,8 @@ ARGUMENTS = [
     ("namespace", "", "Namespace of the mail_ros nodes (robot topics stay absolute)"),
     ("executor_mode", ExecutorConfig.mode, " | ".join(SCHEDULER_MODES) + " (how chunks become commands; the "
      "default is executor_node's)"),
+    ("execute_steps", str(ExecutorConfig.execute_steps), "receding_horizon: actions of each chunk executed before "
+     "the next (0 = the whole chunk; the default is executor_node's; 8 for an ICIL checkpoint, as mail-ros demo)"),
     ("executor_enabled", "true", "Let the executor command the robot"),
     ("use_sim_time", "false", "Use /clock (bag replay, simulation)"),
     ("params_file", "", "Parameter file of the pipeline nodes (empty = mail_ros/config/pipeline.yaml)"),
@@ -92,6 +94,7 @@ def generate_launch_description():
             node("language_node", {"encoder": LaunchConfiguration("encoder")}),
             node("policy_node", checkpoint, {"device": LaunchConfiguration("device")}),
             node("executor_node", {"mode": LaunchConfiguration("executor_mode"),
+                                   "execute_steps": LaunchConfiguration("execute_steps"),
                                    "enabled": LaunchConfiguration("executor_enabled")}),
         ]
     )

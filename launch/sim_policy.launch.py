@@ -31,6 +31,8 @@ ARGUMENTS = [
     ("encoder", "minilm", "Text encoder of language_node"),
     ("executor_mode", ExecutorConfig.mode, " | ".join(SCHEDULER_MODES) + " (how chunks become commands; the "
      "default is executor_node's)"),
+    ("execute_steps", str(ExecutorConfig.execute_steps), "receding_horizon: actions of each chunk executed before "
+     "the next (0 = the whole chunk; the default is executor_node's; 8 for an ICIL checkpoint, as mail-ros demo)"),
     ("seed", "0", "Seed of the simulator's cube layout"),
     ("rviz", "false", "Start RViz with rviz/mail.rviz"),
 ]
@@ -54,6 +56,7 @@ def generate_launch_description():
                     "device": LaunchConfiguration("device"),
                     "encoder": LaunchConfiguration("encoder"),
                     "executor_mode": LaunchConfiguration("executor_mode"),
+                    "execute_steps": LaunchConfiguration("execute_steps"),
                     "dds_profile": LaunchConfiguration("dds_profile"),
                     "bringup": "false",
                 }.items(),

@@ -5,8 +5,9 @@ Each step renders the cameras at the simulator's resolution, resizes them to the
 camera_sync_node's function, asks the policy for a chunk and sends its first ``--execute``
 actions, one per step (clipped to the executor's margined joint limits and gripper range), as
 trajectory points 0.1 s apart, straight to the simulated controller. By default an ICIL
-checkpoint's chunks run whole, as ``mail-ros demo`` executes them, and a MaIL checkpoint gets a
-new chunk every step (``mail-ros demo`` ensembles its chunks). The mode matters: the shipped ICIL
+checkpoint's chunks run as ``mail-ros demo`` executes them (the first ICIL_EXECUTE_STEPS actions
+of each: the whole chunk of a policy that predicts 8), and a MaIL checkpoint gets a new chunk
+every step (``mail-ros demo`` ensembles its chunks). The mode matters: the shipped ICIL
 policy, which predicts offsets from the joint positions, asked anew every step takes the hand
 below its successful grasps and rarely closes it (docs/icil_experiments.md, section 13). No DDS,
 no latency, no ensembling, no ramps: what fails here is the policy's own doing, what succeeds
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=3, help="ICIL: demonstrations per prompt")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per instruction")
     parser.add_argument("--execute", type=int, default=None,
-                        help="actions of each chunk executed before the next (default: an ICIL checkpoint's chunk "
-                             "whole, as `mail-ros demo` executes it; 1 for a MaIL checkpoint)")
+                        help="actions of each chunk executed before the next (default: as `mail-ros demo` executes "
+                             "an ICIL checkpoint's chunks, at most their first 8; 1 for a MaIL checkpoint)")
     parser.add_argument("--seed", type=int, default=100000, help="first layout seed (the demo's default)")
     parser.add_argument("--pick-steps", type=int, default=110, help="step budget of a pick (0.1 s each)")
     parser.add_argument("--stack-steps", type=int, default=190, help="step budget of a stack")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from mail_ros.sim.expert import observe
     from mail_ros.sim.franka_sim import FrankaSim, SimConfig
     from mail_ros.sim.tasks import TABLE_HEIGHT, Task, TaskError, all_tasks
-    from mail_ros.commands.demo import ICIL_EXECUTOR_MODE, prompts_from_file
+    from mail_ros.commands.demo import ICIL_EXECUTE_STEPS, ICIL_EXECUTOR_MODE, prompts_from_file
     from mail_ros.control.gripper import GripperCommand, GripperHysteresis
     from mail_ros.control.safety import SafetyConfig, SafetyFilter
     from mail_ros.data.hdf5 import DataError
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.checkpoint} is an ICIL checkpoint: give --prompt-file", file=sys.stderr)
         return 2
     spec, horizon = policy.config.spec.observation, policy.config.spec.action.horizon
-    if args.execute is None:  # as `mail-ros demo` runs it: whole chunks (receding horizon), or a new chunk each step
-        args.execute = horizon if icil and ICIL_EXECUTOR_MODE == "receding_horizon" else 1
+    if args.execute is None:  # as `mail-ros demo` runs it: receding horizon (its first actions), or a new chunk each step
+        args.execute = min(ICIL_EXECUTE_STEPS, horizon) if icil and ICIL_EXECUTOR_MODE == "receding_horizon" else 1
     if not 1 <= args.execute <= horizon:
         print(f"--execute {args.execute}: a chunk holds 1 to {horizon} actions", file=sys.stderr)
         return 2

@@ -113,7 +113,8 @@ def test_an_icil_checkpoint_is_taught_each_task_by_prompt(icil_files, capsys):
             "--real-time-factor", "1.0"]
     assert cli_main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "executor mode receding_horizon" in lines[0], lines[0]  # the default for ICIL checkpoints
+    # The default for ICIL checkpoints: the first 8 actions of each chunk (here all of a chunk of 4).
+    assert "executor mode receding_horizon (at most 8 actions of each chunk)" in lines[0], lines[0]
     prompts = [line for line in lines if line.startswith("prompt for ")]
     # One prompt per task, set before its episodes, which keep the layouts (indices) of the plain demo.
     assert len(prompts) == 2 and "K=4" in prompts[0] and "K=1" in prompts[1], prompts

@@ -60,7 +60,7 @@ def test_an_icil_policy_is_taught_by_its_prompt_file(script, tmp_path, capsys):
     assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--execute", "5",
                         "pick up the red cube"]) == 2
     assert "--execute 5: a chunk holds 1 to 4 actions" in capsys.readouterr().err
-    # By default the chunks run whole, as `mail-ros demo` executes an ICIL checkpoint's.
+    # By default as `mail-ros demo` executes an ICIL checkpoint's chunks: a chunk of 4 whole.
     assert script.main(["--checkpoint", checkpoint, "--prompt-file", str(data), "--k", "2", "--episodes", "1",
                         "--pick-steps", "3", "pick up the red cube"]) == 0
     assert ": 4 of each chunk's 4 actions executed, then the next chunk" in capsys.readouterr().out

@@ -48,6 +48,18 @@ DEFAULT_SEED = 100_000
 # one (a weight average) picked 0/9 with temporal ensembling, 4/9 and 5/9 executing whole chunks
 # (docs/icil_experiments.md, section 5). MaIL checkpoints get executor_node's default.
 ICIL_EXECUTOR_MODE = "receding_horizon"
+# ... and how much of each chunk, unless --execute-steps says otherwise: its first 8 actions (0.8 s
+# at the test bed's 10 Hz), the whole chunk of a policy that predicts 8. Without ROS, a policy that
+# predicts 16 scored 62/144 executing 8 of them and 31/144 executing all 16; one that predicts 8
+# scored 51/144 executing all 8 and 29/144 executing 4 (docs/icil_experiments.md, section 17).
+ICIL_EXECUTE_STEPS = 8
+
+
+def _executed(args: argparse.Namespace) -> str:
+    """How much of each chunk a receding horizon runs, for the run's first line."""
+    if args.executor_mode != "receding_horizon":
+        return ""
+    return f" (at most {args.execute_steps} actions of each chunk)" if args.execute_steps else " (whole chunks)"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,9 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--executor-mode", default=None, choices=SCHEDULER_MODES,
                    help=f"how chunks become commands; default: executor_node's ({ExecutorConfig().mode}, which the "
                         f"launch files deploy) for a MaIL checkpoint, {ICIL_EXECUTOR_MODE} for an ICIL one")
-    p.add_argument("--execute-steps", type=int, default=ExecutorConfig().execute_steps,
-                   help="receding horizon: actions executed per chunk (0 = the whole chunk); the default is "
-                        "executor_node's, which the launch files deploy")
+    p.add_argument("--execute-steps", type=int, default=None,
+                   help=f"receding horizon: actions executed per chunk (0 = the whole chunk); default: "
+                        f"executor_node's ({ExecutorConfig().execute_steps}, which the launch files deploy) for a MaIL "
+                        f"checkpoint, {ICIL_EXECUTE_STEPS} for an ICIL one")
     p.add_argument("--command-latency", type=float, default=SIM_TIME_COMMAND_LATENCY,
                    help="executor_node's command_latency (s): how late the simulated controller may apply a "
                         "command while the setpoint stays smooth; larger than on a robot because the nodes see "
@@ -173,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
                                "the instruction)")
         if args.executor_mode is None:
             args.executor_mode = ICIL_EXECUTOR_MODE if icil else ExecutorConfig().mode
+        if args.execute_steps is None:
+            args.execute_steps = ICIL_EXECUTE_STEPS if icil else ExecutorConfig().execute_steps
         if args.record is not None and args.record.exists():
             raise CollectError(f"--record {args.record} already exists; rosbag2 writes a new folder")
     except (TaskError, CollectError, ResourceError, CheckpointError, DataError) as exc:
@@ -196,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                        torch_threads=args.torch_threads, command_latency=args.command_latency) as graph:
             print(f"{PROG}: {args.checkpoint} ({graph.config.variant}-{graph.config.head}), "
                   f"{len(plan)} episodes + {len(paraphrases)} paraphrased, real-time factor {args.real_time_factor:g}, "
-                  f"executor mode {args.executor_mode}", flush=True)
+                  f"executor mode {args.executor_mode}" + _executed(args), flush=True)
             for part, specs in (("main", plan), ("paraphrase", paraphrases)):
                 if part == "paraphrase":
                     main_seconds = time.monotonic() - started
