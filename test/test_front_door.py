@@ -246,6 +246,10 @@ def assert_clean_shutdown(launch: Launch, seconds: float, records: Path | None =
     assert launch.process.returncode == 0, launch.process.returncode
 
 
+# The name rmw gives an endpoint whose participant's node names have not been discovered yet.
+UNKNOWN_NODE = "_NODE_NAME_UNKNOWN_"
+
+
 def instruction_readers(node) -> list[str]:
     """The names of the nodes subscribed to /mail/instruction, one entry per subscription."""
     return [info.node_name for info in node.get_subscriptions_info_by_topic("/mail/instruction")]
@@ -338,8 +342,9 @@ def test_sim_policy_goals_from_the_cli_and_clean_shutdown(machine, tmp_path):
         wait_for(lambda: operator.success.service_is_ready() and operator.set_goal.service_is_ready(), PIPELINE_UP_S,
                  "franka_sim_node and language_node", graph=graph)
         # `-w 1` waits for language_node (the README) only while nothing else reads /mail/instruction.
-        wait_for(lambda: len(instruction_readers(operator.node)) >= 2, SERVICE_S,
-                 "language_node's two /mail/instruction subscriptions", graph=graph)
+        # A subscription is discovered before its node's name: wait until every reader is named.
+        wait_for(lambda: len(readers := instruction_readers(operator.node)) >= 2 and UNKNOWN_NODE not in readers,
+                 SERVICE_S, "language_node's two /mail/instruction subscriptions, named", graph=graph)
         assert set(instruction_readers(operator.node)) == {"language_node"}, instruction_readers(operator.node)
         complete("transient-local goal published before the pipeline started",
                  lambda attempt: "pick up the red cube" if attempt == 1 else cli_goal("transient_local", "red")(attempt))
